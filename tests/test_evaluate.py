@@ -1,0 +1,241 @@
+"""The evaluation sweep: splicing sanity (identity / zero), an independent loss reference, pass count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from token_journey import metrics
+from token_journey.corpus import row_mask
+from token_journey.evaluate import evaluate_saes
+from token_journey.sites import capture, decoder_layers
+from token_journey.tiny import tiny_model
+
+SPECIAL = (0, 1, 2)  # the tiny tokenizer's <bos>, <eos>, <pad>
+
+
+class _Linear(nn.Module):
+    """A stand-in SAE: f = relu(x W_enc + b_enc), x_hat = f W_dec + b_dec (SAELens orientation)."""
+
+    def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor, relu: bool = True) -> None:
+        super().__init__()
+        self.W_enc = nn.Parameter(W_enc)
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_enc = nn.Parameter(torch.zeros(W_enc.shape[1]))
+        self.b_dec = nn.Parameter(torch.zeros(W_dec.shape[1]))
+        self.relu = relu
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = x @ self.W_enc + self.b_enc
+        return torch.relu(pre) if self.relu else pre
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+
+def identity_sae(d: int) -> _Linear:
+    return _Linear(torch.eye(d), torch.eye(d), relu=False)
+
+
+def zero_sae(d: int) -> _Linear:
+    return _Linear(torch.zeros(d, 3), torch.zeros(3, d))
+
+
+def random_sae(d: int, d_sae: int = 48, seed: int = 0) -> _Linear:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, d_sae, generator=g) / math.sqrt(d)
+    return _Linear(W, W.T.clone())
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _sequences(n_seq: int = 5, seq: int = 12, seed: int = 3) -> torch.Tensor:
+    """Packed-corpus-like ids: a BOS first, an EOS inside some sequences, a padded tail in one."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 320, (n_seq, seq), generator=g)
+    ids[:, 0] = 0
+    ids[1, 6] = 1
+    ids[2, 9:] = 2
+    return ids
+
+
+def test_identity_sae_costs_nothing_and_zero_sae_recovers_nothing(llama):
+    ids = _sequences()
+    rows = row_mask(ids, SPECIAL, exclude_first=1)
+    d = llama.config.hidden_size
+    result = evaluate_saes(llama, ids, rows, "resid_post", 1,
+                           {"identity": identity_sae(d), "zero": zero_sae(d)}, batch_size=2)
+    ident, zero = result.saes["identity"], result.saes["zero"]
+    assert abs(ident["delta_loss"]) < 1e-5
+    assert ident["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(ident["kl"]) < 1e-5 and ident["fvu"] < 1e-10 and ident["cosine"] == pytest.approx(1.0)
+    assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["delta_loss"] == pytest.approx(zero["ce_zero"] - zero["ce_clean"])
+    assert zero["delta_loss"] > 1e-3 and zero["kl"] > 1e-3  # ablating a layer of a random model changes its output
+    assert zero["l0"] == 0 and zero["dead_fraction"] == 1.0 and zero["fvu"] > 0.99
+    assert ident["eval_tokens"] == int(rows.sum())
+    assert result.sweep["loss_positions"] == int(rows[:, 1:].sum())
+
+
+def test_spliced_loss_matches_an_independent_reference(llama):
+    """CE with labels masked to the counted targets, and the splice done by a hand-written hook."""
+    ids = _sequences()
+    rows = row_mask(ids, SPECIAL, exclude_first=2)
+    d, site, layer = llama.config.hidden_size, "mlp_out", 0
+    sae = random_sae(d)
+    result = evaluate_saes(llama, ids, rows, site, layer, {"rand": sae}, batch_size=2).saes["rand"]
+    labels = torch.where(rows, ids, torch.full_like(ids, -100))  # HF shifts labels: target t + 1 counts iff a row
+    with torch.inference_mode():
+        clean = llama(input_ids=ids, labels=labels)
+        x = capture(llama, ids, [(site, layer)])[(site, layer)]
+
+        def hook(_module, _inputs, output):
+            out = output.clone()
+            out[rows] = sae.decode(sae.encode(x[rows]))
+            return out
+
+        handle = decoder_layers(llama)[layer].mlp.register_forward_hook(hook)
+        try:
+            spliced = llama(input_ids=ids, labels=labels)
+        finally:
+            handle.remove()
+    assert result["ce_clean"] == pytest.approx(clean.loss.item(), rel=1e-5)
+    assert result["ce_sae"] == pytest.approx(spliced.loss.item(), rel=1e-5)
+    counted = rows[:, 1:]
+    p = torch.log_softmax(clean.logits[:, :-1][counted], -1)
+    q = torch.log_softmax(spliced.logits[:, :-1][counted], -1)
+    assert result["kl"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-4)
+    x_rows, x_hat = x[rows], sae.decode(sae.encode(x[rows])).detach()
+    assert result["fvu"] == pytest.approx(metrics.fvu(x_rows, x_hat), rel=1e-6)
+    assert result["l0"] == pytest.approx(metrics.l0(sae.encode(x_rows)))
+
+
+def test_several_saes_share_one_sweep(llama):
+    """k SAEs over n batches cost n * (k + 2) forward passes: clean + zero + one spliced pass each."""
+    ids = _sequences(n_seq=6)
+    rows = row_mask(ids, SPECIAL, exclude_first=1)
+    d = llama.config.hidden_size
+    calls = []
+    handle = llama.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        saes = {f"s{i}": random_sae(d, seed=i) for i in range(3)}
+        result = evaluate_saes(llama, ids, rows, "resid_post", 2, saes, batch_size=4)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * (3 + 2) == result.sweep["forward_passes"] * 2
+    assert set(result.saes) == set(saes)
+    assert all(m["eval_tokens_per_s"] > 0 for m in result.saes.values())
+
+
+# --- the evaluate stage on real artifacts: prepared tiny model, corpus, harvest, saved SAEs ---------
+
+CONTEXT, N_SEQ = 16, 6
+
+
+def _write_corpus(folder, seed: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 300, size=(N_SEQ, CONTEXT)).astype(np.int32)
+    ids[:, 0] = 0  # BOS
+    ids[1, 9] = 1  # a document boundary inside a packed sequence
+    seq = np.arange(N_SEQ, dtype=np.int64)
+    table = pa.table({"sequence_id": seq, "doc_id": seq,
+                      "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), CONTEXT)})
+    pq.write_table(table, folder)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Everything the evaluate stage reads, made by the project's own code (layers 1 and 2 harvested)."""
+    from token_journey.config.harvest import HarvestConfig
+    from token_journey.config.model import ModelConfig
+    from token_journey.evaluate import LayerInputs
+    from token_journey.harvest import harvest
+    from token_journey.lm import load_prepared, prepare_model
+    from token_journey.sae import SAECfg, build_sae, save_sae
+    from token_journey.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("evaluate")
+    src = save_tiny("llama", root / "src")
+    prepare_model(ModelConfig(name="tiny", source="local", id=str(src)), root / "base")
+    (root / "corpus").mkdir()
+    _write_corpus(root / "corpus" / "train.parquet", seed=1)
+    _write_corpus(root / "corpus" / "eval.parquet", seed=2)
+    lm = load_prepared(root / "base", device="cpu")
+    harvest(lm, HarvestConfig(layers=(1, 2), exclude_first=2, shard_rows=64), root / "corpus", root / "acts", torch.device("cpu"))
+    for name, arch, k, layer in [("relu-a", "relu", 0, 1), ("topk-b", "topk", 4, 1), ("other-layer", "relu", 0, 2)]:
+        sae = build_sae(SAECfg(arch, 32, 40, k=k, name=name, model="tiny", site="resid_post", layer=layer))
+        sae.init_weights(torch.Generator().manual_seed(len(name)))
+        place = "saes" if name != "other-layer" else "elsewhere"
+        save_sae(sae, root / place / "resid_post" / f"layer_{layer}" / name, {"tokens_per_s": 1234.5} if k else None)
+    return root, LayerInputs(model_dir=root / "base", corpus_dir=root / "corpus", activations_dir=root / "acts",
+                             saes_dir=root / "saes", metrics_dir=root / "metrics", site="resid_post", layer=1)
+
+
+def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
+    import json
+
+    import pyarrow as pa
+
+    from token_journey.config.eval import EvalConfig
+    from token_journey.evaluate import evaluate_layer, metrics_path, pareto_path
+    from token_journey.shards import open_activations
+
+    root, inputs = artifacts
+    doc = evaluate_layer(EvalConfig(max_tokens=10_000, batch_size=4), inputs, device="cpu")
+    assert json.loads(metrics_path(inputs.metrics_dir, "resid_post", 1).read_text()) == json.loads(json.dumps(doc))
+    assert (doc["model"], doc["site"], doc["layer"]) == ("tiny", "resid_post", 1)
+    assert set(doc["saes"]) == {"relu-a", "topk-b"}
+    contract = {"architecture", "width", "l0", "fvu", "mse", "cosine", "relative_norm", "dead_fraction", "dense_fraction",
+                "ce_clean", "ce_sae", "ce_zero", "delta_loss", "loss_recovered", "kl", "eval_tokens",
+                "eval_tokens_per_s", "density_hist", "error_by_position", "train_tokens_per_s"}
+    for m in doc["saes"].values():
+        assert contract <= set(m)
+        assert len(m["error_by_position"]) == CONTEXT and m["error_by_position"][:3] == [None, None, None]
+    assert doc["saes"]["topk-b"]["train_tokens_per_s"] == 1234.5 and doc["saes"]["relu-a"]["train_tokens_per_s"] is None
+    assert doc["saes"]["topk-b"]["l0"] <= 4
+    # The same rows as the harvest: our FVU equals FVU over the harvested eval activations.
+    acts = open_activations(root / "acts", "resid_post", 1, split="eval")
+    table = pa.concat_tables(list(acts.iter_tables()))
+    x = torch.tensor(table.column("activation").to_pylist())
+    from token_journey.sae import load_sae
+
+    sae = load_sae(root / "saes" / "resid_post" / "layer_1" / "relu-a")
+    with torch.inference_mode():
+        assert doc["saes"]["relu-a"]["fvu"] == pytest.approx(metrics.fvu(x, sae(x)), rel=1e-4)
+    assert doc["saes"]["relu-a"]["eval_tokens"] == acts.rows
+    rows = json.loads(pareto_path(inputs.metrics_dir, "resid_post", 1).read_text())
+    assert {r["sae"] for r in rows} == {"relu-a", "topk-b"}
+    assert all(r["layer"] == 1 and {"sae", "layer", "l0", "fvu", "delta_loss"} <= set(r) for r in rows)
+
+
+def test_bad_input_names_both_sides(artifacts, tmp_path):
+    from dataclasses import replace
+
+    from token_journey.config.eval import EvalConfig
+    from token_journey.errors import TokenJourneyError
+    from token_journey.evaluate import evaluate_layer
+    from token_journey.sae import SAECfg, build_sae, save_sae
+
+    root, inputs = artifacts
+    narrow = build_sae(SAECfg("relu", 16, 8, name="narrow"))
+    save_sae(narrow, tmp_path / "narrow")
+    with pytest.raises(TokenJourneyError, match=r"narrow has d_in=16 but resid_post at layer 1 .* d_model=32"):
+        evaluate_layer(EvalConfig(extra_saes=(str(tmp_path / "narrow"),)), inputs, device="cpu")
+    wrong_layer = root / "elsewhere" / "resid_post" / "layer_2" / "other-layer"
+    with pytest.raises(TokenJourneyError, match="trained on resid_post layer 2 but this evaluation is for resid_post layer 1"):
+        evaluate_layer(EvalConfig(extra_saes=(str(wrong_layer),)), inputs, device="cpu")
+    with pytest.raises(TokenJourneyError, match="no SAE to evaluate for resid_post layer 2"):
+        evaluate_layer(EvalConfig(), replace(inputs, layer=2), device="cpu")
+    with pytest.raises(TokenJourneyError, match="layer 0 .*was not harvested"):
+        evaluate_layer(EvalConfig(), replace(inputs, layer=0), device="cpu")
+    assert not (inputs.metrics_dir / "resid_post" / "layer_0.json").exists()

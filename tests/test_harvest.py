@@ -1,0 +1,190 @@
+"""harvest: rows equal the model's own hidden states, the exclusion rule, dtypes, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from token_journey.config.corpus import CorpusConfig
+from token_journey.config.harvest import HarvestConfig
+from token_journey.config.model import ModelConfig
+from token_journey.corpus import collect_corpus, read_sequences, row_mask, special_ids
+from token_journey.errors import TokenJourneyError
+from token_journey.harvest import harvest
+from token_journey.lm import load_prepared, prepare_model
+from token_journey.shards import ShuffledLoader, layer_dir, open_activations
+from token_journey.tiny import save_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "in the beginning was the word and the word travelled through every layer of the network".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A prepared tiny Llama and a small corpus of context 16 (train and eval)."""
+    root = tmp_path_factory.mktemp("harvest")
+    save_tiny("llama", root / "src")
+    prepare_model(ModelConfig(name="tiny", source="local", id=str(root / "src")), root / "base")
+    lm = load_prepared(root / "base", device="cpu")
+    docs = root / "docs"
+    docs.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(120):
+        picks = torch.randint(0, len(WORDS), (int(torch.randint(10, 80, (1,), generator=gen)),), generator=gen)
+        (docs / f"{i:03d}.txt").write_text(" ".join(WORDS[int(j)] for j in picks))
+    cfg = CorpusConfig(name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=2048,
+                       eval_tokens=256, eval_fraction=0.2)
+    collect_corpus(cfg, lm.tokenizer, 256, root / "corpus", seed=0)
+    return root, lm
+
+
+def _cfg(**kw):
+    base = dict(layers=(0, 2), sites=("resid_post", "mlp_out"), batch_size=5, shard_rows=64, row_group_rows=16)
+    base.update(kw)
+    return HarvestConfig(**base)
+
+
+def test_rows_are_the_models_hidden_states(tiny_setup, tmp_path):
+    root, lm = tiny_setup
+    harvest(lm, _cfg(), root / "corpus", tmp_path, torch.device("cpu"))
+    for split in ("train", "eval"):
+        seqs = read_sequences(root / "corpus" / f"{split}.parquet")
+        with torch.no_grad():  # independent reference: transformers' own hidden states
+            hidden = lm.model(seqs.input_ids, output_hidden_states=True).hidden_states
+        mask = row_mask(seqs.input_ids, special_ids(lm.tokenizer), 1)
+        for layer in (0,):  # resid_post of a non-final layer is hidden_states[layer + 1]
+            acts = open_activations(tmp_path, "resid_post", layer, split, verify=True)
+            table = acts.read_all()
+            seq = torch.tensor(table.column("sequence_id").to_numpy())
+            pos = torch.tensor(table.column("position").to_numpy()).long()
+            assert acts.rows == int(mask.sum()) and len(acts.manifest["shards"]) == -(-len(seqs.sequence_ids) // 4)
+            assert torch.equal(torch.tensor(table.column("token_id").to_numpy()).long(), seqs.input_ids[seq, pos])
+            assert mask[seq, pos].all() and len(set(zip(seq.tolist(), pos.tolist()))) == acts.rows
+            torch.testing.assert_close(acts.tensor(), hidden[layer + 1][seq, pos], rtol=1e-5, atol=1e-5)
+            x = acts.tensor().double()
+            assert torch.allclose(torch.tensor(acts.manifest["mean"], dtype=torch.float64), x.mean(0))
+            assert acts.manifest["mean_sq_norm"] == pytest.approx(float((x * x).sum(1).mean()))
+            counts = acts.manifest["excluded_counts"]
+            assert counts["special"] + counts["first_positions"] + counts["max_norm"] + acts.rows == seqs.input_ids.numel()
+            assert counts["first_positions"] == len(seqs.sequence_ids)  # no BOS: position 0 is the excluded one
+            assert acts.manifest["exclusion"]["exclude_first"] == 1 and acts.manifest["model_fingerprint"]
+        assert open_activations(tmp_path, "mlp_out", 2, split).rows == int(mask.sum())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_storage_dtype_and_norm_rule(tiny_setup, tmp_path, dtype):
+    root, lm = tiny_setup
+    harvest(lm, _cfg(layers=(1,), sites=("resid_post",), dtype=dtype, exclude_first=0, max_norm_ratio=1.2),
+            root / "corpus", tmp_path, torch.device("cpu"))
+    acts = open_activations(tmp_path, "resid_post", 1)
+    counts = acts.manifest["excluded_counts"]
+    assert acts.dtype == dtype and counts["first_positions"] == 0 and counts["max_norm"] > 0
+    seqs = read_sequences(root / "corpus/train.parquet")
+    expected = set()
+    for lo in range(0, len(seqs.sequence_ids), 4):  # 64 rows // 16 = 4 sequences per shard, one batch each
+        ids = seqs.input_ids[lo : lo + 4]
+        with torch.no_grad():
+            norms = lm.model(ids, output_hidden_states=True).hidden_states[2].norm(dim=-1)
+        mask = row_mask(ids, special_ids(lm.tokenizer), 0)
+        keep = mask & (norms <= 1.2 * norms[mask].median())
+        expected |= {(lo + int(b), int(t)) for b, t in keep.nonzero()}
+    table = acts.read_all(["sequence_id", "position"])
+    assert set(zip(table.column("sequence_id").to_pylist(), table.column("position").to_pylist())) == expected
+    batch = next(ShuffledLoader(acts, 32, seed=0).batches())
+    assert batch.dtype == torch.float32 and batch.shape == (32, 32)
+
+
+def _harvest_cmd(root: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, str(REPO / "stages/harvest.py"), f"paths.base_model={root / 'base'}",
+        f"paths.corpus={root / 'corpus'}", f"paths.activations={out}", "harvest.layers=[0,2]",
+        "harvest.sites=[resid_post,attn_out]", "harvest.shard_rows=16", "harvest.batch_size=1",
+        "device=cpu", f"hydra.run.dir={out.parent / 'hydra'}",
+    ]
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("shard-*.parquet"))}
+
+
+def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path):
+    root, _ = tiny_setup
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    whole = tmp_path / "whole" / "acts"
+    subprocess.run(_harvest_cmd(root, whole), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed" / "acts"
+    proc = subprocess.Popen(_harvest_cmd(root, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = layer_dir(killed, "attn_out", 2) / "shard-00000.parquet"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _shards(killed)
+    assert 0 < len(partial) < len(_shards(whole)), "the kill did not land part-way"
+    assert not (layer_dir(killed, "resid_post", 0) / "manifest.json").exists()
+    subprocess.run(_harvest_cmd(root, killed), check=True, env=env, capture_output=True)
+    assert _shards(killed) == _shards(whole)  # byte for byte: nothing lost, nothing twice
+    for site, layer in (("resid_post", 0), ("attn_out", 2)):
+        for split in ("train", "eval"):
+            a = json.loads((layer_dir(killed, site, layer, split) / "manifest.json").read_text())
+            b = json.loads((layer_dir(whole, site, layer, split) / "manifest.json").read_text())
+            assert a == b
+            table = open_activations(killed, site, layer, split, verify=True).read_all(["sequence_id", "position"])
+            keys = list(zip(table.column("sequence_id").to_pylist(), table.column("position").to_pylist()))
+            assert len(keys) == len(set(keys))
+
+
+def test_resume_drops_leftovers_and_foreign_shards(tiny_setup, tmp_path):
+    root, lm = tiny_setup
+    cfg = _cfg(layers=(1,), sites=("resid_post",))
+    harvest(lm, cfg, root / "corpus", tmp_path, torch.device("cpu"))
+    folder = layer_dir(tmp_path, "resid_post", 1)
+    reference = _shards(tmp_path)
+    (folder / "manifest.json").unlink()
+    for name in ("shard-00005.parquet", "shard-00006.parquet"):
+        (folder / name).unlink()
+    (folder / ".shard-00005.parquet.tmp-123").write_bytes(b"half a shard")
+    harvest(lm, cfg, root / "corpus", tmp_path, torch.device("cpu"))
+    assert _shards(tmp_path) == reference and not list(folder.glob(".shard-*"))
+    harvest(lm, _cfg(layers=(1,), sites=("resid_post",), exclude_first=2), root / "corpus", tmp_path, torch.device("cpu"))
+    acts = open_activations(tmp_path, "resid_post", 1)  # another rule: every old shard replaced
+    assert acts.manifest["exclusion"]["exclude_first"] == 2
+    assert {pq.read_schema(p).metadata[b"token_journey"] for p in acts.paths}.isdisjoint(
+        {pq.read_schema(folder / n).metadata[b"token_journey"] for n in []})
+    assert acts.manifest["excluded_counts"]["first_positions"] == 2 * acts.manifest["sequences"]
+
+
+def test_bad_input_errors(tiny_setup, tmp_path):
+    root, lm = tiny_setup
+    with pytest.raises(TokenJourneyError, match="layer 7 is out of range"):
+        harvest(lm, _cfg(layers=(7,)), root / "corpus", tmp_path, torch.device("cpu"))
+    assert not any(tmp_path.iterdir())  # nothing written
+    with pytest.raises(TokenJourneyError, match="no corpus split"):
+        harvest(lm, _cfg(), tmp_path / "nowhere", tmp_path, torch.device("cpu"))
+    with pytest.raises(TokenJourneyError, match="harvest.dtype"):
+        HarvestConfig(layers=(1,), dtype="int8")
+    result = subprocess.run(_harvest_cmd(root, tmp_path / "acts")[:2] + ["harvest.layers=[9]", f"paths.base_model={root / 'base'}",
+                            f"paths.corpus={root / 'corpus'}", f"hydra.run.dir={tmp_path / 'h'}"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: layer 9 is out of range")
+
+
+@pytest.mark.slow
+def test_smollm2_first_position_is_the_outlier(smollm2):
+    """The measurement behind exclude_first=1: position 0 dwarfs every other position at layer 15."""
+    from token_journey.sites import capture
+
+    ids = smollm2.tokenizer(["In the beginning God created the heaven and the earth. " * 6] * 2, return_tensors="pt")["input_ids"]
+    norms = capture(smollm2.model, ids, [("resid_post", 15)])[("resid_post", 15)].norm(dim=-1)
+    assert (norms[:, 0] > 20 * norms[:, 1:].median()).all()
+    assert (norms[:, 1:] < 5 * norms[:, 1:].median()).all()

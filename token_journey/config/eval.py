@@ -1,0 +1,33 @@
+"""How the `evaluate` stage measures the SAEs of one layer on held-out tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from token_journey.errors import TokenJourneyError
+
+DTYPES = ("", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_tokens: int = 8192
+    """Eval tokens per layer: the first max_tokens // context_size sequences of the eval split (at least one)."""
+    batch_size: int = 8
+    """Sequences per forward pass; each pass holds [batch_size, context_size, vocab] logits."""
+    extra_saes: tuple[str, ...] = ()
+    """More SAE folders (ours, SAELens, Gemma Scope, sparsify) evaluated beside the pipeline's own for this layer."""
+    dense_threshold: float = 0.1
+    """A latent active on more than this fraction of eval tokens counts as dense."""
+    dtype: str = ""
+    """Dtype the model computes in; empty = the prepared model's dtype."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.batch_size < 1:
+            raise TokenJourneyError(
+                f"eval.max_tokens={self.max_tokens} and eval.batch_size={self.batch_size} must each be at least 1"
+            )
+        if not 0.0 < self.dense_threshold < 1.0:
+            raise TokenJourneyError(f"eval.dense_threshold={self.dense_threshold} must be between 0 and 1 (exclusive)")
+        if self.dtype not in DTYPES:
+            raise TokenJourneyError(f"eval.dtype={self.dtype!r} is not one of float32, float16, bfloat16 (or empty)")

@@ -1,0 +1,39 @@
+"""What the HTML report shows and how much evaluation data it reads to build feature dashboards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from token_journey.errors import TokenJourneyError
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    n_features: int = 16
+    """Dashboards for this many of the most often firing features of each SAE."""
+    n_random: int = 16
+    """Dashboards for this many more features drawn at random (seeded) from the alive ones."""
+    max_tokens: int = 20000
+    """Eval-split activation rows streamed through each SAE to compute feature statistics."""
+    batch_size: int = 2048
+    """Activation rows encoded at once while streaming."""
+    top_k: int = 20
+    """Top activating contexts kept per feature (a bounded top-k merge over the stream)."""
+    n_quantile_contexts: int = 8
+    """Contexts sampled from activation quantiles (one per quantile bin) per dashboard."""
+    window: int = 8
+    """Tokens shown on each side of the activating token."""
+    n_logit_tokens: int = 10
+    """Top promoted and suppressed tokens listed per feature."""
+    hist_bins: int = 30
+    """Bins of the activation and firing-density histograms."""
+    summary: str = "reports/summary.md"
+    """Where the Markdown summary (the overview's headline table) is written."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens"):
+            if getattr(self, name) < 1:
+                raise TokenJourneyError(f"report.{name}={getattr(self, name)} must be at least 1")
+        for name in ("n_features", "n_random", "n_quantile_contexts", "window"):
+            if getattr(self, name) < 0:
+                raise TokenJourneyError(f"report.{name}={getattr(self, name)} must not be negative")

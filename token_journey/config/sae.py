@@ -1,0 +1,84 @@
+"""How to train one SAE (the `sae` config group: conf/sae/<architecture>.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from token_journey.errors import TokenJourneyError
+
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+B_DEC_INITS = ("mean", "geometric_median", "zeros")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    architecture: str
+    """jumprelu | topk | batchtopk | relu."""
+    name: str
+    """Folder name under models/saes/<model>/<site>/layer_<L>/ (sweeps add the swept values)."""
+    width: int = 4608
+    """Number of latents d_sae."""
+    k: int = 32
+    """Active latents per token for topk/batchtopk (unused by jumprelu/relu)."""
+    sparsity_coefficient: float = 0.0
+    """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty."""
+    sparsity_warmup_steps: int = 0
+    """Steps over which lambda rises linearly from 0."""
+    lr: float = 1e-3
+    """Peak Adam learning rate."""
+    lr_warmup_steps: int = 10
+    """Steps of linear warmup from 0.1 * lr."""
+    lr_decay_fraction: float = 0.2
+    """Final fraction of the steps over which lr decays linearly to 0."""
+    adam_beta1: float = 0.9
+    """Adam beta1 (Gemma Scope uses 0)."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    batch_size: int = 4096
+    """Tokens per step (the global batch when data-parallel)."""
+    train_tokens: int = 250_000
+    """Training budget in tokens; steps = ceil(train_tokens / batch_size)."""
+    bandwidth: float = 0.001
+    """JumpReLU straight-through window eps (inputs scaled so E||x||^2 = 1)."""
+    threshold_init: float = 0.001
+    """JumpReLU initial threshold."""
+    auxk_alpha: float = 0.03125
+    """Weight of the AuxK dead-latent loss (topk/batchtopk)."""
+    k_aux: int = 256
+    """Dead latents used by AuxK per token."""
+    dead_window_tokens: int = 100_000
+    """A latent is dead after this many training tokens without firing."""
+    b_dec_init: str = "mean"
+    """mean | geometric_median | zeros: where the decoder bias starts."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every N steps (0 = never)."""
+    eval_tokens: int = 100_000
+    """Held-out tokens for the final FVU / L0 / dead fraction in train.json."""
+    log_every: int = 10
+    """Log metrics to wandb and the progress bar every N steps."""
+    buffer_rows: int = 262_144
+    """Shuffle buffer of the activation loader, in rows."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise TokenJourneyError(f"sae.architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.width < 1:
+            raise TokenJourneyError(f"sae.width={self.width} must be >= 1")
+        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.width:
+            raise TokenJourneyError(f"sae.k={self.k} must be between 1 and sae.width={self.width}")
+        if self.batch_size < 1 or self.train_tokens < self.batch_size:
+            raise TokenJourneyError(
+                f"sae.train_tokens={self.train_tokens} must be >= sae.batch_size={self.batch_size} (>= 1)"
+            )
+        if self.lr <= 0 or self.bandwidth <= 0:
+            raise TokenJourneyError(f"sae.lr={self.lr} and sae.bandwidth={self.bandwidth} must be > 0")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise TokenJourneyError(f"sae.b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}")
+        if not self.name or "/" in self.name:
+            raise TokenJourneyError(f"sae.name={self.name!r} must be a non-empty folder name without '/'")
+
+    @property
+    def steps(self) -> int:
+        return -(-self.train_tokens // self.batch_size)

@@ -1,0 +1,351 @@
+"""Evaluate the SAEs of one layer on held-out tokens, in one sweep over the data.
+
+Per batch of eval sequences [batch, seq]:
+
+1. the *clean* pass: one full forward pass that returns the logits and, through a recording
+   splice at (site, layer), the activations `x` [batch, seq, d_model]; reconstruction metrics
+   need no other pass;
+2. the *zero-ablation* pass: the site's activation set to 0 at the evaluated positions;
+3. one *spliced* pass per SAE: the activation replaced by the SAE's reconstruction at the
+   evaluated positions (the encode/decode is done once and reused for the metrics).
+
+So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE.
+
+Which positions count (the same rule as the harvest, `token_journey.corpus.row_mask`):
+- *evaluated positions* R [batch, seq] = `row_mask(input_ids, special_ids, exclude_first)`:
+  real tokens, not BOS/EOS/pad, not among the first `exclude_first` real tokens. These are
+  the rows reconstruction metrics average over and the positions the splice and the zero
+  ablation replace; elsewhere the model keeps its own activation (the SAE never saw those).
+- *loss positions*: the logits at position t predict token t + 1, and that prediction counts
+  iff t + 1 is an evaluated position (R[:, 1:]). CE, delta loss, loss recovered and KL all
+  average over exactly these predictions, identical for the clean, zero and spliced passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from token_journey import metrics
+from token_journey.config.eval import EvalConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.lm import load_prepared
+from token_journey.sites import check_point, splice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossTally:
+    """Sums of per-prediction CE (and KL against the clean pass) over the loss positions."""
+
+    ce: float = 0.0
+    kl: float = 0.0
+    count: int = 0
+
+    def add(self, ce: torch.Tensor, kl: torch.Tensor | None = None) -> None:
+        """Add per-prediction losses `ce` [M] (and `kl` [M]) of one batch."""
+        self.ce += float(ce.double().sum())
+        self.kl += float(kl.double().sum()) if kl is not None else 0.0
+        self.count += ce.numel()
+
+    @property
+    def mean_ce(self) -> float:
+        return self.ce / self.count
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.count
+
+
+@dataclass
+class _SaeState:
+    """Running sums for one SAE during the sweep."""
+
+    recon: metrics.ReconstructionTally
+    loss: LossTally = field(default_factory=LossTally)
+    seconds: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    """Metrics per SAE name plus what the sweep as a whole cost."""
+
+    saes: dict[str, dict]
+    sweep: dict
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, site: str, layer: int,
+            replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Next-token logits [batch, seq, vocab] with the site's activation passed through `replace`."""
+    with splice(model, site, layer, replace):
+        return model(input_ids=input_ids, use_cache=False).logits
+
+
+def _replace_rows(rows: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A splice function writing `values` [R, d_model] (None: zeros) at the positions `rows` [batch, seq]."""
+
+    def replace(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        out[rows] = 0 if values is None else values.to(act.dtype)
+        return out
+
+    return replace
+
+
+def _sae_dtype(sae: nn.Module) -> torch.dtype:
+    return next(sae.parameters()).dtype
+
+
+@torch.inference_mode()
+def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
+                saes: Mapping[str, nn.Module], states: dict[str, _SaeState], clean: LossTally, zero: LossTally) -> None:
+    """Run the clean, zero-ablation and spliced passes for one batch and add to every tally.
+
+    `input_ids` [batch, seq], `rows` [batch, seq] bool (evaluated positions).
+    """
+    recorded: dict[str, torch.Tensor] = {}
+
+    def record(act: torch.Tensor) -> torch.Tensor:
+        recorded["act"] = act
+        return act
+
+    counted = rows[:, 1:]  # (B, T-1): prediction at t counts iff its target t + 1 is evaluated
+    targets = input_ids[:, 1:][counted]  # (M,)
+    clean_logits = _logits(model, input_ids, site, layer, record)[:, :-1][counted]  # (M, V)
+    clean.add(metrics.token_cross_entropy(clean_logits, targets))
+    zero_logits = _logits(model, input_ids, site, layer, _replace_rows(rows, None))[:, :-1][counted]
+    zero.add(metrics.token_cross_entropy(zero_logits, targets))
+    del zero_logits
+    x = recorded["act"][rows]  # (R, D)
+    positions = rows.nonzero()[:, 1]  # (R,) index of each row within its sequence
+    device = input_ids.device
+    for name, sae in saes.items():
+        _sync(device)
+        start = time.perf_counter()
+        f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
+        x_hat = sae.decode(f)  # (R, D)
+        logits = _logits(model, input_ids, site, layer, _replace_rows(rows, x_hat))[:, :-1][counted]
+        states[name].loss.add(metrics.token_cross_entropy(logits, targets), metrics.token_kl(clean_logits, logits))
+        states[name].recon.update(x.float(), x_hat.float(), f, positions)
+        _sync(device)
+        states[name].seconds += time.perf_counter() - start
+
+
+def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
+                  saes: Mapping[str, nn.Module], batch_size: int,
+                  dense_threshold: float = metrics.DENSE_THRESHOLD) -> SweepResult:
+    """Evaluate every SAE in `saes` (name -> module with encode/decode) at (site, layer).
+
+    `sequences` [n_seq, seq] token ids and `rows` [n_seq, seq] bool evaluated positions (see
+    the module docstring); both are moved to the model's device batch by batch.
+    """
+    device = next(model.parameters()).device
+    states = {name: _SaeState(metrics.ReconstructionTally(_width(sae), sequences.shape[1])) for name, sae in saes.items()}
+    clean, zero = LossTally(), LossTally()
+    _sync(device)
+    start = time.perf_counter()
+    for first in tqdm(range(0, len(sequences), batch_size), desc=f"evaluate {site} layer {layer}", unit="batch"):
+        ids = sequences[first:first + batch_size].to(device)
+        _eval_batch(model, ids, rows[first:first + batch_size].to(device), site, layer, saes, states, clean, zero)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    n_tokens = sequences.numel()
+    results = {name: _sae_metrics(state, clean, zero, n_tokens, dense_threshold) for name, state in states.items()}
+    sweep = {
+        "tokens": n_tokens,
+        "sequences": len(sequences),
+        "eval_rows": int(rows.sum()),
+        "loss_positions": clean.count,
+        "forward_passes": len(saes) + 2,
+        "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds,
+    }
+    return SweepResult(saes=results, sweep=sweep)
+
+
+def _width(sae: nn.Module) -> int:
+    """d_sae of an SAE (rows of W_dec [d_sae, d_in])."""
+    return int(sae.W_dec.shape[0])
+
+
+def _sae_metrics(state: _SaeState, clean: LossTally, zero: LossTally, n_tokens: int, dense_threshold: float) -> dict:
+    """The JSON entry of one SAE: reconstruction, sparsity and spliced-loss metrics."""
+    ce_clean, ce_zero, ce_sae = clean.mean_ce, zero.mean_ce, state.loss.mean_ce
+    return {
+        **state.recon.result(dense_threshold),
+        "ce_clean": ce_clean,
+        "ce_sae": ce_sae,
+        "ce_zero": ce_zero,
+        "delta_loss": ce_sae - ce_clean,
+        "loss_recovered": metrics.loss_recovered(ce_clean, ce_sae, ce_zero),
+        "kl": state.loss.mean_kl,
+        "eval_tokens": state.recon.n,
+        "loss_positions": state.loss.count,
+        # This SAE's own cost (encode/decode, spliced pass, metrics) over all eval tokens.
+        "eval_tokens_per_s": n_tokens / state.seconds,
+    }
+
+
+# --- the evaluate stage: inputs, checks and outputs around `evaluate_saes` -------------------
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """Where one layer's evaluation reads from and writes to (all from `paths` in the config)."""
+
+    model_dir: Path
+    corpus_dir: Path
+    activations_dir: Path
+    saes_dir: Path
+    metrics_dir: Path
+    site: str
+    layer: int
+
+
+def metrics_path(metrics_dir: Path, site: str, layer: int) -> Path:
+    """`<paths.metrics>/<site>/layer_<L>.json`: the DVC metrics file of one layer."""
+    return Path(metrics_dir) / site / f"layer_{layer}.json"
+
+
+def pareto_path(metrics_dir: Path, site: str, layer: int) -> Path:
+    """`<paths.metrics>/<site>/pareto/layer_<L>.json`: the DVC plot rows (one per SAE) of one layer."""
+    return Path(metrics_dir) / site / "pareto" / f"layer_{layer}.json"
+
+
+def load_subjects(inputs: LayerInputs, extra: tuple[str, ...], d_model: int, device: torch.device) -> dict[str, tuple[Path, nn.Module]]:
+    """The SAEs to evaluate: the pipeline's own for (site, layer) plus `extra` folders, checked.
+
+    Raises a `TokenJourneyError` naming both sides when there is no SAE, when an SAE's d_in is not
+    the site's d_model, when its recorded site/layer differ, or when two share a name.
+    """
+    from token_journey.sae import find_saes, load_sae
+
+    own = find_saes(inputs.saes_dir, inputs.site, inputs.layer) if inputs.saes_dir.exists() else []
+    folders = [*own, *(Path(p) for p in extra)]
+    if not folders:
+        raise TokenJourneyError(
+            f"no SAE to evaluate for {inputs.site} layer {inputs.layer}: nothing under {inputs.saes_dir / inputs.site / f'layer_{inputs.layer}'} "
+            "and eval.extra_saes is empty; train one (`dvc repro train_sae`) or list SAE folders in eval.extra_saes"
+        )
+    subjects: dict[str, tuple[Path, nn.Module]] = {}
+    for folder in folders:
+        sae = load_sae(folder, device=str(device)).eval()
+        cfg = sae.cfg
+        if cfg.d_in != d_model:
+            raise TokenJourneyError(
+                f"SAE {folder} has d_in={cfg.d_in} but {inputs.site} at layer {inputs.layer} of the model has d_model={d_model}; "
+                "evaluate it against the model and layer it was trained on"
+            )
+        if cfg.layer >= 0 and (cfg.site, cfg.layer) != (inputs.site, inputs.layer):  # layer -1: unknown (Gemma Scope)
+            raise TokenJourneyError(
+                f"SAE {folder} was trained on {cfg.site} layer {cfg.layer} but this evaluation is for {inputs.site} layer {inputs.layer}"
+            )
+        if cfg.name in subjects:
+            raise TokenJourneyError(f"two SAEs are named {cfg.name!r}: {subjects[cfg.name][0]} and {folder}; rename one")
+        subjects[cfg.name] = (folder, sae)
+    return subjects
+
+
+def check_activations(inputs: LayerInputs, d_model: int, fingerprint: str) -> int:
+    """Require the layer's harvested eval split from this model; return its `exclude_first` rule.
+
+    Evaluation applies the exclusion rule the harvest recorded, so both see the same rows.
+    """
+    from token_journey.shards import open_activations
+
+    acts = open_activations(inputs.activations_dir, inputs.site, inputs.layer, split="eval")
+    have = acts.manifest.get("model_fingerprint")
+    if acts.d_model != d_model or (have and have != fingerprint):
+        raise TokenJourneyError(
+            f"activations {inputs.activations_dir / inputs.site / f'layer_{inputs.layer}'} are from model {have} "
+            f"(d_model {acts.d_model}) but the evaluated model is {fingerprint} (d_model {d_model}); re-run the harvest"
+        )
+    rule = acts.manifest.get("exclusion", {})
+    if rule.get("max_norm_ratio"):
+        log.warning("the harvest dropped norm outliers (max_norm_ratio=%s); evaluation keeps them", rule["max_norm_ratio"])
+    return int(rule.get("exclude_first", 0))
+
+
+def _train_tokens_per_s(folder: Path) -> float | None:
+    """Training throughput recorded by our trainer in train.json, if the SAE has one."""
+    path = folder / "train.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record.get("train_tokens_per_s", record.get("tokens_per_s"))
+
+
+def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
+    """DVC plot rows of one layer: one per SAE with l0, fvu, delta_loss and whether it is on each frontier."""
+    names = list(saes)
+    l0s = [saes[n]["l0"] for n in names]
+    on_fvu = metrics.pareto_front(l0s, [saes[n]["fvu"] for n in names])
+    on_loss = metrics.pareto_front(l0s, [saes[n]["delta_loss"] for n in names])
+    return [{"sae": n, "layer": layer, "l0": saes[n]["l0"], "fvu": saes[n]["fvu"], "delta_loss": saes[n]["delta_loss"],
+             "fvu_frontier": a, "delta_loss_frontier": b} for n, a, b in zip(names, on_fvu, on_loss)]
+
+
+def _strict(value: object) -> object:
+    """`value` with every NaN float as None, so the file is strict JSON (NaN: e.g. an undefined ratio)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, payload: object) -> None:
+    """Write strict JSON through a temporary name in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_strict(payload), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_layer(cfg: EvalConfig, inputs: LayerInputs, device: str = "auto") -> dict:
+    """Evaluate every SAE of (site, layer) on the eval split and write the metrics and plot files.
+
+    Returns the metrics document written to `metrics_path(...)`.
+    """
+    from token_journey.corpus import read_sequences, row_mask, special_ids
+
+    loaded = load_prepared(inputs.model_dir, dtype=cfg.dtype or None, device=device)
+    model, manifest = loaded.model, loaded.manifest
+    check_point(model, inputs.site, inputs.layer)
+    d_model = int(manifest["architecture"]["d_model"])
+    exclude_first = check_activations(inputs, d_model, manifest["fingerprint"])
+    subjects = load_subjects(inputs, cfg.extra_saes, d_model, loaded.device)
+    sequences = read_sequences(inputs.corpus_dir / "eval.parquet").input_ids
+    sequences = sequences[: max(1, cfg.max_tokens // sequences.shape[1])]
+    rows = row_mask(sequences, special_ids(loaded.tokenizer), exclude_first)
+    log.info("evaluating %d SAE(s) on %d eval sequences (%d tokens, %d rows)", len(subjects), len(sequences), sequences.numel(), int(rows.sum()))
+    result = evaluate_saes(model, sequences, rows, inputs.site, inputs.layer,
+                           {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold)
+    saes = {}
+    for name, entry in result.saes.items():
+        folder, sae = subjects[name]
+        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder),
+                      **entry, "train_tokens_per_s": _train_tokens_per_s(folder)}
+    document = {"model": manifest["name"], "site": inputs.site, "layer": inputs.layer, "saes": saes, "sweep": result.sweep}
+    _write_json(pareto_path(inputs.metrics_dir, inputs.site, inputs.layer), pareto_rows(saes, inputs.layer))
+    _write_json(metrics_path(inputs.metrics_dir, inputs.site, inputs.layer), document)
+    return document
+

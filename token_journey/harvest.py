@@ -1,0 +1,146 @@
+"""Run the prepared model over the corpus and store the activations of every configured
+(site, layer) from ONE forward pass per batch (see `token_journey.shards` for the layout).
+
+Shard k of a split always holds the rows of the same sequences, [k*S, (k+1)*S) with
+S = shard_rows // context_size, so resuming is simple: shards already complete (renamed into
+place, same run key) are kept, and the pass restarts at the first shard any (site, layer)
+lacks; nothing is lost or written twice. The run key hashes everything that decides a
+shard's content (model, corpus file, dtypes, batch size, shard size, exclusion rule), so
+shards of a different configuration are never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from token_journey.config.harvest import HarvestConfig
+from token_journey.corpus import read_sequences, row_mask, special_ids
+from token_journey.lm import LoadedModel, torch_dtype
+from token_journey.shards import MANIFEST, ShardWriter, complete_shards, layer_dir, sha256_file, write_manifest
+from token_journey.sites import capture, check_point
+
+log = logging.getLogger(__name__)
+
+Point = tuple[str, int]
+
+
+def exclusion_rule(cfg: HarvestConfig) -> dict[str, Any]:
+    """The recorded rule deciding which tokens become rows (evaluation must apply the same)."""
+    return {
+        "special_tokens": "excluded (BOS, EOS, pad and every tokenizer special id)",
+        "exclude_first": cfg.exclude_first,
+        "exclude_first_means": "the first N real (non-special) tokens of each sequence are dropped (attention sink)",
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "max_norm_ratio_means": "rows with norm > ratio x the batch median norm are dropped; 0 = off",
+    }
+
+
+def _rows_of(acts: torch.Tensor, mask: torch.Tensor, ratio: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Select rows: `acts` [batch, seq, d_model], `mask` [batch, seq] -> (rows [n, d_model] CPU, keep, n_norm_dropped)."""
+    keep = mask
+    dropped = 0
+    if ratio > 0 and bool(mask.any()):
+        norms = acts.float().norm(dim=-1)  # [batch, seq]
+        keep = mask & (norms <= ratio * norms[mask].median())
+        dropped = int(mask.sum() - keep.sum())
+    return acts[keep].to(dtype).cpu(), keep.cpu(), dropped
+
+
+def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Path, split: str, device: torch.device) -> dict[Point, dict]:
+    """Harvest one split of the corpus into `<root>/<site>/layer_<L>[/eval]`; returns the manifests."""
+    seqs = read_sequences(sequences_path)
+    n_seq, context = seqs.input_ids.shape
+    points: list[Point] = [(site, layer) for layer in cfg.layers for site in cfg.sites]
+    for site, layer in points:
+        check_point(lm.model, site, layer)
+    special = special_ids(lm.tokenizer)
+    d_model = lm.model.config.get_text_config().hidden_size
+    per_shard = max(1, cfg.shard_rows // context)
+    n_shards = -(-n_seq // per_shard)
+    identity = {
+        "model_fingerprint": lm.manifest["fingerprint"],
+        "corpus_sha256": sha256_file(sequences_path),
+        "harvest": {k: v for k, v in asdict(cfg).items() if k not in ("layers", "sites")},
+        "sequences_per_shard": per_shard,
+        "special_ids": sorted(special),
+    }
+    run_key = sha256_text(json.dumps(identity, sort_keys=True, default=list))
+    folders = {p: layer_dir(root, p[0], p[1], split) for p in points}
+    done = {p: complete_shards(folders[p], run_key, n_shards) for p in points}
+    todo = [k for k in range(n_shards) if any(k not in done[p] for p in points)]
+    writers = {p: ShardWriter(folders[p], d_model, cfg.dtype, run_key, cfg.row_group_rows) for p in points}
+    store = torch_dtype(cfg.dtype)
+    if todo and todo[0] > 0:
+        log.info("%s: resuming at shard %d of %d", split, todo[0], n_shards)
+    with tqdm(total=len(todo) * per_shard * context, unit="tok", unit_scale=True, desc=f"harvest {split}") as bar:
+        for shard in todo:
+            lo, hi = shard * per_shard, min(n_seq, (shard + 1) * per_shard)
+            for start in range(lo, hi, cfg.batch_size):
+                ids = seqs.input_ids[start : min(hi, start + cfg.batch_size)]  # [batch, seq]
+                _harvest_batch(lm, cfg, ids, seqs.sequence_ids[start : start + ids.shape[0]], special, points,
+                               {p: writers[p] for p in points if shard not in done[p]}, store, device)
+                bar.update(ids.numel())
+            for p in points:
+                if shard not in done[p]:
+                    writers[p].finish(shard)
+    info = {
+        "model": lm.manifest["name"],
+        "model_fingerprint": lm.manifest["fingerprint"],
+        "d_model": d_model,
+        "dtype": cfg.dtype,
+        "forward_dtype": cfg.forward_dtype,
+        "split": split,
+        "context_size": context,
+        "sequences": n_seq,
+        "run_key": run_key,
+        "corpus_sha256": identity["corpus_sha256"],
+        "exclusion": exclusion_rule(cfg),
+    }
+    return {p: _manifest(folders[p], n_shards, dict(info, site=p[0], layer=p[1]), fresh=not todo) for p in points}
+
+
+def _manifest(folder: Path, n_shards: int, info: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """Reuse a manifest of this same run when nothing was rewritten; else aggregate the shards."""
+    path = folder / MANIFEST
+    if fresh and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("run_key") == info["run_key"] and len(old.get("shards", ())) == n_shards:
+            return old
+    return write_manifest(folder, n_shards, info)
+
+
+def _harvest_batch(lm: LoadedModel, cfg: HarvestConfig, ids: torch.Tensor, seq_ids: torch.Tensor, special: set[int],
+                   points: list[Point], writers: dict[Point, ShardWriter], store: torch.dtype, device: torch.device) -> None:
+    """One forward pass for every point; append the kept rows of each point to its writer."""
+    if not writers:
+        return
+    captured = capture(lm.model, ids.to(device), points)
+    mask = row_mask(ids, special, cfg.exclude_first)  # [batch, seq]
+    real = int((~torch.isin(ids, torch.tensor(sorted(special)))).sum())
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    for point, writer in writers.items():
+        rows, keep, dropped = _rows_of(captured[point], mask.to(device), cfg.max_norm_ratio, store)
+        excluded = {"special": ids.numel() - real, "first_positions": real - int(mask.sum()), "max_norm": dropped}
+        writer.add(rows, ids[keep], seq_ids[:, None].expand_as(ids)[keep], positions[keep], excluded)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Path, device: torch.device) -> dict[str, dict[Point, dict]]:
+    """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply."""
+    result = {}
+    for split in ("train", "eval"):
+        result[split] = harvest_split(lm, cfg, Path(corpus_dir) / f"{split}.parquet", Path(root), split, device)
+        rows = {f"{s}@{l}": m["rows"] for (s, l), m in result[split].items()}
+        log.info("%s: wrote %s rows -> %s", split, rows, root)
+    return result

@@ -1,0 +1,110 @@
+"""Everything the journey shows for one text, gathered from the recomputed pass.
+
+`run_journey` = recompute (with checks) + top next tokens + logit lens + SAE features + a seeded
+continuation + parameter/FLOP sums. Renderers (terminal, HTML) read only the `Journey` record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from token_journey.config.journey import JourneyConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.journey import flops
+from token_journey.journey.features import FeatureHits, sae_features
+from token_journey.journey.forward import Pass, recompute, token_strings
+from token_journey.journey.generate import Generated, generate
+from token_journey.journey.hooks import capture_modules
+from token_journey.journey.lens import LensRow, logit_lens
+from token_journey.journey.spec import SUPPORTED_TYPES, text_config
+
+
+class UnsupportedArchitecture(TokenJourneyError):
+    """The recomputation does not know this architecture; `captured` holds what the hooks saw."""
+
+    def __init__(self, message: str, captured: list[tuple[str, torch.Tensor]]) -> None:
+        super().__init__(message)
+        self.captured = captured
+
+
+@dataclass
+class Journey:
+    """One text's journey through one model, ready to render."""
+
+    model_name: str
+    text: str
+    run: Pass
+    next_tokens: list[tuple[int, float]]
+    """The most likely next tokens after the text: (id, probability)."""
+    lens: list[LensRow]
+    features: list[FeatureHits]
+    features_note: str
+    generated: Generated
+    vocab: dict[int, str]
+    """Text of every token id the renderings mention."""
+    model_params: int
+    """Parameter count of the model itself (each tied tensor once), for comparison with the steps' sum."""
+
+    @property
+    def per_layer(self) -> dict[int | None, dict[str, int]]:
+        return flops.per_layer(self.run.steps)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return flops.totals(self.run.steps)
+
+    @property
+    def continuation(self) -> str:
+        return "".join(self.vocab[i] for i in self.generated.token_ids)
+
+
+def slug(model_name: str, text: str) -> str:
+    """File name stem for a journey page: model name plus the first words of the text."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].strip("-") or "text"
+    return f"{model_name}-{words}"
+
+
+def _check_supported(model: nn.Module, tokenizer: Any, text: str) -> None:
+    model_type = getattr(text_config(model), "model_type", "?")
+    if model_type in SUPPORTED_TYPES:
+        return
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    captured = capture_modules(model, ids) if ids.shape[1] else []
+    raise UnsupportedArchitecture(
+        f"architecture {model_type!r} is not supported by the journey recomputation (supported: "
+        f"{', '.join(SUPPORTED_TYPES)}); shown above: the {len(captured)} module outputs the hooks captured",
+        captured,
+    )
+
+
+def run_journey(
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: JourneyConfig,
+    seed: int = 0,
+    model_name: str = "model",
+    saes_root: Path | None = None,
+    progress: bool = True,
+) -> Journey:
+    """Follow `cfg.text` through `model`: every step recomputed and checked, then lens, features, sampling."""
+    _check_supported(model, tokenizer, cfg.text)
+    run = recompute(model, tokenizer, cfg.text, progress=progress)
+    probs = torch.softmax(run.logits[-1], dim=-1)
+    top_p, top_i = probs.topk(cfg.top_next)
+    next_tokens = list(zip(top_i.tolist(), top_p.tolist(), strict=True))
+    lens = logit_lens(model, run.spec, [s["resid_post"] for s in run.sites], cfg.lens_top)
+    features, note = sae_features(saes_root, run.sites, cfg.feature_top)
+    ids = torch.tensor([run.token_ids], device=next(model.parameters()).device)
+    generated = generate(model, ids, cfg.generation, seed, getattr(tokenizer, "eos_token_id", None)) \
+        if cfg.generation.max_new_tokens else Generated([], [])
+    mentioned = {i for i, _ in next_tokens} | set(generated.token_ids) | set(run.token_ids)
+    mentioned |= {i for row in lens for pos in row.top for i, _ in pos}
+    vocab = dict(zip(sorted(mentioned), token_strings(tokenizer, sorted(mentioned)), strict=True))
+    model_params = sum(p.numel() for p in model.parameters())
+    return Journey(model_name, cfg.text, run, next_tokens, lens, features, note, generated, vocab, model_params)

@@ -1,0 +1,188 @@
+"""Build the whole report: gather SAEs and metrics, stream feature statistics, render, write.
+
+`build_report` is what the `report` stage calls. For each SAE folder it streams at most
+`report.max_tokens` eval-split activation rows through the SAE (two passes, see `features`),
+builds dashboards, and writes `<html>/<site>/layer_<L>/<name>.html`; then the overview
+`<html>/index.html` and the Markdown summary. Numbers on the overview come from the metrics
+JSONs of the evaluate stage; firing densities come from the report's own stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from markupsafe import Markup
+
+from token_journey.config.report import ReportConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.report import plots
+from token_journey.report.dashboards import ContextBuilder, build_dashboards, feature_index, read_eval_tokens
+from token_journey.report.features import feature_stats, select_features, selected_activations
+from token_journey.report.gather import SaeEntry, facts, gather_saes
+from token_journey.report.render import environment, render_index, render_sae, render_summary, write_text
+from token_journey.report.tokens import TokenStrings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Inputs (base model, corpus, activations, SAEs, metrics) and outputs (html folder, summary file)."""
+
+    base_model: Path
+    corpus: Path
+    activations: Path
+    saes: Path
+    metrics: Path
+    html: Path
+    summary: Path
+
+
+@dataclass
+class ReportResult:
+    """What was written: file paths, their total size in bytes, the wall time, and the charts."""
+
+    files: list[Path] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    entries: list[SaeEntry] = field(default_factory=list)
+    charts: dict[str, Markup] = field(default_factory=dict)
+
+    def write(self, path: Path, text: str) -> None:
+        self.bytes += write_text(path, text)
+        self.files.append(path)
+
+
+def build_report(cfg: ReportConfig, paths: ReportPaths, seed: int = 0, device: str = "cpu") -> ReportResult:
+    """Render every page of the report (see the module docstring) and return what was written."""
+    from token_journey.lm import load_prepared
+
+    start = time.perf_counter()
+    result = ReportResult(entries=gather_saes(paths.saes, paths.metrics))
+    env = environment()
+    with_folder = [e for e in result.entries if e.folder is not None]
+    loaded = load_prepared(paths.base_model, device="cpu") if with_folder else None
+    densities: dict[str, np.ndarray] = {}
+    for entry in with_folder:
+        log.info("feature pages for %s layer %d %s", entry.site, entry.layer, entry.name)
+        html, density = sae_page(entry, cfg, paths, loaded, env, seed, device)
+        result.write(Path(paths.html) / entry.page, html)
+        if density is not None:
+            densities[f"L{entry.layer} {entry.name}"] = density
+    result.charts = overview_charts(result.entries, densities, cfg.hist_bins)
+    info = facts(paths.base_model, paths.corpus, paths.activations, result.entries)
+    pages = {e.page for e in with_folder}
+    result.write(Path(paths.html) / "index.html", render_index(env, result.entries, info, result.charts, pages))
+    result.write(Path(paths.summary), render_summary(result.entries, info))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: ReportPaths, loaded: Any, env: Any, seed: int,
+             device: str) -> tuple[str, np.ndarray | None]:
+    """The HTML of one SAE's page and its features' firing densities `[d_sae]` (None without eval data)."""
+    from token_journey.sae import load_sae
+    from token_journey.shards import open_activations
+
+    sae = load_sae(entry.folder, device=device)
+    sae.eval()
+    try:
+        acts = open_activations(Path(paths.activations), entry.site, entry.layer, split="eval")
+    except TokenJourneyError as exc:
+        log.warning("no feature browser for %s: %s", entry.page, exc)
+        charts = {"error": position_chart([entry])} if entry.metrics.get("error_by_position") else {}
+        return render_sae(env, entry, [], [], charts, 0, note=f"No feature browser: {exc}"), None
+    stats = feature_stats(sae, acts.iter_tables, acts.dtype, cfg.batch_size, cfg.max_tokens, cfg.top_k, device)
+    top, sample = select_features(stats, cfg.n_features, cfg.n_random, seed)
+    features = [(f, "most active") for f in top] + [(f, "random") for f in sample]
+    chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size,
+                                  cfg.max_tokens, device)
+    contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id),
+                              TokenStrings(loaded.tokenizer), cfg.window)
+    dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, sae, cfg, seed)
+    index_rows = feature_index(stats, contexts, {f for f, _ in features})
+    density = stats.density.numpy()
+    charts = {"density": density_chart({entry.name: density}, cfg.hist_bins)}
+    if entry.metrics.get("error_by_position"):
+        charts["error"] = position_chart([entry])
+    return render_sae(env, entry, dashboards, index_rows, charts, stats.rows), density
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def pareto_chart(entries: list[SaeEntry], y_key: str, y_label: str) -> Markup:
+    """One series per (site, layer): `y_key` against L0 for every SAE that has both numbers."""
+    groups: dict[str, plots.Series] = {}
+    for e in entries:
+        l0, y = e.value("l0"), e.value(y_key)
+        if _finite(l0) and _finite(y):
+            s = groups.setdefault(f"{e.site} L{e.layer}", plots.Series(f"{e.site} L{e.layer}", [], [], []))
+            s.xs.append(float(l0))
+            s.ys.append(float(y))
+            s.labels.append(e.name)
+    return plots.scatter(list(groups.values()), "L0", y_label, f"{y_label} vs L0")
+
+
+def position_values(value: Any) -> tuple[list[float], list[float]]:
+    """(positions, errors) from a metrics entry's `error_by_position` list; None/NaN positions are skipped."""
+    if not isinstance(value, list):
+        return [], []
+    pairs = [(float(p), float(v)) for p, v in enumerate(value) if _finite(v)]
+    return [p for p, _ in pairs], [v for _, v in pairs]
+
+
+def position_chart(entries: list[SaeEntry]) -> Markup:
+    """Reconstruction error against token position, one line per SAE."""
+    series = []
+    for e in entries:
+        xs, ys = position_values(e.metrics.get("error_by_position"))
+        if ys:
+            series.append(plots.Series(f"L{e.layer} {e.name}", xs, ys))
+    return plots.lines(series, "position in sequence", "reconstruction error", "Reconstruction error by position")
+
+
+def density_chart(densities: dict[str, np.ndarray], bins: int) -> Markup:
+    """Histogram(s) of log10 firing density over alive features; dead features are counted in the title."""
+    alive = {k: d[d > 0] for k, d in densities.items()}
+    low = math.floor(min((np.log10(a).min() for a in alive.values() if len(a)), default=-6.0))
+    edges = np.linspace(low, 0.0, bins + 1)
+    dead = sum(int((d == 0).sum()) for d in densities.values())
+    title = f"Feature firing density ({dead:,} dead)"
+    if len(densities) == 1:
+        counts, _ = np.histogram(np.log10(next(iter(alive.values()))), bins=edges)
+        return plots.histogram(edges.tolist(), counts.tolist(), "log10 firing density", title, "features")
+    centres = ((edges[:-1] + edges[1:]) / 2).tolist()
+    series = [plots.Series(k, centres, np.histogram(np.log10(a), bins=edges)[0].astype(float).tolist())
+              for k, a in alive.items()]
+    return plots.lines(series, "log10 firing density", "features", title)
+
+
+def overview_charts(entries: list[SaeEntry], densities: dict[str, np.ndarray], bins: int) -> dict[str, Markup]:
+    """The overview's charts: two Pareto plots, error by position, firing densities."""
+    charts = {
+        "delta_loss_vs_l0": pareto_chart(entries, "delta_loss", "delta LM loss"),
+        "fvu_vs_l0": pareto_chart(entries, "fvu", "FVU"),
+    }
+    if any(e.metrics.get("error_by_position") for e in entries):
+        charts["error_by_position"] = position_chart(entries)
+    if densities:
+        charts["firing_density"] = density_chart(densities, bins)
+    return charts
+
+
+def log_to_run(run: Any, result: ReportResult) -> None:
+    """Log the headline table and every overview chart to a wandb run."""
+    import wandb
+
+    from token_journey.report.render import headline_columns, headline_rows
+
+    table = wandb.Table(columns=headline_columns(), data=headline_rows(result.entries))
+    run.log({"report/headline": table, **{f"report/{k}": wandb.Html(str(v)) for k, v in result.charts.items()}})

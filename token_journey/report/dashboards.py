@@ -1,0 +1,151 @@
+"""Feature dashboards: top and quantile-sampled contexts rebuilt from the corpus, histograms, logit lens.
+
+Contexts come from the eval split's token ids (`<paths.corpus>/eval.parquet`), looked up by
+each activation row's (sequence_id, position); every shown token is tinted by the feature's
+activation at that token when that token was itself streamed (excluded positions such as
+BOS stay untinted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from markupsafe import Markup
+
+from token_journey.config.report import ReportConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.report import plots
+from token_journey.report.features import FeatureStats, RowIndex
+from token_journey.report.tokens import TokenStrings, promoted_and_suppressed
+
+
+@dataclass
+class Cell:
+    """One shown token: its text, the feature's activation there (None if not streamed), tint 0..1."""
+
+    text: str
+    value: float | None
+    tint: float
+    anchor: bool = False
+
+
+@dataclass
+class Context:
+    """A window of tokens around the row `row` whose activation is `value`."""
+
+    value: float
+    where: str
+    cells: list[Cell]
+    label: str = ""
+
+
+@dataclass
+class Dashboard:
+    """Everything one feature's section of an SAE page shows."""
+
+    feature: int
+    kind: str
+    density: float
+    mean: float
+    maximum: float
+    top: list[Context]
+    quantiles: list[Context]
+    histogram: Markup
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float]] = field(default_factory=list)
+
+
+def read_eval_tokens(corpus: Path, sequence_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Token ids `[context_size]` of the given eval sequences (`<corpus>/eval.parquet`), keyed by sequence_id."""
+    from token_journey.corpus import read_sequences
+
+    split = read_sequences(Path(corpus) / "eval.parquet")
+    wanted = set(np.unique(sequence_ids).tolist())
+    return {int(s): split.input_ids[i].numpy() for i, s in enumerate(split.sequence_ids.tolist()) if s in wanted}
+
+
+class ContextBuilder:
+    """Rebuilds token windows around activation rows and checks them against the rows' token ids."""
+
+    def __init__(self, index: RowIndex, sequences: dict[int, np.ndarray], strings: TokenStrings, window: int) -> None:
+        self.index, self.sequences, self.strings, self.window = index, sequences, strings, window
+
+    def build(self, row: int, column: torch.Tensor | None, value: float, scale: float, label: str = "") -> Context:
+        """The context of `row`; `column` `[rows]` holds the feature's activations for the tint (or None)."""
+        seq, pos = int(self.index.sequence_id[row]), int(self.index.position[row])
+        if seq not in self.sequences:
+            raise TokenJourneyError(f"eval sequence {seq} is not in the corpus eval split; rerun harvest for this corpus")
+        tokens = self.sequences[seq]
+        if int(tokens[pos]) != int(self.index.token_id[row]):
+            raise TokenJourneyError(
+                f"corpus token at sequence {seq} position {pos} differs from the activation row's; "
+                "the activations were harvested from another corpus: rerun harvest"
+            )
+        cells = []
+        for p in range(max(0, pos - self.window), min(len(tokens), pos + self.window + 1)):
+            r = self.index.row(seq, p)
+            v = float(column[r]) if (column is not None and r >= 0) else (value if p == pos else None)
+            tint = 0.0 if v is None or scale <= 0 else min(max(v / scale, 0.0), 1.0)
+            cells.append(Cell(self.strings(int(tokens[p])), v, tint, p == pos))
+        return Context(value, f"seq {seq} pos {pos}", cells, label)
+
+
+def quantile_rows(column: torch.Tensor, n: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+    """One random firing row per activation quantile bin, lowest bin first, with a label."""
+    firing = torch.nonzero(column > 0).flatten().numpy()
+    if len(firing) == 0 or n == 0:
+        return []
+    order = firing[np.argsort(column[firing].numpy(), kind="stable")]
+    bins = np.array_split(order, min(n, len(order)))
+    picks = []
+    for i, members in enumerate(bins):
+        lo, hi = 100 * i // len(bins), 100 * (i + 1) // len(bins)
+        picks.append((int(rng.choice(members)), f"quantile {lo}-{hi}%"))
+    return picks
+
+
+def build_dashboards(stats: FeatureStats, features: list[tuple[int, str]], acts: torch.Tensor,
+                     contexts: ContextBuilder, model: Any, sae: torch.nn.Module, cfg: ReportConfig,
+                     seed: int) -> list[Dashboard]:
+    """One dashboard per (feature, kind); `acts` `[rows, len(features)]` from `selected_activations`."""
+    directions = sae.W_dec.detach().float().cpu()[[f for f, _ in features]]  # [n, d_model]
+    lens = promoted_and_suppressed(model, directions, contexts.strings, cfg.n_logit_tokens) if model is not None else []
+    out = []
+    for j, (feature, kind) in enumerate(features):
+        column, scale = acts[:, j], float(stats.maxima[feature])
+        top = [contexts.build(int(r), column, float(v), scale)
+               for v, r in zip(stats.top_values[:, feature], stats.top_rows[:, feature]) if v > 0]
+        rng = np.random.default_rng([seed, feature])
+        quantiles = [contexts.build(r, column, float(column[r]), scale, label)
+                     for r, label in quantile_rows(column, cfg.n_quantile_contexts, rng)]
+        firing = column[column > 0].numpy()
+        counts, edges = np.histogram(firing, bins=cfg.hist_bins) if len(firing) else (np.zeros(1), np.array([0.0, 1.0]))
+        hist = plots.histogram(edges.tolist(), counts.tolist(), "activation (firing tokens)", f"feature {feature}")
+        count = int(stats.counts[feature])
+        out.append(Dashboard(
+            feature, kind, float(stats.density[feature]), float(stats.sums[feature]) / max(count, 1), scale,
+            top, quantiles, hist, *(lens[j] if lens else ([], [])),
+        ))
+    return out
+
+
+def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int], width: int = 4) -> list[dict[str, Any]]:
+    """A compact row for every alive feature (density, mean, max, best context), so any id is linkable."""
+    narrow = ContextBuilder(contexts.index, contexts.sequences, contexts.strings, width)
+    rows = []
+    for feature in torch.nonzero(stats.counts > 0).flatten().tolist():
+        best_row, best = int(stats.top_rows[0, feature]), float(stats.top_values[0, feature])
+        ctx = narrow.build(best_row, None, best, best)
+        anchor = next(i for i, c in enumerate(ctx.cells) if c.anchor)
+        rows.append({
+            "feature": feature, "shown": feature in shown, "density": float(stats.density[feature]),
+            "mean": float(stats.sums[feature]) / int(stats.counts[feature]), "max": float(stats.maxima[feature]),
+            "before": "".join(c.text for c in ctx.cells[:anchor]),
+            "token": ctx.cells[anchor].text,
+            "after": "".join(c.text for c in ctx.cells[anchor + 1:]),
+        })
+    return rows

@@ -1,0 +1,144 @@
+"""Collect what the overview shows: every SAE folder, every metrics entry, model and corpus facts.
+
+An SAE appears once per (site, layer, name), whether it has a folder under `<paths.saes>`, an
+entry in `<paths.metrics>/<site>/layer_<L>.json`, or both; missing numbers show as blanks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from token_journey.errors import TokenJourneyError
+
+log = logging.getLogger(__name__)
+
+LAYER_DIR = re.compile(r"^layer_(\d+)$")
+LAYER_JSON = re.compile(r"^layer_(\d+)\.json$")
+
+# (key, column title, format) of the headline table, shared by index.html and summary.md.
+HEADLINE = (
+    ("architecture", "arch", "{}"),
+    ("width", "width", "{:,}"),
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("delta_loss", "delta LM loss", "{:.4f}"),
+    ("loss_recovered", "loss recovered", "{:.1%}"),
+    ("dead_fraction", "dead", "{:.1%}"),
+    ("dense_fraction", "dense", "{:.1%}"),
+    ("train_tokens_per_s", "train tok/s", "{:,.0f}"),
+)
+
+
+@dataclass
+class SaeEntry:
+    """One SAE of one layer: its folder (if any), cfg.json, train.json and metrics entry."""
+
+    site: str
+    layer: int
+    name: str
+    folder: Path | None = None
+    cfg: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def page(self) -> str:
+        """Path of its page relative to the report root."""
+        return f"{self.site}/layer_{self.layer}/{self.name}.html"
+
+    def value(self, key: str) -> Any:
+        """A headline number: from the metrics, else from cfg.json/train.json (architecture, width, tokens/s)."""
+        if self.metrics.get(key) is not None:
+            return self.metrics[key]
+        ours = self.cfg.get("token_journey", {})  # our cfg.json nests our own names beside SAELens'
+        fallback = {"width": self.cfg.get("d_sae"), "architecture": ours.get("architecture", self.cfg.get("architecture")),
+                    "train_tokens_per_s": self.train.get("tokens_per_s", self.train.get("train_tokens_per_s"))}
+        return fallback.get(key)
+
+    def cells(self) -> list[str]:
+        """The headline row as display strings ("" where a number is missing)."""
+        out = []
+        for key, _, fmt in HEADLINE:
+            value = self.value(key)
+            out.append("" if value is None else (fmt.format(value) if not isinstance(value, str) else value))
+        return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from disk, or a one-line error naming the broken file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TokenJourneyError(f"cannot read {path}: {exc}; rerun the stage that writes it") from exc
+    if not isinstance(data, dict):
+        raise TokenJourneyError(f"{path} does not hold a JSON object; rerun the stage that writes it")
+    return data
+
+
+def _layers(root: Path, pattern: re.Pattern[str]) -> list[tuple[str, int, Path]]:
+    """(site, layer, path) for every `<root>/<site>/<entry>` whose name matches `pattern`."""
+    found = []
+    for site_dir in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        for entry in sorted(site_dir.iterdir()):
+            match = pattern.match(entry.name)
+            if match:
+                found.append((site_dir.name, int(match.group(1)), entry))
+    return found
+
+
+def gather_saes(saes_root: Path, metrics_root: Path) -> list[SaeEntry]:
+    """Every SAE folder and metrics entry, merged and sorted by (site, layer, name)."""
+    from token_journey.sae import find_saes
+
+    entries: dict[tuple[str, int, str], SaeEntry] = {}
+    for site, layer, _ in _layers(saes_root, LAYER_DIR):
+        for folder in find_saes(Path(saes_root), site, layer):
+            cfg = read_json(folder / "cfg.json") if (folder / "cfg.json").is_file() else {}
+            train = read_json(folder / "train.json") if (folder / "train.json").is_file() else {}
+            entries[(site, layer, folder.name)] = SaeEntry(site, layer, folder.name, folder, cfg, train)
+    for site, layer, path in _layers(metrics_root, LAYER_JSON):
+        for name, metrics in read_json(path).get("saes", {}).items():
+            entry = entries.setdefault((site, layer, name), SaeEntry(site, layer, name))
+            entry.metrics = metrics
+    log.info("found %d SAEs under %s and %s", len(entries), saes_root, metrics_root)
+    return [entries[key] for key in sorted(entries)]
+
+
+def facts(base_model: Path, corpus: Path, activations: Path, entries: list[SaeEntry]) -> list[tuple[str, str]]:
+    """(label, value) lines about the model, the corpus and the token budgets, for the overview."""
+    out: list[tuple[str, str]] = []
+    manifest = Path(base_model) / "manifest.json"
+    if manifest.is_file():
+        model = read_json(manifest)
+        out.append(("model", f"{model.get('name', '?')} ({model.get('source', '?')}, "
+                             f"{model.get('n_params', 0):,} parameters, {model.get('n_layers', '?')} layers)"))
+    stats = Path(corpus) / "stats.json"
+    if stats.is_file():
+        scalars = {k: v for k, v in read_json(stats).items() if isinstance(v, (int, float, str))}
+        out.append(("corpus", f"{Path(corpus).name}: " + ", ".join(f"{k}={_num(v)}" for k, v in scalars.items())))
+    for site, layer in sorted({(e.site, e.layer) for e in entries}):
+        rows = []
+        for split, sub in (("train", ""), ("eval", "eval")):
+            path = Path(activations) / site / f"layer_{layer}" / sub / "manifest.json"
+            if path.is_file():
+                rows.append(f"{split} {read_json(path).get('rows', 0):,} tokens")
+        if rows:
+            out.append((f"activations {site} layer {layer}", ", ".join(rows)))
+    for e in entries:
+        budget = {k: v for k, v in e.train.items() if "tokens" in k and isinstance(v, (int, float))}
+        if "eval_tokens" in e.metrics:
+            budget["eval_tokens"] = e.metrics["eval_tokens"]
+        if budget:
+            out.append((f"{e.site} layer {e.layer} {e.name}", ", ".join(f"{k}={_num(v)}" for k, v in budget.items())))
+    return out
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.4g}"

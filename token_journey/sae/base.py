@@ -1,0 +1,178 @@
+"""The SAE module shared by every architecture: weights, encode/decode, and the training hooks.
+
+Orientation everywhere (the SAELens convention): `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`,
+`b_enc [d_sae]`, `b_dec [d_in]`, plus `threshold [d_sae]` for JumpReLU-style encoders.
+`W_enc` is stored as the transpose of a contiguous `[d_sae, d_in]` tensor so that the sparse
+gradients (one row per latent) land without a copy; it still reads as `[d_in, d_sae]`.
+
+A subclass says how latents are chosen (`encode`) and how one training step scores a batch
+(`training_step`, returning a `StepOutput`); the loop in `train.py` does the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from token_journey.errors import TokenJourneyError
+from token_journey.sae.sparse import Active, decode_at, encode_at
+
+
+@dataclass(frozen=True)
+class SAECfg:
+    """What an SAE is (shapes and provenance), stored in `cfg.json` and rebuilt on load."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int = 0
+    name: str = ""
+    model: str = ""
+    site: str = "resid_post"
+    layer: int = -1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_in < 1 or self.d_sae < 1:
+            raise TokenJourneyError(f"SAE shape d_in={self.d_in}, d_sae={self.d_sae} must both be >= 1")
+        if self.k < 0 or self.k > self.d_sae:
+            raise TokenJourneyError(f"sae.k={self.k} must be between 1 and the width {self.d_sae}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StepOutput(NamedTuple):
+    """One training step's loss and what the loop logs.
+
+    `fired` [d_sae] bool: latents active on at least one token of the batch.
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    aux: torch.Tensor
+    l0: float
+    fired: torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """What a step needs from the loop: the warmed-up sparsity weight and the dead latents."""
+
+    sparsity_coefficient: float = 0.0
+    dead: torch.Tensor | None = None  # [d_sae] bool
+    bandwidth: float = 0.001
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder on raw activations (any normalisation is folded into the weights)."""
+
+    architecture: ClassVar[str] = ""
+    has_threshold: ClassVar[bool] = False
+    apply_b_dec_to_input: ClassVar[bool] = False
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def __init__(self, cfg: SAECfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if "apply_b_dec_to_input" in cfg.extra:  # imported SAEs say how their encoder reads x
+            self.apply_b_dec_to_input = bool(cfg.extra["apply_b_dec_to_input"])
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_sae, d_in).t())
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if self.has_threshold:
+            self.threshold = nn.Parameter(torch.zeros(d_sae))
+
+    # ---- inference -------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations [N, d_sae] of x [N, d_in]."""
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        return torch.addmm(self.b_enc, x_in, self.W_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense post-activation latents f [N, d_sae] of x [N, d_in]; subclasses choose the latents."""
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x_hat [N, d_in] of latents f [N, d_sae]."""
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        return self.decode(self.encode(x2)).reshape(shape)
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        """Loss on a normalised batch x [N, d_in]; touches only the active latents."""
+        raise NotImplementedError
+
+    def _sparse_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder input [N, d_in] in the graph, dense no-grad pre-activations [N, d_sae])."""
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+        return x_in, pre
+
+    def _attach(self, x_in: torch.Tensor, values: torch.Tensor, active: Active) -> torch.Tensor:
+        """Differentiable pre-activations [nnz] at `active`."""
+        return encode_at(x_in, self.W_enc, self.b_enc, values, active)
+
+    def _reconstruct(self, f: torch.Tensor, active: Active) -> torch.Tensor:
+        """x_hat [N, d_in] from latent values [nnz] at `active`."""
+        return decode_at(f, self.W_dec, active) + self.b_dec
+
+    @staticmethod
+    def _fired(f: torch.Tensor, active: Active) -> torch.Tensor:
+        return torch.bincount(active.cols[f > 0], minlength=active.d_sae) > 0
+
+    # ---- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> None:
+        """Decoder rows He-uniform then unit norm; encoder = decoder transpose; biases from the data."""
+        bound = (6.0 / self.cfg.d_in) ** 0.5
+        w = torch.empty(self.cfg.d_sae, self.cfg.d_in).uniform_(-bound, bound, generator=generator)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.cfg.d_in))
+
+    @torch.no_grad()
+    def fold_scale(self, scale: float) -> None:
+        """Turn weights trained on `scale * x` into weights on raw x (latents come out in raw units).
+
+        Every encoder here is positively homogeneous in (pre-activation, threshold), so dividing
+        b_enc, threshold and b_dec by `scale` gives f_raw = f / scale and x_hat_raw = x_hat / scale.
+        """
+        self.b_enc /= scale
+        self.b_dec /= scale
+        if self.has_threshold:
+            self.threshold /= scale
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The saved tensors, contiguous, SAELens names and orientation."""
+        out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        if self.has_threshold:
+            out["threshold"] = self.threshold
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors in, checking every shape."""
+        own = dict(self.named_parameters())
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise TokenJourneyError(f"SAE weights lack {', '.join(missing)} for architecture {self.architecture}")
+        for name, param in own.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise TokenJourneyError(
+                    f"SAE weight {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
+                )
+            param.copy_(tensors[name])

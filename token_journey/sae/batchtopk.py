@@ -1,0 +1,60 @@
+"""BatchTopK SAE (Bussmann et al. 2024).
+
+Training keeps the k * batch largest ReLU pre-activations across the whole batch, so busy tokens
+get more latents and easy ones fewer. A running estimate of the smallest kept activation becomes
+a global threshold, so at inference the SAE encodes each token on its own like a JumpReLU (and is
+saved with that threshold).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from token_journey.sae.base import SAE, StepContext, StepOutput
+from token_journey.sae.sparse import Active
+from token_journey.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(SAE):
+    """k latents per token on average over a batch; a fixed threshold at inference."""
+
+    architecture = "batchtopk"
+    apply_b_dec_to_input = True
+    has_threshold = True
+    # Weight of the newest batch in the running threshold estimate.
+    momentum = 0.01
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x).relu()
+        return pre * (pre > self.threshold)
+
+    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        x_in, pre = self._sparse_pre(x)
+        n = x.shape[0]
+        with torch.no_grad():
+            # Per-token top-k candidates bounded per token would change the method; instead keep
+            # an exact batch-level cut: the (k*n)-th largest value over the whole batch.
+            flat = pre.view(-1)
+            cut = flat.topk(self.cfg.k * n, sorted=False).values.min()
+            active = Active.from_mask(pre >= cut.clamp_min(torch.finfo(pre.dtype).tiny))
+            values = pre[active.rows, active.cols]
+            self._update_threshold(values)
+        f = self._attach(x_in, values, active).relu()
+        x_hat = self._reconstruct(f, active)
+        err = x_hat - x
+        total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        mse = err.pow(2).sum(-1).mean()
+        aux = TopKSAE._auxk(self, x_in, pre, err.detach(), ctx)  # type: ignore[arg-type]
+        loss = mse / total_var + ctx.extra.get("auxk_alpha", 1 / 32) * aux
+        return StepOutput(loss, mse.detach(), aux.detach(), float((f > 0).sum()) / n, self._fired(f.detach(), active))
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        """Running mean of the smallest kept activation (all latents share it)."""
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min()
+        current = self.threshold[0]
+        new = smallest if float(current) <= 0 else (1 - self.momentum) * current + self.momentum * smallest
+        self.threshold.fill_(float(new))

@@ -1,0 +1,88 @@
+"""Resumable training checkpoints: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder holds `state.safetensors` (SAE weights, Adam moments, tokens since each latent
+fired, torch RNG state) and `state.json` (step, Adam scalars and param groups, the config
+fingerprint). Schedules are pure functions of the step and the data loader restarts at
+`batches(start_batch=step)`, so these suffice to continue bit for bit. Written to a temp folder
+and renamed, so a kill mid-save leaves the previous checkpoint intact; no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from token_journey.errors import TokenJourneyError
+from token_journey.sae.base import SAE
+
+log = logging.getLogger(__name__)
+
+TENSORS = "state.safetensors"
+STATE = "state.json"
+
+
+def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
+                    fingerprint: dict[str, Any]) -> None:
+    """Write the full training state after `step` steps to `folder` (replacing the previous one)."""
+    bad = [n for n, p in sae.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TokenJourneyError(f"step {step}: non-finite weights in {', '.join(bad)}; checkpoint not written")
+    tensors = {f"sae.{k}": v for k, v in sae.tensors().items()}
+    tensors["since_fired"] = since_fired.contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slot in state["state"].items():
+        for name, value in slot.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"opt.{idx}.{name}"] = value.contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = float(value)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / TENSORS))
+    meta = {"step": step, "opt_scalars": scalars, "param_groups": state["param_groups"], "fingerprint": fingerprint}
+    (tmp / STATE).write_text(json.dumps(meta))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    log.info("checkpoint at step %d -> %s", step, folder)
+
+
+def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
+                    fingerprint: dict[str, Any]) -> int | None:
+    """Restore the state saved in `folder` into `sae`, `opt`, `since_fired`; the step, or None if none."""
+    folder = Path(folder)
+    if not (folder / STATE).is_file():
+        return None
+    meta = json.loads((folder / STATE).read_text())
+    if meta["fingerprint"] != json.loads(json.dumps(fingerprint)):
+        raise TokenJourneyError(
+            f"checkpoint {folder} was made with a different config; delete it to start over or restore that config"
+        )
+    tensors = load_file(str(folder / TENSORS))
+    sae.load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    since_fired.copy_(tensors["since_fired"])
+    torch.set_rng_state(tensors["rng"])
+    params = list(sae.parameters())
+    state: dict[int, dict[str, Any]] = {}
+    for idx, param in enumerate(params):
+        slot: dict[str, Any] = {k: torch.tensor(v) for k, v in meta["opt_scalars"].get(str(idx), {}).items()}
+        for name in ("exp_avg", "exp_avg_sq"):
+            key = f"opt.{idx}.{name}"
+            if key in tensors:
+                slot[name] = torch.empty_like(param).copy_(tensors[key])  # keep the parameter's strides
+        if slot:
+            state[idx] = slot
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])

@@ -1,0 +1,186 @@
+"""SAE folders: our own (SAELens-loadable as they are), SAELens, Gemma Scope `params.npz`, sparsify.
+
+Our folder: `sae.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
+threshold), the same file hard-linked as `sae_weights.safetensors` (the name SAELens looks for),
+`cfg.json` in SAELens v6 layout (with the v5 top-level keys too) plus a `token_journey` block,
+and `train.json` with the training metrics. `load_sae` reads any of the four layouts into the
+same `SAE` classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from token_journey.errors import TokenJourneyError
+from token_journey.sae import SAE, SAECfg, build_sae
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "sae.safetensors"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+CFG = "cfg.json"
+TRAIN = "train.json"
+GEMMA_SCOPE = "params.npz"
+# Our architecture -> the SAELens architecture that computes the same encoder at inference.
+TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard"}
+FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "batchtopk"}
+HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+
+
+def hook_name(site: str, layer: int) -> str:
+    """TransformerLens hook name of a site (`blocks.<layer>.hook_resid_post`)."""
+    return f"blocks.{layer}.{HOOKS.get(site, site)}"
+
+
+def saelens_cfg(sae: SAE) -> dict[str, Any]:
+    """cfg.json that SAELens (v6, and v5 via the top-level keys) loads as it is."""
+    c = sae.cfg
+    hook = hook_name(c.site, c.layer)
+    meta = {"model_name": c.model, "hook_name": hook, "hook_head_index": None, "prepend_bos": False}
+    cfg: dict[str, Any] = {
+        "architecture": TO_SAELENS[c.architecture],
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "model_name": c.model,
+        "hook_name": hook,
+        "hook_layer": c.layer,
+        "hook_head_index": None,
+        "metadata": meta,
+        "token_journey": c.to_dict(),
+    }
+    if c.architecture == "topk":
+        cfg["k"] = c.k
+        cfg["activation_fn_kwargs"] = {"k": c.k}
+    return cfg
+
+
+def save_sae(sae: SAE, folder: Path, train_info: dict[str, Any] | None = None) -> Path:
+    """Write `folder` atomically (temp sibling, then rename); an old folder is replaced whole."""
+    folder = Path(folder)
+    tensors = sae.tensors()
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise TokenJourneyError(f"refusing to save SAE to {folder}: non-finite values in {', '.join(bad)}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / WEIGHTS))
+    os.link(tmp / WEIGHTS, tmp / SAELENS_WEIGHTS)
+    (tmp / CFG).write_text(json.dumps(saelens_cfg(sae), indent=2))
+    if train_info is not None:
+        (tmp / TRAIN).write_text(json.dumps(train_info, indent=2))
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    log.info("wrote SAE %s (%s, d_sae %d) to %s", sae.cfg.name, sae.cfg.architecture, sae.cfg.d_sae, folder)
+    return folder
+
+
+def find_saes(saes_root: Path, site: str, layer: int) -> list[Path]:
+    """SAE folders of one layer: `<saes_root>/<site>/layer_<layer>/<name>/` holding a cfg.json."""
+    base = Path(saes_root) / site / f"layer_{layer}"
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CFG).is_file())
+
+
+def load_sae(folder: Path, device: str | torch.device = "cpu") -> SAE:
+    """Read an SAE from our folder, a SAELens folder, a Gemma Scope params.npz (or its folder), or sparsify."""
+    path = Path(folder)
+    if path.is_file() and path.suffix == ".npz":
+        sae = _load_gemma_scope(path)
+    elif not path.is_dir():
+        raise TokenJourneyError(f"no SAE at {path}: expected a folder with cfg.json or a params.npz")
+    elif (path / GEMMA_SCOPE).is_file() and not (path / CFG).is_file():
+        sae = _load_gemma_scope(path / GEMMA_SCOPE)
+    elif not (path / CFG).is_file():
+        raise TokenJourneyError(f"{path} has no cfg.json (nor params.npz); is it an SAE folder?")
+    else:
+        cfg = json.loads((path / CFG).read_text())
+        if "token_journey" in cfg:
+            c = cfg["token_journey"]
+            sae = _built(SAECfg(**c), load_file(str(path / WEIGHTS)))
+        elif (path / SAELENS_WEIGHTS).is_file():
+            sae = _load_saelens(path, cfg)
+        elif (path / WEIGHTS).is_file():
+            sae = _load_sparsify(path, cfg)
+        else:
+            raise TokenJourneyError(f"{path} has cfg.json but neither {WEIGHTS} nor {SAELENS_WEIGHTS}")
+    return sae.to(device).eval()
+
+
+def _built(cfg: SAECfg, tensors: dict[str, torch.Tensor]) -> SAE:
+    sae = build_sae(cfg)
+    sae.load_tensors({k: v.float() for k, v in tensors.items()})
+    return sae
+
+
+def _parse_hook(hook: str) -> tuple[str, int]:
+    """(site, layer) from a TransformerLens hook name such as blocks.12.hook_resid_post."""
+    m = re.match(r"blocks\.(\d+)\.hook_(\w+)", hook or "")
+    if not m:
+        return hook or "", -1
+    return m.group(2), int(m.group(1))
+
+
+def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
+    arch = cfg.get("architecture", "standard")
+    if arch not in FROM_SAELENS:
+        raise TokenJourneyError(f"SAELens architecture {arch!r} in {path} is not supported; use one of {list(FROM_SAELENS)}")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise TokenJourneyError(
+            f"{path}: normalize_activations={cfg['normalize_activations']!r}; re-save it with the scale folded in"
+        )
+    meta = cfg.get("metadata") or {}
+    site, layer = _parse_hook(cfg.get("hook_name") or meta.get("hook_name", ""))
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
+    extra = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", arch != "jumprelu")), "source": "saelens"}
+    sae_cfg = SAECfg(
+        FROM_SAELENS[arch], int(cfg["d_in"]), int(cfg["d_sae"]), k=int(k), name=path.name,
+        model=cfg.get("model_name") or meta.get("model_name", ""), site=site, layer=layer, extra=extra,
+    )
+    return _built(sae_cfg, load_file(str(path / SAELENS_WEIGHTS)))
+
+
+def _load_gemma_scope(path: Path) -> SAE:
+    params = np.load(path)
+    need = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    if not need <= set(params.files):
+        raise TokenJourneyError(f"{path} lacks {sorted(need - set(params.files))}; not a Gemma Scope params.npz")
+    tensors = {k: torch.from_numpy(np.asarray(params[k], dtype=np.float32)) for k in need}
+    d_in, d_sae = tensors["W_enc"].shape
+    name = path.parent.name if path.name == GEMMA_SCOPE else path.stem
+    return _built(SAECfg("jumprelu", d_in, d_sae, name=name, extra={"source": "gemma-scope"}), tensors)
+
+
+def _load_sparsify(path: Path, cfg: dict[str, Any]) -> SAE:
+    raw = load_file(str(path / WEIGHTS))
+    if "encoder.weight" not in raw:
+        raise TokenJourneyError(f"{path}/{WEIGHTS} has neither our keys nor sparsify's encoder.weight")
+    if cfg.get("skip_connection") or "W_skip" in raw:
+        raise TokenJourneyError(f"{path}: sparsify skip connections (W_skip) are not supported")
+    d_sae, d_in = raw["encoder.weight"].shape
+    k = int(cfg.get("k", 0))
+    tensors = {"W_enc": raw["encoder.weight"].t(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+    extra = {"source": "sparsify", "apply_b_dec_to_input": True}
+    return _built(SAECfg("topk", d_in, d_sae, k=k, name=path.name, extra=extra), tensors)

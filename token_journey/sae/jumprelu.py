@@ -1,0 +1,91 @@
+"""JumpReLU SAE, the Gemma Scope recipe (Lieberum et al. 2024; Rajamanoharan et al. 2024).
+
+f = z * H(z - theta), z = x W_enc + b_enc, with a learned per-latent threshold theta stored as
+is (not log-parameterised, which stalls under Adam). Training loss = ||x - x_hat||^2 +
+lambda * L0, where L0 and the threshold get straight-through gradients with the rectangle
+kernel K(u) = 1[|u| < 1/2] of bandwidth eps:
+  d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps),   d H / d theta = -(1 / eps) K(...),
+and no pseudo-gradient reaches z through H. Only latents with z > theta - eps/2 can carry any
+gradient, so the step works on those alone (`Active`), exactly as the dense formula would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from token_journey.sae.base import SAE, StepContext, StepOutput
+from token_journey.sae.sparse import Active
+
+
+def _window(u: torch.Tensor) -> torch.Tensor:
+    """Rectangle kernel K(u) = 1[|u| < 1/2] as a float mask."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - theta) with the rectangle-kernel STE on theta (z [nnz], theta [nnz])."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):  # type: ignore[override]
+        ctx.bandwidth = bandwidth
+        ctx.save_for_backward(z, theta)
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > theta).to(z.dtype)
+        grad_theta = -(theta / eps) * _window((z - theta) / eps) * grad
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta) with the rectangle-kernel STE on theta only (used for the L0 penalty)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):  # type: ignore[override]
+        ctx.bandwidth = bandwidth
+        ctx.save_for_backward(z, theta)
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return None, -(1.0 / eps) * _window((z - theta) / eps) * grad, None
+
+
+def jumprelu(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """JumpReLU with the STE of Gemma Scope (elementwise, theta broadcast to z)."""
+    return _JumpReLU.apply(z, theta, bandwidth)
+
+
+def heaviside(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """H(z - theta) with the STE on theta (elementwise)."""
+    return _Step.apply(z, theta, bandwidth)
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE: per-latent learned thresholds, L0 penalty."""
+
+    architecture = "jumprelu"
+    has_threshold = True
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        return pre * (pre > self.threshold)
+
+    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+        x_in, pre = self._sparse_pre(x)
+        with torch.no_grad():
+            active = Active.from_mask(pre > (self.threshold - ctx.bandwidth / 2))
+            values = pre[active.rows, active.cols]
+        z = self._attach(x_in, values, active)
+        theta = self.threshold[active.cols]
+        f = jumprelu(z, theta, ctx.bandwidth)
+        x_hat = self._reconstruct(f, active)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
+        loss = mse + ctx.sparsity_coefficient * l0
+        return StepOutput(loss, mse.detach(), l0.detach(), float(l0), self._fired(f.detach(), active))

@@ -1,0 +1,237 @@
+"""The SAE training loop shared by every architecture.
+
+What it does, once for all architectures: scale inputs by one scalar so E||x||^2 = 1 (folded back
+into the saved weights at the end), start b_dec from the data, Adam with lr warmup then linear
+decay, a sparsity coefficient warmed up linearly, gradient clipping, unit-norm decoder rows with
+the gradient component parallel to each row removed, dead-latent tracking over a token window,
+checkpoints every N steps that resume exactly, and a refusal to go on (or save) after a
+non-finite loss. Data is any `batches(start_batch) -> iterator of [batch, d_in]` tensors, so the
+Parquet shard loader and synthetic test data plug in the same way. With torch.distributed
+initialised, each rank takes its slice of every global batch and gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from token_journey.config.sae import SAEConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.sae import SAE, SAECfg, build_sae
+from token_journey.sae.base import StepContext
+from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[int], Iterator[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """Training-data statistics from the shard manifest. `mean` [d_in]."""
+
+    mean: torch.Tensor
+    mean_sq_norm: float
+
+    @property
+    def scale(self) -> float:
+        """The scalar C with E||C x||^2 = 1."""
+        if not math.isfinite(self.mean_sq_norm) or self.mean_sq_norm <= 0:
+            raise TokenJourneyError(f"manifest mean_sq_norm={self.mean_sq_norm} must be a positive number; re-run harvest")
+        return 1.0 / math.sqrt(self.mean_sq_norm)
+
+
+def lr_at(cfg: SAEConfig, step: int) -> float:
+    """Linear warmup from 0.1 * lr, flat, then linear decay to 0 over the last `lr_decay_fraction`."""
+    warm = cfg.lr_warmup_steps
+    if step < warm:
+        return cfg.lr * (0.1 + 0.9 * step / warm)
+    decay_steps = int(cfg.steps * cfg.lr_decay_fraction)
+    decay_start = cfg.steps - decay_steps
+    if decay_steps > 0 and step >= decay_start:
+        return cfg.lr * (cfg.steps - step) / decay_steps
+    return cfg.lr
+
+
+def sparsity_at(cfg: SAEConfig, step: int) -> float:
+    """The sparsity coefficient, warmed up linearly from 0."""
+    if cfg.sparsity_warmup_steps <= 0:
+        return cfg.sparsity_coefficient
+    return cfg.sparsity_coefficient * min(1.0, step / cfg.sparsity_warmup_steps)
+
+
+def geometric_median(x: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm on rows of x [N, d] -> [d]; robust to the outlier tokens."""
+    median = x.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (x - median).norm(dim=1).clamp_min(1e-8)
+        median = (weights[:, None] * x).sum(0) / weights.sum()
+    return median
+
+
+def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch: torch.Tensor | None = None,
+            **meta: Any) -> SAE:
+    """An initialised SAE for normalised inputs (meta: name, model, site, layer)."""
+    sae_cfg = SAECfg(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in ("topk", "batchtopk") else 0,
+                     name=meta.pop("name", cfg.name), **meta)
+    sae = build_sae(sae_cfg)
+    scale = stats.scale
+    if cfg.b_dec_init == "mean":
+        b_dec = stats.mean.float() * scale
+    elif cfg.b_dec_init == "geometric_median" and first_batch is not None:
+        b_dec = geometric_median(first_batch.float() * scale)
+    else:
+        b_dec = None
+    sae.init_weights(torch.Generator().manual_seed(seed), b_dec)
+    if sae.architecture == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.fill_(cfg.threshold_init)
+    return sae
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) when not distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def _constrain_grad(sae: SAE) -> None:
+    """Remove the gradient component parallel to each unit-norm decoder row."""
+    g = sae.W_dec.grad
+    if g is not None:
+        g -= (g * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
+
+
+@torch.no_grad()
+def _after_step(sae: SAE) -> None:
+    if sae.unit_norm_decoder:
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if sae.architecture == "jumprelu":
+        sae.threshold.clamp_(min=0.0)
+
+
+def _sync_grads(sae: SAE, world: int) -> None:
+    if world == 1:
+        return
+    for p in sae.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
+def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, checkpoint_dir: Path | None = None,
+          tracker: Any = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Train `sae` (already initialised for normalised inputs) for `cfg.steps` steps, then fold the scale in.
+
+    Resumes from `checkpoint_dir` when it holds a checkpoint of the same config. `stop_after`
+    ends early after that many steps without folding (to simulate a killed run in tests).
+    Returns training figures: steps, tokens, tokens_per_s, last losses, train L0 and dead fraction.
+    """
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise TokenJourneyError(f"sae.batch_size={cfg.batch_size} must divide evenly over {world} processes")
+    scale = stats.scale
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
+    since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    start, last_ckpt = 0, None
+    if checkpoint_dir is not None:
+        resumed = load_checkpoint(checkpoint_dir, sae, opt, since_fired, fingerprint(cfg, sae))
+        if resumed is not None:
+            start, last_ckpt = resumed, checkpoint_dir
+            log.info("resumed %s from step %d (%s)", sae.cfg.name, start, checkpoint_dir)
+    data = batches(start)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    extra = {"auxk_alpha": cfg.auxk_alpha, "k_aux": float(cfg.k_aux)}
+    last: dict[str, float] = {}
+    seconds, tokens = 0.0, 0
+    bar = tqdm(range(start, end), desc=f"train {sae.cfg.name}", disable=rank != 0, initial=start, total=cfg.steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        x = next(data).float()
+        if x.shape[0] != cfg.batch_size:
+            raise TokenJourneyError(f"data gave a batch of {x.shape[0]} rows, expected sae.batch_size={cfg.batch_size}")
+        x = x.chunk(world)[rank] * scale
+        ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth, extra)
+        out = sae.training_step(x, ctx)
+        if not torch.isfinite(out.loss):
+            raise TokenJourneyError(
+                f"loss became {float(out.loss)} at step {step}; nothing saved. Last good checkpoint: "
+                f"{last_ckpt or 'none'}. Lower sae.lr or check the activations for inf/NaN"
+            )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        _sync_grads(sae, world)
+        if sae.unit_norm_decoder:
+            _constrain_grad(sae)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip, foreach=True)
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        _after_step(sae)
+        fired = out.fired
+        if world > 1:
+            fired = fired.to(torch.uint8)
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+        since_fired += cfg.batch_size
+        since_fired[fired.bool()] = 0
+        seconds += time.perf_counter() - t0
+        tokens += cfg.batch_size
+        last = {"loss": float(out.loss), "mse": float(out.mse), "aux": float(out.aux), "l0": out.l0, "lr": lr,
+                "dead_fraction": float((since_fired >= cfg.dead_window_tokens).float().mean()),
+                "tokens_per_s": tokens / max(seconds, 1e-9)}
+        if step % cfg.log_every == 0 or step == end - 1:
+            bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{out.l0:.1f}")
+            if tracker is not None and rank == 0:
+                tracker.log({f"train/{k}": v for k, v in last.items()}, step=step)
+        if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if rank == 0:
+                save_checkpoint(checkpoint_dir, step + 1, sae, opt, since_fired, fingerprint(cfg, sae))
+            last_ckpt = checkpoint_dir
+    if stop_after is None:
+        sae.fold_scale(scale)
+    return {"steps": end, "train_tokens": end * cfg.batch_size, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "processes": world, **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"}}
+
+
+def fingerprint(cfg: SAEConfig, sae: SAE) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (the training config and the SAE shape)."""
+    from dataclasses import asdict
+
+    return {"sae": asdict(cfg), "d_in": sae.cfg.d_in, "architecture": sae.architecture}
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+    """FVU, MSE, L0 and dead fraction of `sae` on raw held-out activations x [N, d_in].
+
+    FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (over all N tokens); dead = never fired.
+    """
+    x = x.float()
+    mean = x.mean(0)
+    sq_err, total, active = 0.0, 0.0, 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for part in x.split(chunk):
+        f = sae.encode(part)
+        x_hat = sae.decode(f)
+        sq_err += float((x_hat - part).pow(2).sum())
+        total += float((part - mean).pow(2).sum())
+        nz = f != 0
+        active += int(nz.sum())
+        fired |= nz.any(0)
+    n = max(x.shape[0], 1)
+    return {"fvu": sq_err / max(total, 1e-30), "mse": sq_err / n, "l0": active / n,
+            "dead_fraction": 1.0 - float(fired.float().mean()), "eval_tokens": x.shape[0]}

@@ -1,0 +1,287 @@
+"""Activation shards on disk: an atomic, resumable writer, a verified reader, a shuffling loader.
+
+Layout: `<root>/<site>/layer_<L>/shard-NNNNN.parquet` + `manifest.json` (train split) and the
+same under `.../layer_<L>/eval/` (held-out split). One row per token:
+`activation` fixed_size_list<dtype>[d_model], `token_id` int32, `sequence_id` int64, `position` int32.
+bfloat16 has no Arrow type, so bfloat16 activations are stored as their raw uint16 bits and the
+manifest's `dtype` says how to read them; `activation_tensor` does it.
+
+Each shard carries, in its Parquet footer metadata, its row count, the float64 sum of its
+vectors, the sum of squared norms and its exclusion counts, so the manifest's mean and mean
+squared norm are exact sums over complete shards even when a harvest was killed and resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from token_journey.errors import TokenJourneyError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+META_KEY = b"token_journey"
+_SHARD = re.compile(r"^shard-(\d{5})\.parquet$")
+_ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def layer_dir(root: Path, site: str, layer: int, split: str = "train") -> Path:
+    """The folder of one (site, layer, split): the eval split lives in an `eval/` subfolder."""
+    folder = Path(root) / site / f"layer_{layer}"
+    return folder / "eval" if split == "eval" else folder
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def activation_tensor(column: pa.ChunkedArray | pa.Array, dtype: str) -> torch.Tensor:
+    """An `activation` column -> float32 tensor [rows, d_model], undoing the bfloat16 bit storage."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    d_model = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d_model)
+    if dtype == "bfloat16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(values.astype(np.float32, copy=True))  # Arrow memory is read-only
+
+
+def _arrow_values(acts: torch.Tensor) -> pa.Array:
+    """[rows, d_model] tensor in its storage dtype -> flat Arrow values (zero copy where possible)."""
+    if acts.dtype == torch.bfloat16:
+        return pa.array(acts.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1))
+    return pa.array(acts.contiguous().numpy().reshape(-1))
+
+
+class ShardWriter:
+    """Collects the rows of one (site, layer, split) for the current shard and writes it atomically.
+
+    Rows are appended with `add`; `finish(index)` writes `shard-<index>.parquet` under a temporary
+    name, renames it, and starts the next shard. The per-shard statistics go into the footer.
+    """
+
+    def __init__(self, folder: Path, d_model: int, dtype: str, run_key: str, row_group_rows: int) -> None:
+        self.folder, self.d_model, self.dtype = Path(folder), d_model, dtype
+        self.run_key, self.row_group_rows = run_key, row_group_rows
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.sum = torch.zeros(self.d_model, dtype=torch.float64)
+        self.sum_sq_norm = 0.0
+        self.excluded: dict[str, int] = {}
+
+    def add(self, acts: torch.Tensor, token_ids: torch.Tensor, sequence_ids: torch.Tensor, positions: torch.Tensor,
+            excluded: dict[str, int]) -> None:
+        """Append rows: `acts` [rows, d_model] in the storage dtype (CPU), ids/positions [rows]."""
+        wide = acts.double()
+        self.sum += wide.sum(dim=0)
+        self.sum_sq_norm += float((wide * wide).sum())
+        self.parts.append((acts, token_ids.to(torch.int32), sequence_ids.to(torch.int64), positions.to(torch.int32)))
+        for key, count in excluded.items():
+            self.excluded[key] = self.excluded.get(key, 0) + int(count)
+
+    def finish(self, index: int) -> Path:
+        """Write the collected rows as shard `index` (temp name, then rename) and reset."""
+        acts = torch.cat([p[0] for p in self.parts]) if self.parts else torch.zeros(0, self.d_model)
+        columns = [torch.cat([p[i] for p in self.parts]) if self.parts else torch.zeros(0) for i in (1, 2, 3)]
+        meta = {
+            "run_key": self.run_key,
+            "rows": int(acts.shape[0]),
+            "sum": self.sum.tolist(),
+            "sum_sq_norm": self.sum_sq_norm,
+            "excluded": self.excluded,
+        }
+        table = pa.table(
+            {
+                "activation": pa.FixedSizeListArray.from_arrays(_arrow_values(acts), self.d_model),
+                "token_id": pa.array(columns[0].numpy().astype(np.int32)),
+                "sequence_id": pa.array(columns[1].numpy().astype(np.int64)),
+                "position": pa.array(columns[2].numpy().astype(np.int32)),
+            }
+        ).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        if table.column("activation").type.value_type != _ARROW[self.dtype]:
+            raise TokenJourneyError(f"activations arrived as {acts.dtype}, expected {self.dtype}")
+        final = self.folder / shard_name(index)
+        tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp, row_group_size=self.row_group_rows, compression="none")
+        os.replace(tmp, final)
+        self._reset()
+        return final
+
+
+def shard_meta(path: Path) -> dict[str, Any]:
+    """The statistics a shard carries in its footer (reads only the footer)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[META_KEY])
+    except (pa.ArrowInvalid, OSError, KeyError, ValueError) as exc:
+        raise TokenJourneyError(f"shard {path} is corrupted or not a token-journey shard ({type(exc).__name__}); rerun harvest") from exc
+
+
+def complete_shards(folder: Path, run_key: str, n_shards: int) -> set[int]:
+    """Indices of finished shards from this same run; deletes leftovers of killed or other runs.
+
+    A shard exists under its final name only once complete (it was renamed into place), so a
+    file that reads back with the same `run_key` needs no further work.
+    """
+    done: set[int] = set()
+    if not Path(folder).is_dir():
+        return done
+    for path in sorted(Path(folder).iterdir()):
+        match = _SHARD.match(path.name)
+        if path.name.startswith(".shard-") and ".tmp-" in path.name:
+            path.unlink()  # a shard a killed run was writing
+        elif match:
+            index = int(match.group(1))
+            try:
+                same_run = shard_meta(path)["run_key"] == run_key
+            except TokenJourneyError:
+                same_run = False
+            if same_run and index < n_shards:
+                done.add(index)
+            else:
+                log.info("removing %s (from a different or damaged harvest)", path)
+                path.unlink()
+    return done
+
+
+def write_manifest(folder: Path, n_shards: int, info: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate the shards' footer statistics (float64) into `manifest.json`, written atomically."""
+    folder = Path(folder)
+    shards, total, sum_sq = [], None, 0.0
+    excluded: dict[str, int] = {}
+    for index in range(n_shards):
+        path = folder / shard_name(index)
+        meta = shard_meta(path)
+        shards.append({"file": path.name, "rows": meta["rows"], "sha256": sha256_file(path)})
+        vec = np.asarray(meta["sum"], dtype=np.float64)
+        total = vec if total is None else total + vec
+        sum_sq += meta["sum_sq_norm"]
+        for key, count in meta["excluded"].items():
+            excluded[key] = excluded.get(key, 0) + count
+    rows = sum(s["rows"] for s in shards)
+    if rows == 0:
+        raise TokenJourneyError(f"harvest wrote no rows to {folder}; the corpus has no tokens left after exclusions")
+    manifest = dict(info, rows=rows, shards=shards, mean=(total / rows).tolist(), mean_sq_norm=sum_sq / rows,
+                    excluded_counts=excluded)
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+@dataclass
+class Activations:
+    """A verified view of one (site, layer, split): manifest facts plus readers of the shards."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / s["file"] for s in self.manifest["shards"]]
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """One Arrow table per shard, in shard order."""
+        for path in self.paths:
+            yield pq.read_table(path, columns=columns)
+
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        """Every row in one table (for small data: eval splits, tests)."""
+        return pa.concat_tables(list(self.iter_tables(columns)))
+
+    def tensor(self, max_rows: int | None = None) -> torch.Tensor:
+        """The first `max_rows` (or all) activations as float32 [rows, d_model]."""
+        parts, have = [], 0
+        for table in self.iter_tables(["activation"]):
+            parts.append(activation_tensor(table.column("activation"), self.dtype))
+            have += parts[-1].shape[0]
+            if max_rows is not None and have >= max_rows:
+                break
+        return torch.cat(parts)[:max_rows]
+
+    def row_groups(self) -> list[tuple[int, int, int]]:
+        """(shard index, row group index, rows) of every row group, from the footers only."""
+        groups = []
+        for shard, path in enumerate(self.paths):
+            meta = pq.ParquetFile(path).metadata
+            groups.extend((shard, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+        return groups
+
+
+def open_activations(root: Path | str, site: str, layer: int, split: str = "train", verify: bool = False) -> Activations:
+    """Open a harvested (site, layer, split), checking the manifest against the files.
+
+    Row counts are always checked (footers only); `verify=True` also checks every sha256.
+    """
+    folder = layer_dir(Path(root), site, layer, split)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        what = "was not harvested" if not folder.is_dir() else "has no manifest (harvest incomplete)"
+        raise TokenJourneyError(
+            f"{site} layer {layer} ({split}) {what} at {folder}; add {layer} to harvest.layers and run `python stages/harvest.py`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise TokenJourneyError(f"{manifest_path} is not valid JSON; rerun harvest") from exc
+    listed = {s["file"] for s in manifest["shards"]}
+    on_disk = {p.name for p in folder.iterdir() if _SHARD.match(p.name)}
+    if listed != on_disk:
+        raise TokenJourneyError(
+            f"{manifest_path} does not match the files: missing {sorted(listed - on_disk)[:3]}, "
+            f"unlisted {sorted(on_disk - listed)[:3]}; rerun harvest"
+        )
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise TokenJourneyError(f"shard {path} is corrupted ({exc}); rerun harvest") from exc
+        if rows != shard["rows"]:
+            raise TokenJourneyError(f"shard {path} has {rows} rows but {manifest_path} says {shard['rows']}; rerun harvest")
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise TokenJourneyError(f"shard {path} fails its sha256 check in {manifest_path}; rerun harvest")
+    if sum(s["rows"] for s in manifest["shards"]) != manifest["rows"]:
+        raise TokenJourneyError(f"{manifest_path}: shard rows do not add up to rows={manifest['rows']}; rerun harvest")
+    return Activations(folder, manifest)
+
+
+from token_journey.loader import ShuffledLoader  # noqa: E402  (re-exported: the loader reads Activations)
+
+__all__ = ["Activations", "ShardWriter", "ShuffledLoader", "activation_tensor", "open_activations", "write_manifest"]
