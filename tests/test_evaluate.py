@@ -239,3 +239,45 @@ def test_bad_input_names_both_sides(artifacts, tmp_path):
     with pytest.raises(TokenJourneyError, match="layer 0 .*was not harvested"):
         evaluate_layer(EvalConfig(), replace(inputs, layer=0), device="cpu")
     assert not (inputs.metrics_dir / "resid_post" / "layer_0.json").exists()
+
+
+@pytest.mark.slow
+def test_identity_splice_on_smollm2(smollm2):
+    """The packaged SmolLM2: an identity SAE at resid_post layer 15 changes nothing; zero ablation hurts."""
+    from token_journey.corpus import special_ids
+
+    text = ["The capital of France is Paris, and the capital of Italy is Rome. Paris is known for",
+            "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5, the sum of two and three"]
+    ids = smollm2.tokenizer(text, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
+    rows = row_mask(ids, special_ids(smollm2.tokenizer), exclude_first=1)
+    d = smollm2.model.config.hidden_size
+    result = evaluate_saes(smollm2.model, ids, rows, "resid_post", 15,
+                           {"identity": identity_sae(d), "zero": zero_sae(d)}, batch_size=2).saes
+    assert abs(result["identity"]["delta_loss"]) < 1e-4 and result["identity"]["kl"] < 1e-4
+    assert result["identity"]["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert result["zero"]["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert result["zero"]["delta_loss"] > 1.0  # a real model needs its residual stream
+
+
+def test_stage_runs_from_params_yaml(artifacts, tmp_path):
+    """`python stages/evaluate.py` as dvc.yaml runs it: reads params.yaml, prints tokens/s, writes the files."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    root, inputs = artifacts
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["paths"].update(base_model=str(root / "base"), corpus=str(root / "corpus"), activations=str(root / "acts"),
+                           saes=str(root / "saes"), metrics=str(tmp_path / "metrics"))
+    params.update(site="resid_post", device="cpu")
+    params["eval"].update(max_tokens=32, batch_size=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run = subprocess.run([sys.executable, str(REPO / "stages/evaluate.py"), "--config-path", str(tmp_path),
+                          "--config-name", "params", "layer=1"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "eval tokens/s" in run.stdout and "relu-a" in run.stdout and "topk-b" in run.stdout
+    assert (tmp_path / "metrics/resid_post/layer_1.json").is_file()
+    assert (tmp_path / "metrics/resid_post/pareto/layer_1.json").is_file()

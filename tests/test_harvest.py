@@ -107,7 +107,7 @@ def _harvest_cmd(root: Path, out: Path) -> list[str]:
     return [
         sys.executable, str(REPO / "stages/harvest.py"), f"paths.base_model={root / 'base'}",
         f"paths.corpus={root / 'corpus'}", f"paths.activations={out}", "harvest.layers=[0,2]",
-        "harvest.sites=[resid_post,attn_out]", "harvest.shard_rows=16", "harvest.batch_size=1",
+        "harvest.sites=[resid_post,attn_out]", "harvest.shard_rows=32", "harvest.batch_size=2",
         "device=cpu", f"hydra.run.dir={out.parent / 'hydra'}",
     ]
 
@@ -118,7 +118,8 @@ def _shards(out: Path) -> dict[str, bytes]:
 
 def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path):
     root, _ = tiny_setup
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # One thread: a tiny model gains nothing from more, and the CPU may be shared.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     whole = tmp_path / "whole" / "acts"
     subprocess.run(_harvest_cmd(root, whole), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed" / "acts"
@@ -156,11 +157,12 @@ def test_resume_drops_leftovers_and_foreign_shards(tiny_setup, tmp_path):
     (folder / ".shard-00005.parquet.tmp-123").write_bytes(b"half a shard")
     harvest(lm, cfg, root / "corpus", tmp_path, torch.device("cpu"))
     assert _shards(tmp_path) == reference and not list(folder.glob(".shard-*"))
+    open_rows = open_activations(tmp_path, "resid_post", 1).rows
     harvest(lm, _cfg(layers=(1,), sites=("resid_post",), exclude_first=2), root / "corpus", tmp_path, torch.device("cpu"))
     acts = open_activations(tmp_path, "resid_post", 1)  # another rule: every old shard replaced
     assert acts.manifest["exclusion"]["exclude_first"] == 2
-    assert {pq.read_schema(p).metadata[b"token_journey"] for p in acts.paths}.isdisjoint(
-        {pq.read_schema(folder / n).metadata[b"token_journey"] for n in []})
+    keys = {json.loads(pq.read_schema(p).metadata[b"token_journey"])["run_key"] for p in acts.paths}
+    assert keys == {acts.manifest["run_key"]} and acts.rows < open_rows
     assert acts.manifest["excluded_counts"]["first_positions"] == 2 * acts.manifest["sequences"]
 
 
@@ -175,7 +177,7 @@ def test_bad_input_errors(tiny_setup, tmp_path):
         HarvestConfig(layers=(1,), dtype="int8")
     result = subprocess.run(_harvest_cmd(root, tmp_path / "acts")[:2] + ["harvest.layers=[9]", f"paths.base_model={root / 'base'}",
                             f"paths.corpus={root / 'corpus'}", f"hydra.run.dir={tmp_path / 'h'}"],
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: layer 9 is out of range")
 
 

@@ -53,11 +53,12 @@ def test_density_histogram_by_hand():
 
 def test_cross_entropy_kl_loss_recovered_by_hand():
     logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])  # softmax (1/4, 3/4)
-    ce = metrics.token_cross_entropy(logits, torch.tensor([1, 0]))
+    log_q = metrics.log_probs(logits)
+    ce = metrics.token_cross_entropy(log_q, torch.tensor([1, 0]))
     assert ce.tolist() == pytest.approx([-math.log(3 / 4), math.log(4)])
-    kl = metrics.token_kl(torch.zeros(1, 2), logits[:1])  # p = (1/2, 1/2), q = (1/4, 3/4)
+    kl = metrics.token_kl(metrics.log_probs(torch.zeros(1, 2)), log_q[:1])  # p = (1/2, 1/2), q = (1/4, 3/4)
     assert kl.item() == pytest.approx(0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75))
-    assert metrics.token_kl(logits, logits).abs().max() < 1e-7
+    assert metrics.token_kl(log_q, log_q).abs().max() < 1e-7
     assert metrics.loss_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=3.0) == pytest.approx(0.5)
     assert math.isnan(metrics.loss_recovered(2.0, 2.0, 2.0))
 

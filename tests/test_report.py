@@ -224,7 +224,7 @@ def test_overview_tables_and_pareto_plots(built, inputs):
     summary = inputs.summary.read_text()
     row = next(line for line in summary.splitlines() if line.startswith("| resid_post | 2 | relu-2 |"))
     assert f"| {metrics['l0']:.1f} | {metrics['fvu']:.4f} | {metrics['delta_loss']:.4f} |" in row
-    assert "\\|x" in summary  # a pipe in a name cannot break the Markdown table
+    assert "\\<img src=x onerror=alert(1)\\>\\|x" in summary  # a name cannot break the table or become HTML
 
 
 def test_feature_dashboards_are_anchored_and_consistent(built, inputs):

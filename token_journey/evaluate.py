@@ -127,11 +127,13 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
 
     counted = rows[:, 1:]  # (B, T-1): prediction at t counts iff its target t + 1 is evaluated
     targets = input_ids[:, 1:][counted]  # (M,)
-    clean_logits = _logits(model, input_ids, site, layer, record)[:, :-1][counted]  # (M, V)
-    clean.add(metrics.token_cross_entropy(clean_logits, targets))
-    zero_logits = _logits(model, input_ids, site, layer, _replace_rows(rows, None))[:, :-1][counted]
-    zero.add(metrics.token_cross_entropy(zero_logits, targets))
-    del zero_logits
+
+    def log_p(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # (M, V) at the counted predictions
+        return metrics.log_probs(_logits(model, input_ids, site, layer, replace)[:, :-1][counted])
+
+    clean_log_p = log_p(record)
+    clean.add(metrics.token_cross_entropy(clean_log_p, targets))
+    zero.add(metrics.token_cross_entropy(log_p(_replace_rows(rows, None)), targets))
     x = recorded["act"][rows]  # (R, D)
     positions = rows.nonzero()[:, 1]  # (R,) index of each row within its sequence
     device = input_ids.device
@@ -140,8 +142,8 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         start = time.perf_counter()
         f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
         x_hat = sae.decode(f)  # (R, D)
-        logits = _logits(model, input_ids, site, layer, _replace_rows(rows, x_hat))[:, :-1][counted]
-        states[name].loss.add(metrics.token_cross_entropy(logits, targets), metrics.token_kl(clean_logits, logits))
+        sae_log_p = log_p(_replace_rows(rows, x_hat))
+        states[name].loss.add(metrics.token_cross_entropy(sae_log_p, targets), metrics.token_kl(clean_log_p, sae_log_p))
         states[name].recon.update(x.float(), x_hat.float(), f, positions)
         _sync(device)
         states[name].seconds += time.perf_counter() - start
@@ -336,6 +338,11 @@ def evaluate_layer(cfg: EvalConfig, inputs: LayerInputs, device: str = "auto") -
     sequences = read_sequences(inputs.corpus_dir / "eval.parquet").input_ids
     sequences = sequences[: max(1, cfg.max_tokens // sequences.shape[1])]
     rows = row_mask(sequences, special_ids(loaded.tokenizer), exclude_first)
+    if not rows[:, 1:].any():
+        raise TokenJourneyError(
+            f"{inputs.corpus_dir / 'eval.parquet'} gives no token to evaluate in its first {len(sequences)} sequence(s) "
+            f"(all special or among the first {exclude_first}); raise eval.max_tokens or corpus.eval_tokens"
+        )
     log.info("evaluating %d SAE(s) on %d eval sequences (%d tokens, %d rows)", len(subjects), len(sequences), sequences.numel(), int(rows.sum()))
     result = evaluate_saes(model, sequences, rows, inputs.site, inputs.layer,
                            {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold)

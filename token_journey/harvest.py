@@ -76,11 +76,15 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     folders = {p: layer_dir(root, p[0], p[1], split) for p in points}
     done = {p: complete_shards(folders[p], run_key, n_shards) for p in points}
     todo = [k for k in range(n_shards) if any(k not in done[p] for p in points)]
+    for p in points:  # a manifest must never describe shards that are about to change
+        if any(k not in done[p] for k in todo):
+            (folders[p] / MANIFEST).unlink(missing_ok=True)
     writers = {p: ShardWriter(folders[p], d_model, cfg.dtype, run_key, cfg.row_group_rows) for p in points}
     store = torch_dtype(cfg.dtype)
     if todo and todo[0] > 0:
         log.info("%s: resuming at shard %d of %d", split, todo[0], n_shards)
-    with tqdm(total=len(todo) * per_shard * context, unit="tok", unit_scale=True, desc=f"harvest {split}") as bar:
+    total = sum(min(n_seq, (k + 1) * per_shard) - k * per_shard for k in todo) * context
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {split}") as bar:
         for shard in todo:
             lo, hi = shard * per_shard, min(n_seq, (shard + 1) * per_shard)
             for start in range(lo, hi, cfg.batch_size):

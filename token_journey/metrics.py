@@ -109,15 +109,21 @@ def density_histogram(density: torch.Tensor, edges: tuple[float, ...] = LOG10_DE
     return {"log10_edges": list(edges), "counts": [int(c) for c in counts], "dead": int((density == 0).sum())}
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token loss, H_m = -log softmax(logits_m)[targets_m] in nats.  [M, V], [M] -> [M]."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities log softmax(logits) in float32.  [M, V] -> [M, V]."""
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
-def token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(clean || other) = sum_v p_v (log p_v - log q_v) in nats.  [M, V] x2 -> [M]."""
-    log_p = torch.log_softmax(clean_logits.float(), dim=-1)
-    log_q = torch.log_softmax(other_logits.float(), dim=-1)
+def token_cross_entropy(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token loss, H_m = -log p_m[targets_m] in nats.  `log_p` [M, V], `targets` [M] -> [M]."""
+    return -log_p.gather(-1, targets[:, None])[:, 0]
+
+
+def token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(p || q) = sum_v p_v (log p_v - log q_v) in nats, p the clean distribution.
+
+    Takes log-probabilities [M, V] (see `log_probs`) so the clean ones are computed once per batch. -> [M]
+    """
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 

@@ -63,7 +63,7 @@ def activation_tensor(column: pa.ChunkedArray | pa.Array, dtype: str) -> torch.T
     d_model = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d_model)
     if dtype == "bfloat16":
-        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float()
     return torch.from_numpy(values.astype(np.float32, copy=True))  # Arrow memory is read-only
 
 

@@ -48,11 +48,17 @@ class Generated:
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, input_ids: torch.Tensor, cfg: GenerationConfig, seed: int, eos_id: int | None) -> Generated:
-    """Sample up to `cfg.max_new_tokens` tokens after `input_ids [1, T]`, reproducibly for a `seed`."""
+def generate(
+    model: nn.Module, input_ids: torch.Tensor, cfg: GenerationConfig, seed: int, eos_id: int | None, max_len: int | None = None
+) -> Generated:
+    """Sample up to `cfg.max_new_tokens` tokens after `input_ids [1, T]`, reproducibly for a `seed`.
+
+    Stops early at `eos_id` or when the sequence reaches the context length `max_len`.
+    """
     gen = torch.Generator().manual_seed(seed)
     ids, new, chosen = input_ids, [], []
-    for _ in range(cfg.max_new_tokens):
+    steps = cfg.max_new_tokens if max_len is None else min(cfg.max_new_tokens, max_len - input_ids.shape[1])
+    for _ in range(max(steps, 0)):
         logits = model(input_ids=ids, use_cache=False).logits[0, -1]
         probs = filter_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p).cpu()
         token = int(torch.multinomial(probs, 1, generator=gen))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from token_journey.config.journey import JourneyConfig
+from token_journey.config.journey import GenerationConfig, JourneyConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.journey import flops
 from token_journey.journey.features import FeatureHits, sae_features
@@ -50,6 +50,8 @@ class Journey:
     """Text of every token id the renderings mention."""
     model_params: int
     """Parameter count of the model itself (each tied tensor once), for comparison with the steps' sum."""
+    generation: GenerationConfig
+    seed: int
 
     @property
     def per_layer(self) -> dict[int | None, dict[str, int]]:
@@ -101,10 +103,11 @@ def run_journey(
     lens = logit_lens(model, run.spec, [s["resid_post"] for s in run.sites], cfg.lens_top)
     features, note = sae_features(saes_root, run.sites, cfg.feature_top)
     ids = torch.tensor([run.token_ids], device=next(model.parameters()).device)
-    generated = generate(model, ids, cfg.generation, seed, getattr(tokenizer, "eos_token_id", None)) \
-        if cfg.generation.max_new_tokens else Generated([], [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    generated = generate(model, ids, cfg.generation, seed, eos, run.spec.max_positions)
     mentioned = {i for i, _ in next_tokens} | set(generated.token_ids) | set(run.token_ids)
     mentioned |= {i for row in lens for pos in row.top for i, _ in pos}
     vocab = dict(zip(sorted(mentioned), token_strings(tokenizer, sorted(mentioned)), strict=True))
     model_params = sum(p.numel() for p in model.parameters())
-    return Journey(model_name, cfg.text, run, next_tokens, lens, features, note, generated, vocab, model_params)
+    return Journey(model_name, cfg.text, run, next_tokens, lens, features, note, generated, vocab, model_params,
+                   cfg.generation, seed)

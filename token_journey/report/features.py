@@ -99,16 +99,14 @@ def feature_stats(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Ta
     d_sae = int(sae.W_dec.shape[0])
     counts = torch.zeros(d_sae, dtype=torch.long)
     sums = torch.zeros(d_sae, dtype=torch.float64)
-    maxima = torch.zeros(d_sae)
     top_values = torch.empty(0, d_sae)
     top_rows = torch.empty(0, d_sae, dtype=torch.long)
     meta_parts: dict[str, list[np.ndarray]] = {name: [] for name in META_COLUMNS}
     offset = 0
     for x, meta in tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="feature stats", unit="batch"):
         f = sae.encode(x.to(device)).float().cpu()  # [B, d_sae]
-        counts += (f != 0).sum(0)  # the evaluate stage's firing rule
-        sums += f.sum(0, dtype=torch.float64)
-        maxima = torch.maximum(maxima, f.max(0).values)
+        counts += torch.count_nonzero(f, dim=0)  # the evaluate stage's firing rule (f != 0)
+        sums += f.sum(0).double()  # float32 within a batch, float64 across batches
         batch_top = f.topk(min(top_k, f.shape[0]), dim=0)
         top_values, top_rows = merge_topk(top_values, top_rows, batch_top.values, batch_top.indices + offset, top_k)
         for name in META_COLUMNS:
@@ -117,6 +115,7 @@ def feature_stats(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Ta
     if offset == 0:
         raise TokenJourneyError("no eval activation rows to compute feature statistics from; run the harvest stage")
     index = RowIndex(**{name: np.concatenate(parts) for name, parts in meta_parts.items()})
+    maxima = top_values[0].clamp_min(0.0)  # the best of the top-k is the maximum
     return FeatureStats(offset, counts, sums.float(), maxima, top_values, top_rows, index)
 
 

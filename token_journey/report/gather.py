@@ -115,8 +115,8 @@ def facts(base_model: Path, corpus: Path, activations: Path, entries: list[SaeEn
     manifest = Path(base_model) / "manifest.json"
     if manifest.is_file():
         model = read_json(manifest)
-        out.append(("model", f"{model.get('name', '?')} ({model.get('source', '?')}, "
-                             f"{model.get('n_params', 0):,} parameters, {model.get('n_layers', '?')} layers)"))
+        out.append(("model", f"{model.get('name', '?')} ({model.get('source', '?')}, {model.get('n_params', 0):,} "
+                             f"parameters, {model.get('dtype', '?')}, fingerprint {model.get('fingerprint', '?')})"))
     stats = Path(corpus) / "stats.json"
     if stats.is_file():
         scalars = {k: v for k, v in read_json(stats).items() if isinstance(v, (int, float, str))}

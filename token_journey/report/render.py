@@ -69,8 +69,10 @@ def render_sae(env: Environment, entry: SaeEntry, dashboards: list[Any], index_r
 
 
 def _md_cell(text: str) -> str:
-    """A Markdown table cell: pipes and newlines escaped so a name cannot break the table."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell: pipes, angle brackets and newlines escaped so a name stays text."""
+    for char in "\\|<>":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", " ")
 
 
 def render_summary(entries: Sequence[SaeEntry], facts: list[tuple[str, str]]) -> str:

@@ -88,4 +88,4 @@ class JumpReLUSAE(SAE):
         mse = (x_hat - x).pow(2).sum(-1).mean()
         l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
         loss = mse + ctx.sparsity_coefficient * l0
-        return StepOutput(loss, mse.detach(), l0.detach(), float(l0), self._fired(f.detach(), active))
+        return StepOutput(loss, mse.detach(), l0.detach(), float(l0.detach()), self._fired(f.detach(), active))

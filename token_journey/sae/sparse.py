@@ -23,8 +23,6 @@ import torch.nn.functional as F
 # Above this fraction of active (token, latent) pairs, dense BLAS beats gather/scatter.
 DENSE_ABOVE = 0.05
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 @dataclass
@@ -72,7 +70,9 @@ class Active:
         """The pattern as a [tokens, d_sae] CSR matrix with values 0..nnz-1 (float64: exact ids)."""
         crow = torch.cat([self.row_offsets, self.row_offsets.new_tensor([self.nnz])])
         ids = torch.arange(self.nnz, dtype=torch.float64, device=self.cols.device)
-        return torch.sparse_csr_tensor(crow, self.cols, ids, (self.n_tokens, self.d_sae))
+        with warnings.catch_warnings():  # "CSR support is in beta": the ops used here are tested
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(crow, self.cols, ids, (self.n_tokens, self.d_sae), check_invariants=False)
 
     @cached_property
     def by_latent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +108,8 @@ class Active:
         if self.dense:
             return (left @ table.t())[self.rows, self.cols]
         csr = self.csr
-        pattern = torch.sparse_csr_tensor(csr.crow_indices(), csr.col_indices(), left.new_zeros(self.nnz), csr.shape)
+        pattern = torch.sparse_csr_tensor(csr.crow_indices(), csr.col_indices(), left.new_zeros(self.nnz), csr.shape,
+                                          check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, left, table.t()).values()
 
 

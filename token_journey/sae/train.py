@@ -165,9 +165,9 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
         x = x.chunk(world)[rank] * scale
         ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth, extra)
         out = sae.training_step(x, ctx)
-        if not torch.isfinite(out.loss):
+        if not torch.isfinite(out.loss.detach()):
             raise TokenJourneyError(
-                f"loss became {float(out.loss)} at step {step}; nothing saved. Last good checkpoint: "
+                f"loss became {float(out.loss.detach())} at step {step}; nothing saved. Last good checkpoint: "
                 f"{last_ckpt or 'none'}. Lower sae.lr or check the activations for inf/NaN"
             )
         opt.zero_grad(set_to_none=True)
@@ -190,7 +190,7 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
         since_fired[fired.bool()] = 0
         seconds += time.perf_counter() - t0
         tokens += cfg.batch_size
-        last = {"loss": float(out.loss), "mse": float(out.mse), "aux": float(out.aux), "l0": out.l0, "lr": lr,
+        last = {"loss": float(out.loss.detach()), "mse": float(out.mse), "aux": float(out.aux), "l0": out.l0, "lr": lr,
                 "dead_fraction": float((since_fired >= cfg.dead_window_tokens).float().mean()),
                 "tokens_per_s": tokens / max(seconds, 1e-9)}
         if step % cfg.log_every == 0 or step == end - 1:

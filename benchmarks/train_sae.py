@@ -1,0 +1,153 @@
+"""Benchmark SAE training: tokens/s per architecture at width 4608, quality on held-out tokens.
+
+Usage:
+  python benchmarks/train_sae.py ACTS [--eval EVAL] [--site resid_post --layer 15] [--tokens 1000000]
+ACTS is a harvest root (data/activations/<model>: uses <site>/layer_<L>/ and its eval/ split),
+a folder of `train-*.pt` / `eval-*.pt` tensors, or one .pt/.npy file of [rows, d_in] activations
+(then the last 100k rows are held out). Per architecture it prints training tokens/s, the ratio
+to the ceiling (measured fp32 matmul peak / (2 * d_in * d_sae) FLOPs per token) and the ratio
+to a plain dense implementation of the same step timed in the same run, then FVU, L0 and dead
+fraction on the held-out rows. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from token_journey.config import build, compose
+from token_journey.config.sae import SAEConfig
+from token_journey.sae.jumprelu import heaviside, jumprelu
+from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, train
+
+BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "relu": 0.0}
+
+
+def load(path: Path, eval_path: Path | None, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train [N, d], held-out [M, d]) float32 activations from any supported layout."""
+    if (path / site / f"layer_{layer}" / "manifest.json").is_file():
+        from token_journey.shards import open_activations
+
+        return open_activations(path, site, layer).tensor(), open_activations(path, site, layer, "eval").tensor()
+    if path.is_dir():
+        def cat(prefix: str) -> torch.Tensor:
+            return torch.cat([torch.load(p, weights_only=True) for p in sorted(path.glob(f"{prefix}-*.pt"))])
+        return cat("train").float(), cat("eval").float()
+    data = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    data = data.float()
+    if eval_path is not None:
+        return data, torch.load(eval_path, weights_only=True).float()
+    return data[:-100_000], data[-100_000:]
+
+
+def in_memory(x: torch.Tensor, batch: int, seed: int):
+    """`batches(start)` over a tensor, reshuffled every epoch, deterministic in (seed, start)."""
+    per_epoch = x.shape[0] // batch
+
+    def batches(start: int):
+        step = start
+        while True:
+            epoch, i = divmod(step, per_epoch)
+            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+            yield x[perm[i * batch:(i + 1) * batch]]
+            step += 1
+    return batches
+
+
+def matmul_peak(n: int, d_in: int, d_sae: int, reps: int = 5) -> float:
+    """Measured fp32 FLOP/s of the encoder-shaped matmul [n, d_in] x [d_in, d_sae] (best of reps)."""
+    a, b = torch.randn(n, d_in), torch.randn(d_in, d_sae)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * d_in * d_sae / best
+
+
+def dense_step_seconds(cfg: SAEConfig, sae, x: torch.Tensor, steps: int = 3) -> float:
+    """Seconds per step of a plain dense implementation (autograd, Adam) of the same architecture."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in sae.parameters()]
+    names = [n for n, _ in sae.named_parameters()]
+    p = dict(zip(names, params))
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        x_in = x - p["b_dec"] if sae.apply_b_dec_to_input else x
+        pre = x_in @ p["W_enc"] + p["b_enc"]
+        if cfg.architecture == "jumprelu":
+            f = jumprelu(pre, p["threshold"].expand_as(pre), cfg.bandwidth)
+            sparsity = heaviside(pre, p["threshold"].expand_as(pre), cfg.bandwidth).sum(-1).mean()
+        elif cfg.architecture == "relu":
+            f = pre.relu()
+            sparsity = (f * p["W_dec"].norm(dim=1)).sum(-1).mean()
+        else:
+            if cfg.architecture == "topk":
+                keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(cfg.k, dim=1).indices, True)
+            else:
+                keep = pre >= pre.flatten().topk(cfg.k * x.shape[0]).values.min()
+            f = (pre * keep).relu()
+            sparsity = pre.new_zeros(())
+        loss = (f @ p["W_dec"] + p["b_dec"] - x).pow(2).sum(-1).mean() + sparsity_at(cfg, 10**9) * sparsity
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, 0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("acts", type=Path)
+    ap.add_argument("--eval", type=Path, default=None)
+    ap.add_argument("--site", default="resid_post")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per architecture")
+    ap.add_argument("--archs", default="topk,jumprelu,batchtopk")
+    ap.add_argument("--set", action="append", default=[], help="extra sae overrides, e.g. --set sae.lr=0.003")
+    args = ap.parse_args()
+    x_train, x_eval = load(args.acts, args.eval, args.site, args.layer)
+    stats = DataStats(x_train.mean(0), float(x_train.pow(2).sum(1).mean()))
+    print(f"data: {x_train.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows, d_in {x_train.shape[1]}")
+    results = {}
+    for arch in args.archs.split(","):
+        overrides = [f"sae={arch}"] + [s for s in args.set if not s.startswith("sae=")]
+        cfg = build(SAEConfig, compose(overrides)["sae"], "sae")
+        cfg = dataclasses.replace(cfg, train_tokens=args.tokens, checkpoint_every=0)
+        sae = new_sae(cfg, x_train.shape[1], stats, 0)
+        peak = matmul_peak(cfg.batch_size, x_train.shape[1], cfg.width)
+        dense_s = dense_step_seconds(cfg, sae, x_train[: cfg.batch_size] * stats.scale)
+        info = train(sae, in_memory(x_train, cfg.batch_size, 0), stats, cfg)
+        peak_after = matmul_peak(cfg.batch_size, x_train.shape[1], cfg.width)
+        dense_after = dense_step_seconds(cfg, sae, x_train[: cfg.batch_size] * stats.scale)
+        metrics = evaluate(sae, x_eval)
+        ceiling = max(peak, peak_after) / (2 * x_train.shape[1] * cfg.width)
+        dense_tps = cfg.batch_size / min(dense_s, dense_after)
+        tps = info["tokens_per_s"]
+        results[arch] = {"tokens_per_s": round(tps), "ceiling_tokens_per_s": round(ceiling),
+                         "ratio_to_ceiling": round(tps / ceiling, 3), "dense_tokens_per_s": round(dense_tps),
+                         "ratio_to_dense": round(tps / dense_tps, 2), "bar_ratio_to_dense": BARS[arch],
+                         "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2),
+                         "dead_fraction": round(metrics["dead_fraction"], 4), "train_tokens": info["train_tokens"],
+                         "lr": cfg.lr, "sparsity_coefficient": cfg.sparsity_coefficient, "k": cfg.k}
+        r = results[arch]
+        print(f"{arch:9s} {tps:8.0f} tok/s  ceiling {ceiling:8.0f} (x{r['ratio_to_ceiling']})  dense {dense_tps:6.0f} "
+              f"(x{r['ratio_to_dense']}, bar x{BARS[arch]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}",
+              flush=True)
+    print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
+                      "threads": torch.get_num_threads(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

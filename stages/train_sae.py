@@ -1,0 +1,43 @@
+"""Stage train_sae: train one SAE on one layer's harvested activations.
+
+Output: models/saes/<model>/<site>/layer_<L>/<sae-name>/{sae.safetensors, cfg.json, train.json}.
+Sweeps: `python stages/train_sae.py -m layer=6 sae=jumprelu,topk sae.k=16,32,64` (each member gets
+its own folder; wandb groups them by the sweep folder). Data parallel:
+`accelerate launch --num_processes 2 --cpu stages/train_sae.py`.
+"""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from token_journey.config import build
+from token_journey.config.sae import SAEConfig
+from token_journey.config.tracking import TrackingConfig
+from token_journey.sae.run import sweep_name, train_layer
+from token_journey.stage import stage
+
+
+def _sweep() -> tuple[list[str], str]:
+    """(task overrides, sweep folder) of a Hydra multirun; ([], "") for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return [], ""
+    return list(hc.overrides.task), str(hc.sweep.dir)
+
+
+@stage
+def main(cfg) -> None:
+    sae_cfg = build(SAEConfig, cfg.sae, "sae")
+    overrides, group = _sweep()
+    out = train_layer(
+        sae_cfg, activations=Path(cfg.paths.activations), saes=Path(cfg.paths.saes), site=cfg.site,
+        layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=build(TrackingConfig, cfg.tracking, "tracking"),
+        name=sweep_name(sae_cfg.name, overrides), group=group, config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    print(f"trained {sae_cfg.architecture} SAE -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""SAE architectures: sparse kernels against dense autograd references, STE formulas, scale folding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from token_journey.errors import TokenJourneyError
+from token_journey.sae import ARCHITECTURES, SAECfg, build_sae
+from token_journey.sae.base import StepContext
+from token_journey.sae.jumprelu import heaviside, jumprelu
+from token_journey.sae.sparse import Active, decode_at, encode_at
+
+D_IN, D_SAE, N = 6, 16, 10
+
+
+def _sae(arch: str, k: int = 3, seed: int = 0):
+    sae = build_sae(SAECfg(arch, D_IN, D_SAE, k=k if arch in ("topk", "batchtopk") else 0))
+    g = torch.Generator().manual_seed(seed)
+    sae.init_weights(g, torch.randn(D_IN, generator=g) * 0.1)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=g)
+        if sae.has_threshold:
+            sae.threshold.uniform_(0.05, 0.3, generator=g)
+    return sae
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_sparse_kernels_match_dense_autograd(dense, monkeypatch):
+    """encode_at/decode_at give the dense computation's values and gradients, in both code paths."""
+    monkeypatch.setattr("token_journey.sae.sparse.DENSE_ABOVE", -1.0 if dense else 2.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D_IN, generator=g, requires_grad=True)
+    W_enc = torch.randn(D_SAE, D_IN, generator=g).t().requires_grad_()
+    b_enc = torch.randn(D_SAE, generator=g, requires_grad=True)
+    W_dec = torch.randn(D_SAE, D_IN, generator=g, requires_grad=True)
+    mask = torch.rand(N, D_SAE, generator=g) < 0.3
+    target = torch.randn(N, D_IN, generator=g)
+
+    pre = x @ W_enc + b_enc
+    ref = (((pre * mask) ** 2) @ W_dec - target).pow(2).sum()
+    ref_grads = torch.autograd.grad(ref, (x, W_enc, b_enc, W_dec))
+
+    active = Active.from_mask(mask)
+    values = (x @ W_enc + b_enc).detach()[active.rows, active.cols]
+    z = encode_at(x, W_enc, b_enc, values, active)
+    out = (decode_at(z**2, W_dec, active) - target).pow(2).sum()
+    grads = torch.autograd.grad(out, (x, W_enc, b_enc, W_dec))
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_jumprelu_ste_gradients_follow_the_rectangle_kernel():
+    z = torch.tensor([0.10, 0.1004, 0.0996, 0.5, 0.0990], requires_grad=True)
+    theta = torch.full((5,), 0.1, requires_grad=True)
+    eps = 0.002
+    f = jumprelu(z, theta, eps)
+    assert torch.equal(f.detach(), torch.where(z > theta, z, torch.zeros_like(z)).detach())
+    gz, gt = torch.autograd.grad(f.sum(), (z, theta))
+    inside = ((z - theta).abs() < eps / 2).float()
+    torch.testing.assert_close(gz, (z > theta).float())
+    torch.testing.assert_close(gt, -(theta / eps) * inside)
+    (gt0,) = torch.autograd.grad(heaviside(z, theta, eps).sum(), theta)
+    torch.testing.assert_close(gt0, -(1 / eps) * inside)
+    assert inside.tolist() == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_training_step_equals_dense_loss_and_gradients(arch):
+    """The sparse training step has the loss and parameter gradients of a dense re-implementation."""
+    sae = _sae(arch)
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(2))
+    ctx = StepContext(sparsity_coefficient=0.05, dead=torch.arange(D_SAE) % 3 == 0, bandwidth=0.05,
+                      extra={"auxk_alpha": 0.5, "k_aux": 2})
+    out = sae.training_step(x, ctx)
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()), allow_unused=True)
+    ref = _dense_loss(sae, x, ctx)
+    ref_grads = torch.autograd.grad(ref, list(sae.parameters()), allow_unused=True)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    for name, got, want in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
+        got = torch.zeros_like(want) if got is None and want is not None else got
+        if want is None:
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{arch} grad {name}")
+
+
+def _dense_loss(sae, x, ctx):
+    """Hand-written dense losses of each architecture (independent of the sparse kernels)."""
+    x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
+    pre = x_in @ sae.W_enc + sae.b_enc
+    if sae.architecture == "jumprelu":
+        f = jumprelu(pre, sae.threshold.expand_as(pre), ctx.bandwidth)
+        l0 = heaviside(pre, sae.threshold.expand_as(pre), ctx.bandwidth).sum() / x.shape[0]
+        return (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l0
+    if sae.architecture == "relu":
+        f = pre.relu()
+        l1 = (f * sae.W_dec.norm(dim=1)).sum() / x.shape[0]
+        return (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l1
+    if sae.architecture == "topk":
+        keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(sae.cfg.k, dim=1).indices, True)
+    else:  # batchtopk: the k*N largest values of the whole batch
+        cut = pre.flatten().topk(sae.cfg.k * x.shape[0]).values.min()
+        keep = pre >= cut
+    f = (pre * keep).relu()
+    x_hat = f @ sae.W_dec + sae.b_dec
+    fvu = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+    dead_pre = pre.masked_fill(~ctx.dead, float("-inf"))
+    aux_keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, dead_pre.topk(2, dim=1).indices, True)
+    residual = (x - x_hat).detach()
+    e_hat = (pre * aux_keep).relu() @ sae.W_dec
+    aux = (e_hat - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    return fvu + ctx.extra["auxk_alpha"] * aux
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_fold_scale_gives_the_same_function_on_raw_inputs(arch):
+    sae = _sae(arch)
+    if arch == "batchtopk":
+        with torch.no_grad():
+            sae.threshold.fill_(0.1)
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3)) * 7.0
+    c = 0.25
+    f_norm = sae.encode(c * x)
+    x_hat_norm = sae(c * x)
+    sae.fold_scale(c)
+    torch.testing.assert_close(sae.encode(x), f_norm / c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x), x_hat_norm / c, rtol=1e-5, atol=1e-4)
+
+
+def test_topk_encode_keeps_k_and_batchtopk_encodes_per_token():
+    sae = _sae("topk", k=4)
+    x = torch.randn(N, D_IN)
+    f = sae.encode(x)
+    assert ((f != 0).sum(1) <= 4).all()
+    pre = sae.pre_acts(x)
+    top = pre.topk(4, dim=1)
+    torch.testing.assert_close(f.gather(1, top.indices), top.values.relu())
+    bt = _sae("batchtopk")
+    with torch.no_grad():
+        bt.threshold.fill_(0.2)
+    one = bt.encode(x[:1])
+    torch.testing.assert_close(one, bt.encode(x)[:1])
+    pre = bt.pre_acts(x[:1])
+    torch.testing.assert_close(one, pre * (pre > 0.2))
+
+
+@pytest.mark.parametrize("width,k", [(0, 1), (8, 9), (8, 0)])
+def test_bad_shapes_are_rejected(width, k):
+    with pytest.raises(TokenJourneyError):
+        build_sae(SAECfg("topk", 4, width, k=k))

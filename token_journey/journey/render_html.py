@@ -1,0 +1,113 @@
+"""The journey as one self-contained HTML page (no network assets): steps, heatmaps, lens, features.
+
+Every token string reaches the page through jinja2 autoescaping (text and attributes), and the
+attention heatmaps are inline SVG drawn from numbers by the template, so nothing from the text
+is ever spliced in as markup. The page is written atomically (temp name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from token_journey.journey.flops import human
+from token_journey.journey.run import Journey, slug
+
+TEMPLATES = Path(__file__).parent / "templates"
+MAX_HEATMAP_TOKENS = 96
+"""Longer texts skip the heatmaps (a T×T grid per head would swamp the page)."""
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _layer_view(journey: Journey, layer: int) -> dict[str, Any]:
+    run = journey.run
+    T = len(run.tokens)
+    cell = max(6, min(22, 360 // max(T, 1)))
+    heads = []
+    if T <= MAX_HEATMAP_TOKENS:
+        for head, probs in enumerate(run.attention[layer]):
+            heads.append({"head": head, "cells": [[round(float(p), 4) for p in row] for row in probs]})
+    sums = journey.per_layer[layer]
+    return {
+        "layer": layer,
+        "type": run.spec.layer_types[layer],
+        "steps": [s for s in run.steps if s.layer == layer],
+        "params": human(sums["params"]),
+        "flops": human(sums["flops"]),
+        "heads": heads,
+        "cell": cell,
+        "lens": [[(journey.vocab.get(i, str(i)), p) for i, p in top] for top in journey.lens[layer].top],
+        "features": [h for h in journey.features if h.layer == layer],
+    }
+
+
+def context(journey: Journey) -> dict[str, Any]:
+    """Everything the template shows, as plain values."""
+    run = journey.run
+    head_refs = ("final_norm", "lm_head", "logits", "probs")
+    return {
+        "j": journey,
+        "spec": run.spec,
+        "tokens": list(zip(run.token_ids, run.tokens, strict=True)),
+        "intro_steps": [s for s in run.steps if s.layer is None and s.reference not in head_refs],
+        "head_steps": [s for s in run.steps if s.reference in head_refs],
+        "layers": [_layer_view(journey, layer) for layer in range(run.spec.n_layers)],
+        "next_tokens": [(journey.vocab[i], p) for i, p in journey.next_tokens],
+        "generated": [(journey.vocab[i], p) for i, p in zip(journey.generated.token_ids, journey.generated.probs, strict=True)],
+        "totals": {k: human(v) for k, v in journey.totals.items()},
+        "model_params": human(journey.model_params),
+        "max_diff": run.max_abs_diff,
+        "max_drift": run.max_drift,
+        "heatmap_limit": MAX_HEATMAP_TOKENS,
+        "rope_types": run.rope_types,
+    }
+
+
+def render_page(journey: Journey) -> str:
+    """The HTML text of the journey page."""
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["fmt"] = _fmt
+    env.filters["human"] = human
+    return env.get_template("journey.html.j2").render(**context(journey))
+
+
+def summary(journey: Journey) -> dict[str, Any]:
+    """A JSON-able record of the journey's steps and sums (for diffs between runs and for tests)."""
+    return {
+        "model": journey.model_name,
+        "text": journey.text,
+        "tokens": journey.run.tokens,
+        "token_ids": journey.run.token_ids,
+        "max_abs_diff": journey.run.max_abs_diff,
+        "max_drift": journey.run.max_drift,
+        "totals": journey.totals,
+        "model_params": journey.model_params,
+        "next_tokens": [[journey.vocab[i], p] for i, p in journey.next_tokens],
+        "continuation": journey.continuation,
+        "steps": [asdict(s) for s in journey.run.steps],
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_journey(journey: Journey, out_dir: Path) -> Path:
+    """Write `<out_dir>/<slug>.html` and `<slug>.json`; returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = slug(journey.model_name, journey.text)
+    html = out_dir / f"{stem}.html"
+    _atomic_write(html, render_page(journey))
+    _atomic_write(out_dir / f"{stem}.json", json.dumps(summary(journey), indent=1) + "\n")
+    return html

@@ -1,0 +1,95 @@
+"""Train one SAE on one harvested layer and write its folder: the body of the `train_sae` stage.
+
+Reads `<activations>/<site>/layer_<L>/` through the shard API (manifest statistics for the
+normalisation, a deterministic shuffled loader for resume, the held-out `eval/` split for the
+final figures), trains, and writes `<saes>/<site>/layer_<L>/<name>/`. Checkpoints live next to
+it in the hidden folder `.<name>.ckpt/` (outside the DVC output, so a killed run resumes) and
+are removed once the SAE is saved. Under `accelerate launch` each process takes a slice of every
+batch; process 0 evaluates, saves and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from token_journey.config.sae import SAEConfig
+from token_journey.config.tracking import TrackingConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.sae.io import save_sae
+from token_journey.sae.train import DataStats, evaluate, new_sae, train
+from token_journey.tracking import start_run
+
+log = logging.getLogger(__name__)
+
+
+def sweep_name(name: str, overrides: list[str]) -> str:
+    """`name` plus every swept `sae.<key>=<value>` whose value the name does not already show.
+
+    `python stages/train_sae.py -m sae=jumprelu,topk sae.k=16,32,64` gives each member its own folder.
+    """
+    parts = [name]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("sae.") and key != "sae.name" and value and value not in name:
+            parts.append(f"{key[4:].replace('_', '')}{value}")
+    return "-".join(parts)
+
+
+def init_distributed() -> None:
+    """Join the process group `accelerate launch` set up (gloo on CPU); no-op for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
+    """Normalisation statistics from a shard manifest, with a clear error when they are absent."""
+    if "mean" not in manifest or "mean_sq_norm" not in manifest:
+        raise TokenJourneyError("activation manifest lacks mean / mean_sq_norm; rerun harvest with the current code")
+    mean = torch.tensor(manifest["mean"], dtype=torch.float32)
+    if mean.numel() != d_model:
+        raise TokenJourneyError(f"manifest mean has {mean.numel()} values but d_model is {d_model}; rerun harvest")
+    return DataStats(mean, float(manifest["mean_sq_norm"]))
+
+
+def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, layer: int, model: str, seed: int,
+                tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
+    """Train `cfg` on (site, layer) and write the SAE folder; returns its path."""
+    from token_journey.loader import ShuffledLoader
+    from token_journey.shards import open_activations
+
+    init_distributed()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    acts = open_activations(activations, site, layer, "train")
+    held_out = open_activations(activations, site, layer, "eval")
+    if held_out.d_model != acts.d_model:
+        raise TokenJourneyError(f"eval split d_model {held_out.d_model} != train {acts.d_model}; rerun harvest")
+    stats = data_stats(acts.manifest, acts.d_model)
+    loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
+    first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
+    sae = new_sae(cfg, acts.d_model, stats, seed, first, name=name, model=model, site=site, layer=layer)
+    out_dir = Path(saes) / site / f"layer_{layer}" / name
+    ckpt = out_dir.with_name(f".{name}.ckpt")
+    run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
+    log.info("training %s on %s layer %d: %d rows, %d steps", name, site, layer, acts.rows, cfg.steps)
+    info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt if rank == 0 else None, tracker=run)
+    if rank == 0:
+        metrics = evaluate(sae, held_out.tensor(cfg.eval_tokens))
+        train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
+                      "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
+                      "config": asdict(cfg)}
+        save_sae(sae, out_dir, train_info)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if run is not None:
+            run.log({f"eval/{k}": v for k, v in metrics.items()})
+            run.finish()
+        log.info("%s: FVU %.4f, L0 %.1f, dead %.3f", name, metrics["fvu"], metrics["l0"], metrics["dead_fraction"])
+    return out_dir

@@ -1,0 +1,44 @@
+"""wandb in one place: offline by default, disabled in tests, names from DVC experiments.
+
+`start_run` returns a wandb run (log with `run.log(metrics, step=...)`, end with `run.finish()`)
+or None when tracking is disabled, so callers write `if run: run.log(...)`. The environment
+variable WANDB_MODE (set to `disabled` by the tests) wins over the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from token_journey.config.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_mode(cfg: TrackingConfig) -> str:
+    """The effective mode: $WANDB_MODE when set, else the config."""
+    return os.environ.get("WANDB_MODE") or cfg.mode
+
+
+def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: str, group: str = "",
+              name: str = "") -> Any:
+    """Start a wandb run with the whole config, or return None when tracking is disabled.
+
+    Group: `tracking.group`, else `group` (e.g. the Hydra sweep folder), else $DVC_EXP_NAME.
+    Name: $DVC_EXP_NAME (plus `name`) when DVC runs an experiment, else `name`.
+    """
+    mode = run_mode(tracking_cfg)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    exp = os.environ.get("DVC_EXP_NAME", "")
+    run_name = "-".join(p for p in (exp, name) if p) or None
+    run = wandb.init(
+        project=tracking_cfg.project, entity=tracking_cfg.entity or None, dir=tracking_cfg.dir, mode=mode,
+        config=cfg_dict, job_type=job_type, group=tracking_cfg.group or group or exp or None, name=run_name,
+        reinit="finish_previous",
+    )
+    log.info("wandb run %s (%s) in %s", run.name, mode, tracking_cfg.dir)
+    return run
