@@ -21,6 +21,8 @@ def main(cfg) -> None:
     lm = load_prepared(cfg.paths.base_model, dtype=harvest_cfg.forward_dtype, device=str(device))
     result = harvest(lm, harvest_cfg, Path(cfg.paths.corpus), Path(cfg.paths.activations), device)
     for split, manifests in result.items():
+        if not manifests:  # another process of a multi-process run writes the manifests
+            continue
         rows = ", ".join(f"{site} layer {layer}: {m['rows']:,}" for (site, layer), m in manifests.items())
         print(f"harvest {split}: {rows} rows -> {cfg.paths.activations}")
 

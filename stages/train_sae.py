@@ -6,6 +6,7 @@ its own folder; wandb groups them by the sweep folder). Data parallel:
 `accelerate launch --num_processes 2 --cpu stages/train_sae.py`.
 """
 
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -18,13 +19,14 @@ from token_journey.stage import stage
 
 
 def _sweep() -> tuple[list[str], str]:
-    """(task overrides, sweep folder) of a Hydra multirun; ([], "") for a single run."""
+    """(this member's values of the swept keys, sweep folder) of a Hydra multirun; ([], "") otherwise."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     if str(hc.mode) != "RunMode.MULTIRUN":
         return [], ""
-    return list(hc.overrides.task), str(hc.sweep.dir)
+    swept = {a.split("=", 1)[0] for a in sys.argv[1:] if "=" in a and ("," in a or "(" in a.split("=", 1)[1])}
+    return [o for o in hc.overrides.task if o.split("=", 1)[0] in swept], str(hc.sweep.dir)
 
 
 @stage

@@ -145,6 +145,26 @@ def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path)
             assert len(keys) == len(set(keys))
 
 
+@pytest.mark.slow
+def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
+    """torchrun with 2 gloo processes on the CPU: each writes every other shard."""
+    root, _ = tiny_setup
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    one = tmp_path / "one" / "acts"
+    subprocess.run(_harvest_cmd(root, one), check=True, env=env, capture_output=True)
+    two = tmp_path / "two" / "acts"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run = subprocess.run(launch + _harvest_cmd(root, two)[1:], env=env, capture_output=True, text=True)
+    (tmp_path / "err.txt").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train: process 1 of 2 writes shards" in run.stdout + run.stderr
+    assert len(_shards(one)) > 2 and _shards(two) == _shards(one)
+    for split in ("train", "eval"):
+        a = json.loads((layer_dir(two, "attn_out", 2, split) / "manifest.json").read_text())
+        b = json.loads((layer_dir(one, "attn_out", 2, split) / "manifest.json").read_text())
+        assert a == b
+
+
 def test_resume_drops_leftovers_and_foreign_shards(tiny_setup, tmp_path):
     root, lm = tiny_setup
     cfg = _cfg(layers=(1,), sites=("resid_post",))

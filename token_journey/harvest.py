@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from token_journey.config.harvest import HarvestConfig
+from token_journey.distributed import Processes, join_processes
 from token_journey.corpus import read_sequences, row_mask, special_ids
 from token_journey.lm import LoadedModel, torch_dtype
 from token_journey.shards import MANIFEST, ShardWriter, complete_shards, layer_dir, sha256_file, write_manifest
@@ -54,8 +55,14 @@ def _rows_of(acts: torch.Tensor, mask: torch.Tensor, ratio: float, dtype: torch.
     return acts[keep].to(dtype).cpu(), keep.cpu(), dropped
 
 
-def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Path, split: str, device: torch.device) -> dict[Point, dict]:
-    """Harvest one split of the corpus into `<root>/<site>/layer_<L>[/eval]`; returns the manifests."""
+def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Path, split: str, device: torch.device,
+                  procs: Processes = Processes()) -> dict[Point, dict]:
+    """Harvest one split of the corpus into `<root>/<site>/layer_<L>[/eval]`; returns the manifests.
+
+    With several processes (torchrun, `accelerate launch`), process r writes the shards k with
+    k % n_processes == r; once all are done the main process writes the manifests and the others
+    return an empty dict. Shard contents do not depend on the number of processes.
+    """
     seqs = read_sequences(sequences_path)
     n_seq, context = seqs.input_ids.shape
     points: list[Point] = [(site, layer) for layer in cfg.layers for site in cfg.sites]
@@ -74,17 +81,24 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     }
     run_key = sha256_text(json.dumps(identity, sort_keys=True, default=list))
     folders = {p: layer_dir(root, p[0], p[1], split) for p in points}
-    done = {p: complete_shards(folders[p], run_key, n_shards) for p in points}
+    # The main process clears leftovers first, so no process deletes another's temp file.
+    done = {p: complete_shards(folders[p], run_key, n_shards) for p in points} if procs.is_main else {}
+    procs.barrier()
+    done = done or {p: complete_shards(folders[p], run_key, n_shards) for p in points}
     todo = [k for k in range(n_shards) if any(k not in done[p] for p in points)]
     for p in points:  # a manifest must never describe shards that are about to change
-        if any(k not in done[p] for k in todo):
+        if todo and procs.is_main:
             (folders[p] / MANIFEST).unlink(missing_ok=True)
+    fresh = not todo
+    todo = todo[procs.index :: procs.count]
+    if procs.count > 1:
+        log.info("%s: process %d of %d writes shards %s", split, procs.index, procs.count, todo)
     writers = {p: ShardWriter(folders[p], d_model, cfg.dtype, run_key, cfg.row_group_rows) for p in points}
     store = torch_dtype(cfg.dtype)
     if todo and todo[0] > 0:
         log.info("%s: resuming at shard %d of %d", split, todo[0], n_shards)
     total = sum(min(n_seq, (k + 1) * per_shard) - k * per_shard for k in todo) * context
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {split}") as bar:
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {split}", disable=not procs.is_main) as bar:
         for shard in todo:
             lo, hi = shard * per_shard, min(n_seq, (shard + 1) * per_shard)
             for start in range(lo, hi, cfg.batch_size):
@@ -108,7 +122,10 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
         "corpus_sha256": identity["corpus_sha256"],
         "exclusion": exclusion_rule(cfg),
     }
-    return {p: _manifest(folders[p], n_shards, dict(info, site=p[0], layer=p[1]), fresh=not todo) for p in points}
+    procs.barrier()
+    if not procs.is_main:
+        return {}
+    return {p: _manifest(folders[p], n_shards, dict(info, site=p[0], layer=p[1]), fresh=fresh) for p in points}
 
 
 def _manifest(folder: Path, n_shards: int, info: dict[str, Any], fresh: bool) -> dict[str, Any]:
@@ -143,8 +160,10 @@ def sha256_text(text: str) -> str:
 def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Path, device: torch.device) -> dict[str, dict[Point, dict]]:
     """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply."""
     result = {}
+    # Several processes (torchrun / accelerate launch) split the shards; on the CPU they talk over gloo.
+    procs = join_processes(device)
     for split in ("train", "eval"):
-        result[split] = harvest_split(lm, cfg, Path(corpus_dir) / f"{split}.parquet", Path(root), split, device)
+        result[split] = harvest_split(lm, cfg, Path(corpus_dir) / f"{split}.parquet", Path(root), split, device, procs)
         rows = {f"{s}@{l}": m["rows"] for (s, l), m in result[split].items()}
         log.info("%s: wrote %s rows -> %s", split, rows, root)
     return result

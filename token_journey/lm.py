@@ -51,7 +51,8 @@ def select_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # Under `accelerate launch`/torchrun each process takes its own GPU.
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

@@ -1,0 +1,96 @@
+"""SAE folders: our format round trip, SAELens / Gemma Scope / sparsify imports, find_saes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from token_journey.errors import TokenJourneyError
+from token_journey.sae import SAECfg, build_sae, find_saes, load_sae, save_sae
+
+D_IN, D_SAE = 5, 12
+
+
+def _random(arch: str, k: int = 0):
+    sae = build_sae(SAECfg(arch, D_IN, D_SAE, k=k, name=f"{arch}-x", model="m", site="resid_post", layer=3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 0.5 - 0.1)
+    return sae
+
+
+@pytest.mark.parametrize("arch,k", [("jumprelu", 0), ("topk", 3), ("batchtopk", 3), ("relu", 0)])
+def test_round_trip_keeps_weights_and_function(tmp_path, arch, k):
+    sae = _random(arch, k)
+    folder = save_sae(sae, tmp_path / "resid_post" / "layer_3" / sae.cfg.name, {"fvu": 0.1})
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["d_in"] == D_IN and cfg["d_sae"] == D_SAE and cfg["hook_name"] == "blocks.3.hook_resid_post"
+    assert (folder / "sae_weights.safetensors").is_file() and json.loads((folder / "train.json").read_text())["fvu"] == 0.1
+    back = load_sae(folder)
+    assert back.cfg == sae.cfg and back.W_enc.shape == (D_IN, D_SAE)
+    x = torch.randn(7, D_IN)
+    torch.testing.assert_close(back.encode(x), sae.encode(x))
+    torch.testing.assert_close(back(x), sae(x))
+    assert find_saes(tmp_path, "resid_post", 3) == [folder]
+
+
+def test_saving_nan_weights_is_refused(tmp_path):
+    sae = _random("relu")
+    with torch.no_grad():
+        sae.b_dec[0] = float("nan")
+    with pytest.raises(TokenJourneyError, match="non-finite"):
+        save_sae(sae, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_saelens_folder_loads_with_its_encoder(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+         "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False,
+           "normalize_activations": "none", "metadata": {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(tmp_path)
+    x = torch.randn(4, D_IN)
+    want = torch.relu(x @ t["W_enc"] + t["b_enc"])  # apply_b_dec_to_input False: x not shifted
+    torch.testing.assert_close(sae.encode(x), want)
+    assert sae.cfg.architecture == "relu" and sae.cfg.layer == 8 and sae.cfg.model == "gpt2"
+
+
+def test_gemma_scope_params_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    p = {"W_enc": rng.normal(size=(D_IN, D_SAE)), "W_dec": rng.normal(size=(D_SAE, D_IN)),
+         "b_enc": rng.normal(size=D_SAE), "b_dec": rng.normal(size=D_IN), "threshold": rng.uniform(0, 1, D_SAE)}
+    np.savez(tmp_path / "params.npz", **p)
+    sae = load_sae(tmp_path)
+    x = rng.normal(size=(3, D_IN))
+    pre = x @ p["W_enc"] + p["b_enc"]
+    f = pre * (pre > p["threshold"])
+    torch.testing.assert_close(sae.encode(torch.tensor(x, dtype=torch.float32)), torch.tensor(f, dtype=torch.float32))
+    torch.testing.assert_close(load_sae(tmp_path / "params.npz").W_dec, sae.W_dec)
+
+
+def test_sparsify_folder(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    t = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g), "encoder.bias": torch.randn(D_SAE, generator=g),
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    save_file(t, str(tmp_path / "sae.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"k": 4, "num_latents": D_SAE, "d_in": D_IN}))
+    sae = load_sae(tmp_path)
+    x = torch.randn(6, D_IN)
+    pre = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].t() + t["encoder.bias"])
+    top = pre.topk(4, dim=1)
+    want = torch.zeros_like(pre).scatter_(1, top.indices, top.values)
+    torch.testing.assert_close(sae.encode(x), want)
+    torch.testing.assert_close(sae(x), want @ t["W_dec"] + t["b_dec"])
+
+
+def test_not_an_sae_folder(tmp_path):
+    with pytest.raises(TokenJourneyError, match="cfg.json"):
+        load_sae(tmp_path)

@@ -1,0 +1,101 @@
+"""The train_sae stage on tiny harvested shards: folders, sweeps, errors; 2-process data parallel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from token_journey.sae import find_saes, load_sae
+
+REPO = Path(__file__).resolve().parents[1]
+D = 8
+
+
+def _write_split(folder: Path, rows: int, seed: int) -> None:
+    from token_journey.shards import ShardWriter, write_manifest
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(20, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    writer = ShardWriter(folder, D, "float32", "test", row_group_rows=64)
+    for index in range(2):
+        acts = ((torch.rand(rows, 20, generator=g) < 0.1) * torch.rand(rows, 20, generator=g) * 3) @ dirs + 1.0
+        ids = torch.arange(rows)
+        writer.add(acts.float(), ids, ids, ids, {})
+        writer.finish(index)
+    write_manifest(folder, 2, {"model_fingerprint": "test", "site": "resid_post", "layer": 0, "d_model": D,
+                               "dtype": "float32"})
+
+
+@pytest.fixture(scope="module")
+def acts_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("acts")
+    _write_split(root / "resid_post" / "layer_0", 256, 1)
+    _write_split(root / "resid_post" / "layer_0" / "eval", 128, 2)
+    return root
+
+
+def _run(tmp: Path, acts: Path, *extra: str) -> subprocess.CompletedProcess:
+    flags = [e for e in extra if e.startswith("-")]
+    args = [sys.executable, str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
+            "layer=0", "tracking=disabled", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
+            "sae.train_tokens=640", "sae.eval_tokens=200", "sae.buffer_rows=256", "sae.checkpoint_every=4",
+            f"hydra.run.dir={tmp / 'hydra'}", f"hydra.sweep.dir={tmp / 'multirun'}", *(e for e in extra if not e.startswith("-"))]
+    return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=300)
+
+
+def test_stage_writes_a_loadable_sae_folder_and_sweeps_do_not_collide(tmp_path, acts_root):
+    done = _run(tmp_path, acts_root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (folder,) = find_saes(tmp_path / "saes", "resid_post", 0)
+    assert folder.name == "topk-w16-k2"
+    info = json.loads((folder / "train.json").read_text())
+    assert info["steps"] == 10 and 0 < info["fvu"] < 1 and info["l0"] <= 2
+    assert not (folder.parent / ".topk-w16-k2.ckpt").exists()
+    assert load_sae(folder).cfg.layer == 0
+    sweep = _run(tmp_path, acts_root, "-m", "sae.lr=0.001,0.003")
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    names = {p.name for p in find_saes(tmp_path / "saes", "resid_post", 0)}
+    assert names == {"topk-w16-k2", "topk-w16-k2-lr0.001", "topk-w16-k2-lr0.003"}
+
+
+def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
+    done = _run(tmp_path, acts_root, "layer=5")
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error:") and "layer 5" in done.stderr
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from tests.test_sae_train import STATS, _batches, _cfg
+    from token_journey.sae.train import new_sae, train
+
+    cfg = _cfg("topk", batch_size=64)
+    sae = new_sae(cfg, 8, STATS, seed=0)
+    train(sae, _batches(64), STATS, cfg)
+    if rank == 0:
+        torch.save({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path):
+    from tests.test_sae_train import STATS, _batches, _cfg
+    from token_journey.sae.train import new_sae, train
+
+    out = tmp_path / "dp.pt"
+    torch.multiprocessing.spawn(_worker, args=(2, 29517, str(out)), nprocs=2, join=True)
+    cfg = _cfg("topk", batch_size=64)
+    single = new_sae(cfg, 8, STATS, seed=0)
+    train(single, _batches(64), STATS, cfg)
+    dp = torch.load(out, weights_only=True)
+    # Same data, same init; the ranks' FVU/AuxK normalisers use their half batch, so not bit-equal.
+    for name, p in single.state_dict().items():
+        rel = float((dp[name] - p).norm() / p.norm().clamp_min(1e-6))
+        assert rel < 0.05, (name, rel)

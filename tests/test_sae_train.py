@@ -1,0 +1,106 @@
+"""SAE training loop: learning, exact resume, NaN stop, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from token_journey.config.sae import SAEConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, train
+
+D_IN, N_FEAT = 8, 24
+
+
+def _data(seed: int, n: int) -> torch.Tensor:
+    """Sparse ground truth: each row a few of N_FEAT fixed directions, plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(N_FEAT, D_IN, generator=torch.Generator().manual_seed(0)), dim=1)
+    on = torch.rand(n, N_FEAT, generator=g) < 0.1
+    return (on * torch.rand(n, N_FEAT, generator=g) * 4) @ dirs + 2.0
+
+
+def _batches(batch: int):
+    def batches(start: int):
+        step = start
+        while True:
+            yield _data(1000 + step, batch)
+            step += 1
+    return batches
+
+
+def _cfg(arch: str = "topk", **kw) -> SAEConfig:
+    base = dict(architecture=arch, name=arch, width=32, k=3, batch_size=64, train_tokens=64 * 30, lr=0.01,
+                lr_warmup_steps=3, checkpoint_every=7, dead_window_tokens=640, log_every=5,
+                sparsity_coefficient=0.02 if arch == "jumprelu" else 0.05, sparsity_warmup_steps=5)
+    base.update(kw)
+    return SAEConfig(**base)
+
+
+STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_training_reduces_fvu_below_the_mean_predictor(arch):
+    cfg = _cfg(arch)
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    info = train(sae, _batches(64), STATS, cfg)
+    metrics = evaluate(sae, _data(99, 2048))
+    assert info["steps"] == cfg.steps
+    assert metrics["fvu"] < 0.6, metrics
+    assert 0 < metrics["l0"] < cfg.width
+
+
+def test_resumed_training_ends_with_the_same_weights(tmp_path):
+    """Kill after 10 steps (checkpoint at 7), resume: same weights as one uninterrupted run."""
+    cfg = _cfg("topk")
+    full = new_sae(cfg, D_IN, STATS, seed=0)
+    train(full, _batches(64), STATS, cfg)
+    part = new_sae(cfg, D_IN, STATS, seed=0)
+    train(part, _batches(64), STATS, cfg, checkpoint_dir=tmp_path / "ckpt", stop_after=10)
+    assert (tmp_path / "ckpt" / "state.json").is_file()
+    resumed = new_sae(cfg, D_IN, STATS, seed=1)  # different init: everything must come from the checkpoint
+    info = train(resumed, _batches(64), STATS, cfg, checkpoint_dir=tmp_path / "ckpt")
+    assert info["steps"] == cfg.steps
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    cfg = _cfg("topk")
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    train(sae, _batches(64), STATS, cfg, checkpoint_dir=tmp_path / "ckpt", stop_after=8)
+    other = dataclasses.replace(cfg, lr=0.5)
+    with pytest.raises(TokenJourneyError, match="different config"):
+        train(new_sae(other, D_IN, STATS, seed=0), _batches(64), STATS, other, checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
+    cfg = _cfg("topk")
+
+    def poisoned(start: int):
+        for step, x in enumerate(_batches(64)(start), start):
+            yield x * float("nan") if step == 9 else x
+
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    with pytest.raises(TokenJourneyError, match=r"step 9.*ckpt"):
+        train(sae, poisoned, STATS, cfg, checkpoint_dir=tmp_path / "ckpt")
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_schedules():
+    cfg = _cfg(lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.5, train_tokens=64 * 40, sparsity_warmup_steps=20,
+               sparsity_coefficient=2.0)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 10) == 1.0 and lr_at(cfg, 19) == 1.0
+    assert lr_at(cfg, 30) == pytest.approx(0.5) and lr_at(cfg, 39) == pytest.approx(1 / 20)
+    assert sparsity_at(cfg, 0) == 0 and sparsity_at(cfg, 10) == pytest.approx(1.0) and sparsity_at(cfg, 99) == 2.0
+
+
+@pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),
+                                dict(train_tokens=10), dict(b_dec_init="median")])
+def test_bad_config_is_rejected(kw):
+    with pytest.raises(TokenJourneyError):
+        _cfg(**kw)
