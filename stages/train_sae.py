@@ -3,7 +3,7 @@
 Output: models/saes/<model>/<site>/layer_<L>/<sae-name>/{sae.safetensors, cfg.json, train.json}.
 Sweeps: `python stages/train_sae.py -m layer=6 sae=jumprelu,topk sae.k=16,32,64` (each member gets
 its own folder; wandb groups them by the sweep folder). Data parallel:
-`accelerate launch --num_processes 2 --cpu stages/train_sae.py`.
+`torchrun --nproc_per_node 2 stages/train_sae.py` (gloo on CPU) or `accelerate launch --multi_gpu ...`.
 """
 
 import sys

@@ -32,9 +32,8 @@ class Processes:
 
 def join_processes(device: torch.device) -> Processes:
     """Join the launcher's process group if there is one; gloo for CPU, NCCL for CUDA."""
-    count = int(os.environ.get("WORLD_SIZE", "1"))
-    if count <= 1:
-        return Processes()
     if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Processes()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(index=dist.get_rank(), count=dist.get_world_size())

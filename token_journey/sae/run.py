@@ -4,14 +4,14 @@ Reads `<activations>/<site>/layer_<L>/` through the shard API (manifest statisti
 normalisation, a deterministic shuffled loader for resume, the held-out `eval/` split for the
 final figures), trains, and writes `<saes>/<site>/layer_<L>/<name>/`. Checkpoints live next to
 it in the hidden folder `.<name>.ckpt/` (outside the DVC output, so a killed run resumes) and
-are removed once the SAE is saved. Under `accelerate launch` each process takes a slice of every
+are removed once the SAE is saved. Under torchrun / `accelerate launch` each process takes a slice of every
 batch; process 0 evaluates, saves and logs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 
 from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
+from token_journey.distributed import join_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.sae.io import save_sae
 from token_journey.sae.train import DataStats, evaluate, new_sae, train
@@ -42,14 +43,6 @@ def sweep_name(name: str, overrides: list[str]) -> str:
     return "-".join(parts)
 
 
-def init_distributed() -> None:
-    """Join the process group `accelerate launch` set up (gloo on CPU); no-op for one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        from accelerate import PartialState
-
-        PartialState()
-
-
 def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
     """Normalisation statistics from a shard manifest, with a clear error when they are absent."""
     if "mean" not in manifest or "mean_sq_norm" not in manifest:
@@ -60,14 +53,26 @@ def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
     return DataStats(mean, float(manifest["mean_sq_norm"]))
 
 
+def _already_trained(out_dir: Path, cfg: SAEConfig, fingerprint: str | None) -> bool:
+    """True when `out_dir` holds an SAE trained with exactly `cfg` on the same model's activations.
+
+    The SAE layer folder persists across `dvc repro` (it also collects sweep members), so a rerun
+    triggered by another member must not retrain the ones already there.
+    """
+    info_path = out_dir / "train.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    return info.get("config") == json.loads(json.dumps(asdict(cfg))) and info.get("model_fingerprint") == fingerprint
+
+
 def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, layer: int, model: str, seed: int,
                 tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
     """Train `cfg` on (site, layer) and write the SAE folder; returns its path."""
     from token_journey.loader import ShuffledLoader
     from token_journey.shards import open_activations
 
-    init_distributed()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = join_processes(torch.device("cuda" if torch.cuda.is_available() else "cpu")).index
     acts = open_activations(activations, site, layer, "train")
     held_out = open_activations(activations, site, layer, "eval")
     if held_out.d_model != acts.d_model:
@@ -77,6 +82,9 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
     sae = new_sae(cfg, acts.d_model, stats, seed, first, name=name, model=model, site=site, layer=layer)
     out_dir = Path(saes) / site / f"layer_{layer}" / name
+    if _already_trained(out_dir, cfg, acts.manifest.get("model_fingerprint")):
+        log.info("%s is already trained with this config on these activations; kept as is", out_dir)
+        return out_dir
     ckpt = out_dir.with_name(f".{name}.ckpt")
     run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
     log.info("training %s on %s layer %d: %d rows, %d steps", name, site, layer, acts.rows, cfg.steps)
