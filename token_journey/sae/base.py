@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.sparse import Active, decode_at, encode_at
+from token_journey.sae.sparse import Active, count, decode_at, encode_at
 
 
 @dataclass(frozen=True)
@@ -114,15 +114,16 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def _sparse_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder input [N, d_in] in the graph, dense no-grad pre-activations [N, d_sae])."""
-        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        """(x [N, d_in] as given, dense no-grad pre-activations [N, d_sae])."""
         with torch.no_grad():
+            x_in = x - self.b_dec if self.apply_b_dec_to_input else x
             pre = torch.addmm(self.b_enc, x_in, self.W_enc)
-        return x_in, pre
+        return x, pre
 
-    def _attach(self, x_in: torch.Tensor, values: torch.Tensor, active: Active) -> torch.Tensor:
-        """Differentiable pre-activations [nnz] at `active`."""
-        return encode_at(x_in, self.W_enc, self.b_enc, values, active)
+    def _attach(self, x: torch.Tensor, values: torch.Tensor, active: Active) -> torch.Tensor:
+        """Differentiable pre-activations [nnz] at `active` (b_dec's encoder gradient included)."""
+        b_dec = self.b_dec if self.apply_b_dec_to_input else None
+        return encode_at(x, self.W_enc, self.b_enc, values, active, b_dec)
 
     def _reconstruct(self, f: torch.Tensor, active: Active) -> torch.Tensor:
         """x_hat [N, d_in] from latent values [nnz] at `active`."""
@@ -130,7 +131,7 @@ class SAE(nn.Module):
 
     @staticmethod
     def _fired(f: torch.Tensor, active: Active) -> torch.Tensor:
-        return torch.bincount(active.cols[f > 0], minlength=active.d_sae) > 0
+        return count(active.cols[f > 0], active.d_sae) > 0
 
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,34 @@
+"""wandb tracking: offline runs are written locally and named after the DVC experiment."""
+
+from __future__ import annotations
+
+import pytest
+
+from token_journey.config.tracking import TrackingConfig
+from token_journey.tracking import run_mode, start_run
+
+
+def test_disabled_mode_starts_nothing(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert start_run({"a": 1}, TrackingConfig(mode="offline"), "train_sae") is None
+
+
+def test_environment_wins_over_config(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert run_mode(TrackingConfig(mode="online")) == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    assert run_mode(TrackingConfig(mode="offline")) == "offline"
+
+
+@pytest.mark.slow
+def test_offline_run_is_written_locally_with_the_experiment_name(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-lucid-owl")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = start_run({"sae": {"k": 32}}, TrackingConfig(mode="offline", dir=str(tmp_path)), "train_sae", name="topk")
+    assert run is not None
+    run.log({"train/fvu": 0.5})
+    assert run.name == "exp-lucid-owl-topk" and run.group == "exp-lucid-owl"
+    assert run.config["sae"]["k"] == 32
+    run.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
