@@ -48,8 +48,13 @@ class TopKSAE(SAE):
         dead_ids = dead.nonzero().squeeze(1)
         with torch.no_grad():
             values, local = pre.index_select(1, dead_ids).topk(min(k_aux, dead_ids.numel()), dim=-1, sorted=False)
-        active = Active.from_topk(dead_ids[local], self.cfg.d_sae)
-        f = self._attach(x_in, values.reshape(-1), active).relu()
+            # Pairs with a non-positive pre-activation add nothing and get no gradient through the
+            # ReLU: drop them (when k_aux >= #dead, that is about half of all dead-latent pairs).
+            keep = (values > 0).reshape(-1)
+            n, k = values.shape
+            rows = torch.arange(n, device=pre.device).unsqueeze(1).expand(n, k).reshape(-1)[keep]
+            active = Active(rows, dead_ids[local].reshape(-1)[keep], n, self.cfg.d_sae)
+        f = self._attach(x_in, values.reshape(-1)[keep], active)
         residual = -err
         e_hat = decode_at(f, self.W_dec, active)
         scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
