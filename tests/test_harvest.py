@@ -112,16 +112,25 @@ def _harvest_cmd(root: Path, out: Path) -> list[str]:
     ]
 
 
+def _env() -> dict[str, str]:
+    # One thread: a tiny model gains nothing from more, and the CPU may be shared.
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+def _harvest_whole(root: Path, out: Path) -> None:
+    """An uninterrupted single-process harvest: the reference the other runs must equal."""
+    subprocess.run(_harvest_cmd(root, out), check=True, env=_env(), capture_output=True)
+
+
 def _shards(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("shard-*.parquet"))}
 
 
 def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path):
     root, _ = tiny_setup
-    # One thread: a tiny model gains nothing from more, and the CPU may be shared.
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = _env()
     whole = tmp_path / "whole" / "acts"
-    subprocess.run(_harvest_cmd(root, whole), check=True, env=env, capture_output=True)
+    _harvest_whole(root, whole)
     killed = tmp_path / "killed" / "acts"
     proc = subprocess.Popen(_harvest_cmd(root, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = layer_dir(killed, "attn_out", 2) / "shard-00000.parquet"
@@ -149,13 +158,11 @@ def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path)
 def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     """torchrun with 2 gloo processes on the CPU: each writes every other shard."""
     root, _ = tiny_setup
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     one = tmp_path / "one" / "acts"
-    subprocess.run(_harvest_cmd(root, one), check=True, env=env, capture_output=True)
+    _harvest_whole(root, one)
     two = tmp_path / "two" / "acts"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    run = subprocess.run(launch + _harvest_cmd(root, two)[1:], env=env, capture_output=True, text=True)
-    (tmp_path / "err.txt").write_text(run.stdout + run.stderr)
+    run = subprocess.run(launch + _harvest_cmd(root, two)[1:], env=_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "train: process 1 of 2 writes shards" in run.stdout + run.stderr
     assert len(_shards(one)) > 2 and _shards(two) == _shards(one)
