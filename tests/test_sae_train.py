@@ -9,7 +9,7 @@ import torch
 
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, train
+from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, threshold_weight_at, train
 
 D_IN, N_FEAT = 8, 24
 
@@ -97,6 +97,26 @@ def test_schedules():
     assert lr_at(cfg, 10) == 1.0 and lr_at(cfg, 19) == 1.0
     assert lr_at(cfg, 30) == pytest.approx(0.5) and lr_at(cfg, 39) == pytest.approx(1 / 20)
     assert sparsity_at(cfg, 0) == 0 and sparsity_at(cfg, 10) == pytest.approx(1.0) and sparsity_at(cfg, 99) == 2.0
+
+
+@pytest.mark.parametrize("steps", [1, 3, 30, 41])
+def test_threshold_weights_end_as_the_plain_mean_of_the_final_quarter(steps):
+    cfg = _cfg(train_tokens=64 * steps)
+    cuts = torch.linspace(5.0, 1.0, steps, dtype=torch.float64) ** 2  # a cut that falls as training goes on
+    estimate = 0.0
+    for step in range(steps):
+        w = threshold_weight_at(cfg, step)
+        estimate = float(cuts[step]) if step == 0 else (1 - w) * estimate + w * float(cuts[step])
+    window = max(1, steps // 4)
+    assert estimate == pytest.approx(float(cuts[-window:].mean()))
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_batchtopk_threshold_gives_about_k_latents_per_token_at_inference(k):
+    cfg = _cfg("batchtopk", k=k)
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    train(sae, _batches(64), STATS, cfg)
+    assert evaluate(sae, _data(99, 2048))["l0"] == pytest.approx(k, rel=0.2)
 
 
 @pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),

@@ -60,11 +60,15 @@ class StepOutput(NamedTuple):
 
 @dataclass
 class StepContext:
-    """What a step needs from the loop: the warmed-up sparsity weight and the dead latents."""
+    """What a step needs from the loop: the warmed-up sparsity weight and the dead latents.
+
+    `threshold_weight`: weight of this batch in BatchTopK's running inference-threshold estimate.
+    """
 
     sparsity_coefficient: float = 0.0
     dead: torch.Tensor | None = None  # [d_sae] bool
     bandwidth: float = 0.001
+    threshold_weight: float = 0.01
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -3,7 +3,9 @@
 Training keeps the k * batch largest ReLU pre-activations across the whole batch, so busy tokens
 get more latents and easy ones fewer. A running estimate of the smallest kept activation becomes
 a global threshold, so at inference the SAE encodes each token on its own like a JumpReLU (and is
-saved with that threshold).
+saved with that threshold). The cut drifts while the weights learn, so the loop weights batches
+as `threshold_weight_at` says: a fast running mean early on, and a plain mean over the final
+quarter of training, when the weights have nearly settled.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     apply_b_dec_to_input = True
     has_threshold = True
-    # Weight of the newest batch in the running threshold estimate.
-    momentum = 0.01
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x).relu()
@@ -38,7 +38,7 @@ class BatchTopKSAE(SAE):
             cut = flat.topk(self.cfg.k * n, sorted=False).values.min()
             active = Active.from_mask(pre >= cut.clamp_min(torch.finfo(pre.dtype).tiny))
             values = pre[active.rows, active.cols]
-            self._update_threshold(values)
+            self._update_threshold(values, ctx.threshold_weight)
         f = self._attach(x_in, values, active).relu()
         x_hat = self._reconstruct(f, active)
         err = x_hat - x
@@ -49,12 +49,12 @@ class BatchTopKSAE(SAE):
         return StepOutput(loss, mse.detach(), aux.detach(), float((f > 0).sum()) / n, self._fired(f.detach(), active))
 
     @torch.no_grad()
-    def _update_threshold(self, kept: torch.Tensor) -> None:
-        """Running mean of the smallest kept activation (all latents share it)."""
+    def _update_threshold(self, kept: torch.Tensor, weight: float) -> None:
+        """Move the shared threshold towards this batch's smallest kept activation by `weight`."""
         positive = kept[kept > 0]
         if positive.numel() == 0:
             return
         smallest = positive.min()
         current = self.threshold[0]
-        new = smallest if float(current) <= 0 else (1 - self.momentum) * current + self.momentum * smallest
+        new = smallest if float(current) <= 0 else (1 - weight) * current + weight * smallest
         self.threshold.fill_(float(new))

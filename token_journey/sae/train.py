@@ -68,6 +68,18 @@ def sparsity_at(cfg: SAEConfig, step: int) -> float:
     return cfg.sparsity_coefficient * min(1.0, step / cfg.sparsity_warmup_steps)
 
 
+def threshold_weight_at(cfg: SAEConfig, step: int) -> float:
+    """Weight of step's batch in BatchTopK's inference threshold.
+
+    An exponential mean (weight 0.01) until the final quarter of the steps, so checkpoints always
+    hold a usable threshold; then 1/(steps into the quarter + 1), a plain mean over the final
+    quarter. A long exponential mean lags the cut, which falls as training goes on, and a
+    threshold that is too high gives far fewer latents per token than k at inference.
+    """
+    start = cfg.steps - max(1, cfg.steps // 4)
+    return 0.01 if step < start else 1.0 / (step - start + 1)
+
+
 def geometric_median(x: torch.Tensor, iterations: int = 50) -> torch.Tensor:
     """Weiszfeld's algorithm on rows of x [N, d] -> [d]; robust to the outlier tokens."""
     median = x.mean(0)
@@ -163,7 +175,8 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
         if x.shape[0] != cfg.batch_size:
             raise TokenJourneyError(f"data gave a batch of {x.shape[0]} rows, expected sae.batch_size={cfg.batch_size}")
         x = x.chunk(world)[rank] * scale
-        ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth, extra)
+        ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth,
+                          threshold_weight_at(cfg, step), extra)
         out = sae.training_step(x, ctx)
         if not torch.isfinite(out.loss.detach()):
             raise TokenJourneyError(
