@@ -8,6 +8,7 @@ import torch
 from token_journey.errors import TokenJourneyError
 from token_journey.sae import ARCHITECTURES, SAECfg, build_sae
 from token_journey.sae.base import StepContext
+from token_journey.sae.batchtopk import kth_largest
 from token_journey.sae.jumprelu import heaviside, jumprelu
 from token_journey.sae.sparse import Active, decode_at, encode_at
 
@@ -143,6 +144,26 @@ def test_topk_encode_keeps_k_and_batchtopk_encodes_per_token():
     torch.testing.assert_close(one, bt.encode(x)[:1])
     pre = bt.pre_acts(x[:1])
     torch.testing.assert_close(one, pre * (pre > 0.2))
+
+
+def _batches_for_kth_largest() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(512, 96, generator=g)
+    # Large values exactly at the strided sample's points (stride 49 for 49,152 values and a
+    # 1,024 sample): the sample overstates the top, so large k must take the fallback.
+    sampled = normal.clone()
+    sampled.view(-1)[::49] += 50.0
+    return {"normal": normal, "sampled": sampled, "ties": torch.randint(0, 4, (512, 96), generator=g).float(),
+            "tiny": torch.randn(3, 5, generator=g)}
+
+
+@pytest.mark.parametrize("name", ["normal", "sampled", "ties", "tiny"])
+@pytest.mark.parametrize("k", [1, 7, 1000, 2000, 512 * 96])
+def test_kth_largest_is_exact(name, k):
+    values = _batches_for_kth_largest()[name]
+    k = min(k, values.numel())
+    expected = values.reshape(-1).sort(descending=True).values[k - 1]
+    assert kth_largest(values, k, sample_size=1024) == expected
 
 
 @pytest.mark.parametrize("width,k", [(0, 1), (8, 9), (8, 0)])

@@ -10,11 +10,39 @@ quarter of training, when the weights have nearly settled.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from token_journey.sae.base import SAE, StepContext, StepOutput
 from token_journey.sae.sparse import Active
 from token_journey.sae.topk import TopKSAE
+
+
+def kth_largest(values: torch.Tensor, k: int, sample_size: int = 1 << 18) -> torch.Tensor:
+    """The k-th largest element of `values` (any shape), exactly, as a 0-d tensor.
+
+    A full top-k over a [4096, 4608] batch costs twice the encoder matmul on CPU. Instead: read an
+    evenly strided sample, take a value from it that (with a generous margin) fewer than k
+    elements exceed, keep the elements at or above it (a few more than k), and top-k those. The
+    answer is exact whenever at least k elements pass; otherwise it falls back to the full top-k.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and {n}")
+    stride = max(1, n // sample_size)
+    while math.gcd(stride, values.shape[-1]) != 1:  # a stride sharing a factor with the rows skips columns
+        stride += 1
+    sample = flat[::stride]
+    expected = k * sample.numel() / n
+    rank = int(1.25 * expected + 4 * math.sqrt(expected) + 16)
+    if rank < sample.numel():
+        bound = sample.topk(rank, sorted=False).values.min()
+        candidates = flat[flat >= bound]
+        if candidates.numel() >= k:
+            return candidates.topk(k, sorted=False).values.min()
+    return flat.topk(k, sorted=False).values.min()
 
 
 class BatchTopKSAE(SAE):
@@ -32,10 +60,8 @@ class BatchTopKSAE(SAE):
         x_in, pre = self._sparse_pre(x)
         n = x.shape[0]
         with torch.no_grad():
-            # Per-token top-k candidates bounded per token would change the method; instead keep
-            # an exact batch-level cut: the (k*n)-th largest value over the whole batch.
-            flat = pre.view(-1)
-            cut = flat.topk(self.cfg.k * n, sorted=False).values.min()
+            # The exact batch-level cut: the (k*n)-th largest pre-activation of the whole batch.
+            cut = kth_largest(pre, self.cfg.k * n)
             active = Active.from_mask(pre >= cut.clamp_min(torch.finfo(pre.dtype).tiny))
             values = pre[active.rows, active.cols]
             self._update_threshold(values, ctx.threshold_weight)
