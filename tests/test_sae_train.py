@@ -9,7 +9,8 @@ import torch
 
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, threshold_weight_at, train
+from token_journey.sae.train import (DataStats, evaluate, lr_at, match_grad_layout, new_sae, sparsity_at,
+                                     threshold_weight_at, train)
 
 D_IN, N_FEAT = 8, 24
 
@@ -97,6 +98,22 @@ def test_schedules():
     assert lr_at(cfg, 10) == 1.0 and lr_at(cfg, 19) == 1.0
     assert lr_at(cfg, 30) == pytest.approx(0.5) and lr_at(cfg, 39) == pytest.approx(1 / 20)
     assert sparsity_at(cfg, 0) == 0 and sparsity_at(cfg, 10) == pytest.approx(1.0) and sparsity_at(cfg, 99) == 2.0
+
+
+def test_fused_adam_sees_gradients_in_the_parameters_layout():
+    """W_enc is a transposed view; a contiguous gradient must still update the right elements."""
+    results = []
+    for fused in (False, True):
+        sae = new_sae(_cfg(), D_IN, STATS, seed=0)
+        opt = torch.optim.Adam(sae.parameters(), lr=0.01, fused=fused, foreach=not fused)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            for p in sae.parameters():
+                p.grad = torch.randn(p.shape, generator=g)  # contiguous, unlike W_enc
+            match_grad_layout(sae)
+            opt.step()
+        results.append(sae.W_enc.detach().clone())
+    torch.testing.assert_close(results[1], results[0])
 
 
 @pytest.mark.parametrize("steps", [1, 3, 30, 41])

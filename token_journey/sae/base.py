@@ -121,8 +121,20 @@ class SAE(nn.Module):
         """(x [N, d_in] as given, dense no-grad pre-activations [N, d_sae])."""
         with torch.no_grad():
             x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-            pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+            pre = torch.addmm(self.b_enc, x_in, self.W_enc, out=self._pre_buffer(x.shape[0]))
         return x, pre
+
+    def _pre_buffer(self, rows: int) -> torch.Tensor:
+        """A [rows, d_sae] buffer reused by every training step for the pre-activations.
+
+        On CPU a fresh 75 MB tensor per step (batch 4096, width 4608) costs ~25 ms of page faults,
+        a tenth of the step. Steps keep nothing that points into it, so overwriting is safe.
+        """
+        buf = getattr(self, "_pre", None)
+        w = self.W_enc
+        if buf is None or buf.shape[0] != rows or buf.device != w.device or buf.dtype != w.dtype:
+            buf = self._pre = torch.empty(rows, self.cfg.d_sae, device=w.device, dtype=w.dtype)
+        return buf
 
     def _attach(self, x: torch.Tensor, values: torch.Tensor, active: Active) -> torch.Tensor:
         """Differentiable pre-activations [nnz] at `active` (b_dec's encoder gradient included)."""

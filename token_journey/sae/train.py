@@ -133,6 +133,18 @@ def _after_step(sae: SAE) -> None:
         sae.threshold.clamp_(min=0.0)
 
 
+@torch.no_grad()
+def match_grad_layout(module: torch.nn.Module) -> None:
+    """Give every gradient its parameter's memory layout (W_enc is a transposed view).
+
+    torch's fused CPU Adam pairs parameter and gradient elements by memory position, so a
+    gradient laid out unlike its parameter silently updates the wrong elements (torch 2.13).
+    """
+    for p in module.parameters():
+        if p.grad is not None and p.grad.stride() != p.stride():
+            p.grad = torch.empty_like(p).copy_(p.grad)
+
+
 def _sync_grads(sae: SAE, world: int) -> None:
     if world == 1:
         return
@@ -155,7 +167,10 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
     if cfg.batch_size % world:
         raise TokenJourneyError(f"sae.batch_size={cfg.batch_size} must divide evenly over {world} processes")
     scale = stats.scale
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
+    # The fused Adam kernel is ~5x faster than the foreach one on CPU (one pass per tensor).
+    fused = sae.W_enc.device.type in ("cpu", "cuda")
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
+                           foreach=not fused)
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     start, last_ckpt = 0, None
     if checkpoint_dir is not None:
@@ -193,6 +208,7 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
+        match_grad_layout(sae)
         opt.step()
         _after_step(sae)
         fired = out.fired
