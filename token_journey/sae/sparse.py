@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Above this fraction of active (token, latent) pairs, dense BLAS beats gather/scatter.
-DENSE_ABOVE = 0.05
+# Above this fraction of active (token, latent) pairs, dense BLAS beats gather/scatter. Measured on a
+# 2-core CPU, JumpReLU step at batch 4096, width 4608: sparse/dense 374/751 ms at 7.6% active,
+# 739/1006 ms at 17%, 1117/958 ms at 26%.
+DENSE_ABOVE = 0.2
 
 
 
