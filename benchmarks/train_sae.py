@@ -1,13 +1,15 @@
 """Benchmark SAE training: tokens/s per architecture at width 4608, quality on held-out tokens.
 
 Usage:
-  python benchmarks/train_sae.py ACTS [--eval EVAL] [--site resid_post --layer 15] [--tokens 1000000]
-ACTS is a harvest root (data/activations/<model>: uses <site>/layer_<L>/ and its eval/ split),
+  python benchmarks/train_sae.py [ACTS] [--eval EVAL] [--site resid_post --layer 15] [--tokens 1000000]
+ACTS (default: the pipeline's data/activations/smollm2-135m) is a harvest root (uses
+<site>/layer_<L>/ and its eval/ split),
 a folder of `train-*.pt` / `eval-*.pt` tensors, or one .pt/.npy file of [rows, d_in] activations
 (then the last 100k rows are held out). Per architecture it prints training tokens/s, the ratio
 to the ceiling (measured fp32 matmul peak / (2 * d_in * d_sae) FLOPs per token) and the ratio
 to a plain dense implementation of the same step timed in the same run, then FVU, L0 and dead
-fraction on the held-out rows. The last line is one JSON object.
+fraction on the held-out rows against the issue's quality bars (TopK: FVU <= 0.16, dead < 10%;
+JumpReLU: 24 <= L0 <= 48, FVU <= 0.20). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from token_journey.sae.jumprelu import heaviside, jumprelu
 from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, train
 
 BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "relu": 0.0}
+QUALITY_BARS = {"topk": {"fvu_max": 0.16, "dead_max": 0.10}, "jumprelu": {"fvu_max": 0.20, "l0_min": 24, "l0_max": 48}}
+
+
+def quality_met(arch: str, fvu: float, l0: float, dead: float) -> bool | None:
+    """Whether held-out quality meets the architecture's bar (None where the issue sets none)."""
+    bar = QUALITY_BARS.get(arch)
+    if bar is None:
+        return None
+    return (fvu <= bar["fvu_max"] and dead < bar.get("dead_max", 1.0)
+            and bar.get("l0_min", 0) <= l0 <= bar.get("l0_max", float("inf")))
 
 
 def load(path: Path, eval_path: Path | None, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +121,7 @@ def dense_step_seconds(cfg: SAEConfig, sae, x: torch.Tensor, steps: int = 3) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("acts", type=Path)
+    ap.add_argument("acts", type=Path, nargs="?", default=Path("data/activations/smollm2-135m"))
     ap.add_argument("--eval", type=Path, default=None)
     ap.add_argument("--site", default="resid_post")
     ap.add_argument("--layer", type=int, default=15)
@@ -139,11 +151,15 @@ def main() -> None:
                          "ratio_to_ceiling": round(tps / ceiling, 3), "dense_tokens_per_s": round(dense_tps),
                          "ratio_to_dense": round(tps / dense_tps, 2), "bar_ratio_to_dense": BARS[arch],
                          "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2),
-                         "dead_fraction": round(metrics["dead_fraction"], 4), "train_tokens": info["train_tokens"],
+                         "dead_fraction": round(metrics["dead_fraction"], 4),
+                         "quality_bar": QUALITY_BARS.get(arch),
+                         "quality_met": quality_met(arch, metrics["fvu"], metrics["l0"], metrics["dead_fraction"]),
+                         "train_tokens": info["train_tokens"],
                          "lr": cfg.lr, "sparsity_coefficient": cfg.sparsity_coefficient, "k": cfg.k}
         r = results[arch]
         print(f"{arch:9s} {tps:8.0f} tok/s  ceiling {ceiling:8.0f} (x{r['ratio_to_ceiling']})  dense {dense_tps:6.0f} "
-              f"(x{r['ratio_to_dense']}, bar x{BARS[arch]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}",
+              f"(x{r['ratio_to_dense']}, bar x{BARS[arch]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}"
+              f"  quality bar {'met' if r['quality_met'] else 'none' if r['quality_met'] is None else 'NOT met'}",
               flush=True)
     print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
                       "threads": torch.get_num_threads(), "results": results}))
