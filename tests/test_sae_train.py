@@ -54,13 +54,15 @@ def test_training_reduces_fvu_below_the_mean_predictor(arch):
     assert 0 < metrics["l0"] < cfg.width
 
 
-def test_resumed_training_ends_with_the_same_weights(tmp_path):
-    """Kill after 10 steps (checkpoint at 7), resume: same weights as one uninterrupted run."""
-    cfg = _cfg("topk")
+@pytest.mark.parametrize("arch,stop", [("topk", 10), ("jumprelu", 10), ("relu", 10), ("batchtopk", 10),
+                                       ("batchtopk", 29)])  # 29: checkpoint 28 is inside the threshold's final quarter
+def test_resumed_training_ends_with_the_same_weights(tmp_path, arch, stop):
+    """Kill after `stop` steps (checkpoints every 7), resume: same weights as one uninterrupted run."""
+    cfg = _cfg(arch)
     full = new_sae(cfg, D_IN, STATS, seed=0)
     train(full, _batches(64), STATS, cfg)
     part = new_sae(cfg, D_IN, STATS, seed=0)
-    train(part, _batches(64), STATS, cfg, checkpoint_dir=tmp_path / "ckpt", stop_after=10)
+    train(part, _batches(64), STATS, cfg, checkpoint_dir=tmp_path / "ckpt", stop_after=stop)
     assert (tmp_path / "ckpt" / "state.json").is_file()
     resumed = new_sae(cfg, D_IN, STATS, seed=1)  # different init: everything must come from the checkpoint
     info = train(resumed, _batches(64), STATS, cfg, checkpoint_dir=tmp_path / "ckpt")
