@@ -39,9 +39,9 @@ def acts_root(tmp_path_factory) -> Path:
     return root
 
 
-def _run(tmp: Path, acts: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     flags = [e for e in extra if e.startswith("-")]
-    args = [sys.executable, str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
+    args = [*(launcher or [sys.executable]), str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
             "layer=0", "tracking=disabled", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
             "sae.train_tokens=640", "sae.eval_tokens=200", "sae.buffer_rows=256", "sae.checkpoint_every=4",
             f"hydra.run.dir={tmp / 'hydra'}", f"hydra.sweep.dir={tmp / 'multirun'}", *(e for e in extra if not e.startswith("-"))]
@@ -70,6 +70,7 @@ def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One process of a 2-process run: train uninterrupted, then killed after 10 steps and resumed."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -78,14 +79,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from token_journey.sae.train import new_sae, train
 
     cfg = _cfg("topk", batch_size=64)
-    sae = new_sae(cfg, 8, STATS, seed=0)
-    train(sae, _batches(64), STATS, cfg)
-    if rank == 0:
-        torch.save({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, out)
+    whole = new_sae(cfg, 8, STATS, seed=0)
+    train(whole, _batches(64), STATS, cfg)
+    ckpt = Path(out).with_name("ckpt")
+    killed = new_sae(cfg, 8, STATS, seed=0)
+    train(killed, _batches(64), STATS, cfg, checkpoint_dir=ckpt, stop_after=10)
+    torch.distributed.barrier()  # the checkpoint (step 7) is on disk before anyone resumes
+    resumed = new_sae(cfg, 8, STATS, seed=rank + 1)  # every process must take its weights from the checkpoint
+    train(resumed, _batches(64), STATS, cfg, checkpoint_dir=ckpt)
+    state = {f"{run}.{k}": v.detach().contiguous() for run, sae in (("whole", whole), ("resumed", resumed))
+             for k, v in sae.state_dict().items()}
+    torch.save(state, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_data_parallel_matches_one_process(tmp_path):
+def test_two_process_data_parallel_matches_one_process_and_resumes_exactly(tmp_path):
     from tests.test_sae_train import STATS, _batches, _cfg
     from token_journey.sae.train import new_sae, train
 
@@ -94,8 +102,30 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     cfg = _cfg("topk", batch_size=64)
     single = new_sae(cfg, 8, STATS, seed=0)
     train(single, _batches(64), STATS, cfg)
-    dp = torch.load(out, weights_only=True)
-    # Same data, same init; the ranks' FVU/AuxK normalisers use their half batch, so not bit-equal.
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     for name, p in single.state_dict().items():
-        rel = float((dp[name] - p).norm() / p.norm().clamp_min(1e-6))
+        # Same data, same init; the ranks' FVU/AuxK normalisers use their half batch, so not bit-equal.
+        rel = float((ranks[0][f"whole.{name}"] - p).norm() / p.norm().clamp_min(1e-6))
+        assert rel < 0.05, (name, rel)
+        for state in ranks:  # a killed 2-process run resumes on every process to the uninterrupted result
+            torch.testing.assert_close(state[f"resumed.{name}"], ranks[0][f"whole.{name}"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_trains_one_sae_like_one_process(tmp_path, acts_root):
+    """The real launch path: `torchrun --nproc_per_node 2 stages/train_sae.py`, gloo on the CPU."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    assert _run(one, acts_root).returncode == 0
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    done = _run(two, acts_root, launcher=launch)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (single,) = find_saes(one / "saes", "resid_post", 0)
+    (parallel,) = find_saes(two / "saes", "resid_post", 0)
+    assert json.loads((parallel / "train.json").read_text())["processes"] == 2
+    assert not (parallel.parent / f".{parallel.name}.ckpt").exists()
+    a, b = load_sae(single).tensors(), load_sae(parallel).tensors()
+    for name, p in a.items():
+        rel = float((b[name] - p).norm() / p.norm().clamp_min(1e-6))
         assert rel < 0.05, (name, rel)

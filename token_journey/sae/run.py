@@ -88,7 +88,9 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
     ckpt = out_dir.with_name(f".{name}.ckpt")
     run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
     log.info("training %s on %s layer %d: %d rows, %d steps", name, site, layer, acts.rows, cfg.steps)
-    info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt if rank == 0 else None, tracker=run)
+    # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
+    # multi-process run restarts with all processes at the same step and weights.
+    info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt, tracker=run)
     if rank == 0:
         metrics = evaluate(sae, held_out.tensor(cfg.eval_tokens))
         train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
