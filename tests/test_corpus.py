@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from token_journey.config.corpus import CorpusConfig
-from token_journey.corpus import collect_corpus, doc_in_eval, expects_bos, read_sequences, row_mask, special_ids
+from token_journey.corpus import (collect_corpus, doc_in_eval, drop_norm_outliers, expects_bos, read_sequences, row_mask,
+                                  special_ids)
 from token_journey.errors import TokenJourneyError
 from token_journey.tiny import tiny_tokenizer
 
@@ -162,3 +163,19 @@ def test_offline_corpus_holds_two_million_tokens(smollm2_dir):
     parts = build(CorpusConfig, compose()["corpus"], "corpus").parts
     total = sum(len(ids) for part in parts for ids in tok(list(offline_texts(part)), add_special_tokens=False)["input_ids"])
     assert total >= 2_000_000
+
+
+def test_norm_outliers_are_judged_within_each_sequence():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(4, 10, 6, generator=g)
+    acts[0, 3] *= 40  # an outlier
+    acts[2] *= 40  # a whole loud sequence is not an outlier of itself
+    rows = torch.ones(4, 10, dtype=torch.bool)
+    rows[1, :4] = False
+    rows[3] = False  # a sequence with no rows
+    kept = drop_norm_outliers(acts, rows, 10.0)
+    assert not kept[0, 3] and int(kept[0].sum()) == 9
+    assert torch.equal(kept[1:3], rows[1:3]) and not kept[3].any()
+    one_by_one = torch.cat([drop_norm_outliers(acts[b:b + 1], rows[b:b + 1], 10.0) for b in range(4)])
+    assert torch.equal(kept, one_by_one)  # the same rows however sequences are batched
+    assert torch.equal(drop_norm_outliers(acts, rows, 0.0), rows)

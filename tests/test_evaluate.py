@@ -83,17 +83,38 @@ def test_identity_sae_costs_nothing_and_zero_sae_recovers_nothing(llama):
     assert result.sweep["loss_positions"] == int(rows[:, 1:].sum())
 
 
-def test_spliced_loss_matches_an_independent_reference(llama):
-    """CE with labels masked to the counted targets, and the splice done by a hand-written hook."""
+def _without_norm_outliers(x: torch.Tensor, rows: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Hand loop: drop rows above `ratio` x their sequence's (lower) median row norm."""
+    keep = rows.clone()
+    for b in range(rows.shape[0]):
+        norms = [float(x[b, t].norm()) for t in range(rows.shape[1]) if rows[b, t]]
+        median = sorted(norms)[(len(norms) - 1) // 2]
+        for t in range(rows.shape[1]):
+            keep[b, t] = bool(rows[b, t]) and float(x[b, t].norm()) <= ratio * median
+    return keep
+
+
+@pytest.mark.parametrize("max_norm_ratio", [0.0, 1.05])
+def test_spliced_loss_matches_an_independent_reference(llama, max_norm_ratio):
+    """CE with labels masked to the counted targets, and the splice done by a hand-written hook.
+
+    With a norm rule, the evaluated rows are also chosen by hand from the clean activations.
+    """
     ids = _sequences()
-    rows = row_mask(ids, SPECIAL, exclude_first=2)
+    admitted = row_mask(ids, SPECIAL, exclude_first=2)
     d, site, layer = llama.config.hidden_size, "mlp_out", 0
     sae = random_sae(d)
-    result = evaluate_saes(llama, ids, rows, site, layer, {"rand": sae}, batch_size=2).saes["rand"]
+    sweep = evaluate_saes(llama, ids, admitted, site, layer, {"rand": sae}, batch_size=2, max_norm_ratio=max_norm_ratio)
+    result = sweep.saes["rand"]
+    with torch.inference_mode():
+        x = capture(llama, ids, [(site, layer)])[(site, layer)]
+    rows = _without_norm_outliers(x, admitted, max_norm_ratio) if max_norm_ratio else admitted
+    assert sweep.sweep["eval_rows"] == int(rows.sum()) and result["eval_tokens"] == int(rows.sum())
+    if max_norm_ratio:
+        assert 0 < sweep.sweep["norm_outliers_dropped"] == int(admitted.sum() - rows.sum())
     labels = torch.where(rows, ids, torch.full_like(ids, -100))  # HF shifts labels: target t + 1 counts iff a row
     with torch.inference_mode():
         clean = llama(input_ids=ids, labels=labels)
-        x = capture(llama, ids, [(site, layer)])[(site, layer)]
 
         def hook(_module, _inputs, output):
             out = output.clone()

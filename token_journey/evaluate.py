@@ -11,11 +11,14 @@ Per batch of eval sequences [batch, seq]:
 
 So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE.
 
-Which positions count (the same rule as the harvest, `token_journey.corpus.row_mask`):
+Which positions count (the same rules as the harvest, `token_journey.corpus.row_mask` and
+`drop_norm_outliers`):
 - *evaluated positions* R [batch, seq] = `row_mask(input_ids, special_ids, exclude_first)`:
-  real tokens, not BOS/EOS/pad, not among the first `exclude_first` real tokens. These are
-  the rows reconstruction metrics average over and the positions the splice and the zero
-  ablation replace; elsewhere the model keeps its own activation (the SAE never saw those).
+  real tokens, not BOS/EOS/pad, not among the first `exclude_first` real tokens, and (with
+  `max_norm_ratio` > 0) not a norm outlier of its sequence, judged on the clean pass's
+  activations. These are the rows reconstruction metrics average over and the positions the
+  splice and the zero ablation replace; elsewhere the model keeps its own activation (the SAE
+  never saw those).
 - *loss positions*: the logits at position t predict token t + 1, and that prediction counts
   iff t + 1 is an evaluated position (R[:, 1:]). CE, delta loss, loss recovered and KL all
   average over exactly these predictions, identical for the clean, zero and spliced passes.
@@ -37,6 +40,7 @@ from tqdm import tqdm
 
 from token_journey import metrics
 from token_journey.config.eval import EvalConfig
+from token_journey.corpus import drop_norm_outliers
 from token_journey.errors import TokenJourneyError
 from token_journey.lm import load_prepared
 from token_journey.sites import check_point, splice
@@ -114,10 +118,12 @@ def _sae_dtype(sae: nn.Module) -> torch.dtype:
 
 @torch.inference_mode()
 def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
-                saes: Mapping[str, nn.Module], states: dict[str, _SaeState], clean: LossTally, zero: LossTally) -> None:
+                saes: Mapping[str, nn.Module], states: dict[str, _SaeState], clean: LossTally, zero: LossTally,
+                max_norm_ratio: float = 0.0) -> int:
     """Run the clean, zero-ablation and spliced passes for one batch and add to every tally.
 
-    `input_ids` [batch, seq], `rows` [batch, seq] bool (evaluated positions).
+    `input_ids` [batch, seq], `rows` [batch, seq] bool (positions the row rule admits; norm
+    outliers are dropped here, once the clean pass shows the activations). Returns the rows evaluated.
     """
     recorded: dict[str, torch.Tensor] = {}
 
@@ -125,13 +131,16 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         recorded["act"] = act
         return act
 
+    clean_logits = _logits(model, input_ids, site, layer, record)
+    rows = drop_norm_outliers(recorded["act"], rows, max_norm_ratio)
     counted = rows[:, 1:]  # (B, T-1): prediction at t counts iff its target t + 1 is evaluated
     targets = input_ids[:, 1:][counted]  # (M,)
 
     def log_p(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # (M, V) at the counted predictions
         return metrics.log_probs(_logits(model, input_ids, site, layer, replace)[:, :-1][counted])
 
-    clean_log_p = log_p(record)
+    clean_log_p = metrics.log_probs(clean_logits[:, :-1][counted])
+    del clean_logits
     clean.add(metrics.token_cross_entropy(clean_log_p, targets))
     zero.add(metrics.token_cross_entropy(log_p(_replace_rows(rows, None)), targets))
     x = recorded["act"][rows]  # (R, D)
@@ -147,24 +156,28 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         states[name].recon.update(x.float(), x_hat.float(), f, positions)
         _sync(device)
         states[name].seconds += time.perf_counter() - start
+    return int(rows.sum())
 
 
 def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
                   saes: Mapping[str, nn.Module], batch_size: int,
-                  dense_threshold: float = metrics.DENSE_THRESHOLD) -> SweepResult:
+                  dense_threshold: float = metrics.DENSE_THRESHOLD, max_norm_ratio: float = 0.0) -> SweepResult:
     """Evaluate every SAE in `saes` (name -> module with encode/decode) at (site, layer).
 
-    `sequences` [n_seq, seq] token ids and `rows` [n_seq, seq] bool evaluated positions (see
-    the module docstring); both are moved to the model's device batch by batch.
+    `sequences` [n_seq, seq] token ids and `rows` [n_seq, seq] bool positions the row rule
+    admits (see the module docstring), less norm outliers when `max_norm_ratio` > 0; both are
+    moved to the model's device batch by batch.
     """
     device = next(model.parameters()).device
     states = {name: _SaeState(metrics.ReconstructionTally(_width(sae), sequences.shape[1])) for name, sae in saes.items()}
     clean, zero = LossTally(), LossTally()
     _sync(device)
     start = time.perf_counter()
+    eval_rows = 0
     for first in tqdm(range(0, len(sequences), batch_size), desc=f"evaluate {site} layer {layer}", unit="batch"):
         ids = sequences[first:first + batch_size].to(device)
-        _eval_batch(model, ids, rows[first:first + batch_size].to(device), site, layer, saes, states, clean, zero)
+        eval_rows += _eval_batch(model, ids, rows[first:first + batch_size].to(device), site, layer, saes, states,
+                                 clean, zero, max_norm_ratio)
     _sync(device)
     seconds = time.perf_counter() - start
     n_tokens = sequences.numel()
@@ -172,7 +185,8 @@ def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor,
     sweep = {
         "tokens": n_tokens,
         "sequences": len(sequences),
-        "eval_rows": int(rows.sum()),
+        "eval_rows": eval_rows,
+        "norm_outliers_dropped": int(rows.sum()) - eval_rows,
         "loss_positions": clean.count,
         "forward_passes": len(saes) + 2,
         "seconds": seconds,
@@ -264,8 +278,8 @@ def load_subjects(inputs: LayerInputs, extra: tuple[str, ...], d_model: int, dev
     return subjects
 
 
-def check_activations(inputs: LayerInputs, d_model: int, fingerprint: str) -> int:
-    """Require the layer's harvested eval split from this model; return its `exclude_first` rule.
+def check_activations(inputs: LayerInputs, d_model: int, fingerprint: str) -> tuple[int, float]:
+    """Require the layer's harvested eval split from this model; return its (exclude_first, max_norm_ratio).
 
     Evaluation applies the exclusion rule the harvest recorded, so both see the same rows.
     """
@@ -279,9 +293,7 @@ def check_activations(inputs: LayerInputs, d_model: int, fingerprint: str) -> in
             f"(d_model {acts.d_model}) but the evaluated model is {fingerprint} (d_model {d_model}); re-run the harvest"
         )
     rule = acts.manifest.get("exclusion", {})
-    if rule.get("max_norm_ratio"):
-        log.warning("the harvest dropped norm outliers (max_norm_ratio=%s); evaluation keeps them", rule["max_norm_ratio"])
-    return int(rule.get("exclude_first", 0))
+    return int(rule.get("exclude_first", 0)), float(rule.get("max_norm_ratio", 0.0))
 
 
 def _train_tokens_per_s(folder: Path) -> float | None:
@@ -333,7 +345,7 @@ def evaluate_layer(cfg: EvalConfig, inputs: LayerInputs, device: str = "auto") -
     model, manifest = loaded.model, loaded.manifest
     check_point(model, inputs.site, inputs.layer)
     d_model = int(manifest["architecture"]["d_model"])
-    exclude_first = check_activations(inputs, d_model, manifest["fingerprint"])
+    exclude_first, max_norm_ratio = check_activations(inputs, d_model, manifest["fingerprint"])
     subjects = load_subjects(inputs, cfg.extra_saes, d_model, loaded.device)
     sequences = read_sequences(inputs.corpus_dir / "eval.parquet").input_ids
     sequences = sequences[: max(1, cfg.max_tokens // sequences.shape[1])]
@@ -345,7 +357,8 @@ def evaluate_layer(cfg: EvalConfig, inputs: LayerInputs, device: str = "auto") -
         )
     log.info("evaluating %d SAE(s) on %d eval sequences (%d tokens, %d rows)", len(subjects), len(sequences), sequences.numel(), int(rows.sum()))
     result = evaluate_saes(model, sequences, rows, inputs.site, inputs.layer,
-                           {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold)
+                           {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold,
+                           max_norm_ratio)
     saes = {}
     for name, entry in result.saes.items():
         folder, sae = subjects[name]

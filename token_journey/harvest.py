@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from token_journey.config.harvest import HarvestConfig
 from token_journey.distributed import Processes, join_processes
-from token_journey.corpus import read_sequences, row_mask, special_ids
+from token_journey.corpus import drop_norm_outliers, read_sequences, row_mask, special_ids
 from token_journey.lm import LoadedModel, torch_dtype
 from token_journey.shards import MANIFEST, ShardWriter, complete_shards, layer_dir, sha256_file, write_manifest
 from token_journey.sites import capture, check_point
@@ -40,19 +40,14 @@ def exclusion_rule(cfg: HarvestConfig) -> dict[str, Any]:
         "exclude_first": cfg.exclude_first,
         "exclude_first_means": "the first N real (non-special) tokens of each sequence are dropped (attention sink)",
         "max_norm_ratio": cfg.max_norm_ratio,
-        "max_norm_ratio_means": "rows with norm > ratio x the batch median norm are dropped; 0 = off",
+        "max_norm_ratio_means": "rows with norm > ratio x the median norm of their sequence's rows are dropped; 0 = off",
     }
 
 
 def _rows_of(acts: torch.Tensor, mask: torch.Tensor, ratio: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Select rows: `acts` [batch, seq, d_model], `mask` [batch, seq] -> (rows [n, d_model] CPU, keep, n_norm_dropped)."""
-    keep = mask
-    dropped = 0
-    if ratio > 0 and bool(mask.any()):
-        norms = acts.float().norm(dim=-1)  # [batch, seq]
-        keep = mask & (norms <= ratio * norms[mask].median())
-        dropped = int(mask.sum() - keep.sum())
-    return acts[keep].to(dtype).cpu(), keep.cpu(), dropped
+    keep = drop_norm_outliers(acts, mask, ratio)
+    return acts[keep].to(dtype).cpu(), keep.cpu(), int(mask.sum() - keep.sum())
 
 
 def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Path, split: str, device: torch.device,

@@ -28,8 +28,8 @@ class HarvestConfig:
     """Rows per Parquet row group: the unit the shuffling loader reads, so smaller mixes more shards."""
     exclude_first: int = 1
     """The first N real tokens of each sequence are not written (the attention-sink outliers)."""
-    max_norm_ratio: float = 0.0
-    """Also drop rows whose norm exceeds this multiple of the batch median norm; 0 turns it off."""
+    max_norm_ratio: float = 10.0
+    """Also drop rows whose norm exceeds this multiple of their sequence's median row norm; 0 turns it off."""
 
     def __post_init__(self) -> None:
         if not self.layers or any(not isinstance(layer, int) or layer < 0 for layer in self.layers):
