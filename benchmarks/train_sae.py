@@ -5,7 +5,9 @@ Usage:
 ACTS (default: the pipeline's data/activations/smollm2-135m) is a harvest root (uses
 <site>/layer_<L>/ and its eval/ split),
 a folder of `train-*.pt` / `eval-*.pt` tensors, or one .pt/.npy file of [rows, d_in] activations
-(then the last 100k rows are held out). Per architecture it prints training tokens/s, the ratio
+(then the last 100k rows are held out). Harvested shards already went through the harvest's
+outlier rules; loose tensors carry no sequences, so there rows above `--max-norm-ratio` x the
+median norm of all rows are dropped (the harvest judges each sequence on its own). Per architecture it prints training tokens/s, the ratio
 to the ceiling (measured fp32 matmul peak / (2 * d_in * d_sae) FLOPs per token) and the ratio
 to a plain dense implementation of the same step timed in the same run, then FVU, L0 and dead
 fraction on the held-out rows against the issue's quality bars (TopK: FVU <= 0.16, dead < 10%;
@@ -41,12 +43,27 @@ def quality_met(arch: str, fvu: float, l0: float, dead: float) -> bool | None:
             and bar.get("l0_min", 0) <= l0 <= bar.get("l0_max", float("inf")))
 
 
-def load(path: Path, eval_path: Path | None, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def without_outliers(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Rows of x [N, d] whose norm is at most `ratio` x the median row norm (all rows when ratio is 0)."""
+    if ratio <= 0:
+        return x
+    norms = x.norm(dim=1)
+    keep = norms <= ratio * norms.median()
+    print(f"dropped {int((~keep).sum())} of {x.shape[0]:,} rows above {ratio} x the median norm")
+    return x[keep]
+
+
+def load(path: Path, eval_path: Path | None, site: str, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(train [N, d], held-out [M, d]) float32 activations from any supported layout."""
     if (path / site / f"layer_{layer}" / "manifest.json").is_file():
         from token_journey.shards import open_activations
 
         return open_activations(path, site, layer).tensor(), open_activations(path, site, layer, "eval").tensor()
+    train_rows, eval_rows = _load_loose(path, eval_path)
+    return without_outliers(train_rows, ratio), without_outliers(eval_rows, ratio)
+
+
+def _load_loose(path: Path, eval_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     if path.is_dir():
         def cat(prefix: str) -> torch.Tensor:
             return torch.cat([torch.load(p, weights_only=True) for p in sorted(path.glob(f"{prefix}-*.pt"))])
@@ -126,10 +143,12 @@ def main() -> None:
     ap.add_argument("--site", default="resid_post")
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per architecture")
+    ap.add_argument("--max-norm-ratio", type=float, default=10.0,
+                    help="loose tensors only: drop rows above this x the median norm (0 keeps all)")
     ap.add_argument("--archs", default="topk,jumprelu,batchtopk")
     ap.add_argument("--set", action="append", default=[], help="extra sae overrides, e.g. --set sae.lr=0.003")
     args = ap.parse_args()
-    x_train, x_eval = load(args.acts, args.eval, args.site, args.layer)
+    x_train, x_eval = load(args.acts, args.eval, args.site, args.layer, args.max_norm_ratio)
     stats = DataStats(x_train.mean(0), float(x_train.pow(2).sum(1).mean()))
     print(f"data: {x_train.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows, d_in {x_train.shape[1]}")
     results = {}
