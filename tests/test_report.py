@@ -87,7 +87,9 @@ def inputs(tmp_path_factory) -> ReportPaths:
         pq.write_table(table, layer_dir / f"shard-{i:05d}.parquet")
         shards.append({"file": f"shard-{i:05d}.parquet", "rows": table.num_rows})
     (layer_dir / "manifest.json").write_text(json.dumps({"rows": len(x), "d_model": D_MODEL, "dtype": "float32",
-                                                         "site": "resid_post", "layer": 1, "shards": shards}))
+                                                         "site": "resid_post", "layer": 1, "shards": shards,
+                                                         "excluded_counts": {"special": N_SEQ, "first_positions": 0,
+                                                                             "max_norm": 3}}))
     metrics = root / "metrics" / "resid_post"
     metrics.mkdir(parents=True)
     for layer in (1, 2):
@@ -224,6 +226,10 @@ def test_overview_tables_and_pareto_plots(built, inputs):
     row = next(line for line in summary.splitlines() if line.startswith("| resid_post | 2 | relu-2 |"))
     assert f"| {metrics['l0']:.1f} | {metrics['fvu']:.4f} | {metrics['delta_loss']:.4f} |" in row
     assert "\\<img src=x onerror=alert(1)\\>\\|x" in summary  # a name cannot break the table or become HTML
+    manifest = json.loads((inputs.activations / "resid_post/layer_1/eval/manifest.json").read_text())
+    dropped = manifest["excluded_counts"]
+    assert (f"eval {manifest['rows']:,} tokens (not rows: {dropped['special']:,} special, "
+            f"{dropped['first_positions']:,} first positions, {dropped['max_norm']:,} norm outliers)") in summary
 
 
 def test_feature_dashboards_are_anchored_and_consistent(built, inputs):

@@ -126,7 +126,11 @@ def facts(base_model: Path, corpus: Path, activations: Path, entries: list[SaeEn
         for split, sub in (("train", ""), ("eval", "eval")):
             path = Path(activations) / site / f"layer_{layer}" / sub / "manifest.json"
             if path.is_file():
-                rows.append(f"{split} {read_json(path).get('rows', 0):,} tokens")
+                layer_manifest = read_json(path)
+                dropped = layer_manifest.get("excluded_counts", {})
+                rows.append(f"{split} {layer_manifest.get('rows', 0):,} tokens" + (
+                    f" (not rows: {dropped.get('special', 0):,} special, {dropped.get('first_positions', 0):,} first "
+                    f"positions, {dropped.get('max_norm', 0):,} norm outliers)" if dropped else ""))
         if rows:
             out.append((f"activations {site} layer {layer}", ", ".join(rows)))
     for e in entries:
