@@ -44,18 +44,20 @@ def _bos_tokenizer():
     return tok
 
 
-def test_pack_is_the_concatenation_of_each_splits_documents(tmp_path):
-    """Reference: tokenize each file ourselves, join with EOS in the order documents appear, cut."""
+@pytest.mark.parametrize("cap", [0, 10])
+def test_pack_is_the_concatenation_of_each_splits_documents(tmp_path, cap):
+    """Reference: tokenize each file ourselves (keep its first `cap` tokens), join with EOS in the
+    order documents appear, cut."""
     paths = _write_docs(tmp_path / "docs")
     tok = tiny_tokenizer()
-    stats = collect_corpus(_cfg(tmp_path / "docs"), tok, 256, tmp_path / "out", seed=3)
+    stats = collect_corpus(_cfg(tmp_path / "docs", max_doc_tokens=cap), tok, 256, tmp_path / "out", seed=3)
     seen = {}
     for split in ("train", "eval"):
         seqs = read_sequences(tmp_path / "out" / f"{split}.parquet")
         assert seqs.input_ids.shape[1] == 16
         assert seqs.sequence_ids.tolist() == list(range(len(seqs.sequence_ids)))
         flat = seqs.input_ids.reshape(-1).tolist()
-        docs = _doc_tokens(tok, paths)
+        docs = _doc_tokens(tok, paths, cap)
         # Walk the stream document by document (each piece must equal one file's tokens + EOS).
         starts, at, pieces = {}, 0, []
         while at < len(flat):
@@ -71,10 +73,13 @@ def test_pack_is_the_concatenation_of_each_splits_documents(tmp_path):
         assert all(doc_in_eval(d, 3, 0.25) == (split == "eval") for d in seen[split])
         assert stats["sequences"][split] == len(seqs.sequence_ids)
     assert not seen["train"] & seen["eval"] and seen["eval"]
+    assert (sum(stats["documents_truncated"].values()) > 0) == (cap > 0)
 
 
-def _doc_tokens(tok, paths):
-    return {i: tok(p.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for i, p in enumerate(paths)}
+def _doc_tokens(tok, paths, cap=0):
+    """Each file's tokens (the first `cap` when cap > 0) followed by EOS."""
+    docs = {i: tok(p.read_text(), add_special_tokens=False)["input_ids"] for i, p in enumerate(paths)}
+    return {i: (ids[:cap] if cap else ids) + [tok.eos_token_id] for i, ids in docs.items()}
 
 
 def test_budget_truncate_and_determinism(tmp_path):

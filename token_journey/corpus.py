@@ -195,10 +195,14 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
     schema = _sequence_table([[0] * cfg.context_size], [0], 0, cfg.context_size).schema
     writers = {s: pq.ParquetWriter(tmp[s], schema) for s in SPLITS}
     total = sum(budgets.values())
+    truncated = dict.fromkeys(SPLITS, 0)
     try:
         with tqdm(total=total * cfg.context_size, unit="tok", unit_scale=True, desc="corpus") as bar:
             for doc_id, ids in _token_batches(documents(cfg, seed), tokenizer):
                 split = "eval" if doc_in_eval(doc_id, seed, cfg.eval_fraction) else "train"
+                if cfg.max_doc_tokens and len(ids) > cfg.max_doc_tokens:
+                    ids = ids[: cfg.max_doc_tokens]
+                    truncated[split] += 1
                 before = packers[split].n_sequences
                 packers[split].add(doc_id, ids)
                 bar.update((packers[split].n_sequences - before) * cfg.context_size)
@@ -216,7 +220,7 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
                     f"corpus {cfg.name!r} gave no {s} sequences of {cfg.context_size} tokens; give more text "
                     f"(check corpus.path / corpus.parts) or lower corpus.context_size"
                 )
-        stats = _stats(cfg, packers, bos, pad, seed)
+        stats = _stats(cfg, packers, bos, pad, seed) | {"max_doc_tokens": cfg.max_doc_tokens, "documents_truncated": truncated}
         stats_tmp = out_dir / f".stats.json.tmp-{os.getpid()}"
         stats_tmp.write_text(json.dumps(stats, indent=2) + "\n")
         for s in SPLITS:

@@ -26,6 +26,9 @@ class CorpusConfig:
     """Eval token budget, taken from held-out documents."""
     eval_fraction: float = 0.1
     """Share of documents assigned to eval (by a seeded hash of the document id)."""
+    max_doc_tokens: int = 0
+    """Keep at most this many tokens of each document (0 = all), so that a few very long documents
+    cannot fill a split on their own (the offline corpus has module docstrings of 30k+ tokens)."""
     packing: str = "pack"
     """pack: documents joined with EOS and cut into sequences; truncate: one padded sequence per document."""
     parts: tuple[str, ...] = OFFLINE_PARTS
@@ -53,6 +56,8 @@ class CorpusConfig:
                 f"corpus.max_tokens={self.max_tokens} and corpus.eval_tokens={self.eval_tokens} must each be "
                 f">= corpus.context_size={self.context_size}"
             )
+        if self.max_doc_tokens < 0:
+            raise TokenJourneyError(f"corpus.max_doc_tokens={self.max_doc_tokens} must be >= 0 (0 keeps whole documents)")
         if not 0.0 < self.eval_fraction < 1.0:
             raise TokenJourneyError(f"corpus.eval_fraction={self.eval_fraction} must be between 0 and 1 (exclusive)")
         unknown = [p for p in self.parts if p not in FIXED_PARTS and not (p.startswith("docstrings:") and len(p) > 11)]
