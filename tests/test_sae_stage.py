@@ -129,3 +129,19 @@ def test_stage_under_torchrun_trains_one_sae_like_one_process(tmp_path, acts_roo
     for name, p in a.items():
         rel = float((b[name] - p).norm() / p.norm().clamp_min(1e-6))
         assert rel < 0.05, (name, rel)
+
+
+def test_a_trained_sae_is_kept_until_its_activations_change(tmp_path):
+    acts = tmp_path / "acts"
+    _write_split(acts / "resid_post" / "layer_0", 256, 1)
+    _write_split(acts / "resid_post" / "layer_0" / "eval", 128, 2)
+    assert _run(tmp_path, acts).returncode == 0
+    (folder,) = find_saes(tmp_path / "saes", "resid_post", 0)
+    first = (folder / "train.json").read_text()
+    again = _run(tmp_path, acts)
+    assert again.returncode == 0 and "already trained" in again.stdout + again.stderr
+    assert (folder / "train.json").read_text() == first
+    _write_split(acts / "resid_post" / "layer_0", 256, 5)  # new rows, same shapes and names
+    changed = _run(tmp_path, acts)
+    assert changed.returncode == 0 and "already trained" not in changed.stdout + changed.stderr
+    assert json.loads((folder / "train.json").read_text())["activations_key"] != json.loads(first)["activations_key"]

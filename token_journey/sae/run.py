@@ -10,6 +10,7 @@ batch; process 0 evaluates, saves and logs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -53,17 +54,23 @@ def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
     return DataStats(mean, float(manifest["mean_sq_norm"]))
 
 
-def _already_trained(out_dir: Path, cfg: SAEConfig, fingerprint: str | None) -> bool:
-    """True when `out_dir` holds an SAE trained with exactly `cfg` on the same model's activations.
+def activations_key(manifest: dict[str, Any]) -> str:
+    """A short hash of a harvested split's shard list (names, rows, sha256): changes with any row."""
+    return hashlib.sha256(json.dumps(manifest.get("shards", []), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
+    """True when `out_dir` holds an SAE trained with exactly `cfg` on exactly these activations.
 
     The SAE layer folder persists across `dvc repro` (it also collects sweep members), so a rerun
-    triggered by another member must not retrain the ones already there.
+    triggered by another member must not retrain the ones already there; a new corpus or harvest
+    rule gives new activations, and then every SAE is trained again.
     """
     info_path = out_dir / "train.json"
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
-    return info.get("config") == json.loads(json.dumps(asdict(cfg))) and info.get("model_fingerprint") == fingerprint
+    return info.get("config") == json.loads(json.dumps(asdict(cfg))) and info.get("activations_key") == key
 
 
 def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, layer: int, model: str, seed: int,
@@ -82,7 +89,8 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
     sae = new_sae(cfg, acts.d_model, stats, seed, first, name=name, model=model, site=site, layer=layer)
     out_dir = Path(saes) / site / f"layer_{layer}" / name
-    if _already_trained(out_dir, cfg, acts.manifest.get("model_fingerprint")):
+    key = activations_key(acts.manifest)
+    if _already_trained(out_dir, cfg, key):
         log.info("%s is already trained with this config on these activations; kept as is", out_dir)
         return out_dir
     ckpt = out_dir.with_name(f".{name}.ckpt")
@@ -95,6 +103,7 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
         metrics = evaluate(sae, held_out.tensor(cfg.eval_tokens))
         train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
                       "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
+                      "activations_key": key,
                       "config": asdict(cfg)}
         save_sae(sae, out_dir, train_info)
         shutil.rmtree(ckpt, ignore_errors=True)
