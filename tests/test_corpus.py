@@ -184,3 +184,12 @@ def test_norm_outliers_are_judged_within_each_sequence():
     one_by_one = torch.cat([drop_norm_outliers(acts[b:b + 1], rows[b:b + 1], 10.0) for b in range(4)])
     assert torch.equal(kept, one_by_one)  # the same rows however sequences are batched
     assert torch.equal(drop_norm_outliers(acts, rows, 0.0), rows)
+
+
+def test_offline_documents_have_unique_ids_across_parts():
+    """`datasets` runs the offline generator once per part; ids must still name one document each."""
+    from token_journey.corpus_sources import documents
+
+    ds = documents(CorpusConfig(name="o", source="offline", parts=("kjv", "python_topics")), seed=0)
+    ids = ds["doc_id"]
+    assert len(set(ids)) == len(ids) == len(ds) and set(ds["part"]) == {"kjv", "python_topics"}

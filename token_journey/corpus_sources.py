@@ -113,11 +113,11 @@ def offline_texts(part: str) -> Iterator[str]:
 
 
 def _offline_rows(parts: list[str]) -> Iterator[dict[str, Any]]:
-    doc_id = 0
+    """{part, text} rows. `datasets` calls this once per element of `parts` (it shards list
+    arguments), so document ids are given afterwards, from the row index of the whole dataset."""
     for part in parts:
         for text in offline_texts(part):
-            yield {"doc_id": doc_id, "part": part, "text": text}
-            doc_id += 1
+            yield {"part": part, "text": text}
 
 
 def _local_dataset(cfg: CorpusConfig) -> Any:
@@ -164,6 +164,7 @@ def documents(cfg: CorpusConfig, seed: int) -> Any:
         from datasets import Dataset
 
         ds = Dataset.from_generator(_offline_rows, gen_kwargs={"parts": list(cfg.parts)}, keep_in_memory=True)
+        ds = ds.map(lambda _, idx: {"doc_id": idx}, with_indices=True, keep_in_memory=True)
         log.info("offline corpus: %d documents from %s", len(ds), ", ".join(cfg.parts))
         return ds.shuffle(seed=seed, keep_in_memory=True)
     if cfg.source == "local":
