@@ -27,6 +27,7 @@ import torch
 
 from token_journey.config import build, compose
 from token_journey.config.sae import SAEConfig
+from token_journey.corpus import drop_norm_outliers
 from token_journey.sae.jumprelu import heaviside, jumprelu
 from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, train
 
@@ -47,8 +48,7 @@ def without_outliers(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Rows of x [N, d] whose norm is at most `ratio` x the median row norm (all rows when ratio is 0)."""
     if ratio <= 0:
         return x
-    norms = x.norm(dim=1)
-    keep = norms <= ratio * norms.median()
+    keep = drop_norm_outliers(x[None], torch.ones(1, x.shape[0], dtype=torch.bool), ratio)[0]  # one "sequence"
     print(f"dropped {int((~keep).sum())} of {x.shape[0]:,} rows above {ratio} x the median norm")
     return x[keep]
 

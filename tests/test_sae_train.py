@@ -121,13 +121,14 @@ def test_fused_adam_sees_gradients_in_the_parameters_layout():
 @pytest.mark.parametrize("steps", [1, 3, 30, 41])
 def test_threshold_weights_end_as_the_plain_mean_of_the_final_quarter(steps):
     cfg = _cfg(train_tokens=64 * steps)
-    cuts = torch.linspace(5.0, 1.0, steps, dtype=torch.float64) ** 2  # a cut that falls as training goes on
-    estimate = 0.0
-    for step in range(steps):
-        w = threshold_weight_at(cfg, step)
-        estimate = float(cuts[step]) if step == 0 else (1 - w) * estimate + w * float(cuts[step])
+    sae = new_sae(_cfg("batchtopk"), D_IN, STATS, seed=0)
+    cuts = torch.linspace(5.0, 1.0, steps) ** 2  # a cut that falls as training goes on
+    for step in range(steps):  # the smallest kept activation of each batch is its cut
+        sae._update_threshold(torch.stack([cuts[step], cuts[step] + 1]), threshold_weight_at(cfg, step))
     window = max(1, steps // 4)
-    assert estimate == pytest.approx(float(cuts[-window:].mean()))
+    threshold = sae.threshold.detach()
+    assert float(threshold[0]) == pytest.approx(float(cuts[-window:].mean()), rel=1e-5)
+    assert (threshold == threshold[0]).all()
 
 
 @pytest.mark.parametrize("k", [3, 6])

@@ -220,7 +220,7 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
                     f"corpus {cfg.name!r} gave no {s} sequences of {cfg.context_size} tokens; give more text "
                     f"(check corpus.path / corpus.parts) or lower corpus.context_size"
                 )
-        stats = _stats(cfg, packers, bos, pad, seed) | {"max_doc_tokens": cfg.max_doc_tokens, "documents_truncated": truncated}
+        stats = _stats(cfg, packers, bos, pad, seed, truncated)
         stats_tmp = out_dir / f".stats.json.tmp-{os.getpid()}"
         stats_tmp.write_text(json.dumps(stats, indent=2) + "\n")
         for s in SPLITS:
@@ -241,7 +241,8 @@ def _flush(packer: _Packer, writer: pq.ParquetWriter, context_size: int) -> None
         writer.write_table(_sequence_table(ids, docs, first, context_size))
 
 
-def _stats(cfg: CorpusConfig, packers: dict[str, _Packer], bos: int | None, pad: int | None, seed: int) -> dict[str, Any]:
+def _stats(cfg: CorpusConfig, packers: dict[str, _Packer], bos: int | None, pad: int | None, seed: int,
+           truncated: dict[str, int]) -> dict[str, Any]:
     return {
         "name": cfg.name,
         "source": cfg.source,
@@ -251,7 +252,9 @@ def _stats(cfg: CorpusConfig, packers: dict[str, _Packer], bos: int | None, pad:
         "packing": cfg.packing,
         "bos_token_id": bos,
         "pad_token_id": pad,
+        "max_doc_tokens": cfg.max_doc_tokens,
         "documents": {s: p.documents for s, p in packers.items()},
+        "documents_truncated": truncated,
         "sequences": {s: p.n_sequences for s, p in packers.items()},
         "tokens": {s: p.n_sequences * cfg.context_size for s, p in packers.items()},
         "budget_met": {s: p.full for s, p in packers.items()},
