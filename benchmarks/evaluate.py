@@ -1,6 +1,6 @@
 """Evaluation cost: eval tokens/s of the sweep, and what the splice costs per SAE.
 
-Bar (issue 5): the splice costs at most one extra forward pass per SAE over the eval tokens.
+Bar: the splice costs at most one extra forward pass per SAE over the eval tokens.
 Runs the packaged SmolLM2 on the first sequences of the eval corpus with N random ReLU SAEs of
 width 4608 at resid_post layer 15, times a plain forward pass over the same tokens, and reports
 per-SAE cost / plain-pass cost (ratio to the bar of 1 pass; encode/decode and metrics are the
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from token_journey.corpus import read_sequences, row_mask, special_ids
-from token_journey.evaluate import evaluate_saes
+from token_journey.data.corpus import read_sequences, row_mask, special_ids
+from token_journey.eval.evaluate import evaluate_saes
 from token_journey.lm import load_prepared
-from token_journey.sae import SAECfg, build_sae
+from token_journey.sae.base import SAESpec
+from token_journey.sae.registry import build_sae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def main() -> None:
     d = lm.model.config.hidden_size
     saes = {}
     for i in range(args.saes):
-        sae = build_sae(SAECfg("relu", d, 8 * d, name=f"relu-{i}"))
+        sae = build_sae(SAESpec("relu", d, 8 * d, name=f"relu-{i}"))
         sae.init_weights(torch.Generator().manual_seed(i))
         saes[f"relu-{i}"] = sae.eval()
     with torch.inference_mode():

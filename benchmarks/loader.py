@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from token_journey.shards import ShardWriter, ShuffledLoader, layer_dir, open_activations, write_manifest
+from token_journey.data.loader import ShuffledLoader
+from token_journey.data.shards import ShardWriter, open_activations, write_manifest
+from token_journey.layout import activations_folder
 
 D_IN, WIDTH, BATCH = 576, 4608, 4096
 SHARDS, ROWS_PER_SHARD, BUFFER = 8, 16384, 65536
 
 
 def write_shards(root: Path) -> None:
-    folder = layer_dir(root, "resid_post", 0)
+    folder = activations_folder(root, "resid_post", 0)
     writer = ShardWriter(folder, D_IN, "float32", run_key="bench", row_group_rows=4096)
     gen = torch.Generator().manual_seed(0)
     for shard in range(SHARDS):
@@ -70,11 +72,11 @@ def _dense_step() -> tuple[Callable[[], None], str]:
 def _project_step() -> tuple[Callable[[], None], str] | None:
     """The project's own JumpReLU training step, when token_journey.sae is present."""
     try:
-        from token_journey.sae import build_sae
-        from token_journey.sae.base import SAECfg, StepContext
+        from token_journey.sae.base import SAESpec, StepContext
+        from token_journey.sae.registry import build_sae
     except ImportError:
         return None
-    sae = build_sae(SAECfg(architecture="jumprelu", d_in=D_IN, d_sae=WIDTH))
+    sae = build_sae(SAESpec(architecture="jumprelu", d_in=D_IN, d_sae=WIDTH))
     sae.init_weights(torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(1))

@@ -1,6 +1,6 @@
 """Report cost: wall time and size of the report for the default pipeline's shape.
 
-Bars (issue 6): renders in under 30 s and is smaller than 20 MB. Uses the pipeline's own
+Bars: renders in under 30 s and is smaller than 20 MB. Uses the pipeline's own
 inputs (params.yaml paths) when SAEs and eval activations exist there; otherwise builds a
 synthetic stand-in of the same shape in a temp folder: the packaged SmolLM2 (d_model 576),
 `--tokens` eval rows of random activations, `--saes` random JumpReLU SAEs of width 4608 at
@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,17 @@ import yaml
 
 from token_journey.config import build
 from token_journey.config.report import ReportConfig
-from token_journey.report import ReportPaths, build_report
-from token_journey.sae import SAECfg, build_sae, find_saes, save_sae
+from token_journey.layout import Layout, activations_folder, metrics_file, sae_folder
+from token_journey.report import build_report
+from token_journey.sae.base import SAESpec
+from token_journey.sae.io import find_saes, save_sae
+from token_journey.sae.registry import build_sae
 
 REPO = Path(__file__).resolve().parents[1]
 BAR_S, BAR_MB = 30.0, 20.0
 
 
-def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int = 15) -> ReportPaths:
+def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int = 15) -> Layout:
     """Eval corpus, eval activation shards, SAEs and metrics of the default shape under `root`."""
     context, d_model, width = 128, 576, 4608
     rng = np.random.default_rng(0)
@@ -45,7 +49,9 @@ def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int
                    root / "corpus/eval.parquet")
     seq, pos = (a.reshape(-1)[:tokens] for a in np.meshgrid(np.arange(n_seq), np.arange(1, context), indexing="ij"))
     x = rng.normal(size=(len(seq), d_model)).astype(np.float32)
-    folder = root / f"acts/resid_post/layer_{layer}/eval"
+    layout = Layout(base_model=base_model, corpus=root / "corpus", activations=root / "acts", saes=root / "saes",
+                    metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md")
+    folder = activations_folder(layout.activations, "resid_post", layer, "eval")
     folder.mkdir(parents=True)
     pq.write_table(pa.table({"activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d_model),
                              "token_id": pa.array(ids[seq, pos]), "sequence_id": pa.array(seq, pa.int64()),
@@ -54,18 +60,17 @@ def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int
                                                       "shards": [{"file": "shard-00000.parquet", "rows": len(x)}]}))
     metrics = {}
     for i in range(n_saes):
-        sae = build_sae(SAECfg("jumprelu", d_model, width, name=f"jumprelu-{i}", site="resid_post", layer=layer))
+        sae = build_sae(SAESpec("jumprelu", d_model, width, name=f"jumprelu-{i}", site="resid_post", layer=layer))
         sae.init_weights(torch.Generator().manual_seed(i))
         with torch.no_grad():
             sae.threshold.fill_(2.5)  # about 30 of 4608 latents fire on a random row, like a trained SAE
-        save_sae(sae, root / f"saes/resid_post/layer_{layer}/jumprelu-{i}")
+        save_sae(sae, sae_folder(layout.saes, "resid_post", layer, f"jumprelu-{i}"))
         metrics[f"jumprelu-{i}"] = {"architecture": "jumprelu", "width": width, "l0": 50.0 + i, "fvu": 0.2,
                                     "delta_loss": 0.1, "loss_recovered": 0.9, "dead_fraction": 0.01,
                                     "dense_fraction": 0.0, "error_by_position": [0.2] * context}
-    (root / "metrics/resid_post").mkdir(parents=True)
-    (root / f"metrics/resid_post/layer_{layer}.json").write_text(json.dumps({"saes": metrics}))
-    return ReportPaths(base_model, root / "corpus", root / "acts", root / "saes", root / "metrics",
-                       root / "html", root / "summary.md")
+    metrics_file(layout.metrics, "resid_post", layer).parent.mkdir(parents=True)
+    metrics_file(layout.metrics, "resid_post", layer).write_text(json.dumps({"saes": metrics}))
+    return layout
 
 
 def main() -> None:
@@ -76,12 +81,11 @@ def main() -> None:
     args = parser.parse_args()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     cfg = build(ReportConfig, params["report"], "report")
-    p = {k: REPO / v for k, v in params["paths"].items()}
-    real = not args.synthetic and any(find_saes(p["saes"], params["site"], layer) for layer in params["harvest"]["layers"])
+    pipeline = Layout.from_config({k: REPO / v for k, v in params["paths"].items()})
+    real = not args.synthetic and any(find_saes(pipeline.saes, params["site"], layer) for layer in params["harvest"]["layers"])
     with tempfile.TemporaryDirectory() as tmp:
-        paths = (ReportPaths(p["base_model"], p["corpus"], p["activations"], p["saes"], p["metrics"],
-                             Path(tmp) / "html", Path(tmp) / "summary.md") if real
-                 else synthetic(Path(tmp), p["base_model"], args.tokens, args.saes))
+        paths = (replace(pipeline, html=Path(tmp) / "html", summary=Path(tmp) / "summary.md") if real
+                 else synthetic(Path(tmp), pipeline.base_model, args.tokens, args.saes))
         cpu = time.process_time()
         result = build_report(cfg, paths, seed=0)
         cpu = time.process_time() - cpu  # CPU seconds of all threads: less sensitive to other jobs

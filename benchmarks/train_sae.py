@@ -27,9 +27,10 @@ import torch
 
 from token_journey.config import build, compose
 from token_journey.config.sae import SAEConfig
-from token_journey.corpus import drop_norm_outliers
+from token_journey.data.corpus import drop_norm_outliers
+from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.jumprelu import heaviside, jumprelu
-from token_journey.sae.train import DataStats, evaluate, lr_at, new_sae, sparsity_at, train
+from token_journey.sae.train import DataStats, lr_at, new_sae, sparsity_at, train
 
 BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "relu": 0.0}
 QUALITY_BARS = {"topk": {"fvu_max": 0.16, "dead_max": 0.10}, "jumprelu": {"fvu_max": 0.20, "l0_min": 24, "l0_max": 48}}
@@ -56,7 +57,7 @@ def without_outliers(x: torch.Tensor, ratio: float) -> torch.Tensor:
 def load(path: Path, eval_path: Path | None, site: str, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(train [N, d], held-out [M, d]) float32 activations from any supported layout."""
     if (path / site / f"layer_{layer}" / "manifest.json").is_file():
-        from token_journey.shards import open_activations
+        from token_journey.data.shards import open_activations
 
         return open_activations(path, site, layer).tensor(), open_activations(path, site, layer, "eval").tensor()
     train_rows, eval_rows = _load_loose(path, eval_path)
@@ -108,7 +109,7 @@ def dense_step_seconds(cfg: SAEConfig, sae, x: torch.Tensor, steps: int = 3) -> 
     p = dict(zip(names, params))
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
     times = []
-    for step in range(steps + 1):
+    for _ in range(steps + 1):
         t0 = time.perf_counter()
         x_in = x - p["b_dec"] if sae.apply_b_dec_to_input else x
         pre = x_in @ p["W_enc"] + p["b_enc"]
@@ -162,7 +163,7 @@ def main() -> None:
         info = train(sae, in_memory(x_train, cfg.batch_size, 0), stats, cfg)
         peak_after = matmul_peak(cfg.batch_size, x_train.shape[1], cfg.width)
         dense_after = dense_step_seconds(cfg, sae, x_train[: cfg.batch_size] * stats.scale)
-        metrics = evaluate(sae, x_eval)
+        metrics = sae_reconstruction(sae, x_eval)
         ceiling = max(peak, peak_after) / (2 * x_train.shape[1] * cfg.width)
         dense_tps = cfg.batch_size / min(dense_s, dense_after)
         tps = info["tokens_per_s"]

@@ -1,20 +1,20 @@
 """Stage train_sae: train one SAE on one layer's harvested activations.
 
-Output: models/saes/<model>/<site>/layer_<L>/<sae-name>/{sae.safetensors, cfg.json, train.json}.
+Output: one SAE folder {sae.safetensors, cfg.json, train.json} under <paths.saes> (see token_journey.layout).
 Sweeps: `python stages/train_sae.py -m layer=6 sae=jumprelu,topk sae.k=16,32,64` (each member gets
 its own folder; wandb groups them by the sweep folder). Data parallel:
 `torchrun --nproc_per_node 2 stages/train_sae.py` (gloo on CPU) or `accelerate launch --multi_gpu ...`.
 """
 
 import sys
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from token_journey.config import build
 from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
-from token_journey.sae.run import sweep_name, train_layer
+from token_journey.layout import Layout
+from token_journey.sae.train_layer import sweep_name, train_layer
 from token_journey.stage import stage
 
 
@@ -33,8 +33,9 @@ def _sweep() -> tuple[list[str], str]:
 def main(cfg) -> None:
     sae_cfg = build(SAEConfig, cfg.sae, "sae")
     overrides, group = _sweep()
+    layout = Layout.from_config(cfg.paths)
     out = train_layer(
-        sae_cfg, activations=Path(cfg.paths.activations), saes=Path(cfg.paths.saes), site=cfg.site,
+        sae_cfg, activations=layout.activations, saes=layout.saes, site=cfg.site,
         layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=build(TrackingConfig, cfg.tracking, "tracking"),
         name=sweep_name(sae_cfg.name, overrides), group=group, config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(params=["llama", "gemma2", "gemma3"])
 def tiny(request):
     """A tiny random-weight model of each supported family (float32, eager attention)."""
-    from token_journey.tiny import tiny_model
+    from support.tiny import tiny_model
 
     return tiny_model(request.param)
 

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from support.configs import make
+from support.tiny import tiny_tokenizer
 from token_journey.config.corpus import CorpusConfig
-from token_journey.corpus import (collect_corpus, doc_in_eval, drop_norm_outliers, expects_bos, read_sequences, row_mask,
-                                  special_ids)
+from token_journey.data.corpus import collect_corpus, doc_in_eval, drop_norm_outliers, expects_bos, read_sequences, row_mask, special_ids
 from token_journey.errors import TokenJourneyError
-from token_journey.tiny import tiny_tokenizer
 
 WORDS = "the capital of France is Paris and the word travelled through every layer of the network".split()
 
@@ -33,7 +33,7 @@ def _cfg(folder, **kw):
     base = dict(name="t", source="local", path=str(folder / "*.txt"), context_size=16, max_tokens=100000,
                 eval_tokens=100000, eval_fraction=0.25)
     base.update(kw)
-    return CorpusConfig(**base)
+    return make(CorpusConfig, **base)
 
 
 def _bos_tokenizer():
@@ -148,7 +148,7 @@ def test_bad_input_errors_and_leaves_old_output(tmp_path):
 
 
 def test_offline_parts_are_real_text():
-    from token_journey.corpus_sources import kjv_chapters, offline_texts
+    from token_journey.data.sources import kjv_chapters, offline_texts
 
     first = next(iter(kjv_chapters()))
     assert first.startswith("Genesis 1\n\nIn the beginning God created") and "1:1" not in first
@@ -162,7 +162,7 @@ def test_offline_corpus_holds_two_million_tokens(smollm2_dir):
     from transformers import AutoTokenizer
 
     from token_journey.config import build, compose
-    from token_journey.corpus_sources import offline_texts
+    from token_journey.data.sources import offline_texts
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     parts = build(CorpusConfig, compose()["corpus"], "corpus").parts
@@ -188,8 +188,8 @@ def test_norm_outliers_are_judged_within_each_sequence():
 
 def test_offline_documents_have_unique_ids_across_parts():
     """`datasets` runs the offline generator once per part; ids must still name one document each."""
-    from token_journey.corpus_sources import documents
+    from token_journey.data.sources import documents
 
-    ds = documents(CorpusConfig(name="o", source="offline", parts=("kjv", "python_topics")), seed=0)
+    ds = documents(make(CorpusConfig, name="o", source="offline", parts=("kjv", "python_topics")), seed=0)
     ids = ds["doc_id"]
     assert len(set(ids)) == len(ids) == len(ds) and set(ds["part"]) == {"kjv", "python_topics"}

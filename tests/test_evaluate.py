@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from token_journey import metrics
-from token_journey.corpus import row_mask
-from token_journey.evaluate import evaluate_saes
+from support.configs import make
+from support.tiny import tiny_model
+from token_journey.data.corpus import row_mask
+from token_journey.eval import metrics
+from token_journey.eval.evaluate import evaluate_saes
 from token_journey.sites import capture, decoder_layers
-from token_journey.tiny import tiny_model
 
 SPECIAL = (0, 1, 2)  # the tiny tokenizer's <bos>, <eos>, <pad>
 
@@ -177,29 +178,31 @@ def _write_corpus(folder, seed: int) -> None:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """Everything the evaluate stage reads, made by the project's own code (layers 1 and 2 harvested)."""
+    from support.tiny import save_tiny
     from token_journey.config.harvest import HarvestConfig
     from token_journey.config.model import ModelConfig
-    from token_journey.evaluate import LayerInputs
-    from token_journey.harvest import harvest
+    from token_journey.data.harvest import harvest
+    from token_journey.layout import Layout
     from token_journey.lm import load_prepared, prepare_model
-    from token_journey.sae import SAECfg, build_sae, save_sae
-    from token_journey.tiny import save_tiny
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.io import save_sae
+    from token_journey.sae.registry import build_sae
 
     root = tmp_path_factory.mktemp("evaluate")
     src = save_tiny("llama", root / "src")
-    prepare_model(ModelConfig(name="tiny", source="local", id=str(src)), root / "base")
+    prepare_model(make(ModelConfig, name="tiny", source="local", id=str(src)), root / "base")
     (root / "corpus").mkdir()
     _write_corpus(root / "corpus" / "train.parquet", seed=1)
     _write_corpus(root / "corpus" / "eval.parquet", seed=2)
     lm = load_prepared(root / "base", device="cpu")
-    harvest(lm, HarvestConfig(layers=(1, 2), exclude_first=2, shard_rows=64), root / "corpus", root / "acts", torch.device("cpu"))
+    harvest(lm, make(HarvestConfig, layers=(1, 2), exclude_first=2, shard_rows=64), root / "corpus", root / "acts", torch.device("cpu"))
     for name, arch, k, layer in [("relu-a", "relu", 0, 1), ("topk-b", "topk", 4, 1), ("other-layer", "relu", 0, 2)]:
-        sae = build_sae(SAECfg(arch, 32, 40, k=k, name=name, model="tiny", site="resid_post", layer=layer))
+        sae = build_sae(SAESpec(arch, 32, 40, k=k, name=name, model="tiny", site="resid_post", layer=layer))
         sae.init_weights(torch.Generator().manual_seed(len(name)))
         place = "saes" if name != "other-layer" else "elsewhere"
         save_sae(sae, root / place / "resid_post" / f"layer_{layer}" / name, {"tokens_per_s": 1234.5} if k else None)
-    return root, LayerInputs(model_dir=root / "base", corpus_dir=root / "corpus", activations_dir=root / "acts",
-                             saes_dir=root / "saes", metrics_dir=root / "metrics", site="resid_post", layer=1)
+    return root, Layout(base_model=root / "base", corpus=root / "corpus", activations=root / "acts", saes=root / "saes",
+                        metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md")
 
 
 def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
@@ -208,12 +211,13 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     import pyarrow as pa
 
     from token_journey.config.eval import EvalConfig
-    from token_journey.evaluate import evaluate_layer, metrics_path, pareto_path
-    from token_journey.shards import open_activations
+    from token_journey.data.shards import open_activations
+    from token_journey.eval.evaluate import evaluate_layer
+    from token_journey.layout import metrics_file, pareto_file
 
     root, inputs = artifacts
-    doc = evaluate_layer(EvalConfig(max_tokens=10_000, batch_size=4), inputs, device="cpu")
-    assert json.loads(metrics_path(inputs.metrics_dir, "resid_post", 1).read_text()) == json.loads(json.dumps(doc))
+    doc = evaluate_layer(make(EvalConfig, max_tokens=10_000, batch_size=4), inputs, "resid_post", 1, device="cpu")
+    assert json.loads(metrics_file(inputs.metrics, "resid_post", 1).read_text()) == json.loads(json.dumps(doc))
     assert (doc["model"], doc["site"], doc["layer"]) == ("tiny", "resid_post", 1)
     assert set(doc["saes"]) == {"relu-a", "topk-b"}
     contract = {"architecture", "width", "l0", "fvu", "mse", "cosine", "relative_norm", "dead_fraction", "dense_fraction",
@@ -228,44 +232,44 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     acts = open_activations(root / "acts", "resid_post", 1, split="eval")
     table = pa.concat_tables(list(acts.iter_tables()))
     x = torch.tensor(table.column("activation").to_pylist())
-    from token_journey.sae import load_sae
+    from token_journey.sae.io import load_sae
 
     sae = load_sae(root / "saes" / "resid_post" / "layer_1" / "relu-a")
     with torch.inference_mode():
         assert doc["saes"]["relu-a"]["fvu"] == pytest.approx(metrics.fvu(x, sae(x)), rel=1e-4)
     assert doc["saes"]["relu-a"]["eval_tokens"] == acts.rows
-    rows = json.loads(pareto_path(inputs.metrics_dir, "resid_post", 1).read_text())
+    rows = json.loads(pareto_file(inputs.metrics, "resid_post", 1).read_text())
     assert {r["sae"] for r in rows} == {"relu-a", "topk-b"}
     assert all(r["layer"] == 1 and {"sae", "layer", "l0", "fvu", "delta_loss"} <= set(r) for r in rows)
 
 
 def test_bad_input_names_both_sides(artifacts, tmp_path):
-    from dataclasses import replace
-
     from token_journey.config.eval import EvalConfig
     from token_journey.errors import TokenJourneyError
-    from token_journey.evaluate import evaluate_layer
-    from token_journey.sae import SAECfg, build_sae, save_sae
+    from token_journey.eval.evaluate import evaluate_layer
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.io import save_sae
+    from token_journey.sae.registry import build_sae
 
     root, inputs = artifacts
-    narrow = build_sae(SAECfg("relu", 16, 8, name="narrow"))
+    narrow = build_sae(SAESpec("relu", 16, 8, name="narrow"))
     save_sae(narrow, tmp_path / "narrow")
     with pytest.raises(TokenJourneyError, match=r"narrow has d_in=16 but resid_post at layer 1 .* d_model=32"):
-        evaluate_layer(EvalConfig(extra_saes=(str(tmp_path / "narrow"),)), inputs, device="cpu")
+        evaluate_layer(make(EvalConfig, extra_saes=(str(tmp_path / "narrow"),)), inputs, "resid_post", 1, device="cpu")
     wrong_layer = root / "elsewhere" / "resid_post" / "layer_2" / "other-layer"
     with pytest.raises(TokenJourneyError, match="trained on resid_post layer 2 but this evaluation is for resid_post layer 1"):
-        evaluate_layer(EvalConfig(extra_saes=(str(wrong_layer),)), inputs, device="cpu")
+        evaluate_layer(make(EvalConfig, extra_saes=(str(wrong_layer),)), inputs, "resid_post", 1, device="cpu")
     with pytest.raises(TokenJourneyError, match="no SAE to evaluate for resid_post layer 2"):
-        evaluate_layer(EvalConfig(), replace(inputs, layer=2), device="cpu")
+        evaluate_layer(make(EvalConfig), inputs, "resid_post", 2, device="cpu")
     with pytest.raises(TokenJourneyError, match="layer 0 .*was not harvested"):
-        evaluate_layer(EvalConfig(), replace(inputs, layer=0), device="cpu")
-    assert not (inputs.metrics_dir / "resid_post" / "layer_0.json").exists()
+        evaluate_layer(make(EvalConfig), inputs, "resid_post", 0, device="cpu")
+    assert not (inputs.metrics / "resid_post" / "layer_0.json").exists()
 
 
 @pytest.mark.slow
 def test_identity_splice_on_smollm2(smollm2):
     """The packaged SmolLM2: an identity SAE at resid_post layer 15 changes nothing; zero ablation hurts."""
-    from token_journey.corpus import special_ids
+    from token_journey.data.corpus import special_ids
 
     text = ["The capital of France is Paris, and the capital of Italy is Rome. Paris is known for",
             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5, the sum of two and three"]
@@ -286,7 +290,6 @@ def test_stage_runs_from_params_yaml(artifacts, tmp_path):
     import sys
 
     import yaml
-
     from conftest import REPO
 
     root, inputs = artifacts

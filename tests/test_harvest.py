@@ -14,15 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from support.configs import make
+from support.tiny import save_tiny
 from token_journey.config.corpus import CorpusConfig
 from token_journey.config.harvest import HarvestConfig
 from token_journey.config.model import ModelConfig
-from token_journey.corpus import collect_corpus, read_sequences, row_mask, special_ids
+from token_journey.data.corpus import collect_corpus, read_sequences, row_mask, special_ids
+from token_journey.data.harvest import harvest
+from token_journey.data.loader import ShuffledLoader
+from token_journey.data.shards import open_activations
 from token_journey.errors import TokenJourneyError
-from token_journey.harvest import harvest
+from token_journey.layout import activations_folder
 from token_journey.lm import load_prepared, prepare_model
-from token_journey.shards import ShuffledLoader, layer_dir, open_activations
-from token_journey.tiny import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "in the beginning was the word and the word travelled through every layer of the network".split()
@@ -33,7 +36,7 @@ def tiny_setup(tmp_path_factory):
     """A prepared tiny Llama and a small corpus of context 16 (train and eval)."""
     root = tmp_path_factory.mktemp("harvest")
     save_tiny("llama", root / "src")
-    prepare_model(ModelConfig(name="tiny", source="local", id=str(root / "src")), root / "base")
+    prepare_model(make(ModelConfig, name="tiny", source="local", id=str(root / "src")), root / "base")
     lm = load_prepared(root / "base", device="cpu")
     docs = root / "docs"
     docs.mkdir()
@@ -41,7 +44,7 @@ def tiny_setup(tmp_path_factory):
     for i in range(120):
         picks = torch.randint(0, len(WORDS), (int(torch.randint(10, 80, (1,), generator=gen)),), generator=gen)
         (docs / f"{i:03d}.txt").write_text(" ".join(WORDS[int(j)] for j in picks))
-    cfg = CorpusConfig(name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=2048,
+    cfg = make(CorpusConfig, name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=2048,
                        eval_tokens=256, eval_fraction=0.2)
     collect_corpus(cfg, lm.tokenizer, 256, root / "corpus", seed=0)
     return root, lm
@@ -50,7 +53,7 @@ def tiny_setup(tmp_path_factory):
 def _cfg(**kw):
     base = dict(layers=(0, 2), sites=("resid_post", "mlp_out"), batch_size=5, shard_rows=64, row_group_rows=16)
     base.update(kw)
-    return HarvestConfig(**base)
+    return make(HarvestConfig, **base)
 
 
 def test_rows_are_the_models_hidden_states(tiny_setup, tmp_path):
@@ -135,7 +138,7 @@ def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path)
     _harvest_whole(root, whole)
     killed = tmp_path / "killed" / "acts"
     proc = subprocess.Popen(_harvest_cmd(root, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = layer_dir(killed, "attn_out", 2) / "shard-00000.parquet"
+    first = activations_folder(killed, "attn_out", 2) / "shard-00000.parquet"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
@@ -143,13 +146,13 @@ def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path)
     proc.wait()
     partial = _shards(killed)
     assert 0 < len(partial) < len(_shards(whole)), "the kill did not land part-way"
-    assert not (layer_dir(killed, "resid_post", 0) / "manifest.json").exists()
+    assert not (activations_folder(killed, "resid_post", 0) / "manifest.json").exists()
     subprocess.run(_harvest_cmd(root, killed), check=True, env=env, capture_output=True)
     assert _shards(killed) == _shards(whole)  # byte for byte: nothing lost, nothing twice
     for site, layer in (("resid_post", 0), ("attn_out", 2)):
         for split in ("train", "eval"):
-            a = json.loads((layer_dir(killed, site, layer, split) / "manifest.json").read_text())
-            b = json.loads((layer_dir(whole, site, layer, split) / "manifest.json").read_text())
+            a = json.loads((activations_folder(killed, site, layer, split) / "manifest.json").read_text())
+            b = json.loads((activations_folder(whole, site, layer, split) / "manifest.json").read_text())
             assert a == b
             table = open_activations(killed, site, layer, split, verify=True).read_all(["sequence_id", "position"])
             keys = list(zip(table.column("sequence_id").to_pylist(), table.column("position").to_pylist()))
@@ -169,8 +172,8 @@ def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     assert "train: process 1 of 2 writes shards" in run.stdout + run.stderr
     assert len(_shards(one)) > 2 and _shards(two) == _shards(one)
     for split in ("train", "eval"):
-        a = json.loads((layer_dir(two, "attn_out", 2, split) / "manifest.json").read_text())
-        b = json.loads((layer_dir(one, "attn_out", 2, split) / "manifest.json").read_text())
+        a = json.loads((activations_folder(two, "attn_out", 2, split) / "manifest.json").read_text())
+        b = json.loads((activations_folder(one, "attn_out", 2, split) / "manifest.json").read_text())
         assert a == b
 
 
@@ -178,7 +181,7 @@ def test_resume_drops_leftovers_and_foreign_shards(tiny_setup, tmp_path):
     root, lm = tiny_setup
     cfg = _cfg(layers=(1,), sites=("resid_post",))
     harvest(lm, cfg, root / "corpus", tmp_path, torch.device("cpu"))
-    folder = layer_dir(tmp_path, "resid_post", 1)
+    folder = activations_folder(tmp_path, "resid_post", 1)
     reference = _shards(tmp_path)
     (folder / "manifest.json").unlink()
     for name in ("shard-00005.parquet", "shard-00006.parquet"):
@@ -203,7 +206,7 @@ def test_bad_input_errors(tiny_setup, tmp_path):
     with pytest.raises(TokenJourneyError, match="no corpus split"):
         harvest(lm, _cfg(), tmp_path / "nowhere", tmp_path, torch.device("cpu"))
     with pytest.raises(TokenJourneyError, match="harvest.dtype"):
-        HarvestConfig(layers=(1,), dtype="int8")
+        make(HarvestConfig, layers=(1,), dtype="int8")
     result = subprocess.run(_harvest_cmd(root, tmp_path / "acts")[:2] + ["harvest.layers=[9]", f"paths.base_model={root / 'base'}",
                             f"paths.corpus={root / 'corpus'}", f"hydra.run.dir={tmp_path / 'h'}"],
                             env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), capture_output=True, text=True)

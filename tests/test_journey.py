@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from support.configs import make
+from support.tiny import tiny_model, tiny_tokenizer
 from token_journey.config.journey import GenerationConfig, JourneyConfig
 from token_journey.errors import TokenJourneyError
-from token_journey.journey import UnsupportedArchitecture, run_journey
-from token_journey.journey import rope
+from token_journey.journey import UnsupportedArchitecture, rope, run_journey
 from token_journey.journey.forward import recompute
 from token_journey.journey.generate import filter_probs
-from token_journey.tiny import tiny_model, tiny_tokenizer
 
 TEXT = "The capital of France is Paris, and"  # longer than the tiny sliding window (4)
 TOL = 1e-4
@@ -95,7 +95,7 @@ def test_llama3_rope_scaling_matches_formula():
 def test_parameters_and_flops_add_up(tokenizer):
     for family in ("llama", "gemma2"):
         model = tiny_model(family)
-        journey = run_journey(model, tokenizer, JourneyConfig(text=TEXT), progress=False)
+        journey = run_journey(model, tokenizer, make(JourneyConfig, text=TEXT), progress=False)
         T = len(journey.run.tokens)
         assert journey.totals["params"] == sum(p.numel() for p in model.parameters())
         cfg = model.config
@@ -110,7 +110,7 @@ def test_parameters_and_flops_add_up(tokenizer):
 
 def test_logit_lens_last_layer_is_the_prediction(tokenizer):
     model = tiny_model("gemma2")
-    journey = run_journey(model, tokenizer, JourneyConfig(text=TEXT, lens_top=3), progress=False)
+    journey = run_journey(model, tokenizer, make(JourneyConfig, text=TEXT, lens_top=3), progress=False)
     assert len(journey.lens) == model.config.num_hidden_layers
     last = journey.lens[-1].top[-1]
     assert [i for i, _ in last] == [i for i, _ in journey.next_tokens[:3]]
@@ -133,11 +133,11 @@ def test_sampling_filters():
 
 def test_generation_is_seeded(tokenizer):
     model = tiny_model("llama")
-    cfg = JourneyConfig(text=TEXT, generation=GenerationConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=5))
+    cfg = make(JourneyConfig, text=TEXT, generation=make(GenerationConfig, temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=5))
     a = run_journey(model, tokenizer, cfg, seed=3, progress=False).generated
     b = run_journey(model, tokenizer, cfg, seed=3, progress=False).generated
     assert a == b and len(a.token_ids) == 5
-    greedy = JourneyConfig(text=TEXT, generation=GenerationConfig(temperature=0.0, max_new_tokens=1))
+    greedy = make(JourneyConfig, text=TEXT, generation=make(GenerationConfig, temperature=0.0, max_new_tokens=1))
     g = run_journey(model, tokenizer, greedy, progress=False)
     assert g.generated.token_ids[0] == g.next_tokens[0][0]
 
@@ -149,7 +149,7 @@ def test_bad_input(tokenizer):
     with pytest.raises(TokenJourneyError, match="context is 256"):
         recompute(model, tokenizer, "word " * 300, progress=False)
     with pytest.raises(TokenJourneyError, match="empty"):
-        JourneyConfig(text="")
+        make(JourneyConfig, text="")
 
 
 def test_unsupported_architecture_names_it_and_keeps_captures(tokenizer):
@@ -157,7 +157,7 @@ def test_unsupported_architecture_names_it_and_keeps_captures(tokenizer):
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
     with pytest.raises(UnsupportedArchitecture, match="'gpt2'") as err:
-        run_journey(model, tokenizer, JourneyConfig(text=TEXT), progress=False)
+        run_journey(model, tokenizer, make(JourneyConfig, text=TEXT), progress=False)
     names = [name for name, _ in err.value.captured]
     assert "transformer.wte" in names and "lm_head" in names
 

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from support.configs import make
+from support.tiny import save_tiny, tiny_tokenizer
 from token_journey.cli import main
 from token_journey.config.model import ModelConfig
 from token_journey.lm import prepare_model
-from token_journey.tiny import save_tiny, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     raw = save_tiny("gemma3", tmp_path_factory.mktemp("raw") / "gemma3")
     out = tmp_path_factory.mktemp("base") / "tiny-gemma3"
-    prepare_model(ModelConfig(name="tiny-gemma3", source="local", id=str(raw)), out)
+    prepare_model(make(ModelConfig, name="tiny-gemma3", source="local", id=str(raw)), out)
     return out
 
 

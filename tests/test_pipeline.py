@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
-from token_journey.tiny import save_tiny
+
+from support.tiny import save_tiny
 
 TINY_PROFILE = """# @package _global_
 defaults:

@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from support.configs import make
 from token_journey.config.report import ReportConfig
-from token_journey.report import ReportPaths, build_report, plots
-from token_journey.report.features import feature_stats, merge_topk, select_features
+from token_journey.layout import Layout
+from token_journey.report import build_report, plots
+from token_journey.report.feature_stats import feature_stats, merge_topk, select_features
 from token_journey.report.tokens import logit_effects, visible
 
 HOSTILE = ["<script>alert(1)</script>", "\"q'uote", "a&amp;b", "bell\x07esc\x1b"]
@@ -26,9 +28,10 @@ D_MODEL, D_SAE, CONTEXT, N_SEQ = 32, 48, 16, 10
 
 def make_sae(seed: int = 0):
     """A ReLU SAE of the real package with random weights; features 40.. are dead (very negative bias)."""
-    from token_journey.sae import SAECfg, build_sae
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.registry import build_sae
 
-    sae = build_sae(SAECfg("relu", D_MODEL, D_SAE, name="relu-1", model="tiny", site="resid_post", layer=1))
+    sae = build_sae(SAESpec("relu", D_MODEL, D_SAE, name="relu-1", model="tiny", site="resid_post", layer=1))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(D_MODEL, D_SAE, generator=g) / D_MODEL**0.5)
@@ -52,9 +55,9 @@ def _tables(x: np.ndarray, meta: dict[str, np.ndarray], chunk: int) -> list[pa.T
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> ReportPaths:
+def inputs(tmp_path_factory) -> Layout:
     """A complete set of report inputs on disk (see the module docstring)."""
-    from token_journey.tiny import save_tiny, tiny_tokenizer
+    from support.tiny import save_tiny, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("report")
     base = save_tiny("llama", root / "base")
@@ -102,13 +105,14 @@ def inputs(tmp_path_factory) -> ReportPaths:
             saes["<img src=x onerror=alert(1)>|x"] = {"l0": 3.0, "fvu": 0.9, "delta_loss": 1.0}
         (metrics / f"layer_{layer}.json").write_text(json.dumps({"model": "tiny", "site": "resid_post", "layer": layer,
                                                                   "saes": saes}))
-    from token_journey.sae import save_sae
+    from token_journey.sae.io import save_sae
 
     save_sae(make_sae(), root / "saes" / "resid_post" / "layer_1" / "relu-1", {"tokens_per_s": 5e4, "tokens": 1000})
-    return ReportPaths(base, corpus, root / "acts", root / "saes", root / "metrics", root / "html", root / "summary.md")
+    return Layout(base_model=base, corpus=corpus, activations=root / "acts", saes=root / "saes", metrics=root / "metrics",
+                  html=root / "html", journey=root / "journey", summary=root / "summary.md")
 
 
-def _all_rows(paths: ReportPaths) -> tuple[torch.Tensor, pa.Table]:
+def _all_rows(paths: Layout) -> tuple[torch.Tensor, pa.Table]:
     table = pa.concat_tables(pq.read_table(f) for f in sorted((paths.activations / "resid_post/layer_1/eval").glob("*.parquet")))
     x = torch.from_numpy(table.column("activation").combine_chunks().flatten().to_numpy().reshape(-1, D_MODEL).copy())
     return x, table
@@ -150,7 +154,7 @@ def test_select_features_skips_dead_and_is_seeded(inputs):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_logit_effects_rank_like_the_models_own_head(family):
     """(d * g) @ W_U.T equals the model's final norm + LM head on d, up to the positive RMS scale."""
-    from token_journey.tiny import tiny_model
+    from support.tiny import tiny_model
 
     model = tiny_model(family)
     with torch.no_grad():
@@ -169,7 +173,7 @@ def test_visible_makes_control_characters_readable():
 
 
 def test_pareto_front_and_ticks():
-    assert plots.pareto_front([1, 2, 3, 4], [4, 1, 2, 0.5]) == [0, 1, 3]
+    assert plots.front_path([1, 2, 3, 4], [4, 1, 2, 0.5]) == [0, 1, 3]
     ticks = plots.nice_ticks(0.03, 0.87)
     assert ticks[0] <= 0.03 and ticks[-1] >= 0.87 and len(ticks) <= 20
 
@@ -202,7 +206,7 @@ class _Doc(HTMLParser):
 @pytest.fixture(scope="module")
 def built(inputs, tmp_path_factory):
     """The report built once from the fixture."""
-    cfg = ReportConfig(n_features=3, n_random=2, top_k=6, n_quantile_contexts=4, window=3, n_logit_tokens=5)
+    cfg = make(ReportConfig, n_features=3, n_random=2, top_k=6, n_quantile_contexts=4, window=3, n_logit_tokens=5)
     return build_report(cfg, inputs, seed=0), cfg
 
 

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_report import _Doc, built, inputs  # noqa: F401  (fixtures shared with the unit tests)
 

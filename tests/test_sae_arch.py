@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae import ARCHITECTURES, SAECfg, build_sae
-from token_journey.sae.base import StepContext
+from token_journey.sae.base import SAESpec, StepContext
 from token_journey.sae.batchtopk import kth_largest
 from token_journey.sae.jumprelu import heaviside, jumprelu
+from token_journey.sae.registry import ARCHITECTURES, build_sae
 from token_journey.sae.sparse import Active, decode_at, encode_at
 
 D_IN, D_SAE, N = 6, 16, 10
 
 
 def _sae(arch: str, k: int = 3, seed: int = 0):
-    sae = build_sae(SAECfg(arch, D_IN, D_SAE, k=k if arch in ("topk", "batchtopk") else 0))
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k if arch in ("topk", "batchtopk") else 0))
     g = torch.Generator().manual_seed(seed)
     sae.init_weights(g, torch.randn(D_IN, generator=g) * 0.1)
     with torch.no_grad():
@@ -169,4 +169,12 @@ def test_kth_largest_is_exact(name, k):
 @pytest.mark.parametrize("width,k", [(0, 1), (8, 9), (8, 0)])
 def test_bad_shapes_are_rejected(width, k):
     with pytest.raises(TokenJourneyError):
-        build_sae(SAECfg("topk", 4, width, k=k))
+        build_sae(SAESpec("topk", 4, width, k=k))
+
+
+def test_registry_names_each_class_by_its_own_architecture():
+    from token_journey.sae.registry import sae_class
+
+    assert {name: sae_class(name).architecture for name in ARCHITECTURES} == {name: name for name in ARCHITECTURES}
+    with pytest.raises(TokenJourneyError, match="sae.architecture='gated' is not one of jumprelu"):
+        sae_class("gated")

@@ -10,13 +10,15 @@ import torch
 from safetensors.torch import save_file
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae import SAECfg, build_sae, find_saes, load_sae, save_sae
+from token_journey.sae.base import SAESpec
+from token_journey.sae.io import find_saes, load_sae, save_sae
+from token_journey.sae.registry import build_sae
 
 D_IN, D_SAE = 5, 12
 
 
 def _random(arch: str, k: int = 0):
-    sae = build_sae(SAECfg(arch, D_IN, D_SAE, k=k, name=f"{arch}-x", model="m", site="resid_post", layer=3))
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k, name=f"{arch}-x", model="m", site="resid_post", layer=3))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in sae.parameters():

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from token_journey.sae import find_saes, load_sae
+from token_journey.sae.io import find_saes, load_sae
 
 REPO = Path(__file__).resolve().parents[1]
 D = 8
 
 
 def _write_split(folder: Path, rows: int, seed: int) -> None:
-    from token_journey.shards import ShardWriter, write_manifest
+    from token_journey.data.shards import ShardWriter, write_manifest
 
     g = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(20, D, generator=torch.Generator().manual_seed(0)), dim=1)

@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+from support.configs import make
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.train import (DataStats, evaluate, lr_at, match_grad_layout, new_sae, sparsity_at,
-                                     threshold_weight_at, train)
+from token_journey.eval.metrics import sae_reconstruction
+from token_journey.sae.train import DataStats, lr_at, match_grad_layout, new_sae, sparsity_at, threshold_weight_at, train
 
 D_IN, N_FEAT = 8, 24
 
@@ -37,7 +38,7 @@ def _cfg(arch: str = "topk", **kw) -> SAEConfig:
                 lr_warmup_steps=3, checkpoint_every=7, dead_window_tokens=640, log_every=5,
                 sparsity_coefficient=0.02 if arch == "jumprelu" else 0.05, sparsity_warmup_steps=5)
     base.update(kw)
-    return SAEConfig(**base)
+    return make(SAEConfig, **base)
 
 
 STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
@@ -48,7 +49,7 @@ def test_training_reduces_fvu_below_the_mean_predictor(arch):
     cfg = _cfg(arch)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     info = train(sae, _batches(64), STATS, cfg)
-    metrics = evaluate(sae, _data(99, 2048))
+    metrics = sae_reconstruction(sae, _data(99, 2048))
     assert info["steps"] == cfg.steps
     assert metrics["fvu"] < 0.6, metrics
     assert 0 < metrics["l0"] < cfg.width
@@ -136,7 +137,7 @@ def test_batchtopk_threshold_gives_about_k_latents_per_token_at_inference(k):
     cfg = _cfg("batchtopk", k=k)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     train(sae, _batches(64), STATS, cfg)
-    assert evaluate(sae, _data(99, 2048))["l0"] == pytest.approx(k, rel=0.2)
+    assert sae_reconstruction(sae, _data(99, 2048))["l0"] == pytest.approx(k, rel=0.2)
 
 
 @pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),

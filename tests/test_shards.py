@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from token_journey.data.loader import ShuffledLoader
+from token_journey.data.shards import ShardWriter, open_activations, write_manifest
 from token_journey.errors import TokenJourneyError
-from token_journey.shards import ShardWriter, ShuffledLoader, layer_dir, open_activations, write_manifest
+from token_journey.layout import activations_folder
 
 D = 8
 
 
 def _write(root, n_shards, rows_per_shard=64, dtype="float32", row_group_rows=16, seq_len=16):
     """Shards whose activation[:, 0] is the global row number, so every row is identifiable."""
-    folder = layer_dir(root, "resid_post", 3)
+    folder = activations_folder(root, "resid_post", 3)
     writer = ShardWriter(folder, D, dtype, run_key="k", row_group_rows=row_group_rows)
     row = 0
     for shard in range(n_shards):

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from support.configs import make
 from token_journey.config.tracking import TrackingConfig
 from token_journey.tracking import run_mode, start_run
 
 
 def test_disabled_mode_starts_nothing(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert start_run({"a": 1}, TrackingConfig(mode="offline"), "train_sae") is None
+    assert start_run({"a": 1}, make(TrackingConfig, mode="offline"), "train_sae") is None
 
 
 def test_environment_wins_over_config(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert run_mode(TrackingConfig(mode="online")) == "disabled"
+    assert run_mode(make(TrackingConfig, mode="online")) == "disabled"
     monkeypatch.delenv("WANDB_MODE")
-    assert run_mode(TrackingConfig(mode="offline")) == "offline"
+    assert run_mode(make(TrackingConfig, mode="offline")) == "offline"
 
 
 @pytest.mark.slow
@@ -25,7 +26,7 @@ def test_offline_run_is_written_locally_with_the_experiment_name(monkeypatch, tm
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-lucid-owl")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = start_run({"sae": {"k": 32}}, TrackingConfig(mode="offline", dir=str(tmp_path)), "train_sae", name="topk")
+    run = start_run({"sae": {"k": 32}}, make(TrackingConfig, mode="offline", dir=str(tmp_path)), "train_sae", name="topk")
     assert run is not None
     run.log({"train/fvu": 0.5})
     assert run.name == "exp-lucid-owl-topk" and run.group == "exp-lucid-owl"

@@ -3,7 +3,8 @@
     token-journey journey --text "The capital of France is" --layer 3 --html
 
 loads a prepared model folder, follows the text through it (every step recomputed and checked),
-prints the rich terminal rendering and, with --html, writes reports/journey/<slug>.html.
+prints the rich terminal rendering and, with --html, writes <paths.journey>/<slug>.html.
+Defaults (text, sampling, folders) come from the composed `conf/`, as the DVC stage sees them.
 Bad input prints one `error: ...` line and exits with status 2.
 """
 
@@ -11,30 +12,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from token_journey.errors import TokenJourneyError
 
-DEFAULTS = {"model_dir": "models/base/smollm2-135m", "out": "reports/journey", "saes": "models/saes"}
 
+def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
+    """The argument parser, with defaults from the composed config `conf`."""
+    from token_journey.config.journey import journey_config
+    from token_journey.layout import Layout
 
-def _parser() -> argparse.ArgumentParser:
-    from token_journey.config.journey import GenerationConfig, JourneyConfig
-
+    journey, layout = journey_config(conf["journey"]), Layout.from_config(conf["paths"])
     parser = argparse.ArgumentParser(prog="token-journey", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     j = sub.add_parser("journey", help="follow a text through a model, number by number")
-    j.add_argument("--text", default=JourneyConfig.text, help="the text (default: %(default)r)")
-    j.add_argument("--model-dir", default=DEFAULTS["model_dir"], help="prepared model folder (default: %(default)s)")
+    j.add_argument("--text", default=journey.text, help="the text (default: %(default)r)")
+    j.add_argument("--model-dir", default=str(layout.base_model), help="prepared model folder (default: %(default)s)")
     j.add_argument("--layer", type=int, default=None, help="show only this layer in the terminal")
     j.add_argument("--html", action="store_true", help="also write the HTML page")
-    j.add_argument("--out", default=DEFAULTS["out"], help="folder for the HTML/JSON (default: %(default)s)")
-    j.add_argument("--saes", default=None, help="SAE root (default: models/saes/<model name>)")
+    j.add_argument("--out", default=str(layout.journey), help="folder for the HTML/JSON (default: %(default)s)")
+    j.add_argument("--saes", default=str(layout.saes), help="SAE root (default: %(default)s)")
+    j.add_argument("--report", default=str(layout.html), help="report folder the feature links point to (default: %(default)s)")
     j.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: %(default)s)")
     j.add_argument("--dtype", default="float32", help="compute dtype (default: %(default)s; checks assume float32)")
     j.add_argument("--seed", type=int, default=0)
-    g = GenerationConfig()
+    g = journey.generation
     j.add_argument("--temperature", type=float, default=g.temperature)
     j.add_argument("--top-k", type=int, default=g.top_k)
     j.add_argument("--top-p", type=float, default=g.top_p)
@@ -43,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def journey_command(args: argparse.Namespace) -> int:
-    """Run the `journey` subcommand; returns the exit status."""
+def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
+    """Run the `journey` subcommand (settings not on the command line from `conf`); returns the exit status."""
     from rich.console import Console
 
     from token_journey.config.journey import GenerationConfig, JourneyConfig
@@ -53,13 +58,16 @@ def journey_command(args: argparse.Namespace) -> int:
     from token_journey.journey.render_terminal import render, render_captured
     from token_journey.lm import load_prepared
 
-    generation = GenerationConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    cfg = JourneyConfig(text=args.text, generation=generation)
+    generation = GenerationConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens)
+    defaults = {k: v for k, v in conf["journey"].items() if k not in ("text", "generation")}
+    cfg = JourneyConfig(**defaults, text=args.text, generation=generation)
     loaded = load_prepared(args.model_dir, dtype=args.dtype, device=args.device)
-    saes = Path(args.saes) if args.saes else Path(DEFAULTS["saes"]) / loaded.name
     console = Console()
+    report_root = Path(os.path.relpath(args.report, args.out)).as_posix()
     try:
-        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, saes)
+        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.saes),
+                              report_root=report_root)
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured, console)
         raise
@@ -72,9 +80,12 @@ def journey_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    from token_journey.config import compose
+
+    conf = compose()
+    args = _parser(conf).parse_args(argv)
     try:
-        return journey_command(args)
+        return journey_command(args, conf)
     except TokenJourneyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,10 +30,17 @@ class Processes:
             dist.barrier()
 
 
+def current_processes() -> Processes:
+    """This process's place in the process group already joined; process 0 of 1 when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return Processes(index=dist.get_rank(), count=dist.get_world_size())
+    return Processes()
+
+
 def join_processes(device: torch.device) -> Processes:
     """Join the launcher's process group if there is one; gloo for CPU, NCCL for CUDA."""
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return Processes()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(index=dist.get_rank(), count=dist.get_world_size())
+    return current_processes()

@@ -9,13 +9,11 @@ loads the source once and writes a plain safetensors folder under ``models/base/
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 
 from token_journey.config.model import ModelConfig
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import fresh_temp_folder, replace_folder, sha256_file, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +169,6 @@ def architecture_facts(config: Any) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _plain_copy(model: Any) -> Any:
     """Rebuild a GGUF-loaded model from its config so `save_pretrained` accepts it.
 
@@ -209,9 +200,7 @@ def prepare_model(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
         model = _plain_copy(model)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_temp_folder(out_dir)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     weights = sorted(tmp.glob("*.safetensors"))
@@ -223,15 +212,13 @@ def prepare_model(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "n_params": sum(p.numel() for p in model.parameters()),
         "architecture": architecture_facts(model.config),
-        "weights_sha256": {p.name: _sha256(p) for p in weights},
+        "weights_sha256": {p.name: sha256_file(p) for p in weights},
         "bos_token_id": tokenizer.bos_token_id,
         "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
     }
-    manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest["weights_sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    manifest["fingerprint"] = short_hash(manifest["weights_sha256"])
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_folder(tmp, out_dir)
     log.info("wrote %s (%s parameters, %s)", out_dir, f"{manifest['n_params']:,}", manifest["architecture"]["model_type"])
     return manifest
 

@@ -8,40 +8,40 @@ from token_journey.errors import TokenJourneyError
 
 SOURCES = ("offline", "hub", "local")
 PACKINGS = ("pack", "truncate")
-OFFLINE_PARTS = ("kjv", "python_topics", "stdlib_docstrings", "docstrings:numpy", "docstrings:pandas")
+
 FIXED_PARTS = ("kjv", "python_topics", "stdlib_docstrings")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CorpusConfig:
     name: str
     """Short name used in the output path `data/corpus/<name>/`."""
     source: str
     """offline (text shipped in installed packages) | hub (a datasets hub id, streamed) | local (a file glob)."""
-    context_size: int = 128
+    context_size: int
     """Tokens per sequence, BOS included when the model expects one."""
-    max_tokens: int = 262144
+    max_tokens: int
     """Train token budget: reading stops once this many train tokens are packed."""
-    eval_tokens: int = 20480
+    eval_tokens: int
     """Eval token budget, taken from held-out documents."""
-    eval_fraction: float = 0.1
+    eval_fraction: float
     """Share of documents assigned to eval (by a seeded hash of the document id)."""
-    max_doc_tokens: int = 0
+    max_doc_tokens: int
     """Keep at most this many tokens of each document (0 = all), so that a few very long documents
     cannot fill a split on their own (the offline corpus has module docstrings of 30k+ tokens)."""
-    packing: str = "pack"
+    packing: str
     """pack: documents joined with EOS and cut into sequences; truncate: one padded sequence per document."""
-    parts: tuple[str, ...] = OFFLINE_PARTS
+    parts: tuple[str, ...]
     """Offline texts (source=offline): kjv | python_topics | stdlib_docstrings | docstrings:<installed package>."""
-    path: str = ""
+    path: str
     """Hub dataset id (source=hub) or a glob of .txt/.jsonl/.json/.parquet files (source=local)."""
-    subset: str = ""
+    subset: str
     """Hub dataset configuration name, e.g. sample-10BT (source=hub)."""
-    split: str = "train"
+    split: str
     """Dataset split to read (source=hub)."""
-    text_column: str = "text"
+    text_column: str
     """Column holding the document text (hub, jsonl, parquet)."""
-    shuffle_buffer: int = 10000
+    shuffle_buffer: int
     """Documents held by the streaming shuffle (source=hub); files are shuffled in full."""
 
     def __post_init__(self) -> None:

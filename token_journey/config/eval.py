@@ -9,17 +9,17 @@ from token_journey.errors import TokenJourneyError
 DTYPES = ("", "float32", "float16", "bfloat16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    max_tokens: int = 8192
+    max_tokens: int
     """Eval tokens per layer: the first max_tokens // context_size sequences of the eval split (at least one)."""
-    batch_size: int = 8
+    batch_size: int
     """Sequences per forward pass; each pass holds [batch_size, context_size, vocab] logits."""
-    extra_saes: tuple[str, ...] = ()
+    extra_saes: tuple[str, ...]
     """More SAE folders (ours, SAELens, Gemma Scope, sparsify) evaluated beside the pipeline's own for this layer."""
-    dense_threshold: float = 0.1
+    dense_threshold: float
     """A latent active on more than this fraction of eval tokens counts as dense."""
-    dtype: str = ""
+    dtype: str
     """Dtype the model computes in; empty = the prepared model's dtype."""
 
     def __post_init__(self) -> None:

@@ -10,25 +10,25 @@ DTYPES = ("float32", "float16", "bfloat16")
 SITES = ("resid_post", "attn_out", "mlp_out")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HarvestConfig:
     layers: tuple[int, ...]
     """Decoder layers (0-based) to harvest; also drives the per-layer DVC stages."""
-    sites: tuple[str, ...] = ("resid_post",)
+    sites: tuple[str, ...]
     """Activation sites to harvest at every layer: resid_post | attn_out | mlp_out."""
-    dtype: str = "float32"
+    dtype: str
     """Storage dtype of the activation vectors on disk."""
-    forward_dtype: str = "float32"
+    forward_dtype: str
     """Dtype the model computes in during the harvest."""
-    batch_size: int = 16
+    batch_size: int
     """Sequences per forward pass."""
-    shard_rows: int = 65536
+    shard_rows: int
     """Target tokens per shard; a shard holds a fixed run of shard_rows // context_size sequences."""
-    row_group_rows: int = 4096
+    row_group_rows: int
     """Rows per Parquet row group: the unit the shuffling loader reads, so smaller mixes more shards."""
-    exclude_first: int = 1
+    exclude_first: int
     """The first N real tokens of each sequence are not written (the attention-sink outliers)."""
-    max_norm_ratio: float = 10.0
+    max_norm_ratio: float
     """Also drop rows whose norm exceeds this multiple of their sequence's median row norm; 0 turns it off."""
 
     def __post_init__(self) -> None:

@@ -1,23 +1,23 @@
-"""What the token journey follows and shows (issue 7)."""
+"""What the token journey follows and shows."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from token_journey.errors import TokenJourneyError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
-    temperature: float = 0.8
+    temperature: float
     """Divides the logits before sampling; 0 = greedy."""
-    top_k: int = 50
+    top_k: int
     """Sample only among the k most likely tokens; 0 = no limit."""
-    top_p: float = 0.95
+    top_p: float
     """Sample only among the most likely tokens whose mass reaches top_p; 1 = no limit."""
-    max_new_tokens: int = 12
+    max_new_tokens: int
     """Tokens to generate after the text (0 = none)."""
 
     def __post_init__(self) -> None:
@@ -31,17 +31,17 @@ class GenerationConfig:
             raise TokenJourneyError(f"journey.generation.max_new_tokens={self.max_new_tokens} must be >= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JourneyConfig:
-    text: str = "The capital of France is"
+    text: str
     """The sentence followed through the network."""
-    top_next: int = 10
+    top_next: int
     """Most likely next tokens listed after the final softmax."""
-    lens_top: int = 3
+    lens_top: int
     """Tokens per position and layer in the logit lens."""
-    feature_top: int = 5
+    feature_top: int
     """SAE features per token, layer and SAE."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationConfig
     """Seeded sampling after the journey."""
 
     def __post_init__(self) -> None:

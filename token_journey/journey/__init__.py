@@ -5,7 +5,7 @@ residual adds, final norm, LM head, softmax) is recomputed from the weights by o
 compared with the model's tensor at the same point, captured by hooks. See `run_journey`.
 """
 
-from token_journey.journey.run import Journey, UnsupportedArchitecture, run_journey, slug
+from token_journey.journey.follow import Journey, UnsupportedArchitecture, run_journey, slug
 from token_journey.journey.steps import Step
 
 __all__ = ["Journey", "Step", "UnsupportedArchitecture", "run_journey", "slug"]

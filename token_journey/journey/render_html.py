@@ -8,7 +8,6 @@ is ever spliced in as markup. The page is written atomically (temp name, then re
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from token_journey.journey.flops import human
-from token_journey.journey.run import Journey, slug
+from token_journey.journey.follow import Journey, slug
+from token_journey.layout import atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_HEATMAP_TOKENS = 96
@@ -96,18 +96,12 @@ def summary(journey: Journey) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_journey(journey: Journey, out_dir: Path) -> Path:
     """Write `<out_dir>/<slug>.html` and `<slug>.json`; returns the HTML path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = slug(journey.model_name, journey.text)
     html = out_dir / f"{stem}.html"
-    _atomic_write(html, render_page(journey))
-    _atomic_write(out_dir / f"{stem}.json", json.dumps(summary(journey), indent=1) + "\n")
+    atomic_write_text(html, render_page(journey))
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(summary(journey), indent=1) + "\n")
     return html

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from token_journey.errors import TokenJourneyError
 from token_journey.journey.flops import human
-from token_journey.journey.run import Journey
+from token_journey.journey.follow import Journey
 from token_journey.journey.steps import Step
 
 

@@ -4,6 +4,6 @@ Everything is self-contained (inline CSS and SVG, one tiny inline script) so the
 from disk with no server and no network. Entry point: `build_report`.
 """
 
-from token_journey.report.build import ReportPaths, ReportResult, build_report, log_to_run
+from token_journey.report.build import ReportResult, build_report, log_to_run
 
-__all__ = ["ReportPaths", "ReportResult", "build_report", "log_to_run"]
+__all__ = ["ReportResult", "build_report", "log_to_run"]

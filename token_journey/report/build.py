@@ -1,8 +1,8 @@
 """Build the whole report: gather SAEs and metrics, stream feature statistics, render, write.
 
 `build_report` is what the `report` stage calls. For each SAE folder it streams at most
-`report.max_tokens` eval-split activation rows through the SAE (two passes, see `features`),
-builds dashboards, and writes `<html>/<site>/layer_<L>/<name>.html`; then the overview
+`report.max_tokens` eval-split activation rows through the SAE (two passes, see `feature_stats`),
+builds dashboards, and writes its page (`layout.report_page`); then the overview
 `<html>/index.html` and the Markdown summary. Numbers on the overview come from the metrics
 JSONs of the evaluate stage; firing densities come from the report's own stream.
 """
@@ -21,27 +21,15 @@ from markupsafe import Markup
 
 from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import Layout, atomic_write_text
 from token_journey.report import plots
 from token_journey.report.dashboards import ContextBuilder, build_dashboards, feature_index, read_eval_tokens
-from token_journey.report.features import feature_stats, select_features, selected_activations
+from token_journey.report.feature_stats import feature_stats, select_features, selected_activations
 from token_journey.report.gather import SaeEntry, facts, gather_saes
-from token_journey.report.render import environment, render_index, render_sae, render_summary, write_text
+from token_journey.report.render import environment, render_index, render_sae, render_summary
 from token_journey.report.tokens import TokenStrings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReportPaths:
-    """Inputs (base model, corpus, activations, SAEs, metrics) and outputs (html folder, summary file)."""
-
-    base_model: Path
-    corpus: Path
-    activations: Path
-    saes: Path
-    metrics: Path
-    html: Path
-    summary: Path
 
 
 @dataclass
@@ -55,12 +43,15 @@ class ReportResult:
     charts: dict[str, Markup] = field(default_factory=dict)
 
     def write(self, path: Path, text: str) -> None:
-        self.bytes += write_text(path, text)
+        self.bytes += atomic_write_text(path, text)
         self.files.append(path)
 
 
-def build_report(cfg: ReportConfig, paths: ReportPaths, seed: int = 0, device: str = "cpu") -> ReportResult:
-    """Render every page of the report (see the module docstring) and return what was written."""
+def build_report(cfg: ReportConfig, paths: Layout, seed: int = 0, device: str = "cpu") -> ReportResult:
+    """Render every page of the report (see the module docstring) and return what was written.
+
+    Reads everything from the roots of `paths`; writes under `paths.html` and to `paths.summary`.
+    """
     from token_journey.lm import load_prepared
 
     start = time.perf_counter()
@@ -79,16 +70,16 @@ def build_report(cfg: ReportConfig, paths: ReportPaths, seed: int = 0, device: s
     info = facts(paths.base_model, paths.corpus, paths.activations, result.entries)
     pages = {e.page for e in with_folder}
     result.write(Path(paths.html) / "index.html", render_index(env, result.entries, info, result.charts, pages))
-    result.write(Path(paths.summary), render_summary(result.entries, info))
+    result.write(paths.summary, render_summary(result.entries, info))
     result.seconds = time.perf_counter() - start
     return result
 
 
-def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: ReportPaths, loaded: Any, env: Any, seed: int,
+def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env: Any, seed: int,
              device: str) -> tuple[str, np.ndarray | None]:
     """The HTML of one SAE's page and its features' firing densities `[d_sae]` (None without eval data)."""
-    from token_journey.sae import load_sae
-    from token_journey.shards import open_activations
+    from token_journey.data.shards import open_activations
+    from token_journey.sae.io import load_sae
 
     sae = load_sae(entry.folder, device=device)
     sae.eval()

@@ -18,8 +18,9 @@ from markupsafe import Markup
 
 from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import corpus_file
 from token_journey.report import plots
-from token_journey.report.features import FeatureStats, RowIndex
+from token_journey.report.feature_stats import FeatureStats, RowIndex
 from token_journey.report.tokens import TokenStrings, promoted_and_suppressed
 
 
@@ -61,9 +62,9 @@ class Dashboard:
 
 def read_eval_tokens(corpus: Path, sequence_ids: np.ndarray) -> dict[int, np.ndarray]:
     """Token ids `[context_size]` of the given eval sequences (`<corpus>/eval.parquet`), keyed by sequence_id."""
-    from token_journey.corpus import read_sequences
+    from token_journey.data.corpus import read_sequences
 
-    split = read_sequences(Path(corpus) / "eval.parquet")
+    split = read_sequences(corpus_file(corpus, "eval"))
     wanted = set(np.unique(sequence_ids).tolist())
     return {int(s): split.input_ids[i].numpy() for i, s in enumerate(split.sequence_ids.tolist()) if s in wanted}
 

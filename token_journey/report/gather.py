@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import activations_folder, layers_under, report_page
 
 log = logging.getLogger(__name__)
-
-LAYER_DIR = re.compile(r"^layer_(\d+)$")
-LAYER_JSON = re.compile(r"^layer_(\d+)\.json$")
 
 # (key, column title, format) of the headline table, shared by index.html and summary.md.
 HEADLINE = (
@@ -49,7 +46,7 @@ class SaeEntry:
     @property
     def page(self) -> str:
         """Path of its page relative to the report root."""
-        return f"{self.site}/layer_{self.layer}/{self.name}.html"
+        return report_page(self.site, self.layer, self.name)
 
     def value(self, key: str) -> Any:
         """A headline number: from the metrics, else from cfg.json/train.json (architecture, width, tokens/s)."""
@@ -80,28 +77,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _layers(root: Path, pattern: re.Pattern[str]) -> list[tuple[str, int, Path]]:
-    """(site, layer, path) for every `<root>/<site>/<entry>` whose name matches `pattern`."""
-    found = []
-    for site_dir in sorted(p for p in Path(root).glob("*") if p.is_dir()):
-        for entry in sorted(site_dir.iterdir()):
-            match = pattern.match(entry.name)
-            if match:
-                found.append((site_dir.name, int(match.group(1)), entry))
-    return found
-
-
 def gather_saes(saes_root: Path, metrics_root: Path) -> list[SaeEntry]:
     """Every SAE folder and metrics entry, merged and sorted by (site, layer, name)."""
-    from token_journey.sae import find_saes
+    from token_journey.sae.io import find_saes
 
     entries: dict[tuple[str, int, str], SaeEntry] = {}
-    for site, layer, _ in _layers(saes_root, LAYER_DIR):
+    for site, layer, _ in (found for found in layers_under(saes_root) if found[2].is_dir()):
         for folder in find_saes(Path(saes_root), site, layer):
             cfg = read_json(folder / "cfg.json") if (folder / "cfg.json").is_file() else {}
             train = read_json(folder / "train.json") if (folder / "train.json").is_file() else {}
             entries[(site, layer, folder.name)] = SaeEntry(site, layer, folder.name, folder, cfg, train)
-    for site, layer, path in _layers(metrics_root, LAYER_JSON):
+    for site, layer, path in (found for found in layers_under(metrics_root) if found[2].is_file()):
         for name, metrics in read_json(path).get("saes", {}).items():
             entry = entries.setdefault((site, layer, name), SaeEntry(site, layer, name))
             entry.metrics = metrics
@@ -123,8 +109,8 @@ def facts(base_model: Path, corpus: Path, activations: Path, entries: list[SaeEn
         out.append(("corpus", f"{Path(corpus).name}: " + ", ".join(f"{k}={_num(v)}" for k, v in scalars.items())))
     for site, layer in sorted({(e.site, e.layer) for e in entries}):
         rows = []
-        for split, sub in (("train", ""), ("eval", "eval")):
-            path = Path(activations) / site / f"layer_{layer}" / sub / "manifest.json"
+        for split in ("train", "eval"):
+            path = activations_folder(activations, site, layer, split) / "manifest.json"
             if path.is_file():
                 layer_manifest = read_json(path)
                 dropped = layer_manifest.get("excluded_counts", {})

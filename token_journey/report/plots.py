@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from markupsafe import Markup, escape
 
+from token_journey.eval.metrics import pareto_front
+
 WIDTH, HEIGHT = 560, 330
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 30, 46
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
@@ -103,15 +105,10 @@ def _svg(parts: list[str], legend: Sequence[str] = ()) -> Markup:
     )
 
 
-def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
-    """Indices of the points no other point beats on both axes (lower is better), sorted by x."""
-    order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
-    front, best = [], math.inf
-    for i in order:
-        if ys[i] < best:
-            front.append(i)
-            best = ys[i]
-    return front
+def front_path(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
+    """Indices of the Pareto-optimal points (`metrics.pareto_front`: lower is better), in drawing order (by x)."""
+    on_front = pareto_front(list(xs), list(ys))
+    return sorted((i for i, on in enumerate(on_front) if on), key=lambda i: (xs[i], ys[i]))
 
 
 def scatter(series: Sequence[Series], x_label: str, y_label: str, title: str, frontier: bool = True) -> Markup:
@@ -123,7 +120,7 @@ def scatter(series: Sequence[Series], x_label: str, y_label: str, title: str, fr
         points = [(x, y, lab) for x, y, lab in zip(s.xs, s.ys, s.labels or [""] * len(s.xs))
                   if math.isfinite(x) and math.isfinite(y)]
         if frontier and len(points) > 1:
-            front = pareto_front([p[0] for p in points], [p[1] for p in points])
+            front = front_path([p[0] for p in points], [p[1] for p in points])
             path = " ".join(f"{frame.x(points[j][0]):.1f},{frame.y(points[j][1]):.1f}" for j in front)
             parts.append(f'<polyline class="front" points="{path}" stroke="{color}"/>')
         for x, y, label in points:

@@ -7,9 +7,7 @@ Files are written to a temporary name and renamed, so a half-written page never 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -30,17 +28,6 @@ def _num(value: float | None, digits: int = 3) -> str:
     if value is None:
         return ""
     return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:,.0f}"
-
-
-def write_text(path: Path, text: str) -> int:
-    """Write `text` atomically (temp file in the same folder, then rename); returns the byte size."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = text.encode("utf-8")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return len(data)
 
 
 def headline_columns() -> list[str]:

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from token_journey.errors import TokenJourneyError
+from token_journey.sae.registry import check_architecture, check_k
 from token_journey.sae.sparse import Active, count, decode_at, encode_at
 
 
 @dataclass(frozen=True)
-class SAECfg:
+class SAESpec:
     """What an SAE is (shapes and provenance), stored in `cfg.json` and rebuilt on load."""
 
     architecture: str
@@ -36,10 +37,10 @@ class SAECfg:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_architecture(self.architecture)
         if self.d_in < 1 or self.d_sae < 1:
             raise TokenJourneyError(f"SAE shape d_in={self.d_in}, d_sae={self.d_sae} must both be >= 1")
-        if self.k < 0 or self.k > self.d_sae:
-            raise TokenJourneyError(f"sae.k={self.k} must be between 1 and the width {self.d_sae}")
+        check_k(self.architecture, self.k, self.d_sae)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +81,7 @@ class SAE(nn.Module):
     apply_b_dec_to_input: ClassVar[bool] = False
     unit_norm_decoder: ClassVar[bool] = True
 
-    def __init__(self, cfg: SAECfg) -> None:
+    def __init__(self, cfg: SAESpec) -> None:
         super().__init__()
         self.cfg = cfg
         if "apply_b_dec_to_input" in cfg.extra:  # imported SAEs say how their encoder reads x

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import fresh_temp_folder, replace_folder
 from token_journey.sae.base import SAE
 
 log = logging.getLogger(__name__)
@@ -46,16 +45,11 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
             else:
                 scalars.setdefault(str(idx), {})[name] = float(value)
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = fresh_temp_folder(folder)
     save_file(tensors, str(tmp / TENSORS))
     meta = {"step": step, "opt_scalars": scalars, "param_groups": state["param_groups"], "fingerprint": fingerprint}
     (tmp / STATE).write_text(json.dumps(meta))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    replace_folder(tmp, folder)
     log.info("checkpoint at step %d -> %s", step, folder)
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae import SAE, SAECfg, build_sae
+from token_journey.layout import fresh_temp_folder, layer_folder, replace_folder
+from token_journey.sae.base import SAE, SAESpec
+from token_journey.sae.registry import build_sae
 
 log = logging.getLogger(__name__)
 
@@ -76,29 +77,20 @@ def save_sae(sae: SAE, folder: Path, train_info: dict[str, Any] | None = None) -
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise TokenJourneyError(f"refusing to save SAE to {folder}: non-finite values in {', '.join(bad)}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = fresh_temp_folder(folder)
     save_file(tensors, str(tmp / WEIGHTS))
     os.link(tmp / WEIGHTS, tmp / SAELENS_WEIGHTS)
     (tmp / CFG).write_text(json.dumps(saelens_cfg(sae), indent=2))
     if train_info is not None:
         (tmp / TRAIN).write_text(json.dumps(train_info, indent=2))
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    replace_folder(tmp, folder)
     log.info("wrote SAE %s (%s, d_sae %d) to %s", sae.cfg.name, sae.cfg.architecture, sae.cfg.d_sae, folder)
     return folder
 
 
 def find_saes(saes_root: Path, site: str, layer: int) -> list[Path]:
     """SAE folders of one layer: `<saes_root>/<site>/layer_<layer>/<name>/` holding a cfg.json."""
-    base = Path(saes_root) / site / f"layer_{layer}"
+    base = layer_folder(saes_root, site, layer)
     if not base.is_dir():
         return []
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CFG).is_file())
@@ -119,7 +111,7 @@ def load_sae(folder: Path, device: str | torch.device = "cpu") -> SAE:
         cfg = json.loads((path / CFG).read_text())
         if "token_journey" in cfg:
             c = cfg["token_journey"]
-            sae = _built(SAECfg(**c), load_file(str(path / WEIGHTS)))
+            sae = _built(SAESpec(**c), load_file(str(path / WEIGHTS)))
         elif (path / SAELENS_WEIGHTS).is_file():
             sae = _load_saelens(path, cfg)
         elif (path / WEIGHTS).is_file():
@@ -129,7 +121,7 @@ def load_sae(folder: Path, device: str | torch.device = "cpu") -> SAE:
     return sae.to(device).eval()
 
 
-def _built(cfg: SAECfg, tensors: dict[str, torch.Tensor]) -> SAE:
+def _built(cfg: SAESpec, tensors: dict[str, torch.Tensor]) -> SAE:
     sae = build_sae(cfg)
     sae.load_tensors({k: v.float() for k, v in tensors.items()})
     return sae
@@ -155,7 +147,7 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
     site, layer = _parse_hook(cfg.get("hook_name") or meta.get("hook_name", ""))
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
     extra = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", arch != "jumprelu")), "source": "saelens"}
-    sae_cfg = SAECfg(
+    sae_cfg = SAESpec(
         FROM_SAELENS[arch], int(cfg["d_in"]), int(cfg["d_sae"]), k=int(k), name=path.name,
         model=cfg.get("model_name") or meta.get("model_name", ""), site=site, layer=layer, extra=extra,
     )
@@ -170,7 +162,7 @@ def _load_gemma_scope(path: Path) -> SAE:
     tensors = {k: torch.from_numpy(np.asarray(params[k], dtype=np.float32)) for k in need}
     d_in, d_sae = tensors["W_enc"].shape
     name = path.parent.name if path.name == GEMMA_SCOPE else path.stem
-    return _built(SAECfg("jumprelu", d_in, d_sae, name=name, extra={"source": "gemma-scope"}), tensors)
+    return _built(SAESpec("jumprelu", d_in, d_sae, name=name, extra={"source": "gemma-scope"}), tensors)
 
 
 def _load_sparsify(path: Path, cfg: dict[str, Any]) -> SAE:
@@ -183,4 +175,4 @@ def _load_sparsify(path: Path, cfg: dict[str, Any]) -> SAE:
     k = int(cfg.get("k", 0))
     tensors = {"W_enc": raw["encoder.weight"].t(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
     extra = {"source": "sparsify", "apply_b_dec_to_input": True}
-    return _built(SAECfg("topk", d_in, d_sae, k=k, name=path.name, extra=extra), tensors)
+    return _built(SAESpec("topk", d_in, d_sae, k=k, name=path.name, extra=extra), tensors)

@@ -24,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from token_journey.config.sae import SAEConfig
+from token_journey.distributed import current_processes
 from token_journey.errors import TokenJourneyError
-from token_journey.sae import SAE, SAECfg, build_sae
-from token_journey.sae.base import StepContext
+from token_journey.sae.base import SAE, SAESpec, StepContext
 from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
+from token_journey.sae.registry import USES_K, build_sae
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def geometric_median(x: torch.Tensor, iterations: int = 50) -> torch.Tensor:
 def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch: torch.Tensor | None = None,
             **meta: Any) -> SAE:
     """An initialised SAE for normalised inputs (meta: name, model, site, layer)."""
-    sae_cfg = SAECfg(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in ("topk", "batchtopk") else 0,
+    sae_cfg = SAESpec(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in USES_K else 0,
                      name=meta.pop("name", cfg.name), **meta)
     sae = build_sae(sae_cfg)
     scale = stats.scale
@@ -107,14 +108,6 @@ def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch:
         with torch.no_grad():
             sae.threshold.fill_(cfg.threshold_init)
     return sae
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, (0, 1) when not distributed."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -163,7 +156,8 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
     ends early after that many steps without folding (to simulate a killed run in tests).
     Returns training figures: steps, tokens, tokens_per_s, last losses, train L0 and dead fraction.
     """
-    rank, world = _world()
+    processes = current_processes()
+    rank, world = processes.index, processes.count
     if cfg.batch_size % world:
         raise TokenJourneyError(f"sae.batch_size={cfg.batch_size} must divide evenly over {world} processes")
     scale = stats.scale
@@ -241,26 +235,3 @@ def fingerprint(cfg: SAEConfig, sae: SAE) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {"sae": asdict(cfg), "d_in": sae.cfg.d_in, "architecture": sae.architecture}
-
-
-@torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
-    """FVU, MSE, L0 and dead fraction of `sae` on raw held-out activations x [N, d_in].
-
-    FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (over all N tokens); dead = never fired.
-    """
-    x = x.float()
-    mean = x.mean(0)
-    sq_err, total, active = 0.0, 0.0, 0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for part in x.split(chunk):
-        f = sae.encode(part)
-        x_hat = sae.decode(f)
-        sq_err += float((x_hat - part).pow(2).sum())
-        total += float((part - mean).pow(2).sum())
-        nz = f != 0
-        active += int(nz.sum())
-        fired |= nz.any(0)
-    n = max(x.shape[0], 1)
-    return {"fvu": sq_err / max(total, 1e-30), "mse": sq_err / n, "l0": active / n,
-            "dead_fraction": 1.0 - float(fired.float().mean()), "eval_tokens": x.shape[0]}

@@ -1,5 +1,5 @@
 """Run the prepared model over the corpus and store the activations of every configured
-(site, layer) from ONE forward pass per batch (see `token_journey.shards` for the layout).
+(site, layer) from ONE forward pass per batch (see `token_journey.data.shards` for the layout).
 
 Shard k of a split always holds the rows of the same sequences, [k*S, (k+1)*S) with
 S = shard_rows // context_size, so resuming is simple: shards already complete (renamed into
@@ -11,7 +11,6 @@ shards of a different configuration are never mixed in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict
@@ -22,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from token_journey.config.harvest import HarvestConfig
+from token_journey.data.corpus import drop_norm_outliers, read_sequences, row_mask, special_ids
+from token_journey.data.shards import MANIFEST, ShardWriter, complete_shards, write_manifest
 from token_journey.distributed import Processes, join_processes
-from token_journey.corpus import drop_norm_outliers, read_sequences, row_mask, special_ids
+from token_journey.layout import activations_folder, corpus_file, sha256_file, short_hash
 from token_journey.lm import LoadedModel, torch_dtype
-from token_journey.shards import MANIFEST, ShardWriter, complete_shards, layer_dir, sha256_file, write_manifest
 from token_journey.sites import capture, check_point
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
         "sequences_per_shard": per_shard,
         "special_ids": sorted(special),
     }
-    run_key = sha256_text(json.dumps(identity, sort_keys=True, default=list))
-    folders = {p: layer_dir(root, p[0], p[1], split) for p in points}
+    run_key = short_hash(identity)
+    folders = {p: activations_folder(root, p[0], p[1], split) for p in points}
     # The main process clears leftovers first, so no process deletes another's temp file.
     done = {p: complete_shards(folders[p], run_key, n_shards) for p in points} if procs.is_main else {}
     procs.barrier()
@@ -148,9 +148,6 @@ def _harvest_batch(lm: LoadedModel, cfg: HarvestConfig, ids: torch.Tensor, seq_i
         writer.add(rows, ids[keep], seq_ids[:, None].expand_as(ids)[keep], positions[keep], excluded)
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Path, device: torch.device) -> dict[str, dict[Point, dict]]:
     """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply."""
@@ -158,7 +155,7 @@ def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Path, d
     # Several processes (torchrun / accelerate launch) split the shards; on the CPU they talk over gloo.
     procs = join_processes(device)
     for split in ("train", "eval"):
-        result[split] = harvest_split(lm, cfg, Path(corpus_dir) / f"{split}.parquet", Path(root), split, device, procs)
-        rows = {f"{s}@{l}": m["rows"] for (s, l), m in result[split].items()}
+        result[split] = harvest_split(lm, cfg, corpus_file(corpus_dir, split), Path(root), split, device, procs)
+        rows = {f"{site}@{layer}": m["rows"] for (site, layer), m in result[split].items()}
         log.info("%s: wrote %s rows -> %s", split, rows, root)
     return result

@@ -21,7 +21,7 @@ import torch
 from token_journey.errors import TokenJourneyError
 
 if TYPE_CHECKING:
-    from token_journey.shards import Activations
+    from token_journey.data.shards import Activations
 
 
 class ShuffledLoader:

@@ -18,8 +18,8 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from token_journey.data.shards import activation_tensor
 from token_journey.errors import TokenJourneyError
-from token_journey.shards import activation_tensor
 
 META_COLUMNS = ("token_id", "sequence_id", "position")
 

@@ -11,7 +11,7 @@ Per batch of eval sequences [batch, seq]:
 
 So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE.
 
-Which positions count (the same rules as the harvest, `token_journey.corpus.row_mask` and
+Which positions count (the same rules as the harvest, `token_journey.data.corpus.row_mask` and
 `drop_norm_outliers`):
 - *evaluated positions* R [batch, seq] = `row_mask(input_ids, special_ids, exclude_first)`:
   real tokens, not BOS/EOS/pad, not among the first `exclude_first` real tokens, and (with
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,10 +37,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from token_journey import metrics
 from token_journey.config.eval import EvalConfig
-from token_journey.corpus import drop_norm_outliers
+from token_journey.data.corpus import drop_norm_outliers
 from token_journey.errors import TokenJourneyError
+from token_journey.eval import metrics
+from token_journey.layout import Layout, layer_folder, metrics_file, pareto_file, write_json
 from token_journey.lm import load_prepared
 from token_journey.sites import check_point, splice
 
@@ -221,75 +221,53 @@ def _sae_metrics(state: _SaeState, clean: LossTally, zero: LossTally, n_tokens: 
 # --- the evaluate stage: inputs, checks and outputs around `evaluate_saes` -------------------
 
 
-@dataclass(frozen=True)
-class LayerInputs:
-    """Where one layer's evaluation reads from and writes to (all from `paths` in the config)."""
-
-    model_dir: Path
-    corpus_dir: Path
-    activations_dir: Path
-    saes_dir: Path
-    metrics_dir: Path
-    site: str
-    layer: int
-
-
-def metrics_path(metrics_dir: Path, site: str, layer: int) -> Path:
-    """`<paths.metrics>/<site>/layer_<L>.json`: the DVC metrics file of one layer."""
-    return Path(metrics_dir) / site / f"layer_{layer}.json"
-
-
-def pareto_path(metrics_dir: Path, site: str, layer: int) -> Path:
-    """`<paths.metrics>/<site>/pareto/layer_<L>.json`: the DVC plot rows (one per SAE) of one layer."""
-    return Path(metrics_dir) / site / "pareto" / f"layer_{layer}.json"
-
-
-def load_subjects(inputs: LayerInputs, extra: tuple[str, ...], d_model: int, device: torch.device) -> dict[str, tuple[Path, nn.Module]]:
+def load_subjects(layout: Layout, site: str, layer: int, extra: tuple[str, ...], d_model: int,
+                  device: torch.device) -> dict[str, tuple[Path, nn.Module]]:
     """The SAEs to evaluate: the pipeline's own for (site, layer) plus `extra` folders, checked.
 
     Raises a `TokenJourneyError` naming both sides when there is no SAE, when an SAE's d_in is not
     the site's d_model, when its recorded site/layer differ, or when two share a name.
     """
-    from token_journey.sae import find_saes, load_sae
+    from token_journey.sae.io import find_saes, load_sae
 
-    own = find_saes(inputs.saes_dir, inputs.site, inputs.layer) if inputs.saes_dir.exists() else []
+    own = find_saes(layout.saes, site, layer) if layout.saes.exists() else []
     folders = [*own, *(Path(p) for p in extra)]
     if not folders:
         raise TokenJourneyError(
-            f"no SAE to evaluate for {inputs.site} layer {inputs.layer}: nothing under {inputs.saes_dir / inputs.site / f'layer_{inputs.layer}'} "
+            f"no SAE to evaluate for {site} layer {layer}: nothing under {layer_folder(layout.saes, site, layer)} "
             "and eval.extra_saes is empty; train one (`dvc repro train_sae`) or list SAE folders in eval.extra_saes"
         )
     subjects: dict[str, tuple[Path, nn.Module]] = {}
     for folder in folders:
         sae = load_sae(folder, device=str(device)).eval()
-        cfg = sae.cfg
-        if cfg.d_in != d_model:
+        spec = sae.cfg
+        if spec.d_in != d_model:
             raise TokenJourneyError(
-                f"SAE {folder} has d_in={cfg.d_in} but {inputs.site} at layer {inputs.layer} of the model has d_model={d_model}; "
+                f"SAE {folder} has d_in={spec.d_in} but {site} at layer {layer} of the model has d_model={d_model}; "
                 "evaluate it against the model and layer it was trained on"
             )
-        if cfg.layer >= 0 and (cfg.site, cfg.layer) != (inputs.site, inputs.layer):  # layer -1: unknown (Gemma Scope)
+        if spec.layer >= 0 and (spec.site, spec.layer) != (site, layer):  # layer -1: unknown (Gemma Scope)
             raise TokenJourneyError(
-                f"SAE {folder} was trained on {cfg.site} layer {cfg.layer} but this evaluation is for {inputs.site} layer {inputs.layer}"
+                f"SAE {folder} was trained on {spec.site} layer {spec.layer} but this evaluation is for {site} layer {layer}"
             )
-        if cfg.name in subjects:
-            raise TokenJourneyError(f"two SAEs are named {cfg.name!r}: {subjects[cfg.name][0]} and {folder}; rename one")
-        subjects[cfg.name] = (folder, sae)
+        if spec.name in subjects:
+            raise TokenJourneyError(f"two SAEs are named {spec.name!r}: {subjects[spec.name][0]} and {folder}; rename one")
+        subjects[spec.name] = (folder, sae)
     return subjects
 
 
-def check_activations(inputs: LayerInputs, d_model: int, fingerprint: str) -> tuple[int, float]:
+def check_activations(layout: Layout, site: str, layer: int, d_model: int, fingerprint: str) -> tuple[int, float]:
     """Require the layer's harvested eval split from this model; return its (exclude_first, max_norm_ratio).
 
     Evaluation applies the exclusion rule the harvest recorded, so both see the same rows.
     """
-    from token_journey.shards import open_activations
+    from token_journey.data.shards import open_activations
 
-    acts = open_activations(inputs.activations_dir, inputs.site, inputs.layer, split="eval")
+    acts = open_activations(layout.activations, site, layer, split="eval")
     have = acts.manifest.get("model_fingerprint")
     if acts.d_model != d_model or (have and have != fingerprint):
         raise TokenJourneyError(
-            f"activations {inputs.activations_dir / inputs.site / f'layer_{inputs.layer}'} are from model {have} "
+            f"activations {acts.folder} are from model {have} "
             f"(d_model {acts.d_model}) but the evaluated model is {fingerprint} (d_model {d_model}); re-run the harvest"
         )
     rule = acts.manifest.get("exclusion", {})
@@ -315,48 +293,30 @@ def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
              "fvu_frontier": a, "delta_loss_frontier": b} for n, a, b in zip(names, on_fvu, on_loss)]
 
 
-def _strict(value: object) -> object:
-    """`value` with every NaN float as None, so the file is strict JSON (NaN: e.g. an undefined ratio)."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strict(v) for v in value]
-    return value
-
-
-def _write_json(path: Path, payload: object) -> None:
-    """Write strict JSON through a temporary name in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_strict(payload), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def evaluate_layer(cfg: EvalConfig, inputs: LayerInputs, device: str = "auto") -> dict:
+def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, device: str = "auto") -> dict:
     """Evaluate every SAE of (site, layer) on the eval split and write the metrics and plot files.
 
-    Returns the metrics document written to `metrics_path(...)`.
+    Returns the metrics document written to `layout.metrics_file(...)`.
     """
-    from token_journey.corpus import read_sequences, row_mask, special_ids
+    from token_journey.data.corpus import read_sequences, row_mask, special_ids
 
-    loaded = load_prepared(inputs.model_dir, dtype=cfg.dtype or None, device=device)
+    loaded = load_prepared(layout.base_model, dtype=cfg.dtype or None, device=device)
     model, manifest = loaded.model, loaded.manifest
-    check_point(model, inputs.site, inputs.layer)
+    check_point(model, site, layer)
     d_model = int(manifest["architecture"]["d_model"])
-    exclude_first, max_norm_ratio = check_activations(inputs, d_model, manifest["fingerprint"])
-    subjects = load_subjects(inputs, cfg.extra_saes, d_model, loaded.device)
-    sequences = read_sequences(inputs.corpus_dir / "eval.parquet").input_ids
+    exclude_first, max_norm_ratio = check_activations(layout, site, layer, d_model, manifest["fingerprint"])
+    subjects = load_subjects(layout, site, layer, cfg.extra_saes, d_model, loaded.device)
+    corpus_file = layout.corpus_file("eval")
+    sequences = read_sequences(corpus_file).input_ids
     sequences = sequences[: max(1, cfg.max_tokens // sequences.shape[1])]
     rows = row_mask(sequences, special_ids(loaded.tokenizer), exclude_first)
     if not rows[:, 1:].any():
         raise TokenJourneyError(
-            f"{inputs.corpus_dir / 'eval.parquet'} gives no token to evaluate in its first {len(sequences)} sequence(s) "
+            f"{corpus_file} gives no token to evaluate in its first {len(sequences)} sequence(s) "
             f"(all special or among the first {exclude_first}); raise eval.max_tokens or corpus.eval_tokens"
         )
     log.info("evaluating %d SAE(s) on %d eval sequences (%d tokens, %d rows)", len(subjects), len(sequences), sequences.numel(), int(rows.sum()))
-    result = evaluate_saes(model, sequences, rows, inputs.site, inputs.layer,
+    result = evaluate_saes(model, sequences, rows, site, layer,
                            {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold,
                            max_norm_ratio)
     saes = {}
@@ -364,8 +324,7 @@ def evaluate_layer(cfg: EvalConfig, inputs: LayerInputs, device: str = "auto") -
         folder, sae = subjects[name]
         saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder),
                       **entry, "train_tokens_per_s": _train_tokens_per_s(folder)}
-    document = {"model": manifest["name"], "site": inputs.site, "layer": inputs.layer, "saes": saes, "sweep": result.sweep}
-    _write_json(pareto_path(inputs.metrics_dir, inputs.site, inputs.layer), pareto_rows(saes, inputs.layer))
-    _write_json(metrics_path(inputs.metrics_dir, inputs.site, inputs.layer), document)
+    document = {"model": manifest["name"], "site": site, "layer": layer, "saes": saes, "sweep": result.sweep}
+    write_json(pareto_file(layout.metrics, site, layer), pareto_rows(saes, layer))
+    write_json(metrics_file(layout.metrics, site, layer), document)
     return document
-

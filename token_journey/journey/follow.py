@@ -17,11 +17,11 @@ from torch import nn
 from token_journey.config.journey import GenerationConfig, JourneyConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.journey import flops
-from token_journey.journey.features import FeatureHits, sae_features
 from token_journey.journey.forward import Pass, recompute, token_strings
 from token_journey.journey.generate import Generated, generate
 from token_journey.journey.hooks import capture_modules
 from token_journey.journey.lens import LensRow, logit_lens
+from token_journey.journey.sae_hits import FeatureHits, sae_features
 from token_journey.journey.spec import SUPPORTED_TYPES, text_config
 
 
@@ -93,15 +93,20 @@ def run_journey(
     model_name: str = "model",
     saes_root: Path | None = None,
     progress: bool = True,
+    report_root: str = "",
 ) -> Journey:
-    """Follow `cfg.text` through `model`: every step recomputed and checked, then lens, features, sampling."""
+    """Follow `cfg.text` through `model`: every step recomputed and checked, then lens, features, sampling.
+
+    `report_root`: the report folder relative to where the journey page is written, for feature
+    links (`Layout.journey_to_report`).
+    """
     _check_supported(model, tokenizer, cfg.text)
     run = recompute(model, tokenizer, cfg.text, progress=progress)
     probs = torch.softmax(run.logits[-1], dim=-1)
     top_p, top_i = probs.topk(cfg.top_next)
     next_tokens = list(zip(top_i.tolist(), top_p.tolist(), strict=True))
     lens = logit_lens(model, run.spec, [s["resid_post"] for s in run.sites], cfg.lens_top)
-    features, note = sae_features(saes_root, run.sites, cfg.feature_top)
+    features, note = sae_features(saes_root, run.sites, cfg.feature_top, report_root)
     ids = torch.tensor([run.token_ids], device=next(model.parameters()).device)
     eos = getattr(tokenizer, "eos_token_id", None)
     generated = generate(model, ids, cfg.generation, seed, eos, run.spec.max_positions)

@@ -1,7 +1,7 @@
-"""Activation shards on disk: an atomic, resumable writer, a verified reader, a shuffling loader.
+"""Activation shards on disk: an atomic, resumable writer and a verified reader.
 
-Layout: `<root>/<site>/layer_<L>/shard-NNNNN.parquet` + `manifest.json` (train split) and the
-same under `.../layer_<L>/eval/` (held-out split). One row per token:
+Each (site, layer, split) folder (see `token_journey.layout`) holds `shard-NNNNN.parquet` files
+and a `manifest.json`. One row per token:
 `activation` fixed_size_list<dtype>[d_model], `token_id` int32, `sequence_id` int64, `position` int32.
 bfloat16 has no Arrow type, so bfloat16 activations are stored as their raw uint16 bits and the
 manifest's `dtype` says how to read them; `activation_tensor` does it.
@@ -13,7 +13,6 @@ squared norm are exact sums over complete shards even when a harvest was killed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import activations_folder, atomic_write_text, sha256_file, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,6 @@ _ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint1
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
-
-
-def layer_dir(root: Path, site: str, layer: int, split: str = "train") -> Path:
-    """The folder of one (site, layer, split): the eval split lives in an `eval/` subfolder."""
-    folder = Path(root) / site / f"layer_{layer}"
-    return folder / "eval" if split == "eval" else folder
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def activation_tensor(column: pa.ChunkedArray | pa.Array, dtype: str) -> torch.Tensor:
@@ -125,7 +111,7 @@ class ShardWriter:
         if table.column("activation").type.value_type != _ARROW[self.dtype]:
             raise TokenJourneyError(f"activations arrived as {acts.dtype}, expected {self.dtype}")
         final = self.folder / shard_name(index)
-        tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
+        tmp = temp_sibling(final)
         pq.write_table(table, tmp, row_group_size=self.row_group_rows, compression="none")
         os.replace(tmp, final)
         self._reset()
@@ -152,7 +138,7 @@ def complete_shards(folder: Path, run_key: str, n_shards: int) -> set[int]:
         return done
     for path in sorted(Path(folder).iterdir()):
         match = _SHARD.match(path.name)
-        if path.name.startswith(".shard-") and ".tmp-" in path.name:
+        if path.name.startswith(".shard-") and ".tmp-" in path.name:  # see layout.temp_sibling
             path.unlink()  # a shard a killed run was writing
         elif match:
             index = int(match.group(1))
@@ -187,9 +173,7 @@ def write_manifest(folder: Path, n_shards: int, info: dict[str, Any]) -> dict[st
         raise TokenJourneyError(f"harvest wrote no rows to {folder}; the corpus has no tokens left after exclusions")
     manifest = dict(info, rows=rows, shards=shards, mean=(total / rows).tolist(), mean_sq_norm=sum_sq / rows,
                     excluded_counts=excluded)
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -249,7 +233,7 @@ def open_activations(root: Path | str, site: str, layer: int, split: str = "trai
 
     Row counts are always checked (footers only); `verify=True` also checks every sha256.
     """
-    folder = layer_dir(Path(root), site, layer, split)
+    folder = activations_folder(root, site, layer, split)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         what = "was not harvested" if not folder.is_dir() else "has no manifest (harvest incomplete)"
@@ -281,7 +265,3 @@ def open_activations(root: Path | str, site: str, layer: int, split: str = "trai
         raise TokenJourneyError(f"{manifest_path}: shard rows do not add up to rows={manifest['rows']}; rerun harvest")
     return Activations(folder, manifest)
 
-
-from token_journey.loader import ShuffledLoader  # noqa: E402  (re-exported: the loader reads Activations)
-
-__all__ = ["Activations", "ShardWriter", "ShuffledLoader", "activation_tensor", "open_activations", "write_manifest"]

@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from token_journey.config.corpus import CorpusConfig
-from token_journey.corpus_sources import documents
+from token_journey.data.sources import documents
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import corpus_file, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
     packers = {s: _Packer(cfg.context_size, budgets[s], bos, tokenizer.eos_token_id, pad, cfg.packing == "pack") for s in SPLITS}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = {s: out_dir / f".{s}.parquet.tmp-{os.getpid()}" for s in SPLITS}
+    tmp = {s: temp_sibling(corpus_file(out_dir, s)) for s in SPLITS}
     schema = _sequence_table([[0] * cfg.context_size], [0], 0, cfg.context_size).schema
     writers = {s: pq.ParquetWriter(tmp[s], schema) for s in SPLITS}
     total = sum(budgets.values())
@@ -221,10 +222,10 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
                     f"(check corpus.path / corpus.parts) or lower corpus.context_size"
                 )
         stats = _stats(cfg, packers, bos, pad, seed, truncated)
-        stats_tmp = out_dir / f".stats.json.tmp-{os.getpid()}"
+        stats_tmp = temp_sibling(out_dir / "stats.json")
         stats_tmp.write_text(json.dumps(stats, indent=2) + "\n")
         for s in SPLITS:
-            os.replace(tmp[s], out_dir / f"{s}.parquet")
+            os.replace(tmp[s], corpus_file(out_dir, s))
         os.replace(stats_tmp, out_dir / "stats.json")
     finally:
         for s in SPLITS:

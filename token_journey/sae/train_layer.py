@@ -1,16 +1,15 @@
 """Train one SAE on one harvested layer and write its folder: the body of the `train_sae` stage.
 
-Reads `<activations>/<site>/layer_<L>/` through the shard API (manifest statistics for the
+Reads one harvested (site, layer) through the shard API (manifest statistics for the
 normalisation, a deterministic shuffled loader for resume, the held-out `eval/` split for the
-final figures), trains, and writes `<saes>/<site>/layer_<L>/<name>/`. Checkpoints live next to
-it in the hidden folder `.<name>.ckpt/` (outside the DVC output, so a killed run resumes) and
-are removed once the SAE is saved. Under torchrun / `accelerate launch` each process takes a slice of every
+final figures), trains, and writes the SAE folder (`token_journey.layout.sae_folder`). Checkpoints
+live next to it in a hidden folder (`layout.checkpoint_folder`), so a killed run resumes, and are
+removed once the SAE is saved. Under torchrun / `accelerate launch` each process takes a slice of every
 batch; process 0 evaluates, saves and logs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -24,8 +23,10 @@ from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
 from token_journey.distributed import join_processes
 from token_journey.errors import TokenJourneyError
+from token_journey.eval.metrics import sae_reconstruction
+from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, short_hash
 from token_journey.sae.io import save_sae
-from token_journey.sae.train import DataStats, evaluate, new_sae, train
+from token_journey.sae.train import DataStats, new_sae, train
 from token_journey.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
 
 def activations_key(manifest: dict[str, Any]) -> str:
     """A short hash of a harvested split's shard list (names, rows, sha256): changes with any row."""
-    return hashlib.sha256(json.dumps(manifest.get("shards", []), sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(manifest.get("shards", []))
 
 
 def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
@@ -70,14 +71,14 @@ def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
-    return info.get("config") == json.loads(json.dumps(asdict(cfg))) and info.get("activations_key") == key
+    return info.get("config") == dataclass_json(cfg) and info.get("activations_key") == key
 
 
 def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, layer: int, model: str, seed: int,
                 tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
     """Train `cfg` on (site, layer) and write the SAE folder; returns its path."""
-    from token_journey.loader import ShuffledLoader
-    from token_journey.shards import open_activations
+    from token_journey.data.loader import ShuffledLoader
+    from token_journey.data.shards import open_activations
 
     rank = join_processes(torch.device("cuda" if torch.cuda.is_available() else "cpu")).index
     acts = open_activations(activations, site, layer, "train")
@@ -88,19 +89,19 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
     loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
     sae = new_sae(cfg, acts.d_model, stats, seed, first, name=name, model=model, site=site, layer=layer)
-    out_dir = Path(saes) / site / f"layer_{layer}" / name
+    out_dir = sae_folder(saes, site, layer, name)
     key = activations_key(acts.manifest)
     if _already_trained(out_dir, cfg, key):
         log.info("%s is already trained with this config on these activations; kept as is", out_dir)
         return out_dir
-    ckpt = out_dir.with_name(f".{name}.ckpt")
+    ckpt = checkpoint_folder(out_dir)
     run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
     log.info("training %s on %s layer %d: %d rows, %d steps", name, site, layer, acts.rows, cfg.steps)
     # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
     # multi-process run restarts with all processes at the same step and weights.
     info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt, tracker=run)
     if rank == 0:
-        metrics = evaluate(sae, held_out.tensor(cfg.eval_tokens))
+        metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
         train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
                       "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
                       "activations_key": key,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -212,3 +213,17 @@ class ReconstructionTally:
             "density_hist": density_histogram(density),
             "error_by_position": [None if math.isnan(v) else v for v in by_position.tolist()],
         }
+
+
+@torch.no_grad()
+def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+    """FVU, MSE, L0 and dead fraction of `sae` (anything with `encode`/`decode` and `W_dec`
+    [d_sae, d_in]) on held-out rows `x` [N, d_in], streamed through `ReconstructionTally` so the
+    figures are the ones the evaluate stage defines. Used for the quick check that ends training.
+    """
+    tally = ReconstructionTally(int(sae.W_dec.shape[0]), context_size=1)
+    for part in x.float().split(chunk):
+        f = sae.encode(part)
+        tally.update(part, sae.decode(f), f, torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
+    result = tally.result()
+    return {**{key: result[key] for key in ("fvu", "mse", "l0", "dead_fraction")}, "eval_tokens": tally.n}

@@ -1,0 +1,1 @@
+"""Evaluation: `metrics` (every formula, once) and `evaluate` (the spliced forward passes of one layer)."""

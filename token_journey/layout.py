@@ -1,0 +1,206 @@
+"""Where every artifact lives on disk, and how it gets there whole.
+
+This is the only module that knows the folder layout. Every root comes from the `paths` config
+(`Layout`); below a root, one (site, layer) always lives at `<root>/<site>/layer_<L>`:
+
+    <corpus>/<split>.parquet                   token sequences of the train and eval splits
+    <activations>/<site>/layer_<L>/            train-split shards + manifest.json; eval/ beside them
+    <saes>/<site>/layer_<L>/<name>/            one SAE folder; .<name>.ckpt/ is its resumable checkpoint
+    <metrics>/<site>/layer_<L>.json            the evaluate stage's metrics (DVC metrics)
+    <metrics>/<site>/pareto/layer_<L>.json     its Pareto plot rows (DVC plots)
+    <html>/<site>/layer_<L>/<name>.html        the report page of one SAE
+
+Writers go through `atomic_write_*` / `replace_folder` (a temporary sibling, then a rename), so a
+reader never sees half a file, and hashes through `sha256_file` / `short_hash`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LAYER_NAME = re.compile(r"^layer_(\d+)(?:\.json)?$")
+"""A layer folder (`layer_5`) or a per-layer file (`layer_5.json`)."""
+
+EVAL_SPLIT = "eval"
+"""The held-out split's subfolder of a harvested (site, layer)."""
+
+
+def layer_name(layer: int) -> str:
+    """The folder name of a 0-based decoder layer: `layer_<L>`."""
+    return f"layer_{layer}"
+
+
+def layer_folder(root: Path | str, site: str, layer: int) -> Path:
+    """`<root>/<site>/layer_<L>`: one (site, layer) under any root."""
+    return Path(root) / site / layer_name(layer)
+
+
+def activations_folder(root: Path | str, site: str, layer: int, split: str = "train") -> Path:
+    """The shards of one (site, layer, split); the eval split lives in an `eval/` subfolder."""
+    folder = layer_folder(root, site, layer)
+    return folder / EVAL_SPLIT if split == EVAL_SPLIT else folder
+
+
+def corpus_file(corpus_root: Path | str, split: str) -> Path:
+    """The token sequences of one corpus split (`train` or `eval`): `<corpus>/<split>.parquet`."""
+    return Path(corpus_root) / f"{split}.parquet"
+
+
+def sae_folder(saes_root: Path | str, site: str, layer: int, name: str) -> Path:
+    """`<saes>/<site>/layer_<L>/<name>`: one trained SAE."""
+    return layer_folder(saes_root, site, layer) / name
+
+
+def checkpoint_folder(sae_dir: Path) -> Path:
+    """The hidden sibling `.<name>.ckpt` that holds an SAE's resumable training checkpoint."""
+    return sae_dir.with_name(f".{sae_dir.name}.ckpt")
+
+
+def metrics_file(metrics_root: Path | str, site: str, layer: int) -> Path:
+    """`<metrics>/<site>/layer_<L>.json`: the DVC metrics file of one layer."""
+    return Path(metrics_root) / site / f"{layer_name(layer)}.json"
+
+
+def pareto_file(metrics_root: Path | str, site: str, layer: int) -> Path:
+    """`<metrics>/<site>/pareto/layer_<L>.json`: the DVC plot rows (one per SAE) of one layer."""
+    return Path(metrics_root) / site / "pareto" / f"{layer_name(layer)}.json"
+
+
+def report_page(site: str, layer: int, name: str) -> str:
+    """Path of one SAE's report page relative to the report root (`<site>/layer_<L>/<name>.html`)."""
+    return f"{site}/{layer_name(layer)}/{name}.html"
+
+
+def layers_under(root: Path | str) -> list[tuple[str, int, Path]]:
+    """(site, layer, path) for every `<root>/<site>/layer_<L>` folder or `layer_<L>.json` file, sorted."""
+    found = []
+    for site_dir in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        for entry in sorted(site_dir.iterdir()):
+            match = LAYER_NAME.match(entry.name)
+            if match and entry.is_dir() == (not entry.name.endswith(".json")):
+                found.append((site_dir.name, int(match.group(1)), entry))
+    return found
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The roots of every artifact (the `paths` config section) and the paths built from them."""
+
+    base_model: Path
+    """The prepared model folder (safetensors + tokenizer + manifest.json)."""
+    corpus: Path
+    """`train.parquet`, `eval.parquet` and `stats.json` of the tokenized corpus."""
+    activations: Path
+    """Root of the harvested shards."""
+    saes: Path
+    """Root of the trained SAE folders."""
+    metrics: Path
+    """Root of the evaluate stage's metrics and plot rows."""
+    html: Path
+    """Root of the HTML report."""
+    journey: Path
+    """Folder of the journey pages."""
+    summary: Path
+    """The Markdown summary of the report (its headline table), kept in git for reviews and CI logs."""
+
+    @classmethod
+    def from_config(cls, paths: Mapping[str, Any]) -> Layout:
+        """The layout of a `paths` config section (a mapping or DictConfig); unknown keys are an error."""
+        from token_journey.config import build
+
+        return build(cls, {k: Path(v) for k, v in dict(paths).items()}, "paths")
+
+    def corpus_file(self, split: str) -> Path:
+        """The token sequences of one corpus split (`train` or `eval`)."""
+        return corpus_file(self.corpus, split)
+
+    def journey_to_report(self) -> str:
+        """The relative way from a journey page to the report root, for feature links."""
+        return Path(os.path.relpath(self.html, self.journey)).as_posix()
+
+
+# --- writing artifacts whole, and naming their contents -------------------------------------
+
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden temporary name in the same folder (same filesystem, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> int:
+    """Write `data` to a temporary sibling, then rename it over `path`; returns the byte count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> int:
+    """`atomic_write_bytes` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _strict(value: Any) -> Any:
+    """`value` with every NaN float as None, so the file is strict JSON (NaN: e.g. an undefined ratio)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_json(path: Path | str, payload: Any, indent: int = 2) -> int:
+    """Write strict JSON (NaN as null) atomically, with a final newline."""
+    return atomic_write_text(path, json.dumps(_strict(payload), indent=indent, allow_nan=False) + "\n")
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Move a completed temporary folder into place, replacing any old `folder` whole."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def fresh_temp_folder(folder: Path) -> Path:
+    """An empty temporary sibling folder to build `folder` in (see `replace_folder`)."""
+    tmp = temp_sibling(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def sha256_file(path: Path | str) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def short_hash(payload: Any) -> str:
+    """A 16-hex-digit sha256 of a JSON-able value (keys sorted): an identity key for configs and manifests."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dataclass_json(obj: Any) -> Any:
+    """A dataclass as the plain JSON value it reads back as (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
