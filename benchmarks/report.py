@@ -50,7 +50,8 @@ def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int
     seq, pos = (a.reshape(-1)[:tokens] for a in np.meshgrid(np.arange(n_seq), np.arange(1, context), indexing="ij"))
     x = rng.normal(size=(len(seq), d_model)).astype(np.float32)
     layout = Layout(base_model=base_model, corpus=root / "corpus", activations=root / "acts", saes=root / "saes",
-                    metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md")
+                    metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md",
+                    timings=root / "timings")
     folder = activations_folder(layout.activations, "resid_post", layer, "eval")
     folder.mkdir(parents=True)
     pq.write_table(pa.table({"activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d_model),

@@ -14,14 +14,14 @@ from token_journey.stage import stage
 @stage
 def main(cfg) -> None:
     layout = Layout.from_config(cfg.paths)
-    document = evaluate_layer(build(EvalConfig, cfg.eval, "eval"), layout, cfg.site, int(cfg.layer), device=cfg.device)
+    document, speeds = evaluate_layer(build(EvalConfig, cfg.eval, "eval"), layout, cfg.site, int(cfg.layer), device=cfg.device)
     sweep = document["sweep"]
     print(f"evaluated {len(document['saes'])} SAE(s) at {cfg.site} layer {cfg.layer} on {sweep['tokens']:,} tokens: "
-          f"{sweep['tokens_per_s']:.0f} eval tokens/s over {sweep['forward_passes']} passes per batch")
+          f"{speeds['sweep']['tokens_per_s']:.0f} eval tokens/s over {sweep['forward_passes']} passes per batch")
     for name, m in document["saes"].items():
         print(f"  {name}: L0 {m['l0']:.1f}  FVU {m['fvu']:.3f}  delta loss {m['delta_loss']:.4f} nats  "
               f"loss recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  dead {m['dead_fraction']:.1%}  "
-              f"({m['eval_tokens_per_s']:.0f} tokens/s for this SAE)")
+              f"({speeds['saes'][name]['eval_tokens_per_s']:.0f} tokens/s for this SAE)")
     print(f"-> {metrics_file(layout.metrics, cfg.site, int(cfg.layer))}")
 
 

@@ -35,7 +35,7 @@ def main(cfg) -> None:
     overrides, group = _sweep()
     layout = Layout.from_config(cfg.paths)
     out = train_layer(
-        sae_cfg, activations=layout.activations, saes=layout.saes, site=cfg.site,
+        sae_cfg, activations=layout.activations, saes=layout.saes, timings=layout.timings, site=cfg.site,
         layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=build(TrackingConfig, cfg.tracking, "tracking"),
         name=sweep_name(sae_cfg.name, overrides), group=group, config=OmegaConf.to_container(cfg, resolve=True),
     )

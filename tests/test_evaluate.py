@@ -182,7 +182,7 @@ def artifacts(tmp_path_factory):
     from token_journey.config.harvest import HarvestConfig
     from token_journey.config.model import ModelConfig
     from token_journey.data.harvest import harvest
-    from token_journey.layout import Layout
+    from token_journey.layout import Layout, train_timing_file, write_json
     from token_journey.lm import load_prepared, prepare_model
     from token_journey.sae.base import SAESpec
     from token_journey.sae.io import save_sae
@@ -200,9 +200,12 @@ def artifacts(tmp_path_factory):
         sae = build_sae(SAESpec(arch, 32, 40, k=k, name=name, model="tiny", site="resid_post", layer=layer))
         sae.init_weights(torch.Generator().manual_seed(len(name)))
         place = "saes" if name != "other-layer" else "elsewhere"
-        save_sae(sae, root / place / "resid_post" / f"layer_{layer}" / name, {"tokens_per_s": 1234.5} if k else None)
+        save_sae(sae, root / place / "resid_post" / f"layer_{layer}" / name)
+        if k:  # what train_layer records for an SAE it trained
+            write_json(train_timing_file(root / "timings", "resid_post", layer, name), {"tokens_per_s": 1234.5})
     return root, Layout(base_model=root / "base", corpus=root / "corpus", activations=root / "acts", saes=root / "saes",
-                        metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md")
+                        metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md",
+                        timings=root / "timings")
 
 
 def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
@@ -213,20 +216,26 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     from token_journey.config.eval import EvalConfig
     from token_journey.data.shards import open_activations
     from token_journey.eval.evaluate import evaluate_layer
-    from token_journey.layout import metrics_file, pareto_file
+    from token_journey.layout import eval_timing_file, metrics_file, pareto_file
 
     root, inputs = artifacts
-    doc = evaluate_layer(make(EvalConfig, max_tokens=10_000, batch_size=4), inputs, "resid_post", 1, device="cpu")
+    doc, speeds = evaluate_layer(make(EvalConfig, max_tokens=10_000, batch_size=4), inputs, "resid_post", 1, device="cpu")
     assert json.loads(metrics_file(inputs.metrics, "resid_post", 1).read_text()) == json.loads(json.dumps(doc))
+    assert json.loads(eval_timing_file(inputs.timings, "resid_post", 1).read_text()) == speeds
     assert (doc["model"], doc["site"], doc["layer"]) == ("tiny", "resid_post", 1)
     assert set(doc["saes"]) == {"relu-a", "topk-b"}
     contract = {"architecture", "width", "l0", "fvu", "mse", "cosine", "relative_norm", "dead_fraction", "dense_fraction",
                 "ce_clean", "ce_sae", "ce_zero", "delta_loss", "loss_recovered", "kl", "eval_tokens",
-                "eval_tokens_per_s", "density_hist", "error_by_position", "train_tokens_per_s"}
+                "density_hist", "error_by_position"}
     for m in doc["saes"].values():
         assert contract <= set(m)
         assert len(m["error_by_position"]) == CONTEXT and m["error_by_position"][:3] == [None, None, None]
-    assert doc["saes"]["topk-b"]["train_tokens_per_s"] == 1234.5 and doc["saes"]["relu-a"]["train_tokens_per_s"] is None
+    # Run-to-run figures are kept out of the tracked metrics file and written beside it.
+    assert not any("per_s" in key or "seconds" in key for key in [*doc["sweep"], *(k for m in doc["saes"].values() for k in m)])
+    assert speeds["sweep"]["tokens_per_s"] > 0 and speeds["sweep"]["seconds"] > 0
+    assert speeds["saes"]["topk-b"] == {"eval_tokens_per_s": pytest.approx(speeds["saes"]["topk-b"]["eval_tokens_per_s"]),
+                                        "train_tokens_per_s": 1234.5}
+    assert speeds["saes"]["relu-a"]["train_tokens_per_s"] is None and speeds["saes"]["relu-a"]["eval_tokens_per_s"] > 0
     assert doc["saes"]["topk-b"]["l0"] <= 4
     # The same rows as the harvest: our FVU equals FVU over the harvested eval activations.
     acts = open_activations(root / "acts", "resid_post", 1, split="eval")

@@ -33,7 +33,7 @@ from token_journey.layout import (
 def _layout(**changes: str) -> Layout:
     paths = {"base_model": "models/base/m", "corpus": "data/corpus/c", "activations": "data/activations/m",
              "saes": "models/saes/m", "metrics": "reports/metrics/m", "html": "reports/html", "journey": "reports/journey",
-             "summary": "reports/summary.md", **changes}
+             "summary": "reports/summary.md", "timings": "reports/timings/m", **changes}
     return Layout.from_config(paths)
 
 

@@ -109,7 +109,7 @@ def inputs(tmp_path_factory) -> Layout:
 
     save_sae(make_sae(), root / "saes" / "resid_post" / "layer_1" / "relu-1", {"tokens_per_s": 5e4, "tokens": 1000})
     return Layout(base_model=base, corpus=corpus, activations=root / "acts", saes=root / "saes", metrics=root / "metrics",
-                  html=root / "html", journey=root / "journey", summary=root / "summary.md")
+                  html=root / "html", journey=root / "journey", summary=root / "summary.md", timings=root / "timings")
 
 
 def _all_rows(paths: Layout) -> tuple[torch.Tensor, pa.Table]:

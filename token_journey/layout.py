@@ -9,6 +9,11 @@ This is the only module that knows the folder layout. Every root comes from the 
     <metrics>/<site>/layer_<L>.json            the evaluate stage's metrics (DVC metrics)
     <metrics>/<site>/pareto/layer_<L>.json     its Pareto plot rows (DVC plots)
     <html>/<site>/layer_<L>/<name>.html        the report page of one SAE
+    <timings>/<site>/layer_<L>/<name>.train.json    training speed of one SAE (not a DVC output)
+    <timings>/<site>/layer_<L>.evaluate.json        evaluation speed of one layer (not a DVC output)
+
+Figures that change from run to run (tokens/s, seconds) live only under <timings>, outside every
+DVC output and git, so two runs of the pipeline write byte-identical results.
 
 Writers go through `atomic_write_*` / `replace_folder` (a temporary sibling, then a rename), so a
 reader never sees half a file, and hashes through `sha256_file` / `short_hash`.
@@ -75,6 +80,16 @@ def pareto_file(metrics_root: Path | str, site: str, layer: int) -> Path:
     return Path(metrics_root) / site / "pareto" / f"{layer_name(layer)}.json"
 
 
+def train_timing_file(timings_root: Path | str, site: str, layer: int, name: str) -> Path:
+    """Training speed of one SAE: `<timings>/<site>/layer_<L>/<name>.train.json`."""
+    return layer_folder(timings_root, site, layer) / f"{name}.train.json"
+
+
+def eval_timing_file(timings_root: Path | str, site: str, layer: int) -> Path:
+    """Evaluation speed of one layer: `<timings>/<site>/layer_<L>.evaluate.json`."""
+    return Path(timings_root) / site / f"{layer_name(layer)}.evaluate.json"
+
+
 def report_page(site: str, layer: int, name: str) -> str:
     """Path of one SAE's report page relative to the report root (`<site>/layer_<L>/<name>.html`)."""
     return f"{site}/{layer_name(layer)}/{name}.html"
@@ -110,7 +125,9 @@ class Layout:
     journey: Path
     """Folder of the journey pages."""
     summary: Path
-    """The Markdown summary of the report (its headline table), kept in git for reviews and CI logs."""
+    """The Markdown summary of the report (its headline table)."""
+    timings: Path
+    """Root of the run-to-run figures (tokens/s, seconds): neither a DVC output nor in git."""
 
     @classmethod
     def from_config(cls, paths: Mapping[str, Any]) -> Layout:

@@ -41,7 +41,7 @@ from token_journey.config.eval import EvalConfig
 from token_journey.data.corpus import drop_norm_outliers
 from token_journey.errors import TokenJourneyError
 from token_journey.eval import metrics
-from token_journey.layout import Layout, layer_folder, metrics_file, pareto_file, write_json
+from token_journey.layout import Layout, eval_timing_file, layer_folder, metrics_file, pareto_file, train_timing_file, write_json
 from token_journey.lm import load_prepared
 from token_journey.sites import check_point, splice
 
@@ -274,13 +274,25 @@ def check_activations(layout: Layout, site: str, layer: int, d_model: int, finge
     return int(rule.get("exclude_first", 0)), float(rule.get("max_norm_ratio", 0.0))
 
 
-def _train_tokens_per_s(folder: Path) -> float | None:
-    """Training throughput recorded by our trainer in train.json, if the SAE has one."""
-    path = folder / "train.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record.get("train_tokens_per_s", record.get("tokens_per_s"))
+def _train_tokens_per_s(timings: Path, site: str, layer: int, name: str) -> float | None:
+    """Training throughput our trainer recorded for this SAE, if any."""
+    path = train_timing_file(timings, site, layer, name)
+    return json.loads(path.read_text()).get("tokens_per_s") if path.is_file() else None
+
+
+def split_timings(document: dict) -> tuple[dict, dict]:
+    """(results, speeds) of a metrics document: wall-clock figures differ between runs, so they go apart.
+
+    Speeds: the sweep's `seconds` and `tokens_per_s`, and each SAE's `eval_tokens_per_s`.
+    """
+    sweep = dict(document["sweep"])
+    speeds = {"sweep": {k: sweep.pop(k) for k in ("seconds", "tokens_per_s")}, "saes": {}}
+    saes = {}
+    for name, entry in document["saes"].items():
+        entry = dict(entry)
+        speeds["saes"][name] = {"eval_tokens_per_s": entry.pop("eval_tokens_per_s")}
+        saes[name] = entry
+    return {**document, "sweep": sweep, "saes": saes}, speeds
 
 
 def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
@@ -293,10 +305,11 @@ def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
              "fvu_frontier": a, "delta_loss_frontier": b} for n, a, b in zip(names, on_fvu, on_loss)]
 
 
-def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, device: str = "auto") -> dict:
-    """Evaluate every SAE of (site, layer) on the eval split and write the metrics and plot files.
+def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, device: str = "auto") -> tuple[dict, dict]:
+    """Evaluate every SAE of (site, layer) on the eval split and write the metrics, plot and timing files.
 
-    Returns the metrics document written to `layout.metrics_file(...)`.
+    Returns (the metrics document written to `layout.metrics_file(...)`, the speeds written to
+    `layout.eval_timing_file(...)`).
     """
     from token_journey.data.corpus import read_sequences, row_mask, special_ids
 
@@ -322,9 +335,12 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
     saes = {}
     for name, entry in result.saes.items():
         folder, sae = subjects[name]
-        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder),
-                      **entry, "train_tokens_per_s": _train_tokens_per_s(folder)}
-    document = {"model": manifest["name"], "site": site, "layer": layer, "saes": saes, "sweep": result.sweep}
-    write_json(pareto_file(layout.metrics, site, layer), pareto_rows(saes, layer))
+        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder), **entry}
+    document, speeds = split_timings({"model": manifest["name"], "site": site, "layer": layer, "saes": saes,
+                                      "sweep": result.sweep})
+    for name, speed in speeds["saes"].items():
+        speed["train_tokens_per_s"] = _train_tokens_per_s(layout.timings, site, layer, name)
+    write_json(pareto_file(layout.metrics, site, layer), pareto_rows(document["saes"], layer))
     write_json(metrics_file(layout.metrics, site, layer), document)
-    return document
+    write_json(eval_timing_file(layout.timings, site, layer), speeds)
+    return document, speeds

@@ -27,7 +27,6 @@ HEADLINE = (
     ("loss_recovered", "loss recovered", "{:.1%}"),
     ("dead_fraction", "dead", "{:.1%}"),
     ("dense_fraction", "dense", "{:.1%}"),
-    ("train_tokens_per_s", "train tok/s", "{:,.0f}"),
 )
 
 
@@ -49,12 +48,11 @@ class SaeEntry:
         return report_page(self.site, self.layer, self.name)
 
     def value(self, key: str) -> Any:
-        """A headline number: from the metrics, else from cfg.json/train.json (architecture, width, tokens/s)."""
+        """A headline number: from the metrics, else from cfg.json (architecture, width)."""
         if self.metrics.get(key) is not None:
             return self.metrics[key]
         ours = self.cfg.get("token_journey", {})  # our cfg.json nests our own names beside SAELens'
-        fallback = {"width": self.cfg.get("d_sae"), "architecture": ours.get("architecture", self.cfg.get("architecture")),
-                    "train_tokens_per_s": self.train.get("tokens_per_s", self.train.get("train_tokens_per_s"))}
+        fallback = {"width": self.cfg.get("d_sae"), "architecture": ours.get("architecture", self.cfg.get("architecture"))}
         return fallback.get(key)
 
     def cells(self) -> list[str]:

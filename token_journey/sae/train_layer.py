@@ -24,7 +24,7 @@ from token_journey.config.tracking import TrackingConfig
 from token_journey.distributed import join_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
-from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, short_hash
+from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, short_hash, train_timing_file, write_json
 from token_journey.sae.io import save_sae
 from token_journey.sae.train import DataStats, new_sae, train
 from token_journey.tracking import start_run
@@ -74,9 +74,13 @@ def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
     return info.get("config") == dataclass_json(cfg) and info.get("activations_key") == key
 
 
-def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, layer: int, model: str, seed: int,
-                tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
-    """Train `cfg` on (site, layer) and write the SAE folder; returns its path."""
+def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path, site: str, layer: int, model: str,
+                seed: int, tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
+    """Train `cfg` on (site, layer) and write the SAE folder; returns its path.
+
+    The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
+    so an SAE trained twice from the same inputs is the same bytes.
+    """
     from token_journey.data.loader import ShuffledLoader
     from token_journey.data.shards import open_activations
 
@@ -102,6 +106,8 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
     info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt, tracker=run)
     if rank == 0:
         metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
+        speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
+        write_json(train_timing_file(timings, site, layer, name), speed)
         train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
                       "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
                       "activations_key": key,
@@ -109,7 +115,7 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, site: str, lay
         save_sae(sae, out_dir, train_info)
         shutil.rmtree(ckpt, ignore_errors=True)
         if run is not None:
-            run.log({f"eval/{k}": v for k, v in metrics.items()})
+            run.log({**{f"eval/{k}": v for k, v in metrics.items()}, **{f"speed/{k}": v for k, v in speed.items()}})
             run.finish()
         log.info("%s: FVU %.4f, L0 %.1f, dead %.3f", name, metrics["fvu"], metrics["l0"], metrics["dead_fraction"])
     return out_dir
