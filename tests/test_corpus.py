@@ -193,3 +193,33 @@ def test_offline_documents_have_unique_ids_across_parts():
     ds = documents(make(CorpusConfig, name="o", source="offline", parts=("kjv", "python_topics")), seed=0)
     ids = ds["doc_id"]
     assert len(set(ids)) == len(ids) == len(ds) and set(ds["part"]) == {"kjv", "python_topics"}
+
+
+def test_a_damaged_corpus_split_is_refused_with_one_line(tmp_path):
+    """read_sequences checks each split against the sha256 collect_corpus recorded in stats.json."""
+    _write_docs(tmp_path / "docs")
+    stats = collect_corpus(_cfg(tmp_path / "docs"), tiny_tokenizer(), 256, tmp_path / "out", seed=0)
+    path = tmp_path / "out/eval.parquet"
+    assert set(stats["sha256"]) == {"train", "eval"}
+    clean = read_sequences(path).input_ids
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(TokenJourneyError, match=r"corpus file .*eval.parquet is damaged .*rerun collect_corpus"):
+        read_sequences(path)
+    assert read_sequences(tmp_path / "out/train.parquet").input_ids.shape[1] == clean.shape[1]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_file_that_is_not_text_is_named(tmp_path, policy):
+    """A binary .txt among the corpus files: one line naming it (stop), or a warning and the rest (skip)."""
+    _write_docs(tmp_path / "docs")
+    (tmp_path / "docs/zz-image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" + bytes(range(256)))
+    cfg = _cfg(tmp_path / "docs", bad_files=policy)
+    if policy == "stop":
+        with pytest.raises(TokenJourneyError, match=r"corpus file .*zz-image.txt is not UTF-8 text .*corpus.bad_files=skip"):
+            collect_corpus(cfg, tiny_tokenizer(), 256, tmp_path / "out", seed=0)
+        assert not (tmp_path / "out/train.parquet").exists()
+    else:
+        stats = collect_corpus(cfg, tiny_tokenizer(), 256, tmp_path / "out", seed=0)
+        assert stats["sequences"]["train"] > 0

@@ -96,3 +96,14 @@ def test_sparsify_folder(tmp_path):
 def test_not_an_sae_folder(tmp_path):
     with pytest.raises(TokenJourneyError, match="cfg.json"):
         load_sae(tmp_path)
+
+
+def test_damaged_weights_are_refused_with_one_line(tmp_path):
+    """load_sae checks sae.safetensors against the sha256 recorded when it was saved."""
+    folder = save_sae(_random("relu"), tmp_path / "relu-x")
+    data = bytearray((folder / "sae.safetensors").read_bytes())
+    data[-5] ^= 0x10  # a weight's bits: safetensors itself would load this silently
+    (folder / "sae.safetensors").unlink()  # break the hard link so only this copy changes
+    (folder / "sae.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TokenJourneyError, match=r"SAE weights .*sae.safetensors are damaged or missing .*retrain"):
+        load_sae(folder)

@@ -67,6 +67,10 @@ def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
     done = _run(tmp_path, acts_root, "layer=5")
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error:") and "layer 5" in done.stderr
+    bad_site = _run(tmp_path, acts_root, "site=resid_pots")
+    assert bad_site.returncode == 2 and "Traceback" not in bad_site.stderr
+    assert bad_site.stderr.strip().splitlines()[-1] == (
+        "error: unknown site 'resid_pots'; valid sites: resid_post, attn_out, mlp_out")
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

@@ -120,15 +120,40 @@ def test_reader_rejects_damaged_or_missing_data(tmp_path):
     data = bytearray((folder / "shard-00001.parquet").read_bytes())
     data[200] ^= 0xFF  # inside the data pages: the footer still reads
     (folder / "shard-00001.parquet").write_bytes(bytes(data))
-    open_activations(tmp_path, "resid_post", 3)  # row counts alone cannot see it
-    with pytest.raises(TokenJourneyError, match="shard-00001.parquet fails its sha256"):
-        open_activations(tmp_path, "resid_post", 3, verify=True)
-    (folder / "shard-00001.parquet").write_bytes(bytes(data[:100]))
-    with pytest.raises(TokenJourneyError, match="shard-00001.parquet is corrupted"):
+    with pytest.raises(TokenJourneyError, match="shard-00001.parquet is damaged .*sha256 differs.*delete it and rerun harvest"):
         open_activations(tmp_path, "resid_post", 3)
+    acts = open_activations(tmp_path, "resid_post", 3, verify=False)  # row counts alone cannot see it
+    with pytest.raises(TokenJourneyError, match="shard-00001.parquet is damaged .*delete it and rerun harvest"):
+        list(acts.iter_tables())  # the page checksum still catches it on read
+    (folder / "shard-00001.parquet").write_bytes(bytes(data[:100]))
+    with pytest.raises(TokenJourneyError, match="shard-00001.parquet is damaged .*unreadable footer"):
+        open_activations(tmp_path, "resid_post", 3, verify=False)
     (folder / "shard-00002.parquet").unlink()
     with pytest.raises(TokenJourneyError, match=r"missing \['shard-00002.parquet'\]"):
         open_activations(tmp_path, "resid_post", 3)
     (folder / "manifest.json").unlink()
     with pytest.raises(TokenJourneyError, match="has no manifest"):
         open_activations(tmp_path, "resid_post", 3)
+
+
+def test_a_flipped_byte_anywhere_in_a_shard_stops_the_next_reader(tmp_path):
+    """20 random offsets (seeded), one bit each: a stage's open-and-read stops each time, naming the shard."""
+    import random
+
+    folder = _write(tmp_path, 2, rows_per_shard=256, row_group_rows=64)
+    path = folder / "shard-00001.parquet"
+    clean = path.read_bytes()
+    rng = random.Random(0)
+    caught = 0
+    for _ in range(20):
+        data = bytearray(clean)
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(TokenJourneyError, match="shard-00001.parquet is damaged"):
+            acts = open_activations(tmp_path, "resid_post", 3)
+            for _batch, _ in zip(ShuffledLoader(acts, 64, seed=0, buffer_rows=128).batches(), range(8)):
+                pass  # 8 batches of 64 = every row of both shards once
+        caught += 1
+    assert caught == 20
+    path.write_bytes(clean)
+    assert open_activations(tmp_path, "resid_post", 3, verify=True).rows == 512

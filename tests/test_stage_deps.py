@@ -8,15 +8,13 @@ stage runs marks that stage as changed in `dvc status`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from support.imports import REPO, closure
-
-STAGE_SCRIPT = re.compile(r"\bstages/(\w+\.py)\b")
+from support.stage_deps import rewrite, stage_script
 
 
 def _stages() -> dict[str, dict]:
@@ -32,7 +30,7 @@ def _code_deps(stage: dict) -> list[str]:
 
 def missing_deps(stage: dict) -> list[str]:
     """Project files the stage's script imports (transitively) that its deps do not cover."""
-    script = REPO / "stages" / STAGE_SCRIPT.search(stage["cmd"]).group(1)
+    script = stage_script(stage["cmd"])
     listed = [REPO / d for d in _code_deps(stage)]
 
     def covered(path: Path) -> bool:
@@ -44,7 +42,7 @@ def missing_deps(stage: dict) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(_stages()))
 def test_stage_deps_cover_every_module_the_stage_imports(name):
-    assert missing_deps(_stages()[name]) == [], f"add these to the deps of stage {name} in dvc.yaml"
+    assert missing_deps(_stages()[name]) == [], f"stage {name} misses these deps: run `python tests/support/stage_deps.py`"
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
@@ -54,3 +52,9 @@ def test_removing_any_code_dep_is_caught(name):
     for dep in _code_deps(stage):
         trimmed = {**stage, "deps": [d for d in stage["deps"] if d != dep]}
         assert missing_deps(trimmed), f"{name}: {dep} is listed but nothing the stage imports needs it"
+
+
+def test_the_committed_deps_are_the_derived_ones():
+    """dvc.yaml is what `python tests/support/stage_deps.py` writes: no stale extra deps either."""
+    text = (REPO / "dvc.yaml").read_text()
+    assert rewrite(text) == text, "run `python tests/support/stage_deps.py`"

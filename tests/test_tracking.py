@@ -33,3 +33,24 @@ def test_offline_run_is_written_locally_with_the_experiment_name(monkeypatch, tm
     assert run.config["sae"]["k"] == 32
     run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path, caplog):
+    """No API key and no ~/.netrc entry: one warning and an offline run, not a login prompt or a traceback."""
+    from token_journey.tracking import has_credentials
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert not has_credentials()
+    with caplog.at_level("WARNING", logger="token_journey.tracking"):
+        run = start_run({"a": 1}, make(TrackingConfig, mode="online", dir=str(tmp_path)), "report")
+    try:
+        assert run is not None and run.settings.mode == "offline"
+        assert "no wandb credentials" in caplog.text and "wandb sync" in caplog.text
+    finally:
+        run.finish()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert has_credentials()

@@ -21,6 +21,19 @@ def run_mode(cfg: TrackingConfig) -> str:
     return os.environ.get("WANDB_MODE") or cfg.mode
 
 
+def has_credentials() -> bool:
+    """Whether wandb can log in without asking: $WANDB_API_KEY, or the api.wandb.ai entry `wandb login` writes to ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
 def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: str, group: str = "",
               name: str = "") -> Any:
     """Start a wandb run with the whole config, or return None when tracking is disabled.
@@ -31,6 +44,10 @@ def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: 
     mode = run_mode(tracking_cfg)
     if mode == "disabled":
         return None
+    if mode == "online" and not has_credentials():
+        log.warning("tracking=online but no wandb credentials (WANDB_API_KEY or `wandb login`); logging offline "
+                    "instead: upload later with `wandb sync %s/wandb/offline-run-*`", tracking_cfg.dir)
+        mode = "offline"
     import wandb
 
     exp = os.environ.get("DVC_EXP_NAME", "")

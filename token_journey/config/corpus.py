@@ -8,6 +8,7 @@ from token_journey.errors import TokenJourneyError
 
 SOURCES = ("offline", "hub", "local")
 PACKINGS = ("pack", "truncate")
+BAD_FILES = ("stop", "skip")
 
 FIXED_PARTS = ("kjv", "python_topics", "stdlib_docstrings")
 
@@ -43,10 +44,14 @@ class CorpusConfig:
     """Column holding the document text (hub, jsonl, parquet)."""
     shuffle_buffer: int
     """Documents held by the streaming shuffle (source=hub); files are shuffled in full."""
+    bad_files: str
+    """stop | skip: what a local .txt file that is not UTF-8 text does (source=local)."""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise TokenJourneyError(f"corpus.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.bad_files not in BAD_FILES:
+            raise TokenJourneyError(f"corpus.bad_files={self.bad_files!r} is not one of {', '.join(BAD_FILES)}")
         if self.packing not in PACKINGS:
             raise TokenJourneyError(f"corpus.packing={self.packing!r} is not one of {', '.join(PACKINGS)}")
         if self.context_size < 2:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from token_journey.config.corpus import CorpusConfig
 from token_journey.data.sources import documents
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import corpus_file, temp_sibling
+from token_journey.layout import corpus_file, sha256_file, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = {s: temp_sibling(corpus_file(out_dir, s)) for s in SPLITS}
     schema = _sequence_table([[0] * cfg.context_size], [0], 0, cfg.context_size).schema
-    writers = {s: pq.ParquetWriter(tmp[s], schema) for s in SPLITS}
+    writers = {s: pq.ParquetWriter(tmp[s], schema, write_page_checksum=True) for s in SPLITS}
     total = sum(budgets.values())
     truncated = dict.fromkeys(SPLITS, 0)
     try:
@@ -221,7 +221,8 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
                     f"corpus {cfg.name!r} gave no {s} sequences of {cfg.context_size} tokens; give more text "
                     f"(check corpus.path / corpus.parts) or lower corpus.context_size"
                 )
-        stats = _stats(cfg, packers, bos, pad, seed, truncated)
+        # Readers check both splits against these (`read_sequences`).
+        stats = {**_stats(cfg, packers, bos, pad, seed, truncated), "sha256": {s: sha256_file(tmp[s]) for s in SPLITS}}
         stats_tmp = temp_sibling(out_dir / "stats.json")
         stats_tmp.write_text(json.dumps(stats, indent=2) + "\n")
         for s in SPLITS:
@@ -262,14 +263,29 @@ def _stats(cfg: CorpusConfig, packers: dict[str, _Packer], bos: int | None, pad:
     }
 
 
+def _recorded_sha256(path: Path) -> str | None:
+    """The sha256 that collect_corpus recorded for this split in the stats.json beside it, if any."""
+    stats = path.parent / "stats.json"
+    if not stats.is_file():
+        return None
+    try:
+        return json.loads(stats.read_text()).get("sha256", {}).get(path.stem)
+    except ValueError:
+        return None
+
+
 def read_sequences(path: Path | str) -> Sequences:
     """Read one split written by `collect_corpus` into tensors (input_ids [n_seq, context_size])."""
     path = Path(path)
     if not path.is_file():
         raise TokenJourneyError(f"no corpus split at {path}; run `python stages/collect_corpus.py` first")
+    recorded = _recorded_sha256(path)
+    if recorded is not None and sha256_file(path) != recorded:
+        raise TokenJourneyError(f"corpus file {path} is damaged (its sha256 differs from {path.parent / 'stats.json'}); "
+                                "rerun collect_corpus (`dvc repro -f collect_corpus`)")
     try:
-        table = pq.read_table(path, columns=["sequence_id", "doc_id", "input_ids"])
-    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        table = pq.read_table(path, columns=["sequence_id", "doc_id", "input_ids"], page_checksum_verification=True)
+    except (pa.ArrowException, OSError, KeyError) as exc:
         raise TokenJourneyError(f"corpus file {path} is unreadable or has the wrong columns ({exc}); rerun collect_corpus") from exc
     col = table.column("input_ids").combine_chunks()
     context = col.type.list_size

@@ -12,16 +12,12 @@ where batch n starts from the footers alone and reads only from there on (resume
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from token_journey.data.shards import Activations, read_shard
 from token_journey.errors import TokenJourneyError
-
-if TYPE_CHECKING:
-    from token_journey.data.shards import Activations
 
 
 class ShuffledLoader:
@@ -61,7 +57,7 @@ class ShuffledLoader:
         at = 0
         for index in window:
             shard, group, rows = self.groups[index]
-            column = pq.ParquetFile(self.acts.paths[shard]).read_row_group(group, columns=["activation"]).column(0)
+            column = read_shard(self.acts.paths[shard], ["activation"], group).column(0)
             values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(rows, -1)
             if out is None:
                 out = np.empty((total, values.shape[1]), dtype=values.dtype)

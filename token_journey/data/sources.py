@@ -132,8 +132,34 @@ def _local_dataset(cfg: CorpusConfig) -> Any:
         raise TokenJourneyError(f"corpus.path={cfg.path!r} matches files of kinds {sorted(kinds)}; use one of .txt, .jsonl, .json, .parquet")
     builder = builders[kinds.pop()]
     extra = {"sample_by": "document"} if builder == "text" else {}
-    ds = load_dataset(builder, data_files=files, split="train", **extra)
+    if builder == "text":
+        files = _text_files(files, cfg)
+    try:
+        ds = load_dataset(builder, data_files=files, split="train", **extra)
+    except Exception as exc:  # datasets wraps a bad file in several exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise TokenJourneyError(f"could not read the corpus files of corpus.path={cfg.path!r}: {first}") from exc
     return _with_text_column(ds, cfg, cfg.path)
+
+
+def _text_files(files: list[str], cfg: CorpusConfig) -> list[str]:
+    """The .txt files that decode as UTF-8; another one stops the run or is skipped (`corpus.bad_files`)."""
+    good = []
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as fh:
+                while fh.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as exc:
+            if cfg.bad_files == "stop":
+                raise TokenJourneyError(f"corpus file {file} is not UTF-8 text (byte {exc.start}); remove it, convert it, "
+                                        "or set corpus.bad_files=skip") from exc
+            log.warning("skipping corpus file %s: not UTF-8 text (byte %d)", file, exc.start)
+            continue
+        good.append(file)
+    if not good:
+        raise TokenJourneyError(f"no file of corpus.path={cfg.path!r} is UTF-8 text")
+    return good
 
 
 def _hub_dataset(cfg: CorpusConfig) -> Any:

@@ -3,7 +3,8 @@
 Our folder: `sae.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
 threshold), the same file hard-linked as `sae_weights.safetensors` (the name SAELens looks for),
 `cfg.json` in SAELens v6 layout (with the v5 top-level keys too) plus a `token_journey` block,
-and `train.json` with the training metrics. `load_sae` reads any of the four layouts into the
+`train.json` with the training metrics, and `checksums.json` with the weights' sha256, which
+`load_sae` checks before it trusts the tensors. `load_sae` reads any of the four layouts into the
 same `SAE` classes.
 """
 
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import fresh_temp_folder, layer_folder, replace_folder
+from token_journey.layout import fresh_temp_folder, layer_folder, replace_folder, sha256_file
 from token_journey.sae.base import SAE, SAESpec
 from token_journey.sae.registry import build_sae
 
@@ -31,6 +32,7 @@ WEIGHTS = "sae.safetensors"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 CFG = "cfg.json"
 TRAIN = "train.json"
+CHECKSUMS = "checksums.json"
 GEMMA_SCOPE = "params.npz"
 # Our architecture -> the SAELens architecture that computes the same encoder at inference.
 TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard"}
@@ -79,6 +81,7 @@ def save_sae(sae: SAE, folder: Path, train_info: dict[str, Any] | None = None) -
         raise TokenJourneyError(f"refusing to save SAE to {folder}: non-finite values in {', '.join(bad)}")
     tmp = fresh_temp_folder(folder)
     save_file(tensors, str(tmp / WEIGHTS))
+    (tmp / CHECKSUMS).write_text(json.dumps({WEIGHTS: sha256_file(tmp / WEIGHTS)}, indent=2) + "\n")
     os.link(tmp / WEIGHTS, tmp / SAELENS_WEIGHTS)
     (tmp / CFG).write_text(json.dumps(saelens_cfg(sae), indent=2))
     if train_info is not None:
@@ -110,8 +113,8 @@ def load_sae(folder: Path, device: str | torch.device = "cpu") -> SAE:
     else:
         cfg = json.loads((path / CFG).read_text())
         if "token_journey" in cfg:
-            c = cfg["token_journey"]
-            sae = _built(SAESpec(**c), load_file(str(path / WEIGHTS)))
+            _check_weights(path)
+            sae = _built(SAESpec(**cfg["token_journey"]), load_file(str(path / WEIGHTS)))
         elif (path / SAELENS_WEIGHTS).is_file():
             sae = _load_saelens(path, cfg)
         elif (path / WEIGHTS).is_file():
@@ -119,6 +122,17 @@ def load_sae(folder: Path, device: str | torch.device = "cpu") -> SAE:
         else:
             raise TokenJourneyError(f"{path} has cfg.json but neither {WEIGHTS} nor {SAELENS_WEIGHTS}")
     return sae.to(device).eval()
+
+
+def _check_weights(folder: Path) -> None:
+    """Stop with one line when our SAE's weights differ from the sha256 recorded when it was saved."""
+    checksums = folder / CHECKSUMS
+    if not checksums.is_file():
+        return  # saved before checksums were recorded
+    recorded = json.loads(checksums.read_text()).get(WEIGHTS)
+    if not (folder / WEIGHTS).is_file() or sha256_file(folder / WEIGHTS) != recorded:
+        raise TokenJourneyError(f"SAE weights {folder / WEIGHTS} are damaged or missing (sha256 differs from {checksums}); "
+                                "retrain the SAE (delete its folder and run train_sae) or restore it with `dvc checkout`")
 
 
 def _built(cfg: SAESpec, tensors: dict[str, torch.Tensor]) -> SAE:

@@ -27,6 +27,7 @@ from token_journey.eval.metrics import sae_reconstruction
 from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, short_hash, train_timing_file, write_json
 from token_journey.sae.io import save_sae
 from token_journey.sae.train import DataStats, new_sae, train
+from token_journey.sites import SITES
 from token_journey.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path,
     from token_journey.data.loader import ShuffledLoader
     from token_journey.data.shards import open_activations
 
+    if site not in SITES:
+        raise TokenJourneyError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
     rank = join_processes(torch.device("cuda" if torch.cuda.is_available() else "cpu")).index
     acts = open_activations(activations, site, layer, "train")
     held_out = open_activations(activations, site, layer, "eval")
