@@ -1,16 +1,20 @@
 """Resumable training checkpoints: tensors in safetensors, everything else in JSON.
 
-A checkpoint folder holds `state.safetensors` (SAE weights, Adam moments, tokens since each latent
+A checkpoint folder holds `state-<step>.safetensors` (SAE weights, Adam moments, tokens since each latent
 fired, torch RNG state) and `state.json` (step, Adam scalars and param groups, the config
 fingerprint). Schedules are pure functions of the step and the data loader restarts at
-`batches(start_batch=step)`, so these suffice to continue bit for bit. Written to a temp folder
-and renamed, so a kill mid-save leaves the previous checkpoint intact; no pickle anywhere.
+`batches(start_batch=step)`, so these suffice to continue bit for bit. Each save writes its
+tensors to a new file, then replaces `state.json` (which names that file) in one rename, then
+deletes the older files: a kill at any instant leaves a complete checkpoint, and nothing outside
+the folder. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import fresh_temp_folder, replace_folder
 from token_journey.sae.base import SAE
 
 log = logging.getLogger(__name__)
 
-TENSORS = "state.safetensors"
+TENSORS = "state.safetensors"  # the tensors file of checkpoints whose state.json names none
 STATE = "state.json"
 
 
@@ -45,11 +48,23 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
             else:
                 scalars.setdefault(str(idx), {})[name] = float(value)
     folder = Path(folder)
-    tmp = fresh_temp_folder(folder)
-    save_file(tensors, str(tmp / TENSORS))
-    meta = {"step": step, "opt_scalars": scalars, "param_groups": state["param_groups"], "fingerprint": fingerprint}
-    (tmp / STATE).write_text(json.dumps(meta))
-    replace_folder(tmp, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Replacing the whole folder (delete, then rename a new one in) left no checkpoint at all to a
+    # kill between the two, and a stray temp folder beside it; state.json is the one commit point.
+    name = f"state-{step}.safetensors"
+    save_file(tensors, str(folder / f"{name}.part"))
+    os.replace(folder / f"{name}.part", folder / name)
+    meta = {"step": step, "tensors": name, "opt_scalars": scalars, "param_groups": state["param_groups"],
+            "fingerprint": fingerprint}
+    (folder / f"{STATE}.part").write_text(json.dumps(meta))
+    os.replace(folder / f"{STATE}.part", folder / STATE)
+    for stale in folder.iterdir():
+        if stale.name in (STATE, name):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     log.info("checkpoint at step %d -> %s", step, folder)
 
 
@@ -64,7 +79,7 @@ def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fi
         raise TokenJourneyError(
             f"checkpoint {folder} was made with a different config; delete it to start over or restore that config"
         )
-    tensors = load_file(str(folder / TENSORS))
+    tensors = load_file(str(folder / meta.get("tensors", TENSORS)))
     sae.load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
     since_fired.copy_(tensors["since_fired"])
     torch.set_rng_state(tensors["rng"])

@@ -1,0 +1,184 @@
+"""A SIGKILLed `stages/train_sae.py` resumes through the stage to the same SAE, bit for bit.
+
+The real entry point, on real harvested activations of a tiny Llama (Parquet shards read by the
+shuffling loader, several row groups per buffer window and several epochs), with its checkpoint
+folder `.<name>.ckpt/` next to the SAE folder. Each test trains once uninterrupted, then starts the
+same command again, SIGKILLs it once its checkpoints have passed a step drawn from a fixed seed,
+reruns the same command to completion and compares the saved tensors (torch.equal) and train.json.
+The same for a 2-process run (`torchrun --nproc_per_node 2`, gloo on the CPU): the whole process
+group (launcher and workers) is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from support.configs import make
+from support.tiny import save_tiny
+
+# The package's own code makes the inputs (kept together here: modules may move).
+from token_journey.config.corpus import CorpusConfig
+from token_journey.config.harvest import HarvestConfig
+from token_journey.config.model import ModelConfig
+from token_journey.data.corpus import collect_corpus
+from token_journey.data.harvest import harvest
+from token_journey.lm import load_prepared, prepare_model
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER, NAME = 1, "topk-w64-k4"
+BATCH, STEPS, EVERY = 64, 60, 3
+WORDS = "in the beginning was the word and the word travelled through every layer of the network".split()
+
+
+@pytest.fixture(scope="module")
+def acts_root(tmp_path_factory) -> Path:
+    """resid_post of layer 1 of a tiny Llama, harvested by the project's code (64-row row groups)."""
+    root = tmp_path_factory.mktemp("resume")
+    save_tiny("llama", root / "src")
+    prepare_model(make(ModelConfig, name="tiny", source="local", id=str(root / "src")), root / "base")
+    lm = load_prepared(root / "base", device="cpu")
+    docs = root / "docs"
+    docs.mkdir()
+    gen = random.Random(0)
+    for i in range(60):
+        (docs / f"{i:03d}.txt").write_text(" ".join(gen.choice(WORDS) for _ in range(gen.randint(10, 80))))
+    cfg = make(CorpusConfig, name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=1024,
+                       eval_tokens=256, eval_fraction=0.2)
+    collect_corpus(cfg, lm.tokenizer, 256, root / "corpus", seed=0)
+    harvest(lm, make(HarvestConfig, layers=(LAYER,), sites=("resid_post",), batch_size=8, shard_rows=256, row_group_rows=64),
+            root / "corpus", root / "acts", torch.device("cpu"))
+    return root / "acts"
+
+
+def _cmd(acts: Path, out: Path, launcher: list[str]) -> list[str]:
+    # ~950 rows per epoch against 60 x 64: four epochs, each in 4+ buffer windows.
+    return [*launcher, str(REPO / "stages/train_sae.py"), f"paths.activations={acts}", f"paths.saes={out / 'saes'}",
+            f"layer={LAYER}", "site=resid_post", "model.name=tiny", "device=cpu", "tracking=disabled", "sae=topk",
+            "sae.width=64", "sae.k=4", "sae.k_aux=16", f"sae.batch_size={BATCH}", f"sae.train_tokens={BATCH * STEPS}",
+            "sae.eval_tokens=256", "sae.buffer_rows=256", "sae.lr_warmup_steps=5", "sae.dead_window_tokens=1024",
+            f"sae.checkpoint_every={EVERY}", f"hydra.run.dir={out / 'hydra'}"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+
+
+def _train(cmd: list[str], cwd: Path) -> str:
+    done = subprocess.run(cmd, check=False, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "state.json").read_text())["step"])
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError):
+        return 0  # none yet, or replaced at this instant
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and all its descendants."""
+    table, found = _processes(), [root]
+    for pid in found:
+        found.extend(child for child, (parent, _) in table.items() if parent == pid)
+    return found
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL `root`, every descendant and their process groups: a machine going down.
+
+    torchrun starts each worker in a session of its own, so killing the launcher's group alone
+    leaves the workers running (they would go on and save the SAE).
+    """
+    pids = _tree(root)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # freeze them all first: none outlives another by a step
+        for pid in pids:
+            try:
+                os.killpg(os.getpgid(pid), sig)
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    until = time.monotonic() + 10
+    while time.monotonic() < until and any(_processes().get(pid, (0, "Z"))[1] != "Z" for pid in pids[1:]):
+        time.sleep(0.01)  # orphans are reaped by init; zombies do not run
+
+
+def _kill_after(cmd: list[str], cwd: Path, ckpt: Path, target: int) -> None:
+    """Start `cmd`; SIGKILL it and all its processes once a checkpoint is past `target`."""
+    with open(cwd / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and _checkpoint_step(ckpt) < target and time.monotonic() < deadline:
+            time.sleep(0.001)
+        finished = proc.poll()
+        if finished is None:
+            _kill_tree(proc.pid)
+        proc.wait()
+    tail = (cwd / "killed.log").read_text()[-3000:]
+    assert finished is None, f"the run ended (status {finished}) before its kill:\n{tail}"
+
+
+def _same_sae(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs after the resume"
+    assert json.loads((a / "cfg.json").read_text()) == json.loads((b / "cfg.json").read_text())
+    ia, ib = (json.loads((f / "train.json").read_text()) for f in (a, b))
+    assert ia == ib  # steps, tokens, final losses, held-out FVU/L0/dead, config, activations key
+    assert [(f.name, f.read_bytes()) for f in sorted(a.iterdir())] == [(f.name, f.read_bytes()) for f in sorted(b.iterdir())]
+
+
+def _killed_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[str], processes: int, seed: int) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir()
+    killed.mkdir()
+    _train(_cmd(acts, whole, launcher), whole)
+    layer = killed / "saes" / "resid_post" / f"layer_{LAYER}"
+    ckpt = layer / f".{NAME}.ckpt"
+    target = random.Random(seed).randrange(EVERY, STEPS // 2)  # after at least one checkpoint, well before the end
+    _kill_after(_cmd(acts, killed, launcher), killed, ckpt, target)
+    assert not (layer / NAME).exists(), "the kill came after the SAE was saved"
+    at = _checkpoint_step(ckpt)
+    assert target <= at < STEPS and at % EVERY == 0, (target, at)
+    out = _train(_cmd(acts, killed, launcher), killed)
+    assert out.count(f"from step {at}") == processes, "not every process resumed from the checkpoint left"
+    info = json.loads((layer / NAME / "train.json").read_text())
+    assert (info["steps"], info["processes"]) == (STEPS, processes)
+    _same_sae(whole / "saes" / "resid_post" / f"layer_{LAYER}" / NAME, layer / NAME)
+    assert sorted(p.name for p in layer.iterdir()) == [NAME], "the checkpoint (or a temp folder) was left behind"
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_root):
+    _killed_run_resumes_exactly(tmp_path, acts_root, [sys.executable], processes=1, seed=0)
+
+
+@pytest.mark.slow
+def test_killed_torchrun_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_root):
+    """Two gloo processes: the launcher and both workers die together; every worker resumes from rank 0's checkpoint."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _killed_run_resumes_exactly(tmp_path, acts_root, launch, processes=2, seed=1)
