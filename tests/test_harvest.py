@@ -15,38 +15,23 @@ import pytest
 import torch
 
 from support.configs import make
-from support.tiny import save_tiny
-from token_journey.config.corpus import CorpusConfig
+from support.tiny_corpus import tiny_llama_with_corpus
 from token_journey.config.harvest import HarvestConfig
-from token_journey.config.model import ModelConfig
-from token_journey.data.corpus import collect_corpus, read_sequences, row_mask, special_ids
+from token_journey.data.corpus import read_sequences, row_mask, special_ids
 from token_journey.data.harvest import harvest
 from token_journey.data.loader import ShuffledLoader
 from token_journey.data.shards import open_activations
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import activations_folder
-from token_journey.lm import load_prepared, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "in the beginning was the word and the word travelled through every layer of the network".split()
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A prepared tiny Llama and a small corpus of context 16 (train and eval)."""
     root = tmp_path_factory.mktemp("harvest")
-    save_tiny("llama", root / "src")
-    prepare_model(make(ModelConfig, name="tiny", source="local", id=str(root / "src")), root / "base")
-    lm = load_prepared(root / "base", device="cpu")
-    docs = root / "docs"
-    docs.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(120):
-        picks = torch.randint(0, len(WORDS), (int(torch.randint(10, 80, (1,), generator=gen)),), generator=gen)
-        (docs / f"{i:03d}.txt").write_text(" ".join(WORDS[int(j)] for j in picks))
-    cfg = make(CorpusConfig, name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=2048,
-                       eval_tokens=256, eval_fraction=0.2)
-    collect_corpus(cfg, lm.tokenizer, 256, root / "corpus", seed=0)
+    lm = tiny_llama_with_corpus(root, n_docs=120, max_tokens=2048)
     return root, lm
 
 

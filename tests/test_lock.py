@@ -1,9 +1,9 @@
 """requirements.lock matches pyproject.toml: a dependency edited without `make lock` fails here."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

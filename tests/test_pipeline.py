@@ -67,9 +67,7 @@ def project(tmp_path_factory) -> Path:
     (root / "conf/config.yaml").write_text(config)
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
-    for key, value in (("hydra.enabled", "true"), ("hydra.config_dir", "conf"), ("hydra.config_name", "config"),
-                       ("core.analytics", "false")):
-        _run(["dvc", "config", key, value], root)
+    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the project's DVC settings: Hydra, cache links
     params = subprocess.run([shutil.which("python"), "-m", "token_journey.config"], cwd=root, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(root)), check=True).stdout
     (root / "params.yaml").write_text(params)

@@ -25,37 +25,22 @@ import torch
 from safetensors.torch import load_file
 
 from support.configs import make
-from support.tiny import save_tiny
+from support.tiny_corpus import tiny_llama_with_corpus
 
 # The package's own code makes the inputs (kept together here: modules may move).
-from token_journey.config.corpus import CorpusConfig
 from token_journey.config.harvest import HarvestConfig
-from token_journey.config.model import ModelConfig
-from token_journey.data.corpus import collect_corpus
 from token_journey.data.harvest import harvest
-from token_journey.lm import load_prepared, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER, NAME = 1, "topk-w64-k4"
 BATCH, STEPS, EVERY = 64, 60, 3
-WORDS = "in the beginning was the word and the word travelled through every layer of the network".split()
 
 
 @pytest.fixture(scope="module")
 def acts_root(tmp_path_factory) -> Path:
     """resid_post of layer 1 of a tiny Llama, harvested by the project's code (64-row row groups)."""
     root = tmp_path_factory.mktemp("resume")
-    save_tiny("llama", root / "src")
-    prepare_model(make(ModelConfig, name="tiny", source="local", id=str(root / "src")), root / "base")
-    lm = load_prepared(root / "base", device="cpu")
-    docs = root / "docs"
-    docs.mkdir()
-    gen = random.Random(0)
-    for i in range(60):
-        (docs / f"{i:03d}.txt").write_text(" ".join(gen.choice(WORDS) for _ in range(gen.randint(10, 80))))
-    cfg = make(CorpusConfig, name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=1024,
-                       eval_tokens=256, eval_fraction=0.2)
-    collect_corpus(cfg, lm.tokenizer, 256, root / "corpus", seed=0)
+    lm = tiny_llama_with_corpus(root, n_docs=60, max_tokens=1024)
     harvest(lm, make(HarvestConfig, layers=(LAYER,), sites=("resid_post",), batch_size=8, shard_rows=256, row_group_rows=64),
             root / "corpus", root / "acts", torch.device("cpu"))
     return root / "acts"

@@ -145,3 +145,24 @@ def test_batchtopk_threshold_gives_about_k_latents_per_token_at_inference(k):
 def test_bad_config_is_rejected(kw):
     with pytest.raises(TokenJourneyError):
         _cfg(**kw)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "topk", "batchtopk"])
+def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
+    """Repeated latent ids in a batch must not meet a racy accumulation (indexing's backward did)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        d_in, width, rows = 32, 512, 1024
+        data = torch.randn(rows * 4, d_in, generator=torch.Generator().manual_seed(5))
+        stats = DataStats(data.mean(0), float(data.pow(2).sum(1).mean()))
+        cfg = make(SAEConfig, architecture=arch, name=arch, width=width, k=64, batch_size=rows, train_tokens=rows * 4,
+                   sparsity_coefficient=1e-4, threshold_init=0.01, lr_warmup_steps=1, sparsity_warmup_steps=1)
+        runs = []
+        for _ in range(2):
+            sae = new_sae(cfg, d_in, stats, seed=0)
+            train(sae, lambda start: iter(data.split(rows)[start:]), stats, cfg)
+            runs.append(sae.tensors())
+        assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), arch
+    finally:
+        torch.set_num_threads(threads)

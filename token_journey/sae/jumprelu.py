@@ -82,7 +82,7 @@ class JumpReLUSAE(SAE):
             active = Active.from_mask(pre > (self.threshold - ctx.bandwidth / 2))
             values = pre[active.rows, active.cols]
         z = self._attach(x_in, values, active)
-        theta = self.threshold[active.cols]
+        theta = self.threshold.index_select(0, active.cols)  # backward: index_add_, deterministic on CPU threads
         f = jumprelu(z, theta, ctx.bandwidth)
         x_hat = self._reconstruct(f, active)
         mse = (x_hat - x).pow(2).sum(-1).mean()

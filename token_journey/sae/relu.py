@@ -30,7 +30,7 @@ class ReLUSAE(SAE):
         f = self._attach(x_in, values, active)
         x_hat = self._reconstruct(f, active)
         mse = (x_hat - x).pow(2).sum(-1).mean()
-        norms = self.W_dec.norm(dim=1)[active.cols]
+        norms = self.W_dec.norm(dim=1).index_select(0, active.cols)  # backward: index_add_, deterministic
         l1 = (f * norms).sum() / x.shape[0]
         loss = mse + ctx.sparsity_coefficient * l1
         return StepOutput(loss, mse.detach(), l1.detach(), active.nnz / x.shape[0], self._fired(f.detach(), active))
