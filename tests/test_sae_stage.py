@@ -135,7 +135,7 @@ def test_stage_under_torchrun_trains_one_sae_like_one_process(tmp_path, acts_roo
         assert rel < 0.05, (name, rel)
 
 
-def test_a_trained_sae_is_kept_until_its_activations_change(tmp_path):
+def test_a_trained_sae_is_kept_until_its_activations_or_code_change(tmp_path):
     acts = tmp_path / "acts"
     _write_split(acts / "resid_post" / "layer_0", 256, 1)
     _write_split(acts / "resid_post" / "layer_0" / "eval", 128, 2)
@@ -149,3 +149,9 @@ def test_a_trained_sae_is_kept_until_its_activations_change(tmp_path):
     changed = _run(tmp_path, acts)
     assert changed.returncode == 0 and "already trained" not in changed.stdout + changed.stderr
     assert json.loads((folder / "train.json").read_text())["activations_key"] != json.loads(first)["activations_key"]
+    # An SAE from other training code (its recorded code key differs) is trained again, too.
+    info = json.loads((folder / "train.json").read_text())
+    (folder / "train.json").write_text(json.dumps({**info, "code_key": "0" * 16}))
+    retrained = _run(tmp_path, acts)
+    assert retrained.returncode == 0 and "already trained" not in retrained.stdout + retrained.stderr
+    assert json.loads((folder / "train.json").read_text())["code_key"] == info["code_key"] != "0" * 16

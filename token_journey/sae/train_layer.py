@@ -24,7 +24,7 @@ from token_journey.config.tracking import TrackingConfig
 from token_journey.distributed import join_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
-from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, short_hash, train_timing_file, write_json
+from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, sha256_file, short_hash, train_timing_file, write_json
 from token_journey.sae.io import save_sae
 from token_journey.sae.train import DataStats, new_sae, train
 from token_journey.sites import SITES
@@ -61,18 +61,29 @@ def activations_key(manifest: dict[str, Any]) -> str:
     return short_hash(manifest.get("shards", []))
 
 
+def code_key() -> str:
+    """A short hash of the code that decides an SAE folder's bytes: the `sae` package, the shard reader
+    and loader, and the metrics written to train.json."""
+    package = Path(__file__).resolve().parents[1]
+    files = [*sorted((package / "sae").glob("*.py")), package / "data/shards.py", package / "data/loader.py",
+             package / "eval/metrics.py"]
+    return short_hash({str(f.relative_to(package)): sha256_file(f) for f in files})
+
+
 def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
-    """True when `out_dir` holds an SAE trained with exactly `cfg` on exactly these activations.
+    """True when `out_dir` holds an SAE trained with exactly `cfg`, on exactly these activations, by this code.
 
     The SAE layer folder persists across `dvc repro` (it also collects sweep members), so a rerun
-    triggered by another member must not retrain the ones already there; a new corpus or harvest
-    rule gives new activations, and then every SAE is trained again.
+    triggered by another member must not retrain the ones already there; new activations (a new
+    corpus or harvest rule) or new training code retrain every SAE, so a folder is always what the
+    current code makes of the current data.
     """
     info_path = out_dir / "train.json"
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
-    return info.get("config") == dataclass_json(cfg) and info.get("activations_key") == key
+    return (info.get("config") == dataclass_json(cfg) and info.get("activations_key") == key
+            and info.get("code_key") == code_key())
 
 
 def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path, site: str, layer: int, model: str,
@@ -113,7 +124,7 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path,
         write_json(train_timing_file(timings, site, layer, name), speed)
         train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
                       "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
-                      "activations_key": key,
+                      "activations_key": key, "code_key": code_key(),
                       "config": asdict(cfg)}
         save_sae(sae, out_dir, train_info)
         shutil.rmtree(ckpt, ignore_errors=True)
