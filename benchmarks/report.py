@@ -26,7 +26,7 @@ import yaml
 
 from token_journey.config import build
 from token_journey.config.report import ReportConfig
-from token_journey.layout import Layout, activations_folder, metrics_file, sae_folder
+from token_journey.layout import Layout, activations_folder, metrics_file, sae_folder, sha256_file
 from token_journey.report import build_report
 from token_journey.sae.base import SAESpec
 from token_journey.sae.io import find_saes, save_sae
@@ -58,7 +58,8 @@ def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int
                              "token_id": pa.array(ids[seq, pos]), "sequence_id": pa.array(seq, pa.int64()),
                              "position": pa.array(pos.astype(np.int32))}), folder / "shard-00000.parquet")
     (folder / "manifest.json").write_text(json.dumps({"rows": len(x), "d_model": d_model, "dtype": "float32",
-                                                      "shards": [{"file": "shard-00000.parquet", "rows": len(x)}]}))
+                                                      "shards": [{"file": "shard-00000.parquet", "rows": len(x),
+                                                                  "sha256": sha256_file(folder / "shard-00000.parquet")}]}))
     metrics = {}
     for i in range(n_saes):
         sae = build_sae(SAESpec("jumprelu", d_model, width, name=f"jumprelu-{i}", site="resid_post", layer=layer))

@@ -17,7 +17,7 @@ import torch
 
 from support.configs import make
 from token_journey.config.report import ReportConfig
-from token_journey.layout import Layout
+from token_journey.layout import Layout, sha256_file
 from token_journey.report import build_report, plots
 from token_journey.report.feature_stats import feature_stats, merge_topk, select_features
 from token_journey.report.tokens import logit_effects, visible
@@ -88,7 +88,8 @@ def inputs(tmp_path_factory) -> Layout:
     shards = []
     for i, table in enumerate(_tables(x, meta, 64)):
         pq.write_table(table, layer_dir / f"shard-{i:05d}.parquet")
-        shards.append({"file": f"shard-{i:05d}.parquet", "rows": table.num_rows})
+        shards.append({"file": f"shard-{i:05d}.parquet", "rows": table.num_rows,
+                       "sha256": sha256_file(layer_dir / f"shard-{i:05d}.parquet")})
     (layer_dir / "manifest.json").write_text(json.dumps({"rows": len(x), "d_model": D_MODEL, "dtype": "float32",
                                                          "site": "resid_post", "layer": 1, "shards": shards,
                                                          "excluded_counts": {"special": N_SEQ, "first_positions": 0,

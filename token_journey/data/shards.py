@@ -251,6 +251,8 @@ class Activations:
 
 def _check_sha256(folder: Path, shards: list[dict[str, Any]], manifest_path: Path) -> None:
     """Every shard's sha256 against the manifest, hashed in parallel (hashlib releases the GIL)."""
+    if any("sha256" not in s for s in shards):
+        raise TokenJourneyError(f"{manifest_path} records no sha256 for its shards; rerun harvest (or open with verify=False)")
     paths = [folder / s["file"] for s in shards]
     with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1) or 1) as pool:
         digests = list(pool.map(sha256_file, paths))
