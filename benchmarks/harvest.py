@@ -23,7 +23,8 @@ import torch
 from token_journey.config import build, compose
 from token_journey.config.harvest import HarvestConfig
 from token_journey.data.harvest import harvest_split
-from token_journey.lm import load_prepared, select_device
+from token_journey.distributed import select_device
+from token_journey.lm import load_prepared
 from token_journey.sites import capture
 
 REPO = Path(__file__).resolve().parents[1]

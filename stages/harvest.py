@@ -8,8 +8,9 @@ Killed part-way, rerunning it resumes after the last complete shard.
 from token_journey.config import build
 from token_journey.config.harvest import HarvestConfig
 from token_journey.data.harvest import harvest
+from token_journey.distributed import select_device
 from token_journey.layout import Layout
-from token_journey.lm import load_prepared, select_device
+from token_journey.lm import load_prepared
 from token_journey.stage import stage
 
 

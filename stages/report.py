@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from token_journey.config import build
 from token_journey.config.report import ReportConfig
 from token_journey.config.tracking import TrackingConfig
+from token_journey.distributed import select_device
 from token_journey.layout import Layout
-from token_journey.lm import select_device
 from token_journey.report import build_report, log_to_run
 from token_journey.stage import stage
 from token_journey.tracking import start_run

@@ -37,7 +37,7 @@ def main(cfg) -> None:
     out = train_layer(
         sae_cfg, activations=layout.activations, saes=layout.saes, timings=layout.timings, site=cfg.site,
         layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=build(TrackingConfig, cfg.tracking, "tracking"),
-        name=sweep_name(sae_cfg.name, overrides), group=group, config=OmegaConf.to_container(cfg, resolve=True),
+        name=sweep_name(sae_cfg.name, overrides), device=cfg.device, group=group, config=OmegaConf.to_container(cfg, resolve=True),
     )
     print(f"trained {sae_cfg.architecture} SAE -> {out}")
 

@@ -151,7 +151,7 @@ def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     one = tmp_path / "one" / "acts"
     _harvest_whole(root, one)
     two = tmp_path / "two" / "acts"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = subprocess.run(launch + _harvest_cmd(root, two)[1:], env=_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "train: process 1 of 2 writes shards" in run.stdout + run.stderr

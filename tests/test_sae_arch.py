@@ -10,7 +10,7 @@ from token_journey.sae.base import SAESpec, StepContext
 from token_journey.sae.batchtopk import kth_largest
 from token_journey.sae.jumprelu import heaviside, jumprelu
 from token_journey.sae.registry import ARCHITECTURES, build_sae
-from token_journey.sae.sparse import Active, decode_at, encode_at
+from token_journey.sae.sparse import DENSE_ABOVE, Active, decode_at, encode_at
 
 D_IN, D_SAE, N = 6, 16, 10
 
@@ -29,7 +29,7 @@ def _sae(arch: str, k: int = 3, seed: int = 0):
 @pytest.mark.parametrize("dense", [False, True])
 def test_sparse_kernels_match_dense_autograd(dense, monkeypatch):
     """encode_at/decode_at give the dense computation's values and gradients, in both code paths."""
-    monkeypatch.setattr("token_journey.sae.sparse.DENSE_ABOVE", -1.0 if dense else 2.0)
+    monkeypatch.setitem(DENSE_ABOVE, "cpu", -1.0 if dense else 2.0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, D_IN, generator=g, requires_grad=True)
     W_enc = torch.randn(D_SAE, D_IN, generator=g).t().requires_grad_()

@@ -13,7 +13,6 @@ import importlib
 import importlib.metadata
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from token_journey.config.model import ModelConfig
+from token_journey.distributed import select_device
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import fresh_temp_folder, replace_folder, sha256_file, short_hash
 
@@ -44,21 +44,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            # Under `accelerate launch`/torchrun each process takes its own GPU.
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise TokenJourneyError(f"device={name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from exc
 
 
 def torch_dtype(name: str) -> torch.dtype:

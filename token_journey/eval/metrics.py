@@ -106,7 +106,7 @@ def density_histogram(density: torch.Tensor, edges: tuple[float, ...] = LOG10_DE
     """
     live = density[density > 0]
     logs = live.log10().clamp(edges[0], edges[-1])
-    counts = torch.histogram(logs.double().cpu(), bins=torch.tensor(edges, dtype=torch.float64)).hist
+    counts = torch.histogram(logs.double().cpu(), bins=torch.tensor(edges, dtype=torch.float64, device="cpu")).hist
     return {"log10_edges": list(edges), "counts": [int(c) for c in counts], "dead": int((density == 0).sum())}
 
 
@@ -176,9 +176,9 @@ class ReconstructionTally:
     pos_sq_norm: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64)
-        self.pos_sq_err = torch.zeros(self.context_size, dtype=torch.float64)
-        self.pos_sq_norm = torch.zeros(self.context_size, dtype=torch.float64)
+        self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device="cpu")
+        self.pos_sq_err = torch.zeros(self.context_size, dtype=torch.float64, device="cpu")
+        self.pos_sq_norm = torch.zeros(self.context_size, dtype=torch.float64, device="cpu")
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, positions: torch.Tensor) -> None:
         """Add a batch: `x`, `x_hat` [N, d_in], `f` [N, d_sae], `positions` [N] (index within its sequence)."""
@@ -218,11 +218,13 @@ class ReconstructionTally:
 @torch.no_grad()
 def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
     """FVU, MSE, L0 and dead fraction of `sae` (anything with `encode`/`decode` and `W_dec`
-    [d_sae, d_in]) on held-out rows `x` [N, d_in], streamed through `ReconstructionTally` so the
-    figures are the ones the evaluate stage defines. Used for the quick check that ends training.
+    [d_sae, d_in]) on held-out rows `x` [N, d_in], moved to the SAE's device chunk by chunk and
+    streamed through `ReconstructionTally` so the figures are the ones the evaluate stage defines.
+    Used for the quick check that ends training.
     """
     tally = ReconstructionTally(int(sae.W_dec.shape[0]), context_size=1)
-    for part in x.float().split(chunk):
+    for part in x.split(chunk):
+        part = part.to(sae.W_dec.device).float()
         f = sae.encode(part)
         tally.update(part, sae.decode(f), f, torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
     result = tally.result()

@@ -81,18 +81,19 @@ class SAE(nn.Module):
     apply_b_dec_to_input: ClassVar[bool] = False
     unit_norm_decoder: ClassVar[bool] = True
 
-    def __init__(self, cfg: SAESpec) -> None:
+    def __init__(self, cfg: SAESpec, device: torch.device | str = "cpu") -> None:
+        """Zero weights on `device`, which is always explicit: nothing here follows torch's default device."""
         super().__init__()
         self.cfg = cfg
         if "apply_b_dec_to_input" in cfg.extra:  # imported SAEs say how their encoder reads x
             self.apply_b_dec_to_input = bool(cfg.extra["apply_b_dec_to_input"])
         d_in, d_sae = cfg.d_in, cfg.d_sae
-        self.W_enc = nn.Parameter(torch.zeros(d_sae, d_in).t())
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_enc = nn.Parameter(torch.zeros(d_sae, d_in, device=device).t())
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
         if self.has_threshold:
-            self.threshold = nn.Parameter(torch.zeros(d_sae))
+            self.threshold = nn.Parameter(torch.zeros(d_sae, device=device))
 
     # ---- inference -------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,14 +154,21 @@ class SAE(nn.Module):
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> None:
-        """Decoder rows He-uniform then unit norm; encoder = decoder transpose; biases from the data."""
+        """Decoder rows He-uniform then unit norm; encoder = decoder transpose; biases from the data.
+
+        The draw happens on `generator`'s device (the CPU by default) and is copied over, so an SAE
+        starts from the same weights whatever device it trains on.
+        """
         bound = (6.0 / self.cfg.d_in) ** 0.5
-        w = torch.empty(self.cfg.d_sae, self.cfg.d_in).uniform_(-bound, bound, generator=generator)
+        w = torch.empty(self.cfg.d_sae, self.cfg.d_in, device=generator.device).uniform_(-bound, bound, generator=generator)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
         self.W_enc.copy_(w.t())
         self.b_enc.zero_()
-        self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.cfg.d_in))
+        if b_dec is None:
+            self.b_dec.zero_()
+        else:
+            self.b_dec.copy_(b_dec)
 
     @torch.no_grad()
     def fold_scale(self, scale: float) -> None:
@@ -175,11 +183,11 @@ class SAE(nn.Module):
             self.threshold /= scale
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The saved tensors, contiguous, SAELens names and orientation."""
+        """The saved tensors: on the CPU, contiguous, SAELens names and orientation."""
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
         if self.has_threshold:
             out["threshold"] = self.threshold
-        return {k: v.detach().contiguous() for k, v in out.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

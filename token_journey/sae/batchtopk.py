@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
+from token_journey.distributed import current_processes
 from token_journey.sae.base import SAE, StepContext, StepOutput
 from token_journey.sae.sparse import Active
 from token_journey.sae.topk import TopKSAE
@@ -45,6 +47,39 @@ def kth_largest(values: torch.Tensor, k: int, sample_size: int = 1 << 18) -> tor
     return flat.topk(k, sorted=False).values.min()
 
 
+def batch_cut(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """The (k x global batch)-th largest pre-activation of the whole global batch, on every process.
+
+    Alone, that is `kth_largest` of this batch. Under data parallelism each process holds an equal
+    slice, and the global top set lies inside the union of every process's own top
+    `k x global batch` elements, so each process sends those candidates (a few times k floats per
+    token, far less than its [rows, d_sae] pre-activations) and all take the same exact cut.
+    """
+    processes = current_processes()
+    total = k * pre.shape[0] * processes.count
+    if processes.count == 1:
+        return kth_largest(pre, total)
+    flat = pre.reshape(-1)
+    candidates = flat[flat >= kth_largest(flat, min(total, flat.numel()))]
+    sizes = [torch.zeros(1, dtype=torch.long, device=pre.device) for _ in range(processes.count)]
+    dist.all_gather(sizes, torch.tensor([candidates.numel()], device=pre.device))
+    longest = int(max(int(n) for n in sizes))
+    padded = torch.full((longest,), -math.inf, dtype=pre.dtype, device=pre.device)
+    padded[: candidates.numel()] = candidates
+    gathered = [torch.empty_like(padded) for _ in range(processes.count)]
+    dist.all_gather(gathered, padded)
+    return kth_largest(torch.cat(gathered), total)
+
+
+def global_min(value: torch.Tensor) -> torch.Tensor:
+    """The smallest of every process's 0-d `value` (the value itself for one process)."""
+    if current_processes().count == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
 class BatchTopKSAE(SAE):
     """k latents per token on average over a batch; a fixed threshold at inference."""
 
@@ -60,8 +95,8 @@ class BatchTopKSAE(SAE):
         x_in, pre = self._sparse_pre(x)
         n = x.shape[0]
         with torch.no_grad():
-            # The exact batch-level cut: the (k*n)-th largest pre-activation of the whole batch.
-            cut = kth_largest(pre, self.cfg.k * n)
+            # The exact batch-level cut: the (k*n)-th largest pre-activation of the whole (global) batch.
+            cut = batch_cut(pre, self.cfg.k)
             active = Active.from_mask(pre >= cut.clamp_min(torch.finfo(pre.dtype).tiny))
             values = pre[active.rows, active.cols]
             self._update_threshold(values, ctx.threshold_weight)
@@ -76,11 +111,14 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor, weight: float) -> None:
-        """Move the shared threshold towards this batch's smallest kept activation by `weight`."""
+        """Move the shared threshold towards the global batch's smallest kept activation by `weight`.
+
+        Every process takes the minimum over all processes, so their thresholds stay identical.
+        """
         positive = kept[kept > 0]
-        if positive.numel() == 0:
+        smallest = global_min(positive.min() if positive.numel() else kept.new_tensor(math.inf))
+        if not math.isfinite(float(smallest)):
             return
-        smallest = positive.min()
         current = self.threshold[0]
         new = smallest if float(current) <= 0 else (1 - weight) * current + weight * smallest
         self.threshold.fill_(float(new))

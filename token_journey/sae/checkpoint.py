@@ -37,14 +37,14 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
     if bad:
         raise TokenJourneyError(f"step {step}: non-finite weights in {', '.join(bad)}; checkpoint not written")
     tensors = {f"sae.{k}": v for k, v in sae.tensors().items()}
-    tensors["since_fired"] = since_fired.contiguous()
+    tensors["since_fired"] = since_fired.cpu().contiguous()
     tensors["rng"] = torch.get_rng_state()
     state = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, slot in state["state"].items():
         for name, value in slot.items():
             if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"opt.{idx}.{name}"] = value.contiguous()
+                tensors[f"opt.{idx}.{name}"] = value.cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[name] = float(value)
     folder = Path(folder)
@@ -86,7 +86,8 @@ def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fi
     params = list(sae.parameters())
     state: dict[int, dict[str, Any]] = {}
     for idx, param in enumerate(params):
-        slot: dict[str, Any] = {k: torch.tensor(v) for k, v in meta["opt_scalars"].get(str(idx), {}).items()}
+        # Scalars start on the CPU; the optimizer moves each to where its kind of Adam keeps it.
+        slot: dict[str, Any] = {k: torch.tensor(v, device="cpu") for k, v in meta["opt_scalars"].get(str(idx), {}).items()}
         for name in ("exp_avg", "exp_avg_sq"):
             key = f"opt.{idx}.{name}"
             if key in tensors:

@@ -6,7 +6,7 @@ stays free of torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from token_journey.errors import TokenJourneyError
 
@@ -43,6 +43,6 @@ def sae_class(architecture: str) -> type[SAE]:
     return {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, BatchTopKSAE, ReLUSAE)}[architecture]
 
 
-def build_sae(spec: SAESpec) -> SAE:
-    """An SAE of `spec.architecture` with zero weights (call `init_weights` or load tensors)."""
-    return sae_class(spec.architecture)(spec)
+def build_sae(spec: SAESpec, device: Any = "cpu") -> SAE:
+    """An SAE of `spec.architecture` with zero weights on `device` (call `init_weights` or load tensors)."""
+    return sae_class(spec.architecture)(spec, device)

@@ -21,10 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Above this fraction of active (token, latent) pairs, dense BLAS beats gather/scatter. Measured on a
-# 2-core CPU, JumpReLU step at batch 4096, width 4608: sparse/dense 374/751 ms at 7.6% active,
-# 739/1006 ms at 17%, 1117/958 ms at 26%.
-DENSE_ABOVE = 0.2
+DENSE_ABOVE = {"cpu": 0.2, "cuda": 0.05, "mps": 0.05}
+"""Per device kind: above this fraction of active (token, latent) pairs, dense matmuls beat gather/scatter.
+
+cpu: measured on a 2-core CPU, JumpReLU step at batch 4096, width 4608: sparse/dense 374/751 ms at 7.6%
+active, 739/1006 ms at 17%, 1117/958 ms at 26%.
+cuda, mps: NOT measured yet (no GPU was available). 0.05 assumes tensor-core matmuls are far faster
+relative to memory-bound gathers than on a CPU; `benchmarks/gpu_smoke.py` times both paths at several
+fractions on the first GPU run, and that figure should replace this one. Both paths give the same result.
+"""
 
 
 
@@ -68,7 +73,7 @@ class Active:
     @property
     def dense(self) -> bool:
         """Whether dense matmuls are the faster way to handle this many pairs."""
-        return self.nnz > DENSE_ABOVE * self.n_tokens * self.d_sae
+        return self.nnz > DENSE_ABOVE.get(self.cols.device.type, DENSE_ABOVE["cuda"]) * self.n_tokens * self.d_sae
 
     @cached_property
     def row_offsets(self) -> torch.Tensor:

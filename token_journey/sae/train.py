@@ -91,11 +91,14 @@ def geometric_median(x: torch.Tensor, iterations: int = 50) -> torch.Tensor:
 
 
 def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch: torch.Tensor | None = None,
-            **meta: Any) -> SAE:
-    """An initialised SAE for normalised inputs (meta: name, model, site, layer)."""
+            device: torch.device | str = "cpu", **meta: Any) -> SAE:
+    """An initialised SAE for normalised inputs on `device` (meta: name, model, site, layer).
+
+    The initial weights are drawn on the CPU, so they do not depend on the device.
+    """
     sae_cfg = SAESpec(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in USES_K else 0,
                      name=meta.pop("name", cfg.name), **meta)
-    sae = build_sae(sae_cfg)
+    sae = build_sae(sae_cfg, device)
     scale = stats.scale
     if cfg.b_dec_init == "mean":
         b_dec = stats.mean.float() * scale
@@ -103,7 +106,7 @@ def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch:
         b_dec = geometric_median(first_batch.float() * scale)
     else:
         b_dec = None
-    sae.init_weights(torch.Generator().manual_seed(seed), b_dec)
+    sae.init_weights(torch.Generator(device="cpu").manual_seed(seed), b_dec)
     if sae.architecture == "jumprelu":
         with torch.no_grad():
             sae.threshold.fill_(cfg.threshold_init)
@@ -148,6 +151,30 @@ def _sync_grads(sae: SAE, world: int) -> None:
         p.grad /= world
 
 
+def to_device(batches: Iterator[torch.Tensor], device: torch.device, rank: int, world: int) -> Iterator[torch.Tensor]:
+    """This process's slice of each CPU batch, on `device`, one batch ahead.
+
+    On CUDA the slice is pinned and copied on a side stream while the previous step computes;
+    the compute stream waits for the copy before using it. On the CPU the slice is yielded as is.
+    """
+    slices = (batch.chunk(world)[rank] for batch in batches)
+    if device.type != "cuda":
+        yield from (x.to(device) for x in slices)
+        return
+    copier = torch.cuda.Stream(device)
+
+    def start(x: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.stream(copier):
+            return x.pin_memory(device).to(device, non_blocking=True)
+
+    ahead = start(next(slices))
+    for x in slices:
+        current, ahead = ahead, start(x)
+        torch.cuda.current_stream(device).wait_stream(copier)
+        current.record_stream(torch.cuda.current_stream(device))
+        yield current
+
+
 def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, checkpoint_dir: Path | None = None,
           tracker: Any = None, stop_after: int | None = None) -> dict[str, Any]:
     """Train `sae` (already initialised for normalised inputs) for `cfg.steps` steps, then fold the scale in.
@@ -165,14 +192,15 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
     fused = sae.W_enc.device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
                            foreach=not fused)
-    since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    device = sae.W_enc.device
+    since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     start, last_ckpt = 0, None
     if checkpoint_dir is not None:
         resumed = load_checkpoint(checkpoint_dir, sae, opt, since_fired, fingerprint(cfg, sae))
         if resumed is not None:
             start, last_ckpt = resumed, checkpoint_dir
             log.info("resumed %s from step %d (%s)", sae.cfg.name, start, checkpoint_dir)
-    data = batches(start)
+    data = to_device(batches(start), device, rank, world)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     extra = {"auxk_alpha": cfg.auxk_alpha, "k_aux": float(cfg.k_aux)}
     last: dict[str, float] = {}
@@ -181,9 +209,9 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
     for step in bar:
         t0 = time.perf_counter()
         x = next(data).float()
-        if x.shape[0] != cfg.batch_size:
-            raise TokenJourneyError(f"data gave a batch of {x.shape[0]} rows, expected sae.batch_size={cfg.batch_size}")
-        x = x.chunk(world)[rank] * scale
+        if x.shape[0] * world != cfg.batch_size:
+            raise TokenJourneyError(f"data gave a batch of {x.shape[0] * world} rows, expected sae.batch_size={cfg.batch_size}")
+        x = x * scale
         ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth,
                           threshold_weight_at(cfg, step), extra)
         out = sae.training_step(x, ctx)

@@ -21,7 +21,7 @@ import torch
 
 from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
-from token_journey.distributed import join_processes
+from token_journey.distributed import join_processes, select_device
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, sha256_file, short_hash, train_timing_file, write_json
@@ -50,7 +50,7 @@ def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
     """Normalisation statistics from a shard manifest, with a clear error when they are absent."""
     if "mean" not in manifest or "mean_sq_norm" not in manifest:
         raise TokenJourneyError("activation manifest lacks mean / mean_sq_norm; rerun harvest with the current code")
-    mean = torch.tensor(manifest["mean"], dtype=torch.float32)
+    mean = torch.tensor(manifest["mean"], dtype=torch.float32, device="cpu")
     if mean.numel() != d_model:
         raise TokenJourneyError(f"manifest mean has {mean.numel()} values but d_model is {d_model}; rerun harvest")
     return DataStats(mean, float(manifest["mean_sq_norm"]))
@@ -87,9 +87,11 @@ def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
 
 
 def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path, site: str, layer: int, model: str,
-                seed: int, tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
-    """Train `cfg` on (site, layer) and write the SAE folder; returns its path.
+                seed: int, tracking: TrackingConfig, name: str, device: str, group: str = "",
+                config: dict[str, Any] | None = None) -> Path:
+    """Train `cfg` on (site, layer) on `device` (auto | cpu | cuda | cuda:N | mps) and write the SAE folder.
 
+    Returns the folder's path. Under a launcher each process trains on its own GPU (LOCAL_RANK).
     The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
     so an SAE trained twice from the same inputs is the same bytes.
     """
@@ -98,7 +100,8 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path,
 
     if site not in SITES:
         raise TokenJourneyError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
-    rank = join_processes(torch.device("cuda" if torch.cuda.is_available() else "cpu")).index
+    target = select_device(device)
+    rank = join_processes(target).index
     acts = open_activations(activations, site, layer, "train")
     held_out = open_activations(activations, site, layer, "eval")
     if held_out.d_model != acts.d_model:
@@ -106,7 +109,7 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path,
     stats = data_stats(acts.manifest, acts.d_model)
     loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
-    sae = new_sae(cfg, acts.d_model, stats, seed, first, name=name, model=model, site=site, layer=layer)
+    sae = new_sae(cfg, acts.d_model, stats, seed, first, device=target, name=name, model=model, site=site, layer=layer)
     out_dir = sae_folder(saes, site, layer, name)
     key = activations_key(acts.manifest)
     if _already_trained(out_dir, cfg, key):
@@ -114,7 +117,7 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path,
         return out_dir
     ckpt = checkpoint_folder(out_dir)
     run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
-    log.info("training %s on %s layer %d: %d rows, %d steps", name, site, layer, acts.rows, cfg.steps)
+    log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
     # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
     # multi-process run restarts with all processes at the same step and weights.
     info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt, tracker=run)
