@@ -45,9 +45,12 @@ def exclusion_rule(cfg: HarvestConfig) -> dict[str, Any]:
 
 
 def _rows_of(acts: torch.Tensor, mask: torch.Tensor, ratio: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Select rows: `acts` [batch, seq, d_model], `mask` [batch, seq] -> (rows [n, d_model] CPU, keep, n_norm_dropped)."""
+    """Select rows: `acts` [batch, seq, d_model], `mask` [batch, seq] -> (rows [n, d_model], keep (CPU), n_norm_dropped).
+
+    The rows stay on the model's device; the shard writer sums them there and copies them over.
+    """
     keep = drop_norm_outliers(acts, mask, ratio)
-    return acts[keep].to(dtype).cpu(), keep.cpu(), int(mask.sum() - keep.sum())
+    return acts[keep].to(dtype), keep.cpu(), int(mask.sum() - keep.sum())
 
 
 def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Path, split: str, device: torch.device,

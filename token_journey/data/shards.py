@@ -81,17 +81,21 @@ class ShardWriter:
 
     def _reset(self) -> None:
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.sum = torch.zeros(self.d_model, dtype=torch.float64)
+        self.sum = torch.zeros(self.d_model, dtype=torch.float64, device="cpu")
         self.sum_sq_norm = 0.0
         self.excluded: dict[str, int] = {}
 
     def add(self, acts: torch.Tensor, token_ids: torch.Tensor, sequence_ids: torch.Tensor, positions: torch.Tensor,
             excluded: dict[str, int]) -> None:
-        """Append rows: `acts` [rows, d_model] in the storage dtype (CPU), ids/positions [rows]."""
+        """Append rows: `acts` [rows, d_model] in the storage dtype, ids/positions [rows] (CPU).
+
+        The float64 sums are taken where `acts` lives (on a GPU they would otherwise be the
+        harvest's largest CPU cost), then the rows are copied to the CPU.
+        """
         wide = acts.double()
-        self.sum += wide.sum(dim=0)
+        self.sum += wide.sum(dim=0).cpu()
         self.sum_sq_norm += float((wide * wide).sum())
-        self.parts.append((acts, token_ids.to(torch.int32), sequence_ids.to(torch.int64), positions.to(torch.int32)))
+        self.parts.append((acts.cpu(), token_ids.to(torch.int32), sequence_ids.to(torch.int64), positions.to(torch.int32)))
         for key, count in excluded.items():
             self.excluded[key] = self.excluded.get(key, 0) + int(count)
 
