@@ -166,3 +166,27 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
         assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]), arch
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("target", [4.0, 10.0])
+def test_jumprelu_trains_to_the_requested_l0(target):
+    """The same data and recipe end near either target on held-out rows; the linear coefficient does not decide it."""
+    cfg = _cfg("jumprelu", target_l0=target, target_l0_penalty=10.0, train_tokens=64 * 120, sparsity_coefficient=0.5)
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    info = train(sae, _batches(64), STATS, cfg)
+    held_out = sae_reconstruction(sae, _data(99, 4096))["l0"]
+    assert held_out == pytest.approx(target, rel=0.15), (held_out, info["final_l0"])
+
+
+def test_target_l0_weight_is_warmed_up_like_the_coefficient():
+    cfg = _cfg("jumprelu", target_l0=8.0, target_l0_penalty=6.0, sparsity_coefficient=0.001, sparsity_warmup_steps=10)
+    assert sparsity_at(cfg, 0) == 0 and sparsity_at(cfg, 5) == pytest.approx(3.0) and sparsity_at(cfg, 50) == 6.0
+
+
+@pytest.mark.parametrize("kw,match", [(dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
+                                      (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
+                                      (dict(architecture="jumprelu", target_l0=99.0), "between 0"),
+                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=0.0), "must be > 0")])
+def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
+    with pytest.raises(TokenJourneyError, match=match):
+        _cfg(**kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.registry import check_architecture, check_k
+from token_journey.sae.registry import USES_K, check_architecture, check_k
 
 B_DEC_INITS = ("mean", "geometric_median", "zeros")
 
@@ -21,7 +21,11 @@ class SAEConfig:
     k: int
     """Active latents per token for topk/batchtopk (unused by jumprelu/relu)."""
     sparsity_coefficient: float
-    """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty."""
+    """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty; unused by jumprelu when target_l0 is set."""
+    target_l0: float
+    """jumprelu only: train to this L0 with the penalty target_l0_penalty * (L0 / target_l0 - 1)^2 (0 = off)."""
+    target_l0_penalty: float
+    """Weight of that quadratic penalty (warmed up like the coefficient); large enough to act as a constraint."""
     sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
     lr: float
@@ -74,6 +78,13 @@ class SAEConfig:
             raise TokenJourneyError(f"sae.lr={self.lr} and sae.bandwidth={self.bandwidth} must be > 0")
         if self.b_dec_init not in B_DEC_INITS:
             raise TokenJourneyError(f"sae.b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}")
+        if self.target_l0 < 0 or self.target_l0 > self.width:
+            raise TokenJourneyError(f"sae.target_l0={self.target_l0} must be between 0 (off) and the width {self.width}")
+        if self.target_l0 and self.architecture != "jumprelu":
+            fix = "set sae.k instead" if self.architecture in USES_K else "use sae=jumprelu-l0 or tune sae.sparsity_coefficient"
+            raise TokenJourneyError(f"sae.target_l0={self.target_l0} applies to jumprelu only, not {self.architecture}; {fix}")
+        if self.target_l0 and self.target_l0_penalty <= 0:
+            raise TokenJourneyError(f"sae.target_l0_penalty={self.target_l0_penalty} must be > 0 when sae.target_l0 is set")
         if not self.name or "/" in self.name:
             raise TokenJourneyError(f"sae.name={self.name!r} must be a non-empty folder name without '/'")
 

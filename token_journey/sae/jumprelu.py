@@ -2,7 +2,8 @@
 
 f = z * H(z - theta), z = x W_enc + b_enc, with a learned per-latent threshold theta stored as
 is (not log-parameterised, which stalls under Adam). Training loss = ||x - x_hat||^2 +
-lambda * L0, where L0 and the threshold get straight-through gradients with the rectangle
+lambda * L0 (or, given a target L0 T, lambda * (L0 / T - 1)^2, which holds L0 near T whatever the
+reconstruction trade-off), where L0 and the threshold get straight-through gradients with the rectangle
 kernel K(u) = 1[|u| < 1/2] of bandwidth eps:
   d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps),   d H / d theta = -(1 / eps) K(...),
 and no pseudo-gradient reaches z through H. Only latents with z > theta - eps/2 can carry any
@@ -87,5 +88,6 @@ class JumpReLUSAE(SAE):
         x_hat = self._reconstruct(f, active)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
-        loss = mse + ctx.sparsity_coefficient * l0
+        penalty = (l0 / ctx.target_l0 - 1).pow(2) if ctx.target_l0 > 0 else l0
+        loss = mse + ctx.sparsity_coefficient * penalty
         return StepOutput(loss, mse.detach(), l0.detach(), float(l0.detach()), self._fired(f.detach(), active))

@@ -63,10 +63,14 @@ def lr_at(cfg: SAEConfig, step: int) -> float:
 
 
 def sparsity_at(cfg: SAEConfig, step: int) -> float:
-    """The sparsity coefficient, warmed up linearly from 0."""
+    """The weight of the sparsity penalty, warmed up linearly from 0.
+
+    That is the coefficient of the linear penalty, or with `target_l0` the weight of the quadratic one.
+    """
+    weight = cfg.target_l0_penalty if cfg.target_l0 else cfg.sparsity_coefficient
     if cfg.sparsity_warmup_steps <= 0:
-        return cfg.sparsity_coefficient
-    return cfg.sparsity_coefficient * min(1.0, step / cfg.sparsity_warmup_steps)
+        return weight
+    return weight * min(1.0, step / cfg.sparsity_warmup_steps)
 
 
 def threshold_weight_at(cfg: SAEConfig, step: int) -> float:
@@ -213,7 +217,7 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
             raise TokenJourneyError(f"data gave a batch of {x.shape[0] * world} rows, expected sae.batch_size={cfg.batch_size}")
         x = x * scale
         ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth,
-                          threshold_weight_at(cfg, step), extra)
+                          threshold_weight_at(cfg, step), extra, cfg.target_l0)
         out = sae.training_step(x, ctx)
         if not torch.isfinite(out.loss.detach()):
             raise TokenJourneyError(
