@@ -87,7 +87,8 @@ def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
 
 
 def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path, site: str, layer: int, model: str,
-                seed: int, tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None) -> Path:
+                seed: int, tracking: TrackingConfig, name: str, group: str = "", config: dict[str, Any] | None = None,
+                device: str = "auto") -> Path:
     """Train `cfg` on (site, layer) and write the SAE folder; returns its path.
 
     The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
@@ -107,6 +108,8 @@ def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path,
     loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
     sae = new_sae(cfg, acts.d_model, stats, seed, first, name=name, model=model, site=site, layer=layer)
+    # Placeholder until the device-clean training change (select_device in token_journey.distributed) lands.
+    sae.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     out_dir = sae_folder(saes, site, layer, name)
     key = activations_key(acts.manifest)
     if _already_trained(out_dir, cfg, key):
