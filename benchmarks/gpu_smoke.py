@@ -31,6 +31,7 @@ import gc
 import json
 import math
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -94,7 +95,7 @@ class Meter:
         self.stages[name] = info
         tps = f"{info['tokens_per_s']:>10,} tokens/s" if info.get("tokens_per_s") else f"{'':>19}"
         mem = f"peak GPU {info['peak_gpu_mb']:8.1f} MB" if self.cuda else f"peak RSS {info['peak_rss_mb']:8.1f} MB"
-        print(f"{name:15s} {seconds:7.1f} s {tps}  {mem}  {info['devices'] or ''}", flush=True)
+        print(f"{name:22s} {seconds:7.1f} s {tps}  {mem}  {info['devices'] or ''}", flush=True)
 
     def problems(self) -> list[str]:
         """Every stage tensor found off the requested device, and device stages that used no CUDA memory."""
@@ -305,16 +306,18 @@ def step_fn(sae: Any, cfg: Any, device: torch.device, lr: float) -> Callable[[to
 
 def time_steps(step: Callable[[torch.Tensor], Any], x: torch.Tensor, device: torch.device, warmup: int, timed: int
                ) -> tuple[float, float]:
-    """(mean seconds per step over `timed` steps after `warmup`, mean L0 of the timed steps)."""
+    """(median seconds per step over `timed` steps after `warmup`, each between synchronizations; mean L0)."""
     for _ in range(warmup):
         step(x)
-    _sync(device)
-    l0s = []
-    start = time.perf_counter()
+    times, l0s = [], []
     for _ in range(timed):
-        l0s.append(step(x).l0)
-    _sync(device)
-    return (time.perf_counter() - start) / timed, float(sum(float(v) for v in l0s) / timed)
+        _sync(device)
+        start = time.perf_counter()
+        out = step(x)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        l0s.append(float(out.l0))
+    return statistics.median(times), sum(l0s) / timed
 
 
 def new_device_sae(arch: str, width: int, d_in: int, batch: int, device: torch.device) -> tuple[Any, Any]:
@@ -367,9 +370,10 @@ def dense_vs_sparse(args: argparse.Namespace, device: torch.device, x: torch.Ten
         rows.append(row)
         print(f"JumpReLU at {row['active_fraction']:.3f} active: sparse {row['sparse_ms']:8.2f} ms  "
               f"dense {row['dense_ms']:8.2f} ms  -> {row['faster']}", flush=True)
-    dense_wins = [r["active_fraction"] for r in rows if r["faster"] == "dense"]
-    sparse_wins = [r["active_fraction"] for r in rows if r["faster"] == "sparse" and (not dense_wins or r["active_fraction"] < min(dense_wins))]
-    crossover = [max(sparse_wins, default=0.0), min(dense_wins, default=1.0)]
+    # The dense path should win at every fraction above the crossover: it lies past the last sparse win.
+    last_sparse = max((i for i, r in enumerate(rows) if r["faster"] == "sparse"), default=-1)
+    crossover = [rows[last_sparse]["active_fraction"] if last_sparse >= 0 else 0.0,
+                 rows[last_sparse + 1]["active_fraction"] if last_sparse + 1 < len(rows) else 1.0]
     print(f"dense path wins above an active fraction between {crossover[0]} and {crossover[1]} "
           f"(current DENSE_ABOVE: {getattr(sparse, 'DENSE_ABOVE', None)})")
     return {"rows": rows, "crossover_between": crossover, "current_dense_above": getattr(sparse, "DENSE_ABOVE", None)}
@@ -388,14 +392,14 @@ def main() -> None:
     ap.add_argument("--sae-d-in", type=int, default=None, help="d_in of the timed SAE step (2048; --small: 256)")
     ap.add_argument("--sae-batch", type=int, default=None, help="batch of the timed SAE step (4096; --small: 512)")
     ap.add_argument("--warmup-steps", type=int, default=3)
-    ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per figure (10; --small: 2)")
+    ap.add_argument("--timed-steps", type=int, default=None, help="timed steps per figure (10; --small: 3)")
     ap.add_argument("--skip-pipeline", action="store_true", help="only the SAE step timings")
     ap.add_argument("--keep", type=Path, default=None, help="scratch folder to keep (default: a temp folder, removed)")
     args = ap.parse_args()
     args.sae_width = args.sae_width or (1024 if args.small else 16384)
     args.sae_d_in = args.sae_d_in or (256 if args.small else 2048)
     args.sae_batch = args.sae_batch or (512 if args.small else 4096)
-    args.timed_steps = args.timed_steps or (2 if args.small else 10)
+    args.timed_steps = args.timed_steps or (3 if args.small else 10)
     if args.small:
         args.warmup_steps = min(args.warmup_steps, 1)
 
