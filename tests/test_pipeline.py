@@ -51,7 +51,11 @@ def _stages_run(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of the project whose conf/ selects a tiny model, corpus and SAE."""
-    root = tmp_path_factory.mktemp("pipeline")
+    return make_project(tmp_path_factory.mktemp("pipeline"))
+
+
+def make_project(root: Path, device: str = "auto") -> Path:
+    """Fill `root` with a git + DVC copy of the project on the tiny profile, `device` set in conf/ and params.yaml."""
     for name in ("conf", "stages", "token_journey"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
@@ -64,6 +68,7 @@ def project(tmp_path_factory) -> Path:
         (texts / f"{i:02d}.txt").write_text(" ".join(words[(i + j) % len(words)] for j in range(60 + 7 * i)))
     (root / "conf/profile/tiny.yaml").write_text(TINY_PROFILE.format(model=model, texts=texts))
     config = (root / "conf/config.yaml").read_text().replace("  - profile: cpu", "  - profile: tiny")
+    config = config.replace("\ndevice: auto\n", f"\ndevice: {device}\n")
     (root / "conf/config.yaml").write_text(config)
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
