@@ -2,7 +2,8 @@
 
 `dvc push` to a local-folder remote, then `git clone` + `dvc pull`: every output comes back byte
 for byte and `dvc status` in the clone has nothing to run (every output is in DVC's cache, none
-only in a workspace). Then the clone rebuilds everything from scratch (`dvc repro -f`) and writes
+only in a workspace), and the workspace outputs share their files with the cache (hard links: the
+activations are on disk once). Then the clone rebuilds everything from scratch (`dvc repro -f`) and writes
 the same dvc.lock, bit for bit: tracked outputs hold results, never timings.
 """
 
@@ -27,6 +28,16 @@ def _status(root: Path) -> dict:
     return json.loads(done.stdout or "{}")
 
 
+def _unique_bytes(paths: list[Path]) -> int:
+    """`du`-style: the size of every file under `paths`, each inode counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for path in paths:
+        for file in ([path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())):
+            stat = file.stat()
+            seen[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return sum(seen.values())
+
+
 def _files(root: Path) -> dict[str, bytes]:
     """Every output file under `root`, by path."""
     found = {}
@@ -47,6 +58,18 @@ def shared(project, tmp_path_factory) -> Path:  # noqa: F811
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline run"], project)
     _run(["dvc", "push"], project)
     return project
+
+
+@pytest.mark.slow
+def test_outputs_are_stored_once_with_the_cache(shared):
+    """cache.type hardlink,copy: every shard is a hard link into .dvc/cache, not a second copy."""
+    shards = sorted((shared / "data/activations").rglob("shard-*.parquet"))
+    assert len(shards) > 4
+    assert [p for p in shards if p.stat().st_nlink < 2] == []
+    outputs = [shared / name for name in OUTPUTS]
+    alone = _unique_bytes(outputs)
+    assert alone > sum(p.stat().st_size for p in shards) > 0
+    assert _unique_bytes([*outputs, shared / ".dvc/cache"]) <= 1.1 * alone
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from support.configs import make
 from support.tiny_corpus import tiny_llama_with_corpus
 from token_journey.config.harvest import HarvestConfig
 from token_journey.data.corpus import read_sequences, row_mask, special_ids
-from token_journey.data.harvest import harvest
+from token_journey.data.harvest import harvest, planned_bytes
 from token_journey.data.loader import ShuffledLoader
 from token_journey.data.shards import open_activations
 from token_journey.errors import TokenJourneyError
@@ -207,3 +208,36 @@ def test_smollm2_first_position_is_the_outlier(smollm2):
     norms = capture(smollm2.model, ids, [("resid_post", 15)])[("resid_post", 15)].norm(dim=-1)
     assert (norms[:, 0] > 20 * norms[:, 1:].median()).all()
     assert (norms[:, 1:] < 5 * norms[:, 1:].median()).all()
+
+
+def test_a_harvest_that_cannot_fit_stops_before_writing(tiny_setup, tmp_path, monkeypatch, caplog):
+    root, lm = tiny_setup
+    cfg = _cfg()
+    needed, tokens = planned_bytes(cfg, 32, root / "corpus")
+    seqs = [read_sequences(root / "corpus" / f"{split}.parquet").input_ids for split in ("train", "eval")]
+    assert tokens == sum(s.numel() for s in seqs)
+    assert needed >= tokens * 4 * (32 * 4 + 16)  # 2 layers x 2 sites, float32 rows and their id columns
+    real = shutil.disk_usage
+    asked = []
+
+    def small_disk(path):
+        asked.append(Path(path))
+        return real(path)._replace(free=needed // 2)
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    target = tmp_path / "deep" / "acts"
+    with pytest.raises(TokenJourneyError) as info:
+        harvest(lm, cfg, root / "corpus", target, torch.device("cpu"))
+    message = str(info.value)
+    assert "\n" not in message and f"{needed:,} bytes" in message and f"{needed // 2:,} bytes" in message
+    for knob in ("corpus.max_tokens", "harvest.layers", "harvest.dtype"):
+        assert knob in message
+    assert "upper bound" in message
+    assert asked == [tmp_path] and not (tmp_path / "deep").exists()  # the nearest existing folder; nothing written
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=needed))
+    with caplog.at_level("INFO", logger="token_journey.data.harvest"):
+        harvest(lm, cfg, root / "corpus", target, torch.device("cpu"))
+    assert f"up to {needed:,} bytes" in caplog.text
+    written = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    assert 0.5 * needed < written <= needed, (written, needed)  # an upper bound, and not a loose one

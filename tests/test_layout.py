@@ -15,6 +15,7 @@ from support.imports import REPO
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import (
     Layout,
+    Uri,
     activations_folder,
     atomic_write_text,
     checkpoint_folder,
@@ -48,6 +49,21 @@ def test_every_path_of_a_layer_follows_the_paths_config():
     assert pareto_file(layout.metrics, "resid_post", 5) == Path("reports/metrics/m/resid_post/pareto/layer_5.json")
     assert report_page("resid_post", 5, "topk-k32") == "resid_post/layer_5/topk-k32.html"
     assert layout.corpus_file("eval") == Path("data/corpus/c/eval.parquet")
+
+
+def test_an_object_store_activations_root_keeps_its_uri():
+    layout = _layout(activations="s3://bucket/acts/m")
+    assert isinstance(layout.activations, Uri) and isinstance(_layout().activations, Path)
+    folder = activations_folder(layout.activations, "resid_post", 5, "eval")
+    assert isinstance(folder, Uri) and folder == "s3://bucket/acts/m/resid_post/layer_5/eval"
+    assert folder / "shard-00000.parquet" == "s3://bucket/acts/m/resid_post/layer_5/eval/shard-00000.parquet"
+    assert (folder / "manifest.json").name == "manifest.json"
+    # a query (e.g. the endpoint of an S3-compatible server) stays at the end
+    queried = activations_folder("s3://b/acts/?endpoint_override=127.0.0.1:9000&scheme=http", "mlp_out", 2)
+    assert queried == "s3://b/acts/mlp_out/layer_2?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert (queried / "manifest.json").name == "manifest.json"
+    with pytest.raises(TokenJourneyError, match=r"paths.saes=s3://bucket/saes is a URI.*only paths.activations"):
+        _layout(saes="s3://bucket/saes")
 
 
 def test_journey_links_follow_where_the_report_and_journey_live():

@@ -17,6 +17,11 @@ DVC output and git, so two runs of the pipeline write byte-identical results.
 
 Writers go through `atomic_write_*` / `replace_folder` (a temporary sibling, then a rename), so a
 reader never sees half a file, and hashes through `sha256_file` / `short_hash`.
+
+The activations root alone may also be an object-store URI (`s3://bucket/prefix`, read and written
+through `pyarrow.fs`, see `token_journey.storage`): `location` turns a configured value into a `Path`
+or a `Uri`, and `Uri / part` joins with '/' (pathlib would collapse `s3://` into `s3:/`). Every
+function below that takes such a root returns a `Path` for a local root, as before, and a `Uri` for a URI.
 """
 
 from __future__ import annotations
@@ -32,6 +37,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from token_journey.errors import TokenJourneyError
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class Uri(str):
+    """An object-store location such as `s3://bucket/prefix[?query]`: a str whose `/` adds a path part
+    (before any `?query`, e.g. `?endpoint_override=host:port&scheme=http`)."""
+
+    def _split(self) -> tuple[str, str]:
+        base, sep, query = self.partition("?")
+        return base.rstrip("/"), sep + query
+
+    def __truediv__(self, part: str | os.PathLike) -> Uri:
+        base, query = self._split()
+        return Uri(f"{base}/{str(part).strip('/')}{query}")
+
+    @property
+    def name(self) -> str:
+        """The last path part (`shard-00000.parquet`), like `Path.name`."""
+        return self._split()[0].rsplit("/", 1)[-1]
+
+    @property
+    def scheme(self) -> str:
+        return self.split("://", 1)[0].lower()
+
+
+Location = Path | Uri
+"""A local path, or an object-store URI (only the activations root may be one)."""
+
+
+def is_uri(value: Path | str) -> bool:
+    """True for `scheme://...` strings (a local `Path` never is one)."""
+    return isinstance(value, Uri) or (isinstance(value, str) and bool(_SCHEME.match(value)))
+
+
+def location(value: Path | str) -> Location:
+    """A configured root as a `Uri` (`s3://...`) or a `Path` (anything else)."""
+    if isinstance(value, Uri) or isinstance(value, Path):
+        return value
+    return Uri(value) if is_uri(value) else Path(value)
+
+
 LAYER_NAME = re.compile(r"^layer_(\d+)(?:\.json)?$")
 """A layer folder (`layer_5`) or a per-layer file (`layer_5.json`)."""
 
@@ -44,12 +92,12 @@ def layer_name(layer: int) -> str:
     return f"layer_{layer}"
 
 
-def layer_folder(root: Path | str, site: str, layer: int) -> Path:
-    """`<root>/<site>/layer_<L>`: one (site, layer) under any root."""
-    return Path(root) / site / layer_name(layer)
+def layer_folder(root: Path | str, site: str, layer: int) -> Location:
+    """`<root>/<site>/layer_<L>`: one (site, layer) under any root (a `Path`, or a `Uri` under a URI root)."""
+    return location(root) / site / layer_name(layer)
 
 
-def activations_folder(root: Path | str, site: str, layer: int, split: str = "train") -> Path:
+def activations_folder(root: Path | str, site: str, layer: int, split: str = "train") -> Location:
     """The shards of one (site, layer, split); the eval split lives in an `eval/` subfolder."""
     folder = layer_folder(root, site, layer)
     return folder / EVAL_SPLIT if split == EVAL_SPLIT else folder
@@ -114,8 +162,8 @@ class Layout:
     """The prepared model folder (safetensors + tokenizer + manifest.json)."""
     corpus: Path
     """`train.parquet`, `eval.parquet` and `stats.json` of the tokenized corpus."""
-    activations: Path
-    """Root of the harvested shards."""
+    activations: Location
+    """Root of the harvested shards: a local path or an object-store URI (`s3://bucket/prefix`)."""
     saes: Path
     """Root of the trained SAE folders."""
     metrics: Path
@@ -134,7 +182,13 @@ class Layout:
         """The layout of a `paths` config section (a mapping or DictConfig); unknown keys are an error."""
         from token_journey.config import build
 
-        return build(cls, {k: Path(v) for k, v in dict(paths).items()}, "paths")
+        roots = {}
+        for key, value in dict(paths).items():
+            if is_uri(str(value)) and key != "activations":
+                raise TokenJourneyError(f"paths.{key}={value} is a URI, but only paths.activations may be on object storage; "
+                                        f"give paths.{key} a local folder")
+            roots[key] = location(str(value)) if key == "activations" else Path(value)
+        return build(cls, roots, "paths")
 
     def corpus_file(self, split: str) -> Path:
         """The token sequences of one corpus split (`train` or `eval`)."""

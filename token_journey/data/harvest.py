@@ -7,6 +7,9 @@ place, same run key) are kept, and the pass restarts at the first shard any (sit
 lacks; nothing is lost or written twice. The run key hashes everything that decides a
 shard's content (model, corpus file, dtypes, batch size, shard size, exclusion rule), so
 shards of a different configuration are never mixed in.
+
+Before its first forward pass, harvest estimates the bytes it will write (`planned_bytes`) and stops
+with one line when the target's free space cannot hold them, before writing anything.
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from token_journey import storage
 from token_journey.config.harvest import HarvestConfig
 from token_journey.data.corpus import drop_norm_outliers, read_sequences, row_mask, special_ids
 from token_journey.data.shards import MANIFEST, ShardWriter, complete_shards, write_manifest
 from token_journey.distributed import Processes, join_processes
-from token_journey.layout import activations_folder, corpus_file, sha256_file, short_hash
+from token_journey.errors import TokenJourneyError
+from token_journey.layout import Location, activations_folder, corpus_file, location, sha256_file, short_hash
 from token_journey.lm import LoadedModel, torch_dtype
 from token_journey.sites import capture, check_point
 
@@ -53,7 +59,7 @@ def _rows_of(acts: torch.Tensor, mask: torch.Tensor, ratio: float, dtype: torch.
     return acts[keep].to(dtype), keep.cpu(), int(mask.sum() - keep.sum())
 
 
-def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Path, split: str, device: torch.device,
+def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Location, split: str, device: torch.device,
                   procs: Processes = Processes()) -> dict[Point, dict]:
     """Harvest one split of the corpus into `<root>/<site>/layer_<L>[/eval]`; returns the manifests.
 
@@ -86,7 +92,7 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     todo = [k for k in range(n_shards) if any(k not in done[p] for p in points)]
     for p in points:  # a manifest must never describe shards that are about to change
         if todo and procs.is_main:
-            (folders[p] / MANIFEST).unlink(missing_ok=True)
+            storage.delete(folders[p] / MANIFEST, missing_ok=True)
     fresh = not todo
     todo = todo[procs.index :: procs.count]
     if procs.count > 1:
@@ -126,11 +132,11 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     return {p: _manifest(folders[p], n_shards, dict(info, site=p[0], layer=p[1]), fresh=fresh) for p in points}
 
 
-def _manifest(folder: Path, n_shards: int, info: dict[str, Any], fresh: bool) -> dict[str, Any]:
+def _manifest(folder: Location, n_shards: int, info: dict[str, Any], fresh: bool) -> dict[str, Any]:
     """Reuse a manifest of this same run when nothing was rewritten; else aggregate the shards."""
     path = folder / MANIFEST
-    if fresh and path.is_file():
-        old = json.loads(path.read_text())
+    if fresh and storage.is_file(path):
+        old = json.loads(storage.read_bytes(path))
         if old.get("run_key") == info["run_key"] and len(old.get("shards", ())) == n_shards:
             return old
     return write_manifest(folder, n_shards, info)
@@ -151,14 +157,87 @@ def _harvest_batch(lm: LoadedModel, cfg: HarvestConfig, ids: torch.Tensor, seq_i
         writer.add(rows, ids[keep], seq_ids[:, None].expand_as(ids)[keep], positions[keep], excluded)
 
 
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
+ID_BYTES = 4 + 8 + 4
+"""The per-row id columns: token_id int32, sequence_id int64, position int32."""
+SPLITS = ("train", "eval")
 
-def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Path, device: torch.device) -> dict[str, dict[Point, dict]]:
-    """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply."""
+
+def planned_bytes(cfg: HarvestConfig, d_model: int, corpus_dir: Path) -> tuple[int, int]:
+    """(bytes, tokens): what harvest writes for both splits, an upper bound, and the corpus tokens.
+
+    tokens x (layers x sites) x (d_model x dtype size + id columns), plus Parquet's own bytes: per
+    row group at most min(4 bytes a value, 1 MiB) (the dictionary page Parquet tries before it
+    falls back to plain values; measured 0.3 to 0.7 MiB for SmolLM2-sized groups) and per shard
+    a footer with its d_model-long statistics. Every token counts, as exclusions (special tokens,
+    first positions, norm outliers) only remove rows. The token count comes from the corpus files'
+    footers, before any forward pass; a missing split counts 0 (reading it reports it).
+    """
+    points = len(cfg.layers) * len(cfg.sites)
+    row = d_model * BYTES_PER_VALUE[cfg.dtype] + ID_BYTES
+    total = tokens = 0
+    for split in SPLITS:
+        path = corpus_file(corpus_dir, split)
+        if not path.is_file():
+            continue
+        footer = pq.ParquetFile(path).metadata
+        context = footer.schema.to_arrow_schema().field("input_ids").type.list_size
+        per_shard = max(1, cfg.shard_rows // context)
+        n_shards = -(-footer.num_rows // per_shard)
+        group_rows = min(cfg.row_group_rows, per_shard * context)
+        groups = -(-per_shard * context // group_rows)
+        shard_extra = groups * min(4 * group_rows * d_model, 1 << 20) + 4096 + 24 * d_model
+        tokens += footer.num_rows * context
+        total += points * (footer.num_rows * context * row + n_shards * shard_extra)
+    return total, tokens
+
+
+def _kept_shard_bytes(root: Location, cfg: HarvestConfig) -> int:
+    """Bytes of the shards already under `root` for these points: a resumed run keeps or replaces them."""
+    total = 0
+    for layer in cfg.layers:
+        for site in cfg.sites:
+            for split in SPLITS:
+                folder = activations_folder(root, site, layer, split)
+                total += sum(storage.file_size(folder / n) for n in storage.file_names(folder) if n.startswith("shard-"))
+    return total
+
+
+def check_space(cfg: HarvestConfig, d_model: int, corpus_dir: Path, root: Location) -> None:
+    """Stop, before anything is written, when the estimate of `planned_bytes` cannot fit at `root`."""
+    if not storage.is_local(root):
+        log.info("%s is object storage: no free-space check before harvest", root)
+        return
+    needed, tokens = planned_bytes(cfg, d_model, corpus_dir)
+    free = storage.free_bytes(root)
+    kept = _kept_shard_bytes(root, cfg)
+    what = (f"{needed:,} bytes ({needed / 1e9:.2f} GB) for {tokens:,} tokens x {len(cfg.layers)} layers x "
+            f"{len(cfg.sites)} sites in {cfg.dtype}, an upper bound (exclusions only remove rows)")
+    if needed > free + kept:
+        raise TokenJourneyError(
+            f"harvest needs up to {what}, but {root} has {free:,} bytes ({free / 1e9:.2f} GB) free"
+            + (f" plus {kept:,} in existing shards" if kept else "")
+            + "; lower corpus.max_tokens, harvest.layers or harvest.dtype (float16 or bfloat16 halve float32), or free disk space"
+        )
+    log.info("harvest will write up to %s; %s bytes free at %s", what, f"{free:,}", root)
+
+
+def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Location | str,
+            device: torch.device) -> dict[str, dict[Point, dict]]:
+    """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply.
+
+    `root` is a local folder or an object-store URI (`s3://bucket/prefix`). Before any forward pass
+    the free space is checked (`check_space`)."""
+    root = location(root)
+    for layer in cfg.layers:
+        for site in cfg.sites:
+            check_point(lm.model, site, layer)
+    check_space(cfg, lm.model.config.get_text_config().hidden_size, Path(corpus_dir), root)
     result = {}
     # Several processes (torchrun / accelerate launch) split the shards; on the CPU they talk over gloo.
     procs = join_processes(device)
-    for split in ("train", "eval"):
-        result[split] = harvest_split(lm, cfg, corpus_file(corpus_dir, split), Path(root), split, device, procs)
+    for split in SPLITS:
+        result[split] = harvest_split(lm, cfg, corpus_file(corpus_dir, split), root, split, device, procs)
         rows = {f"{site}@{layer}": m["rows"] for (site, layer), m in result[split].items()}
         log.info("%s: wrote %s rows -> %s", split, rows, root)
     return result

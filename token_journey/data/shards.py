@@ -11,6 +11,10 @@ shards hashed in parallel threads: about a second per GB per core), and shards a
 Parquet page checksums, checked on every later read, so data damaged after opening still stops the
 reader. A damaged shard is named in a one-line error with the fix.
 
+The root may be a local folder or an object-store URI (`s3://bucket/prefix`): every read and write
+goes through `token_journey.storage` (`pyarrow.fs`), which keeps local files exactly as before
+(temporary name, then rename) and uploads each object whole under its final key.
+
 Each shard carries, in its Parquet footer metadata, its row count, the float64 sum of its
 vectors, the sum of squared norms and its exclusion counts, so the manifest's mean and mean
 squared norm are exact sums over complete shards even when a harvest was killed and resumed.
@@ -25,7 +29,6 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from token_journey import storage
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import activations_folder, atomic_write_text, sha256_file, temp_sibling
+from token_journey.layout import Location, activations_folder, location
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,15 @@ def _arrow_values(acts: torch.Tensor) -> pa.Array:
 class ShardWriter:
     """Collects the rows of one (site, layer, split) for the current shard and writes it atomically.
 
-    Rows are appended with `add`; `finish(index)` writes `shard-<index>.parquet` under a temporary
-    name, renames it, and starts the next shard. The per-shard statistics go into the footer.
+    Rows are appended with `add`; `finish(index)` writes `shard-<index>.parquet` whole (locally under a
+    temporary name, then renamed; on object storage as one upload) and starts the next shard. The
+    per-shard statistics go into the footer.
     """
 
-    def __init__(self, folder: Path, d_model: int, dtype: str, run_key: str, row_group_rows: int) -> None:
-        self.folder, self.d_model, self.dtype = Path(folder), d_model, dtype
+    def __init__(self, folder: Location | str, d_model: int, dtype: str, run_key: str, row_group_rows: int) -> None:
+        self.folder, self.d_model, self.dtype = location(folder), d_model, dtype
         self.run_key, self.row_group_rows = run_key, row_group_rows
-        self.folder.mkdir(parents=True, exist_ok=True)
+        storage.make_folder(self.folder)
         self._reset()
 
     def _reset(self) -> None:
@@ -99,8 +104,8 @@ class ShardWriter:
         for key, count in excluded.items():
             self.excluded[key] = self.excluded.get(key, 0) + int(count)
 
-    def finish(self, index: int) -> Path:
-        """Write the collected rows as shard `index` (temp name, then rename) and reset."""
+    def finish(self, index: int) -> Location:
+        """Write the collected rows as shard `index` (whole: see `storage.write_parquet`) and reset."""
         acts = torch.cat([p[0] for p in self.parts]) if self.parts else torch.zeros(0, self.d_model)
         columns = [torch.cat([p[i] for p in self.parts]) if self.parts else torch.zeros(0) for i in (1, 2, 3)]
         meta = {
@@ -121,50 +126,55 @@ class ShardWriter:
         if table.column("activation").type.value_type != _ARROW[self.dtype]:
             raise TokenJourneyError(f"activations arrived as {acts.dtype}, expected {self.dtype}")
         final = self.folder / shard_name(index)
-        tmp = temp_sibling(final)
-        pq.write_table(table, tmp, row_group_size=self.row_group_rows, compression="none", write_page_checksum=True)
-        os.replace(tmp, final)
+        storage.write_parquet(table, final, row_group_size=self.row_group_rows, compression="none", write_page_checksum=True)
         self._reset()
         return final
 
 
-def _damaged(path: Path, what: str) -> TokenJourneyError:
+def _damaged(path: Location, what: str) -> TokenJourneyError:
     """The one-line error for a shard whose bytes are not what the harvest wrote."""
     return TokenJourneyError(f"shard {path} is damaged ({what}); delete it and rerun harvest (`dvc repro harvest`), "
                              "which rewrites only the missing shards")
 
 
-def read_shard(path: Path, columns: list[str] | None = None, row_group: int | None = None) -> pa.Table:
+def read_shard(path: Location, columns: list[str] | None = None, row_group: int | None = None) -> pa.Table:
     """A shard (or one row group of it) with every data page's checksum verified."""
     try:
-        parquet = pq.ParquetFile(path, page_checksum_verification=True)
-        return parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns=columns)
+        with storage.open_input(path) as source:
+            parquet = pq.ParquetFile(source, page_checksum_verification=True)
+            return parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
 
 
-def shard_meta(path: Path) -> dict[str, Any]:
+def _footer(path: Location) -> pq.FileMetaData:
+    """A shard's Parquet footer (reads only the footer)."""
+    with storage.open_input(path) as source:
+        return pq.ParquetFile(source).metadata
+
+
+def shard_meta(path: Location) -> dict[str, Any]:
     """The statistics a shard carries in its footer (reads only the footer)."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = _footer(path).metadata or {}
         return json.loads(metadata[META_KEY])
     except (pa.ArrowInvalid, OSError, KeyError, ValueError) as exc:
         raise TokenJourneyError(f"shard {path} is corrupted or not a token-journey shard ({type(exc).__name__}); rerun harvest") from exc
 
 
-def complete_shards(folder: Path, run_key: str, n_shards: int) -> set[int]:
+def complete_shards(folder: Location | str, run_key: str, n_shards: int) -> set[int]:
     """Indices of finished shards from this same run; deletes leftovers of killed or other runs.
 
-    A shard exists under its final name only once complete (it was renamed into place), so a
-    file that reads back with the same `run_key` needs no further work.
+    A shard exists under its final name only once complete (renamed into place, or uploaded
+    whole), so a file that reads back with the same `run_key` needs no further work.
     """
     done: set[int] = set()
-    if not Path(folder).is_dir():
-        return done
-    for path in sorted(Path(folder).iterdir()):
-        match = _SHARD.match(path.name)
-        if path.name.startswith(".shard-") and ".tmp-" in path.name:  # see layout.temp_sibling
-            path.unlink()  # a shard a killed run was writing
+    folder = location(folder)
+    for name in storage.file_names(folder):
+        path = folder / name
+        match = _SHARD.match(name)
+        if name.startswith(".shard-") and ".tmp-" in name:  # see layout.temp_sibling
+            storage.delete(path)  # a shard a killed run was writing
         elif match:
             index = int(match.group(1))
             try:
@@ -175,19 +185,19 @@ def complete_shards(folder: Path, run_key: str, n_shards: int) -> set[int]:
                 done.add(index)
             else:
                 log.info("removing %s (from a different or damaged harvest)", path)
-                path.unlink()
+                storage.delete(path)
     return done
 
 
-def write_manifest(folder: Path, n_shards: int, info: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(folder: Location | str, n_shards: int, info: dict[str, Any]) -> dict[str, Any]:
     """Aggregate the shards' footer statistics (float64) into `manifest.json`, written atomically."""
-    folder = Path(folder)
+    folder = location(folder)
     shards, total, sum_sq = [], None, 0.0
     excluded: dict[str, int] = {}
     for index in range(n_shards):
         path = folder / shard_name(index)
         meta = shard_meta(path)
-        shards.append({"file": path.name, "rows": meta["rows"], "sha256": sha256_file(path)})
+        shards.append({"file": path.name, "rows": meta["rows"], "sha256": storage.sha256(path)})
         vec = np.asarray(meta["sum"], dtype=np.float64)
         total = vec if total is None else total + vec
         sum_sq += meta["sum_sq_norm"]
@@ -198,7 +208,7 @@ def write_manifest(folder: Path, n_shards: int, info: dict[str, Any]) -> dict[st
         raise TokenJourneyError(f"harvest wrote no rows to {folder}; the corpus has no tokens left after exclusions")
     manifest = dict(info, rows=rows, shards=shards, mean=(total / rows).tolist(), mean_sq_norm=sum_sq / rows,
                     excluded_counts=excluded)
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    storage.write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     return manifest
 
 
@@ -206,7 +216,7 @@ def write_manifest(folder: Path, n_shards: int, info: dict[str, Any]) -> dict[st
 class Activations:
     """A verified view of one (site, layer, split): manifest facts plus readers of the shards."""
 
-    folder: Path
+    folder: Location
     manifest: dict[str, Any]
 
     @property
@@ -222,7 +232,7 @@ class Activations:
         return self.manifest["dtype"]
 
     @property
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[Location]:
         return [self.folder / s["file"] for s in self.manifest["shards"]]
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -248,24 +258,24 @@ class Activations:
         """(shard index, row group index, rows) of every row group, from the footers only."""
         groups = []
         for shard, path in enumerate(self.paths):
-            meta = pq.ParquetFile(path).metadata
+            meta = _footer(path)
             groups.extend((shard, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
         return groups
 
 
-def _check_sha256(folder: Path, shards: list[dict[str, Any]], manifest_path: Path) -> None:
+def _check_sha256(folder: Location, shards: list[dict[str, Any]], manifest_path: Location) -> None:
     """Every shard's sha256 against the manifest, hashed in parallel (hashlib releases the GIL)."""
     if any("sha256" not in s for s in shards):
         raise TokenJourneyError(f"{manifest_path} records no sha256 for its shards; rerun harvest (or open with verify=False)")
     paths = [folder / s["file"] for s in shards]
     with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1) or 1) as pool:
-        digests = list(pool.map(sha256_file, paths))
+        digests = list(pool.map(storage.sha256, paths))
     for path, shard, digest in zip(paths, shards, digests):
         if digest != shard["sha256"]:
             raise _damaged(path, f"its sha256 differs from {manifest_path}")
 
 
-def open_activations(root: Path | str, site: str, layer: int, split: str = "train", verify: bool = True) -> Activations:
+def open_activations(root: Location | str, site: str, layer: int, split: str = "train", verify: bool = True) -> Activations:
     """Open a harvested (site, layer, split), checking the manifest against the files.
 
     Row counts are always checked (footers only); `verify=True` (the default) also checks every
@@ -273,17 +283,18 @@ def open_activations(root: Path | str, site: str, layer: int, split: str = "trai
     """
     folder = activations_folder(root, site, layer, split)
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        what = "was not harvested" if not folder.is_dir() else "has no manifest (harvest incomplete)"
+    names = storage.file_names(folder)
+    if MANIFEST not in names:
+        what = "was not harvested" if not storage.is_dir(folder) else "has no manifest (harvest incomplete)"
         raise TokenJourneyError(
             f"{site} layer {layer} ({split}) {what} at {folder}; add {layer} to harvest.layers and run `python stages/harvest.py`"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(storage.read_bytes(manifest_path))
     except ValueError as exc:
         raise TokenJourneyError(f"{manifest_path} is not valid JSON; rerun harvest") from exc
     listed = {s["file"] for s in manifest["shards"]}
-    on_disk = {p.name for p in folder.iterdir() if _SHARD.match(p.name)}
+    on_disk = {name for name in names if _SHARD.match(name)}
     if listed != on_disk:
         raise TokenJourneyError(
             f"{manifest_path} does not match the files: missing {sorted(listed - on_disk)[:3]}, "
@@ -292,7 +303,7 @@ def open_activations(root: Path | str, site: str, layer: int, split: str = "trai
     for shard in manifest["shards"]:
         path = folder / shard["file"]
         try:
-            rows = pq.ParquetFile(path).metadata.num_rows
+            rows = _footer(path).num_rows
         except (pa.ArrowInvalid, OSError) as exc:
             raise _damaged(path, f"unreadable footer: {exc}") from exc
         if rows != shard["rows"]:

@@ -84,7 +84,7 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     sae = load_sae(entry.folder, device=device)
     sae.eval()
     try:
-        acts = open_activations(Path(paths.activations), entry.site, entry.layer, split="eval")
+        acts = open_activations(paths.activations, entry.site, entry.layer, split="eval")
     except TokenJourneyError as exc:
         log.warning("no feature browser for %s: %s", entry.page, exc)
         charts = {"error": position_chart([entry])} if entry.metrics.get("error_by_position") else {}

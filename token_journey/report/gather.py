@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from token_journey import storage
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import activations_folder, layers_under, report_page
+from token_journey.layout import Location, activations_folder, layers_under, report_page
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ class SaeEntry:
         return out
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from disk, or a one-line error naming the broken file."""
+def read_json(path: Location) -> dict[str, Any]:
+    """A JSON object from disk (or object storage), or a one-line error naming the broken file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(storage.read_bytes(path))
     except (OSError, json.JSONDecodeError) as exc:
         raise TokenJourneyError(f"cannot read {path}: {exc}; rerun the stage that writes it") from exc
     if not isinstance(data, dict):
@@ -93,7 +94,7 @@ def gather_saes(saes_root: Path, metrics_root: Path) -> list[SaeEntry]:
     return [entries[key] for key in sorted(entries)]
 
 
-def facts(base_model: Path, corpus: Path, activations: Path, entries: list[SaeEntry]) -> list[tuple[str, str]]:
+def facts(base_model: Path, corpus: Path, activations: Location, entries: list[SaeEntry]) -> list[tuple[str, str]]:
     """(label, value) lines about the model, the corpus and the token budgets, for the overview."""
     out: list[tuple[str, str]] = []
     manifest = Path(base_model) / "manifest.json"
@@ -109,7 +110,7 @@ def facts(base_model: Path, corpus: Path, activations: Path, entries: list[SaeEn
         rows = []
         for split in ("train", "eval"):
             path = activations_folder(activations, site, layer, split) / "manifest.json"
-            if path.is_file():
+            if storage.is_file(path):
                 layer_manifest = read_json(path)
                 dropped = layer_manifest.get("excluded_counts", {})
                 rows.append(f"{split} {layer_manifest.get('rows', 0):,} tokens" + (

@@ -24,7 +24,7 @@ from token_journey.config.tracking import TrackingConfig
 from token_journey.distributed import join_processes, select_device
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
-from token_journey.layout import checkpoint_folder, dataclass_json, sae_folder, sha256_file, short_hash, train_timing_file, write_json
+from token_journey.layout import Location, checkpoint_folder, dataclass_json, sae_folder, sha256_file, short_hash, train_timing_file, write_json
 from token_journey.sae.io import save_sae
 from token_journey.sae.train import DataStats, new_sae, train
 from token_journey.sites import SITES
@@ -86,12 +86,13 @@ def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
             and info.get("code_key") == code_key())
 
 
-def train_layer(cfg: SAEConfig, *, activations: Path, saes: Path, timings: Path, site: str, layer: int, model: str,
+def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: Path, site: str, layer: int, model: str,
                 seed: int, tracking: TrackingConfig, name: str, device: str, group: str = "",
                 config: dict[str, Any] | None = None) -> Path:
     """Train `cfg` on (site, layer) on `device` (auto | cpu | cuda | cuda:N | mps) and write the SAE folder.
 
-    Returns the folder's path. Under a launcher each process trains on its own GPU (LOCAL_RANK).
+    Returns the folder's path. `activations` is the harvest root: a local folder or an object-store
+    URI (`s3://bucket/prefix`). Under a launcher each process trains on its own GPU (LOCAL_RANK).
     The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
     so an SAE trained twice from the same inputs is the same bytes.
     """
