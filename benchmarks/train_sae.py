@@ -169,16 +169,17 @@ def main() -> None:
         tps = info["tokens_per_s"]
         results[arch] = {"tokens_per_s": round(tps), "ceiling_tokens_per_s": round(ceiling),
                          "ratio_to_ceiling": round(tps / ceiling, 3), "dense_tokens_per_s": round(dense_tps),
-                         "ratio_to_dense": round(tps / dense_tps, 2), "bar_ratio_to_dense": BARS[arch],
+                         "ratio_to_dense": round(tps / dense_tps, 2), "bar_ratio_to_dense": BARS[cfg.architecture],
                          "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2),
                          "dead_fraction": round(metrics["dead_fraction"], 4),
                          "quality_bar": QUALITY_BARS.get(arch),
                          "quality_met": quality_met(arch, metrics["fvu"], metrics["l0"], metrics["dead_fraction"]),
                          "train_tokens": info["train_tokens"],
-                         "lr": cfg.lr, "sparsity_coefficient": cfg.sparsity_coefficient, "k": cfg.k}
+                         "lr": cfg.lr, "sparsity_coefficient": cfg.sparsity_coefficient, "k": cfg.k,
+                         "target_l0": cfg.target_l0}
         r = results[arch]
         print(f"{arch:9s} {tps:8.0f} tok/s  ceiling {ceiling:8.0f} (x{r['ratio_to_ceiling']})  dense {dense_tps:6.0f} "
-              f"(x{r['ratio_to_dense']}, bar x{BARS[arch]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}"
+              f"(x{r['ratio_to_dense']}, bar x{BARS[cfg.architecture]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}"
               f"  quality bar {'met' if r['quality_met'] else 'none' if r['quality_met'] is None else 'NOT met'}",
               flush=True)
     print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
