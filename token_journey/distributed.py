@@ -73,12 +73,17 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def adopt_launcher_environment() -> None:
+    """Set torch.distributed's variables from Slurm's when `srun` started this process (else nothing)."""
+    os.environ.update(slurm_environment(os.environ))
+
+
 def select_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch.
 
     Under a launcher, `auto` and a bare `cuda` mean this process's own GPU (LOCAL_RANK).
     """
-    os.environ.update(slurm_environment(os.environ))
+    adopt_launcher_environment()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if name == "auto":
         if torch.cuda.is_available():
@@ -107,7 +112,7 @@ def current_processes() -> Processes:
 
 def join_processes(device: torch.device) -> Processes:
     """Join the launcher's process group if there is one; gloo for CPU, NCCL for CUDA."""
-    os.environ.update(slurm_environment(os.environ))
+    adopt_launcher_environment()
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return Processes()
