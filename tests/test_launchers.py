@@ -30,15 +30,15 @@ def _env(**extra: str) -> dict[str, str]:
     return dict(env, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="1", **extra)
 
 
-def _results(text: str) -> list[dict]:
-    return sorted((json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT " in line),
-                  key=lambda r: r["rank"])
+def _results(cwd: Path) -> list[dict]:
+    """What each process wrote (`result-<rank>.json`), in rank order."""
+    return sorted((json.loads(p.read_text()) for p in cwd.glob("result-*.json")), key=lambda r: r["rank"])
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> list[dict]:
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return _results(done.stdout)
+    return _results(cwd)
 
 
 def _srun(env: dict[str, str], cwd: Path) -> list[dict]:
@@ -49,7 +49,7 @@ def _srun(env: dict[str, str], cwd: Path) -> list[dict]:
              for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    return _results("".join(o[0] for o in outs))
+    return _results(cwd)
 
 
 @pytest.fixture(scope="module")

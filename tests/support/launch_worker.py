@@ -1,5 +1,5 @@
 """Run by tests/test_launchers.py under each launcher: report this process's place in the run and
-what BatchTopK agrees on across the processes, as one `RESULT {json}` line.
+what BatchTopK agrees on across the processes, as `result-<rank>.json` in the working folder.
 
 Every process builds the same global batches; the training loop gives each its own slice.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,11 +45,12 @@ def main() -> None:
         sae = new_sae(cfg, D_IN, stats, seed=0, device=device)
         train(sae, lambda start: (_batch(100 + s) for s in range(start, STEPS)), stats, cfg)
         thresholds.append(sae.threshold[0].item())
-    print("RESULT " + json.dumps({
+    # One file per process: several processes printing to one pipe can interleave their lines.
+    Path(f"result-{processes.index}.json").write_text(json.dumps({
         "rank": processes.index, "world": processes.count, "local_rank": int(os.environ.get("LOCAL_RANK", -1)),
         "device": str(device), "sum_of_ranks": float(total), "cut": float(cut), "exact_cut": float(kth_largest(pre, K * BATCH)),
         "first_threshold": thresholds[0], "threshold": thresholds[1], "w_dec": sae.W_dec.detach().double().sum().item(),
-    }), flush=True)
+    }))
     if processes.count > 1:
         dist.destroy_process_group()
 
