@@ -137,6 +137,21 @@ def dense_step_seconds(cfg: SAEConfig, sae, x: torch.Tensor, steps: int = 3) -> 
     return float(np.median(times[1:]))
 
 
+def applies(override: str, arch: str) -> bool:
+    """Whether a `--set` override is meant for `arch`: sae.k only where k sets the L0, the coefficient elsewhere.
+
+    SAEConfig refuses a sparsity key its architecture ignores; one `--set sae.k=64` still serves a mixed `--archs`.
+    """
+    from token_journey.sae.registry import USES_K
+
+    key = override.split("=", 1)[0]
+    if key == "sae.k":
+        return arch in USES_K
+    if key == "sae.sparsity_coefficient":
+        return arch not in USES_K
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("acts", type=Path, nargs="?", default=Path("data/activations/smollm2-135m"))
@@ -154,7 +169,7 @@ def main() -> None:
     print(f"data: {x_train.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows, d_in {x_train.shape[1]}")
     results = {}
     for arch in args.archs.split(","):
-        overrides = [f"sae={arch}"] + [s for s in args.set if not s.startswith("sae=")]
+        overrides = [f"sae={arch}"] + [s for s in args.set if not s.startswith("sae=") and applies(s, arch)]
         cfg = build(SAEConfig, compose(overrides)["sae"], "sae")
         cfg = dataclasses.replace(cfg, train_tokens=args.tokens, checkpoint_every=0)
         sae = new_sae(cfg, x_train.shape[1], stats, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.configs import make
+from support.configs import make_sae
 from token_journey.config.sae import SAEConfig
 from token_journey.distributed import first_host, select_device, slurm_environment
 from token_journey.errors import TokenJourneyError
@@ -31,9 +31,9 @@ def _rows(seed: int, n: int) -> torch.Tensor:
 
 
 def _cfg(arch: str) -> SAEConfig:
-    return make(SAEConfig, architecture=arch, name=arch, width=WIDTH, k=4, batch_size=BATCH, train_tokens=BATCH * STEPS,
-                lr=0.01, lr_warmup_steps=2, sparsity_warmup_steps=3, checkpoint_every=5, dead_window_tokens=BATCH * 4,
-                log_every=4, sparsity_coefficient=0.02 if arch == "jumprelu" else 0.05, k_aux=16)
+    return make_sae(arch, name=arch, width=WIDTH, k=4, batch_size=BATCH, train_tokens=BATCH * STEPS,
+                    lr=0.01, lr_warmup_steps=2, sparsity_warmup_steps=3, checkpoint_every=5, dead_window_tokens=BATCH * 4,
+                    log_every=4, coefficient=0.02 if arch == "jumprelu" else 0.05, k_aux=16)
 
 
 @pytest.fixture

@@ -42,13 +42,12 @@ def _devices(tensors) -> set[str]:
 def _train(arch: str, device: str, data: torch.Tensor, checkpoints: Path, monkeypatch) -> tuple[torch.nn.Module, dict, dict]:
     """Train `arch` on `device` for STEPS steps; (sae, train info, devices seen at the checkpoint)."""
     import token_journey.sae.train as train_mod
-    from support.configs import make
-    from token_journey.config.sae import SAEConfig
+    from support.configs import make_sae
     from token_journey.sae.train import DataStats, new_sae, train
 
-    cfg = make(SAEConfig, architecture=arch, width=WIDTH, k=8, batch_size=BATCH, train_tokens=BATCH * STEPS,
-               checkpoint_every=STEPS // 2, lr_warmup_steps=2, sparsity_warmup_steps=2, dead_window_tokens=BATCH * 2,
-               b_dec_init="mean", log_every=1)
+    cfg = make_sae(arch, width=WIDTH, k=8, coefficient=0.0007, batch_size=BATCH, train_tokens=BATCH * STEPS,
+                   checkpoint_every=STEPS // 2, lr_warmup_steps=2, sparsity_warmup_steps=2, dead_window_tokens=BATCH * 2,
+                   b_dec_init="mean", log_every=1)
     stats = DataStats(data.mean(0), float(data.pow(2).sum(1).mean()))
     sae = new_sae(cfg, D_IN, stats, seed=0, device=device)
     seen: dict[str, set[str]] = {}

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,6 +72,70 @@ def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
     assert bad_site.returncode == 2 and "Traceback" not in bad_site.stderr
     assert bad_site.stderr.strip().splitlines()[-1] == (
         "error: unknown site 'resid_pots'; valid sites: resid_post, attn_out, mlp_out")
+
+
+def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_path, acts_root):
+    """`dvc exp run --queue -S sae.lr=...` rewrites params.yaml and names only the baseline commit."""
+    import os
+
+    from token_journey.config import compose, dump_yaml
+
+    project = tmp_path / "project"
+    project.mkdir()
+    params = compose(["sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64", "sae.train_tokens=640",
+                      "sae.eval_tokens=200", "sae.buffer_rows=256", "tracking=disabled", "layer=0",
+                      f"paths.activations={acts_root}", f"paths.saes={project / 'saes'}"])
+    (project / "params.yaml").write_text(dump_yaml(params))
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], check=True)
+    rev = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    params["sae"]["lr"] = 0.003  # what `-S sae.lr=0.003` does to params.yaml
+    (project / "params.yaml").write_text(dump_yaml(params))
+    env = dict(os.environ, DVC_EXP_BASELINE_REV=rev, DVC_EXP_NAME="exp-a", DVC_ROOT=str(project))
+    done = subprocess.run([sys.executable, str(REPO / "stages/train_sae.py"), "--config-path", str(project),
+                           "--config-name", "params", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          capture_output=True, text=True, cwd=project, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (folder,) = find_saes(project / "saes", "resid_post", 0)
+    assert folder.name == "topk-w16-k2-lr0.003"
+    assert json.loads((folder / "train.json").read_text())["config"]["lr"] == 0.003
+
+
+def test_the_command_a_wandb_agent_builds_from_the_sweep_config_runs_the_stage(tmp_path, acts_root, monkeypatch):
+    """wandb's own agent code turns conf/wandb-sweep.yaml and one grid point into the command line we run."""
+    import os
+
+    import yaml
+    from wandb import wandb_agent
+
+    sweep = yaml.safe_load((REPO / "conf/wandb-sweep.yaml").read_text())
+    values = {k: v["values"][0] if "values" in v else v["value"] for k, v in sweep["parameters"].items()}
+    layer = values["layer"]
+    _write_split(acts_root / "resid_post" / f"layer_{layer}", 256, 3)
+    _write_split(acts_root / "resid_post" / f"layer_{layer}" / "eval", 128, 4)
+    # Sizes for this test only, passed the way the agent passes every parameter.
+    values.update({"paths.activations": str(acts_root), "paths.saes": str(tmp_path / "saes"), "sae.width": 64,
+                   "sae.batch_size": 64, "sae.train_tokens": 640, "sae.eval_tokens": 200, "sae.buffer_rows": 256,
+                   "hydra.run.dir": str(tmp_path / "hydra")})
+    built = []
+    monkeypatch.setattr(wandb_agent, "AgentProcess", lambda command=None, **_: built.append(command) or SimpleNamespace())
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SWEEP_ID", "s")
+    agent = type("Agent", (), {"_sweep_command": sweep["command"], "_function": None, "_in_jupyter": False,
+                               "_forward_signals": False, "_run_processes": {}})()
+    wandb_agent.Agent._command_run(agent, {"run_id": "r1", "program": sweep["program"],
+                                           "args": {k: {"value": v} for k, v in values.items()}})
+    (command,) = built
+    assert command[:3] == ["/usr/bin/env", "python", "stages/train_sae.py"] and "sae.target_l0=16" in command
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SWEEP", "WANDB_RUN"))}
+    env.update(WANDB_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (folder,) = find_saes(tmp_path / "saes", "resid_post", layer)
+    assert folder.name == "jumprelu-w64-target16"
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "jumprelu"
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

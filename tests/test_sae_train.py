@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from support.configs import make
+from support.configs import make, make_sae
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
@@ -34,11 +34,12 @@ def _batches(batch: int):
 
 
 def _cfg(arch: str = "topk", **kw) -> SAEConfig:
-    base = dict(architecture=arch, name=arch, width=32, k=3, batch_size=64, train_tokens=64 * 30, lr=0.01,
-                lr_warmup_steps=3, checkpoint_every=7, dead_window_tokens=640, log_every=5,
-                sparsity_coefficient=0.02 if arch == "jumprelu" else 0.05, sparsity_warmup_steps=5)
+    base = dict(name=arch, width=32, batch_size=64, train_tokens=64 * 30, lr=0.01, lr_warmup_steps=3,
+                checkpoint_every=7, dead_window_tokens=640, log_every=5, sparsity_warmup_steps=5)
     base.update(kw)
-    return make(SAEConfig, **base)
+    arch = base.pop("architecture", arch)
+    return make_sae(arch, k=base.pop("k", 3), coefficient=base.pop("sparsity_coefficient", 0.02 if arch == "jumprelu" else 0.05),
+                    **base)
 
 
 STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
@@ -95,7 +96,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
 
 
 def test_schedules():
-    cfg = _cfg(lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.5, train_tokens=64 * 40, sparsity_warmup_steps=20,
+    cfg = _cfg("jumprelu", lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.5, train_tokens=64 * 40, sparsity_warmup_steps=20,
                sparsity_coefficient=2.0)
     assert lr_at(cfg, 0) == pytest.approx(0.1)
     assert lr_at(cfg, 10) == 1.0 and lr_at(cfg, 19) == 1.0
@@ -156,8 +157,8 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
         d_in, width, rows = 32, 512, 1024
         data = torch.randn(rows * 4, d_in, generator=torch.Generator().manual_seed(5))
         stats = DataStats(data.mean(0), float(data.pow(2).sum(1).mean()))
-        cfg = make(SAEConfig, architecture=arch, name=arch, width=width, k=64, batch_size=rows, train_tokens=rows * 4,
-                   sparsity_coefficient=1e-4, threshold_init=0.01, lr_warmup_steps=1, sparsity_warmup_steps=1)
+        cfg = make_sae(arch, name=arch, width=width, k=64, batch_size=rows, train_tokens=rows * 4,
+                       coefficient=1e-4, threshold_init=0.01, lr_warmup_steps=1, sparsity_warmup_steps=1)
         runs = []
         for _ in range(2):
             sae = new_sae(cfg, d_in, stats, seed=0)
@@ -170,8 +171,8 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
 
 @pytest.mark.parametrize("target", [4.0, 10.0])
 def test_jumprelu_trains_to_the_requested_l0(target):
-    """The same data and recipe end near either target on held-out rows; the linear coefficient does not decide it."""
-    cfg = _cfg("jumprelu", target_l0=target, target_l0_penalty=10.0, train_tokens=64 * 120, sparsity_coefficient=0.5)
+    """The same data and recipe end near either target on held-out rows, with no coefficient to tune."""
+    cfg = _cfg("jumprelu", target_l0=target, target_l0_penalty=10.0, train_tokens=64 * 120, sparsity_coefficient=0.0)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     info = train(sae, _batches(64), STATS, cfg)
     held_out = sae_reconstruction(sae, _data(99, 4096))["l0"]
@@ -179,14 +180,27 @@ def test_jumprelu_trains_to_the_requested_l0(target):
 
 
 def test_target_l0_weight_is_warmed_up_like_the_coefficient():
-    cfg = _cfg("jumprelu", target_l0=8.0, target_l0_penalty=6.0, sparsity_coefficient=0.001, sparsity_warmup_steps=10)
+    cfg = _cfg("jumprelu", target_l0=8.0, target_l0_penalty=6.0, sparsity_coefficient=0.0, sparsity_warmup_steps=10)
     assert sparsity_at(cfg, 0) == 0 and sparsity_at(cfg, 5) == pytest.approx(3.0) and sparsity_at(cfg, 50) == 6.0
 
 
 @pytest.mark.parametrize("kw,match", [(dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
                                       (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
                                       (dict(architecture="jumprelu", target_l0=99.0), "between 0"),
-                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=0.0), "must be > 0")])
+                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=0.0,
+                                            sparsity_coefficient=0.0), "must be > 0")])
 def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
     with pytest.raises(TokenJourneyError, match=match):
         _cfg(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(architecture="jumprelu", k=16), "sae.k=16 does not apply to jumprelu"),
+    (dict(architecture="relu", k=16), "sae.k=16 does not apply to relu"),
+    (dict(architecture="topk", sparsity_coefficient=0.001), "does not apply to topk"),
+    (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=1.0), "is unused when sae.target_l0"),
+    (dict(architecture="jumprelu", target_l0_penalty=1.0), "applies only with sae.target_l0")])
+def test_a_sparsity_key_the_architecture_ignores_is_refused(kw, match):
+    """A sweep over such a key (`dvc exp run --queue -S 'sae.k=16,32'` on JumpReLU) would train identical SAEs."""
+    with pytest.raises(TokenJourneyError, match=match):
+        make(SAEConfig, **kw)

@@ -1,4 +1,4 @@
-"""wandb tracking: offline runs are written locally and named after the DVC experiment."""
+"""wandb tracking: offline runs are written locally, named after the DVC experiment and grouped by its baseline."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ def test_environment_wins_over_config(monkeypatch):
 def test_offline_run_is_written_locally_with_the_experiment_name(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-lucid-owl")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef0123456789abcdef01234567")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = start_run({"sae": {"k": 32}}, make(TrackingConfig, mode="offline", dir=str(tmp_path)), "train_sae", name="topk")
     assert run is not None
     run.log({"train/fvu": 0.5})
-    assert run.name == "exp-lucid-owl-topk" and run.group == "exp-lucid-owl"
+    assert run.name == "exp-lucid-owl-topk" and run.group == "dvc-01234567"  # shared by the experiments queued from that commit
     assert run.config["sae"]["k"] == 32
     run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

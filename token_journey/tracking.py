@@ -38,7 +38,8 @@ def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: 
               name: str = "") -> Any:
     """Start a wandb run with the whole config, or return None when tracking is disabled.
 
-    Group: `tracking.group`, else `group` (e.g. the Hydra sweep folder), else $DVC_EXP_NAME.
+    Group: `tracking.group`, else `group` (e.g. the Hydra sweep folder), else, under `dvc exp run`,
+    `dvc-<baseline commit>`, which every experiment queued from that commit shares.
     Name: $DVC_EXP_NAME (plus `name`) when DVC runs an experiment, else `name`.
     """
     mode = run_mode(tracking_cfg)
@@ -51,10 +52,12 @@ def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: 
     import wandb
 
     exp = os.environ.get("DVC_EXP_NAME", "")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    dvc_group = f"dvc-{baseline[:8]}" if baseline else ""
     run_name = "-".join(p for p in (exp, name) if p) or None
     run = wandb.init(
         project=tracking_cfg.project, entity=tracking_cfg.entity or None, dir=tracking_cfg.dir, mode=mode,
-        config=cfg_dict, job_type=job_type, group=tracking_cfg.group or group or exp or None, name=run_name,
+        config=cfg_dict, job_type=job_type, group=tracking_cfg.group or group or dvc_group or None, name=run_name,
         reinit="finish_previous",
     )
     log.info("wandb run %s (%s) in %s", run.name, mode, tracking_cfg.dir)

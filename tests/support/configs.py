@@ -13,16 +13,20 @@ T = TypeVar("T")
 
 
 @functools.cache
-def composed() -> dict[str, Any]:
-    """The default composed config (what params.yaml holds), computed once per test session."""
+def composed(*overrides: str) -> dict[str, Any]:
+    """The composed config (with no overrides: what params.yaml holds), computed once per test session."""
     from token_journey.config import compose
 
-    return compose()
+    return compose(list(overrides))
 
 
 def make(cls: type[T], **overrides: Any) -> T:
-    """`cls` built from its default config section, with `overrides` applied."""
-    from token_journey.config import build
+    """`cls` built from its default config section, with `overrides` applied.
+
+    For an SAEConfig with `architecture=...`, the default section is that architecture's preset
+    (conf/sae/<architecture>.yaml).
+    """
+    from token_journey.config import CONF_DIR, build
     from token_journey.config.corpus import CorpusConfig
     from token_journey.config.eval import EvalConfig
     from token_journey.config.harvest import HarvestConfig
@@ -36,8 +40,25 @@ def make(cls: type[T], **overrides: Any) -> T:
                 EvalConfig: "eval", ReportConfig: "report", TrackingConfig: "tracking", JourneyConfig: "journey"}
     if cls is GenerationConfig:
         section = composed()["journey"]["generation"]
+    elif cls is SAEConfig and (CONF_DIR / "sae" / f"{overrides.get('architecture')}.yaml").is_file():
+        # Start from the architecture's own preset: keys it ignores hold 0 there, as SAEConfig requires.
+        section = dict(composed(f"sae={overrides['architecture']}")["sae"])
     else:
         section = dict(composed()[sections[cls]])
         if cls is JourneyConfig:
             section["generation"] = make(GenerationConfig)
     return build(cls, {**section, **overrides}, cls.__name__)
+
+
+def make_sae(architecture: str, *, k: int, coefficient: float, **overrides: Any) -> Any:
+    """An SAEConfig for `architecture` from its preset, with `k` or `coefficient`, whichever it uses.
+
+    The other one stays 0, as SAEConfig requires of a key the architecture ignores, so one test body
+    can loop over every architecture.
+    """
+    from token_journey.config.sae import SAEConfig
+    from token_journey.sae.registry import USES_K
+
+    uses_k = architecture in USES_K
+    return make(SAEConfig, architecture=architecture, k=k if uses_k else 0,
+                sparsity_coefficient=0.0 if uses_k else coefficient, **overrides)

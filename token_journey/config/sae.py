@@ -19,9 +19,10 @@ class SAEConfig:
     width: int
     """Number of latents d_sae."""
     k: int
-    """Active latents per token for topk/batchtopk (unused by jumprelu/relu)."""
+    """Active latents per token for topk/batchtopk; must be 0 for jumprelu/relu, which ignore it."""
     sparsity_coefficient: float
-    """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty; unused by jumprelu when target_l0 is set."""
+    """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty; must be 0 where unused (topk,
+    batchtopk, jumprelu with target_l0)."""
     target_l0: float
     """jumprelu only: train to this L0 with the penalty target_l0_penalty * (L0 / target_l0 - 1)^2 (0 = off)."""
     target_l0_penalty: float
@@ -85,8 +86,29 @@ class SAEConfig:
             raise TokenJourneyError(f"sae.target_l0={self.target_l0} applies to jumprelu only, not {self.architecture}; {fix}")
         if self.target_l0 and self.target_l0_penalty <= 0:
             raise TokenJourneyError(f"sae.target_l0_penalty={self.target_l0_penalty} must be > 0 when sae.target_l0 is set")
+        self._check_sparsity_keys_apply()
         if not self.name or "/" in self.name:
             raise TokenJourneyError(f"sae.name={self.name!r} must be a non-empty folder name without '/'")
+
+    def _check_sparsity_keys_apply(self) -> None:
+        """A sparsity key the architecture ignores must hold 0, so a sweep over it is refused, not silent.
+
+        Without this, `dvc exp run --queue -S 'sae.k=16,32,64'` on the default JumpReLU trained three
+        identical SAEs. Each preset in conf/sae/ sets the keys its architecture ignores to 0.
+        """
+        arch = self.architecture
+        if arch not in USES_K and self.k:
+            raise TokenJourneyError(f"sae.k={self.k} does not apply to {arch} (its L0 follows "
+                                    "sae.sparsity_coefficient or sae.target_l0); leave sae.k=0 or use sae=topk / sae=batchtopk")
+        if arch in USES_K and self.sparsity_coefficient:
+            raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} does not apply to {arch} "
+                                    "(k sets its L0); leave it 0 and set sae.k")
+        if self.target_l0 and self.sparsity_coefficient:
+            raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} is unused when sae.target_l0 "
+                                    f"is set; leave it 0 (sae=jumprelu-l0) or set sae.target_l0=0 to use the coefficient")
+        if not self.target_l0 and self.target_l0_penalty:
+            raise TokenJourneyError(f"sae.target_l0_penalty={self.target_l0_penalty} applies only with sae.target_l0 set; "
+                                    "use sae=jumprelu-l0 or leave it 0")
 
     @property
     def steps(self) -> int:

@@ -33,19 +33,6 @@ from token_journey.tracking import start_run
 log = logging.getLogger(__name__)
 
 
-def sweep_name(name: str, overrides: list[str]) -> str:
-    """`name` plus every swept `sae.<key>=<value>` whose value the name does not already show.
-
-    `python stages/train_sae.py -m sae=jumprelu,topk sae.k=16,32,64` gives each member its own folder.
-    """
-    parts = [name]
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.startswith("sae.") and key != "sae.name" and value and value not in name:
-            parts.append(f"{key[4:].replace('_', '')}{value}")
-    return "-".join(parts)
-
-
 def data_stats(manifest: dict[str, Any], d_model: int) -> DataStats:
     """Normalisation statistics from a shard manifest, with a clear error when they are absent."""
     if "mean" not in manifest or "mean_sq_norm" not in manifest:
