@@ -72,8 +72,13 @@ def tokenize(tokenizer: Any, text: str, spec: Spec) -> tuple[torch.Tensor, list[
 
 
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Readable text of each token (decoded one by one, so 'Ġ'/'▁' prefixes become spaces)."""
-    return [tokenizer.decode([i]) for i in ids]
+    """Readable text of each token (decoded one by one, so 'Ġ'/'▁' prefixes become spaces).
+
+    A model's vocabulary may be larger than its tokenizer's (padded embedding tables, or rehearsal
+    weights on another model's tokenizer): ids the tokenizer lacks read `<id N>`.
+    """
+    size = len(tokenizer)
+    return [tokenizer.decode([i]) if 0 <= i < size else f"<id {i}>" for i in ids]
 
 
 def _rope_tables(spec: Spec, config: Any, T: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
