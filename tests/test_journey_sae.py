@@ -238,3 +238,40 @@ def test_each_check_fails_when_the_step_is_computed_plainly(monkeypatch, family,
     assert _worst(bad, checked_at) > factor * TOL, _worst(bad, checked_at)
     if step == "tanh-GELU":
         assert _worst(bad, "down_proj", "drift") > 10 * TOL
+
+
+# ---- the default model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ablating_the_top_attributed_latent_lowers_the_prediction(smollm2):
+    """SmolLM2 on the default text, with a fixture SAE at layer 15 whose latent 0 reads the stream's own
+    direction at the last token and writes the direction that raises the predicted token's logit."""
+    from token_journey.journey.attribution import attribute, readout
+    from token_journey.sites import SITES, capture
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    spec, layer = spec_of(model), 15
+    ids = tok(make(JourneyConfig).text, return_tensors="pt").input_ids
+    acts = capture(model, ids, [(site, lay) for lay in range(spec.n_layers) for site in SITES])
+    sites = [{site: acts[(site, lay)][0].float() for site in SITES} for lay in range(spec.n_layers)]
+    clean, _ = last_position(model, ids)
+    predicted = int(clean.argmax())
+    assert tok.decode([predicted]) == " Paris"
+    u, _ = readout(model, spec, sites[-1]["resid_post"][-1], predicted, None)
+    x = sites[layer]["resid_post"][-1]
+    sae = _sae(layer, d_in=spec.d_model, d_sae=64)
+    with torch.no_grad():
+        sae.W_dec[0] = u / u.norm()
+        sae.W_enc[:, 0] = 4 * x / x.norm() ** 2
+        sae.b_enc[0] = 0.0
+    saes = [LayerSAE("resid_post", layer, "fixture", sae)]
+    a = attribute(model, spec, sites, saes, predicted, None, 5, "../report")
+    assert abs(a.logit - float(clean[predicted])) <= TOL * max(1.0, abs(a.logit))
+    assert abs(a.layers[0].total - a.logit) <= TOL * max(1.0, abs(a.logit))
+    top = a.layers[0].top[0]
+    assert top.value > 0
+    with edited(model, plan_edits([Edit(layer, top.latent, 0.0, f"{layer}:{top.latent}")], saes, spec.n_layers)):
+        ablated, _ = last_position(model, ids)
+    before, after = torch.softmax(clean, -1)[predicted], torch.softmax(ablated, -1)[predicted]
+    assert after < before - 0.01, (float(before), float(after))
