@@ -63,6 +63,9 @@ def tokenize(tokenizer: Any, text: str, spec: Spec) -> tuple[torch.Tensor, list[
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise TokenJourneyError(f"text {text[:40]!r} produced no tokens; pass ordinary text")
+    if int(ids.max()) >= spec.vocab_size:
+        raise TokenJourneyError(f"the tokenizer gave id {int(ids.max())} but the model's vocabulary has {spec.vocab_size} "
+                                "entries; use the tokenizer that belongs to this model")
     limit = spec.max_positions
     if limit and ids.shape[1] > limit:
         raise TokenJourneyError(
