@@ -14,7 +14,7 @@ is handed on untouched, so that pass is the clean pass bit for bit.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,7 @@ def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[t
     return [plan[layer] for layer in sorted(plan)]
 
 
-def _replacement(sae: LayerSAE, edits: list[Edit]):
+def _replacement(sae: LayerSAE, edits: list[Edit]) -> Callable[[torch.Tensor], torch.Tensor]:
     """x [B, T, d] -> x + (f' - f) · W_dec, or x itself (the same tensor) when no latent changes."""
 
     @torch.inference_mode()
