@@ -57,3 +57,26 @@ def test_cli_unsupported_architecture_shows_captures(tmp_path, capsys):
 def test_cli_missing_model(tmp_path, capsys):
     assert main(["journey", "--model-dir", str(tmp_path / "nope")]) == 2
     assert "no prepared model" in capsys.readouterr().err
+
+
+def test_cli_steers_ablates_and_attributes(tiny_dir, tmp_path, capsys):
+    """--steer/--ablate/--target on the command line; a spec for a layer without an SAE is one line."""
+    import torch
+
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.io import save_sae
+    from token_journey.sae.registry import build_sae
+
+    sae = build_sae(SAESpec(architecture="relu", d_in=32, d_sae=16, name="tiny-relu", site="resid_post", layer=1))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_1" / "tiny-relu")
+    args = ["journey", "--model-dir", str(tiny_dir), "--layer", "1", "--html", "--out", str(tmp_path / "out"),
+            "--max-new-tokens", "2", "--saes", str(tmp_path / "saes"), "--target", " of"]
+    assert main(args + ["--steer", "1:3=4", "--ablate", "1:5"]) == 0
+    out = capsys.readouterr().out
+    assert "steering: 1:3=4 (resid_post SAE tiny-relu), 1:5" in out and "attribution of the logit of ' of'" in out
+    summary = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert [e[0] for e in summary["steering"]["edits"]] == ["1:3=4", "1:5"]
+    assert main(args + ["--steer", "2:3=4"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: edit '2:3=4': layer 2 has no SAE; layers with SAEs: 1"]

@@ -1,6 +1,7 @@
 """`token-journey`: the command-line entry point (subcommand `journey`).
 
     token-journey journey --text "The capital of France is" --layer 3 --html
+    token-journey journey --text "The capital of France is" --steer 15:1234=8 --ablate 5:77 --target " Paris"
 
 loads a prepared model folder, follows the text through it (every step recomputed and checked),
 prints the rich terminal rendering and, with --html, writes <paths.journey>/<slug>.html.
@@ -44,6 +45,12 @@ def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
     j.add_argument("--top-k", type=int, default=g.top_k)
     j.add_argument("--top-p", type=float, default=g.top_p)
     j.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens)
+    j.add_argument("--steer", action="append", metavar="LAYER:LATENT=VALUE",
+                   help="set an SAE latent on every position and re-run the pass (repeatable; default: journey.steer)")
+    j.add_argument("--ablate", action="append", metavar="LAYER:LATENT",
+                   help="set an SAE latent to zero on every position (repeatable; default: journey.ablate)")
+    j.add_argument("--target", default=journey.target, help="token whose logit is attributed (default: the prediction)")
+    j.add_argument("--versus", default=journey.versus, help="attribute the logit difference target - versus")
     j.add_argument("--quiet", action="store_true", help="no terminal rendering (with --html)")
     return parser
 
@@ -60,8 +67,13 @@ def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
 
     generation = GenerationConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens)
-    defaults = {k: v for k, v in conf["journey"].items() if k not in ("text", "generation")}
-    cfg = JourneyConfig(**defaults, text=args.text, generation=generation)
+    given = {"text": args.text, "generation": generation, "target": args.target, "versus": args.versus}
+    if args.steer is not None:
+        given["steer"] = tuple(args.steer)
+    if args.ablate is not None:
+        given["ablate"] = tuple(args.ablate)
+    defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in conf["journey"].items() if k not in given}
+    cfg = JourneyConfig(**defaults, **given)
     loaded = load_prepared(args.model_dir, dtype=args.dtype, device=args.device)
     console = Console()
     report_root = Path(os.path.relpath(args.report, args.out)).as_posix()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,35 @@ class GenerationConfig:
             raise TokenJourneyError(f"journey.generation.max_new_tokens={self.max_new_tokens} must be >= 0")
 
 
+_EDIT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One SAE latent set to a value at one layer, on every position (an ablation sets it to 0)."""
+
+    layer: int
+    latent: int
+    value: float
+    spec: str
+    """The text it was parsed from, for messages and the page."""
+
+
+def parse_edit(spec: str, ablate: bool) -> Edit:
+    """`"15:1234=8"` (steer: latent 1234 of layer 15's SAE set to 8) or `"5:77"` (ablate: set to 0).
+
+    Only the syntax is checked here; whether layer 15 has an SAE with a latent 1234 is checked
+    against the SAEs found when the journey runs.
+    """
+    match = _EDIT.match(str(spec))
+    flag = "--ablate" if ablate else "--steer"
+    if match is None or (ablate and match.group(3) is not None) or (not ablate and match.group(3) is None):
+        form = "LAYER:LATENT, e.g. 5:77" if ablate else "LAYER:LATENT=VALUE, e.g. 15:1234=8"
+        raise TokenJourneyError(f"{flag} {spec!r} is malformed; write {form}")
+    value = 0.0 if ablate else float(match.group(3))
+    return Edit(int(match.group(1)), int(match.group(2)), value, str(spec).strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class JourneyConfig:
     text: str
@@ -43,13 +73,32 @@ class JourneyConfig:
     """SAE features per token, layer and SAE."""
     generation: GenerationConfig
     """Seeded sampling after the journey."""
+    steer: tuple[str, ...]
+    """SAE latents set to a value on every position, `"LAYER:LATENT=VALUE"`; the pass is re-run with them."""
+    ablate: tuple[str, ...]
+    """SAE latents set to zero on every position, `"LAYER:LATENT"`."""
+    target: str | None
+    """The token whose logit is attributed to SAE latents (e.g. `" Paris"`); None = the predicted token."""
+    versus: str | None
+    """When set, the logit difference target - versus is attributed instead of the target's logit."""
+    attribution_top: int
+    """Latents listed per SAE in the attribution of the prediction."""
 
     def __post_init__(self) -> None:
         if not self.text or not self.text.strip():
             raise TokenJourneyError("journey.text is empty; set journey.text='The capital of France is' (or --text)")
-        for name in ("top_next", "lens_top", "feature_top"):
+        for name in ("top_next", "lens_top", "feature_top", "attribution_top"):
             if getattr(self, name) < 1:
                 raise TokenJourneyError(f"journey.{name}={getattr(self, name)} must be at least 1")
+        for name in ("target", "versus"):
+            if getattr(self, name) == "":
+                raise TokenJourneyError(f"journey.{name} is empty; give a token such as ' Paris', or null")
+        _ = self.edits  # parsed now, so a malformed spec stops before any model is loaded
+
+    @property
+    def edits(self) -> list[Edit]:
+        """The steering and ablation specs, parsed, in the order given."""
+        return [parse_edit(s, False) for s in self.steer] + [parse_edit(s, True) for s in self.ablate]
 
 
 def journey_config(section: Mapping[str, Any] | Any) -> JourneyConfig:

@@ -17,12 +17,14 @@ from torch import nn
 from token_journey.config.journey import GenerationConfig, JourneyConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.journey import flops
+from token_journey.journey.attribution import Attribution, attribute, token_id
 from token_journey.journey.forward import Pass, recompute, token_strings
 from token_journey.journey.generate import Generated, generate
 from token_journey.journey.hooks import capture_modules
 from token_journey.journey.lens import LensRow, logit_lens
-from token_journey.journey.sae_hits import FeatureHits, sae_features
+from token_journey.journey.sae_hits import FeatureHits, load_saes, sae_features
 from token_journey.journey.spec import SUPPORTED_TYPES, text_config
+from token_journey.journey.steer import Steering, run_steering
 
 
 class UnsupportedArchitecture(TokenJourneyError):
@@ -52,6 +54,10 @@ class Journey:
     """Parameter count of the model itself (each tied tensor once), for comparison with the steps' sum."""
     generation: GenerationConfig
     seed: int
+    attribution: Attribution | None = None
+    """The prediction's logit decomposed through each resid_post SAE (None without SAEs)."""
+    steering: Steering | None = None
+    """The pass re-run with SAE latents set (None without edits)."""
 
     @property
     def per_layer(self) -> dict[int | None, dict[str, int]]:
@@ -64,6 +70,29 @@ class Journey:
     @property
     def continuation(self) -> str:
         return "".join(self.vocab[i] for i in self.generated.token_ids)
+
+    @property
+    def steered_continuation(self) -> str:
+        return "".join(self.vocab[i] for i in self.steering.generated.token_ids) if self.steering else ""
+
+    def timeline(self, position: int) -> list[TimelineRow]:
+        """The path of the token at `position` through the layers: its strongest SAE latents and the logit lens."""
+        rows = []
+        for lens in self.lens:
+            hits = [(h.sae_name, [(f, a, h.link(f)) for f, a in h.top[position]]) for h in self.features if h.layer == lens.layer]
+            rows.append(TimelineRow(lens.layer, hits, lens.top[position]))
+        return rows
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """One layer of a token's path: its strongest latents per SAE, and what the logit lens reads there."""
+
+    layer: int
+    features: list[tuple[str, list[tuple[int, float, str]]]]
+    """Per SAE at this layer: (SAE name, [(latent, activation, dashboard link), ...])."""
+    lens: list[tuple[int, float]]
+    """The logit lens's top tokens at this layer and position: (id, probability)."""
 
 
 def slug(model_name: str, text: str) -> str:
@@ -106,13 +135,27 @@ def run_journey(
     top_p, top_i = probs.topk(cfg.top_next)
     next_tokens = list(zip(top_i.tolist(), top_p.tolist(), strict=True))
     lens = logit_lens(model, run.spec, [s["resid_post"] for s in run.sites], cfg.lens_top)
-    features, note = sae_features(saes_root, run.sites, cfg.feature_top, report_root)
+    saes, note = load_saes(saes_root, run.sites)
+    features = sae_features(saes, run.sites, cfg.feature_top, report_root)
+    target = token_id(tokenizer, cfg.target, run.spec.vocab_size, "target") if cfg.target is not None else int(top_i[0])
+    versus = token_id(tokenizer, cfg.versus, run.spec.vocab_size, "versus") if cfg.versus is not None else None
+    attribution = None
+    if saes:
+        attribution = attribute(model, run.spec, run.sites, saes, target, versus, cfg.attribution_top, report_root)
     ids = torch.tensor([run.token_ids], device=next(model.parameters()).device)
     eos = getattr(tokenizer, "eos_token_id", None)
     generated = generate(model, ids, cfg.generation, seed, eos, run.spec.max_positions)
+    steering = None
+    if cfg.edits:
+        steering = run_steering(model, ids, cfg.edits, saes, cfg.top_next, cfg.generation, seed, eos, run.spec.max_positions)
     mentioned = {i for i, _ in next_tokens} | set(generated.token_ids) | set(run.token_ids)
     mentioned |= {i for row in lens for pos in row.top for i, _ in pos}
+    if steering:
+        mentioned |= {i for i, _ in steering.before + steering.after} | set(steering.generated.token_ids)
+    if attribution:
+        mentioned |= {attribution.target} | ({attribution.versus} if attribution.versus is not None else set())
     vocab = dict(zip(sorted(mentioned), token_strings(tokenizer, sorted(mentioned)), strict=True))
     model_params = sum(p.numel() for p in model.parameters())
     return Journey(model_name, cfg.text, run, next_tokens, lens, features, note, generated, vocab, model_params,
-                   cfg.generation, seed)
+                   cfg.generation, seed, attribution, steering)
+

@@ -63,6 +63,9 @@ def tokenize(tokenizer: Any, text: str, spec: Spec) -> tuple[torch.Tensor, list[
     ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise TokenJourneyError(f"text {text[:40]!r} produced no tokens; pass ordinary text")
+    if int(ids.max()) >= spec.vocab_size:
+        raise TokenJourneyError(f"the tokenizer gave id {int(ids.max())} but the model's vocabulary has {spec.vocab_size} "
+                                "entries; use the tokenizer that belongs to this model")
     limit = spec.max_positions
     if limit and ids.shape[1] > limit:
         raise TokenJourneyError(
@@ -72,8 +75,13 @@ def tokenize(tokenizer: Any, text: str, spec: Spec) -> tuple[torch.Tensor, list[
 
 
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Readable text of each token (decoded one by one, so 'Ġ'/'▁' prefixes become spaces)."""
-    return [tokenizer.decode([i]) for i in ids]
+    """Readable text of each token (decoded one by one, so 'Ġ'/'▁' prefixes become spaces).
+
+    A model's vocabulary may be larger than its tokenizer's (padded embedding tables, or rehearsal
+    weights on another model's tokenizer): ids the tokenizer lacks read `<id N>`.
+    """
+    size = len(tokenizer)
+    return [tokenizer.decode([i]) if 0 <= i < size else f"<id {i}>" for i in ids]
 
 
 def _rope_tables(spec: Spec, config: Any, T: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:

@@ -49,6 +49,29 @@ def _layer_view(journey: Journey, layer: int) -> dict[str, Any]:
     }
 
 
+def _token(journey: Journey, i: int | None) -> str | None:
+    return None if i is None else journey.vocab.get(i, str(i))
+
+
+def _timelines(journey: Journey) -> list[dict[str, Any]]:
+    """Per token: its path through the layers (SAE latents with links, logit-lens tokens)."""
+    out = []
+    for pos, token in enumerate(journey.run.tokens):
+        rows = [{"layer": r.layer, "features": r.features, "lens": [(_token(journey, i), p) for i, p in r.lens]}
+                for r in journey.timeline(pos)]
+        out.append({"pos": pos, "token": token, "rows": rows})
+    return out
+
+
+def _steering(journey: Journey) -> dict[str, Any] | None:
+    s = journey.steering
+    if s is None:
+        return None
+    pairs = [((_token(journey, a), pa), (_token(journey, b), pb)) for (a, pa), (b, pb) in zip(s.before, s.after, strict=True)]
+    after = [(_token(journey, i), p) for i, p in zip(s.generated.token_ids, s.generated.probs, strict=True)]
+    return {"s": s, "pairs": pairs, "after": after}
+
+
 def context(journey: Journey) -> dict[str, Any]:
     """Everything the template shows, as plain values."""
     run = journey.run
@@ -68,6 +91,11 @@ def context(journey: Journey) -> dict[str, Any]:
         "max_drift": run.max_drift,
         "heatmap_limit": MAX_HEATMAP_TOKENS,
         "rope_types": run.rope_types,
+        "attribution": journey.attribution,
+        "target": _token(journey, journey.attribution.target) if journey.attribution else None,
+        "versus": _token(journey, journey.attribution.versus) if journey.attribution else None,
+        "steering": _steering(journey),
+        "timelines": _timelines(journey),
     }
 
 
@@ -92,6 +120,8 @@ def summary(journey: Journey) -> dict[str, Any]:
         "model_params": journey.model_params,
         "next_tokens": [[journey.vocab[i], p] for i, p in journey.next_tokens],
         "continuation": journey.continuation,
+        "attribution": asdict(journey.attribution) if journey.attribution else None,
+        "steering": {**asdict(journey.steering), "continuation": journey.steered_continuation} if journey.steering else None,
         "steps": [asdict(s) for s in journey.run.steps],
     }
 

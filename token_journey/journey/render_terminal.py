@@ -89,6 +89,68 @@ def _features_text(journey: Journey, layer: int) -> Text | None:
     return text
 
 
+def _tok(journey: Journey, i: int | None) -> Text:
+    return Text(repr(journey.vocab.get(i, str(i))))
+
+
+def attribution_table(journey: Journey) -> Table | None:
+    """The target's pre-cap logit split into SAE latents, b_dec, error and later layers, per SAE layer."""
+    a = journey.attribution
+    if a is None:
+        return None
+    what = repr(journey.vocab[a.target]) + (f" - {journey.vocab[a.versus]!r}" if a.versus is not None else "")
+    capped = f", after soft-cap {a.capped:.4f}" if a.capped is not None else ""
+    table = Table(title=f"attribution of the logit of {what} (pre-cap {a.logit:.4f}{capped}; direct contributions, "
+                        "final norm scale frozen at this token)")
+    for column in ("layer", "SAE", "top latents (activation → contribution)", "other parts", "Σ parts", "check"):
+        table.add_column(column, overflow="fold")
+    for layer in a.layers:
+        latents = "  ".join(f"#{p.latent} ({p.activation:.2f}→{p.value:+.3f})" for p in layer.top)
+        others = "  ".join(f"{p.name} {p.value:+.3f}" for p in layer.parts if p.latent is None)
+        table.add_row(str(layer.layer), Text(layer.sae_name), latents, others, f"{layer.total:.4f}",
+                      _diff(abs(layer.total - a.logit) / max(1.0, abs(a.logit))))
+    return table
+
+
+def steering_panel(journey: Journey) -> Panel | None:
+    """Next tokens before/after the edits, KL, residual norms of later layers, continuations."""
+    s = journey.steering
+    if s is None:
+        return None
+    side = Table(title=f"next token before / after (KL {s.kl:.4g} nats)")
+    for column in ("before", "p", "after", "p"):
+        side.add_column(column)
+    for (b, pb), (a, pa) in zip(s.before, s.after, strict=True):
+        side.add_row(_tok(journey, b), f"{pb:.4f}", _tok(journey, a), f"{pa:.4f}")
+    norms = Table(title="residual norm at the last position")
+    for column in ("layer", "before", "after", "‖after − before‖"):
+        norms.add_column(column, justify="right")
+    for layer, nb, na, nd in s.norms:
+        norms.add_row(str(layer), f"{nb:.4g}", f"{na:.4g}", f"{nd:.4g}")
+    before = Text("continuation before: ")
+    before.append(journey.text + journey.continuation, style="bold")
+    after = Text("continuation after:  ")
+    after.append(journey.text + journey.steered_continuation, style="bold yellow")
+    edits = ", ".join(f"{spec} ({site} SAE {name})" for spec, name, _, site in s.edits)
+    return Panel(Group(side, norms, before, after), title=f"steering: {edits}")
+
+
+def timeline_table(journey: Journey, position: int = -1) -> Table:
+    """One token's path: strongest SAE latents and the logit lens, layer by layer."""
+    position %= len(journey.run.tokens)
+    table = Table(title=f"the path of token {position} ({journey.run.tokens[position]!r}) through the layers")
+    for column in ("layer", "SAE latents", "logit lens"):
+        table.add_column(column, overflow="fold")
+    for row in journey.timeline(position):
+        hits = "  ".join(f"{name}: " + " ".join(f"#{f} {a:.2f}" for f, a, _ in top) for name, top in row.features)
+        lens = Text()
+        for i, p in row.lens:
+            lens.append(repr(journey.vocab.get(i, str(i))), style="magenta")
+            lens.append(f" {p:.2f}  ")
+        table.add_row(str(row.layer), hits or "-", lens)
+    return table
+
+
 def layer_panel(journey: Journey, layer: int) -> Panel:
     """Everything about one layer on one screen."""
     steps = [s for s in journey.run.steps if s.layer == layer]
@@ -123,6 +185,9 @@ def render(journey: Journey, console: Console | None = None, layer: int | None =
     for i, p in journey.next_tokens:
         table.add_row(Text(repr(journey.vocab[i])), f"{p:.4f}")
     console.print(table)
+    for part in (attribution_table(journey), steering_panel(journey), timeline_table(journey)):
+        if part is not None:
+            console.print(part)
     cont = Text("sampled continuation: ")
     cont.append(journey.text, style="bold")
     cont.append(journey.continuation, style="bold green")

@@ -1,0 +1,154 @@
+"""Steering and ablation: SAE latents set to chosen values, and the pass re-run with them.
+
+At each edited layer the SAE's site activation `x [T, d_model]` (resid_post: the decoder layer's
+output) is encoded, `f = encode(x)`; the edit sets some latents on every position, `f'`; and the
+model continues from
+
+    x' = x + (decode(f') - decode(f)) = x + (f' - f) · W_dec
+
+so the SAE's reconstruction error `x - decode(f)` is kept: only the edited latents' decoder
+directions move. When `f' = f` (an ablated latent that never fired, or no edit at all) the tensor
+is handed on untouched, so that pass is the clean pass bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from token_journey.config.journey import Edit, GenerationConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.journey.generate import Generated, generate
+from token_journey.journey.sae_hits import LayerSAE
+from token_journey.sites import SITES, decoder_layers, splice
+
+
+def layer_sae(saes: list[LayerSAE], layer: int) -> LayerSAE | None:
+    """The SAE that steering and attribution use at `layer`: its resid_post SAE first, then the
+    other sites in `SITES` order, several SAEs of one site by name."""
+    here = [s for s in saes if s.layer == layer]
+    return min(here, key=lambda s: (SITES.index(s.site) if s.site in SITES else len(SITES), s.name), default=None)
+
+
+def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[tuple[LayerSAE, list[Edit]]]:
+    """Group the edits by layer with the SAE each uses, or stop with one line on a bad spec."""
+    plan: dict[int, tuple[LayerSAE, list[Edit]]] = {}
+    with_saes = sorted({s.layer for s in saes})
+    for edit in edits:
+        if not 0 <= edit.layer < n_layers:
+            raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} is out of range; this model has layers 0..{n_layers - 1}")
+        sae = layer_sae(saes, edit.layer)
+        if sae is None:
+            have = ", ".join(map(str, with_saes)) or "none (train SAEs first: dvc repro)"
+            raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} has no SAE; layers with SAEs: {have}")
+        d_sae = sae.sae.cfg.d_sae
+        if not 0 <= edit.latent < d_sae:
+            raise TokenJourneyError(f"edit {edit.spec!r}: latent {edit.latent} is out of range; SAE {sae.name} at layer "
+                                    f"{edit.layer} has latents 0..{d_sae - 1}")
+        plan.setdefault(edit.layer, (sae, []))[1].append(edit)
+    return [plan[layer] for layer in sorted(plan)]
+
+
+def _replacement(sae: LayerSAE, edits: list[Edit]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [B, T, d] -> x + (f' - f) · W_dec, or x itself (the same tensor) when no latent changes."""
+
+    @torch.inference_mode()
+    def replace(x: torch.Tensor) -> torch.Tensor:
+        f = sae.sae.encode(x.reshape(-1, x.shape[-1]).float())  # (B·T, d_sae)
+        edited = f.clone()
+        for edit in edits:
+            edited[:, edit.latent] = edit.value
+        change = edited - f
+        if not change.any():
+            return x
+        return x + (change @ sae.sae.W_dec).reshape(x.shape).to(x.dtype)
+
+    return replace
+
+
+@contextlib.contextmanager
+def edited(model: nn.Module, plan: list[tuple[LayerSAE, list[Edit]]]) -> Iterator[None]:
+    """Within the block, every forward pass of `model` runs with the planned latents set."""
+    with contextlib.ExitStack() as stack:
+        for sae, edits in plan:
+            stack.enter_context(splice(model, sae.site, sae.layer, _replacement(sae, edits)))
+        yield
+
+
+@torch.inference_mode()
+def last_position(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the last position's logits `[vocab]` and resid_post `[n_layers, d_model]`.
+
+    The residual stream is read after any edit at the same layer (hooks registered later see the
+    edited output), so it is what the next layer receives.
+    """
+    resid: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook(layer: int):
+        def read(_module: nn.Module, _inputs: object, output: object) -> None:
+            tensor = output[0] if isinstance(output, tuple) else output
+            resid[layer] = tensor[0, -1].detach()
+
+        return read
+
+    try:
+        for layer, block in enumerate(decoder_layers(model)):
+            handles.append(block.register_forward_hook(hook(layer)))
+        logits = model(input_ids=input_ids, use_cache=False).logits[0, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, torch.stack([resid[layer] for layer in sorted(resid)])
+
+
+@dataclass(frozen=True)
+class Steering:
+    """The prediction before and after the edits, side by side."""
+
+    edits: list[tuple[str, str, float, str]]
+    """Per edit: (spec, SAE name, value, site)."""
+    before: list[tuple[int, float]]
+    """Most likely next tokens of the clean pass: (id, probability)."""
+    after: list[tuple[int, float]]
+    """Most likely next tokens with the edits."""
+    kl: float
+    """KL(before ‖ after) of the next-token distributions, in nats."""
+    norms: list[tuple[int, float, float, float]]
+    """From the first edited layer on, at the last position: (layer, ‖resid before‖, ‖resid after‖, ‖after - before‖)."""
+    generated: Generated
+    """The seeded continuation with the edits (same seed as the clean one)."""
+
+
+def kl_divergence(before: torch.Tensor, after: torch.Tensor) -> float:
+    """KL(p ‖ q) in nats between the softmaxes of two logit vectors `[vocab]` (in float64)."""
+    log_p = torch.log_softmax(before.double(), dim=-1)
+    log_q = torch.log_softmax(after.double(), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def run_steering(model: nn.Module, input_ids: torch.Tensor, edits: list[Edit], saes: list[LayerSAE], top: int,
+                 generation: GenerationConfig, seed: int, eos_id: int | None, max_len: int | None) -> Steering:
+    """Re-run `input_ids [1, T]` with `edits` and compare with the clean pass; sample the steered continuation."""
+    plan = plan_edits(edits, saes, len(decoder_layers(model)))
+    clean_logits, clean_resid = last_position(model, input_ids)
+    with edited(model, plan):
+        logits, resid = last_position(model, input_ids)
+        generated = generate(model, input_ids, generation, seed, eos_id, max_len)
+    first = plan[0][0].layer if plan else len(clean_resid)
+    norms = [(layer, float(clean_resid[layer].norm()), float(resid[layer].norm()), float((resid[layer] - clean_resid[layer]).norm()))
+             for layer in range(first, len(clean_resid))]
+    p_before, i_before = torch.softmax(clean_logits.float(), -1).topk(top)
+    p_after, i_after = torch.softmax(logits.float(), -1).topk(top)
+    return Steering(
+        edits=[(e.spec, sae.name, e.value, sae.site) for sae, group in plan for e in group],
+        before=list(zip(i_before.tolist(), p_before.tolist(), strict=True)),
+        after=list(zip(i_after.tolist(), p_after.tolist(), strict=True)),
+        kl=kl_divergence(clean_logits, logits),
+        norms=norms,
+        generated=generated,
+    )
