@@ -22,6 +22,12 @@ Which positions count (the same rules as the harvest, `token_journey.data.corpus
 - *loss positions*: the logits at position t predict token t + 1, and that prediction counts
   iff t + 1 is an evaluated position (R[:, 1:]). CE, delta loss, loss recovered and KL all
   average over exactly these predictions, identical for the clean, zero and spliced passes.
+
+Memory: the passes stop at the final hidden state [batch, seq, d_model]; the LM head and the
+log-softmax run over the counted predictions in chunks of at most `LOGIT_CHUNK_BYTES` of float32
+logits, so a 128k-256k vocabulary never materialises [batch, seq, vocab]. KL needs the clean
+distribution of each chunk again: it is recomputed from the kept clean hidden states (one
+[chunk, d_model] x [d_model, vocab] product) instead of being stored for the whole batch.
 """
 
 from __future__ import annotations
@@ -94,11 +100,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor, site: str, layer: int,
-            replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Next-token logits [batch, seq, vocab] with the site's activation passed through `replace`."""
+LOGIT_CHUNK_BYTES = 128 * 2**20
+"""Most float32 logits held at once by the loss computation (128 MiB: 261 rows at vocab 128,256)."""
+
+
+def _final_hidden(model: nn.Module, input_ids: torch.Tensor, site: str, layer: int,
+                  replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The decoder's final (normed) hidden state [batch, seq, d_model], the site's activation passed through `replace`."""
     with splice(model, site, layer, replace):
-        return model(input_ids=input_ids, use_cache=False).logits
+        return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def head_log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [m, vocab] in float32 from final hidden states [m, d_model].
+
+    The causal-LM head as transformers applies it: the output embedding, then (Gemma 2/3) the
+    final logit soft-capping tanh(z / c) * c, in the model's dtype.
+    """
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return metrics.log_probs(logits)
+
+
+def rows_per_chunk(vocab_size: int, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> int:
+    """How many predictions' float32 logits fit in `chunk_bytes` (at least one)."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def chunked_losses(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   clean_hidden: torch.Tensor | None = None,
+                   chunk_bytes: int = LOGIT_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-prediction CE [M] at `targets` [M] from hidden states [M, d_model], and KL(clean || this) [M].
+
+    KL is computed when `clean_hidden` [M, d_model] is given. At most `chunk_bytes` of logits
+    (per distribution) exist at a time, whatever the vocabulary.
+    """
+    step = rows_per_chunk(model.get_output_embeddings().weight.shape[0], chunk_bytes)
+    ce, kl = [], []
+    for start in range(0, len(targets), step):
+        log_q = head_log_probs(model, hidden[start:start + step])
+        ce.append(metrics.token_cross_entropy(log_q, targets[start:start + step]))
+        if clean_hidden is not None:
+            kl.append(metrics.token_kl(head_log_probs(model, clean_hidden[start:start + step]), log_q))
+        del log_q
+    if not ce:  # no counted prediction in this batch
+        ce = kl = [hidden.new_zeros(0, dtype=torch.float32)]
+    return torch.cat(ce), (torch.cat(kl) if clean_hidden is not None else None)
 
 
 def _replace_rows(rows: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -119,7 +168,7 @@ def _sae_dtype(sae: nn.Module) -> torch.dtype:
 @torch.inference_mode()
 def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
                 saes: Mapping[str, nn.Module], states: dict[str, _SaeState], clean: LossTally, zero: LossTally,
-                max_norm_ratio: float = 0.0) -> int:
+                max_norm_ratio: float = 0.0, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> int:
     """Run the clean, zero-ablation and spliced passes for one batch and add to every tally.
 
     `input_ids` [batch, seq], `rows` [batch, seq] bool (positions the row rule admits; norm
@@ -131,18 +180,17 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         recorded["act"] = act
         return act
 
-    clean_logits = _logits(model, input_ids, site, layer, record)
+    clean_hidden = _final_hidden(model, input_ids, site, layer, record)
     rows = drop_norm_outliers(recorded["act"], rows, max_norm_ratio)
     counted = rows[:, 1:]  # (B, T-1): prediction at t counts iff its target t + 1 is evaluated
     targets = input_ids[:, 1:][counted]  # (M,)
 
-    def log_p(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # (M, V) at the counted predictions
-        return metrics.log_probs(_logits(model, input_ids, site, layer, replace)[:, :-1][counted])
+    def hidden_at(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # (M, D) at the counted predictions
+        return _final_hidden(model, input_ids, site, layer, replace)[:, :-1][counted]
 
-    clean_log_p = metrics.log_probs(clean_logits[:, :-1][counted])
-    del clean_logits
-    clean.add(metrics.token_cross_entropy(clean_log_p, targets))
-    zero.add(metrics.token_cross_entropy(log_p(_replace_rows(rows, None)), targets))
+    clean_hidden = clean_hidden[:, :-1][counted]  # (M, D)
+    clean.add(chunked_losses(model, clean_hidden, targets, chunk_bytes=chunk_bytes)[0])
+    zero.add(chunked_losses(model, hidden_at(_replace_rows(rows, None)), targets, chunk_bytes=chunk_bytes)[0])
     x = recorded["act"][rows]  # (R, D)
     positions = rows.nonzero()[:, 1]  # (R,) index of each row within its sequence
     device = input_ids.device
@@ -151,8 +199,8 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         start = time.perf_counter()
         f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
         x_hat = sae.decode(f)  # (R, D)
-        sae_log_p = log_p(_replace_rows(rows, x_hat))
-        states[name].loss.add(metrics.token_cross_entropy(sae_log_p, targets), metrics.token_kl(clean_log_p, sae_log_p))
+        states[name].loss.add(*chunked_losses(model, hidden_at(_replace_rows(rows, x_hat)), targets, clean_hidden,
+                                              chunk_bytes))
         states[name].recon.update(x.float(), x_hat.float(), f, positions)
         _sync(device)
         states[name].seconds += time.perf_counter() - start
@@ -161,12 +209,13 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
 
 def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
                   saes: Mapping[str, nn.Module], batch_size: int,
-                  dense_threshold: float = metrics.DENSE_THRESHOLD, max_norm_ratio: float = 0.0) -> SweepResult:
+                  dense_threshold: float = metrics.DENSE_THRESHOLD, max_norm_ratio: float = 0.0,
+                  chunk_bytes: int = LOGIT_CHUNK_BYTES) -> SweepResult:
     """Evaluate every SAE in `saes` (name -> module with encode/decode) at (site, layer).
 
     `sequences` [n_seq, seq] token ids and `rows` [n_seq, seq] bool positions the row rule
     admits (see the module docstring), less norm outliers when `max_norm_ratio` > 0; both are
-    moved to the model's device batch by batch.
+    moved to the model's device batch by batch. `chunk_bytes` bounds the logits held at once.
     """
     device = next(model.parameters()).device
     states = {name: _SaeState(metrics.ReconstructionTally(_width(sae), sequences.shape[1])) for name, sae in saes.items()}
@@ -177,7 +226,7 @@ def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor,
     for first in tqdm(range(0, len(sequences), batch_size), desc=f"evaluate {site} layer {layer}", unit="batch"):
         ids = sequences[first:first + batch_size].to(device)
         eval_rows += _eval_batch(model, ids, rows[first:first + batch_size].to(device), site, layer, saes, states,
-                                 clean, zero, max_norm_ratio)
+                                 clean, zero, max_norm_ratio, chunk_bytes)
     _sync(device)
     seconds = time.perf_counter() - start
     n_tokens = sequences.numel()
