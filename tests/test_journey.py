@@ -53,6 +53,28 @@ def test_every_step_matches_tiny_model(tokenizer, family, overrides):
     assert torch.allclose(run.logits, logits, atol=TOL)
 
 
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "aitana-2b-s"])
+def test_every_step_matches_rehearsal_shapes(tokenizer, name):
+    """The rehearsal models' code path (llama3 RoPE scaling and tied embeddings; untied, 4:1 GQA) scaled down.
+
+    The vocabulary is larger than the tokenizer's, as with the real shapes (128,256 / 256,000 rows).
+    """
+    import dataclasses
+
+    from token_journey.rehearsal import SHAPES, build_rehearsal
+
+    real = SHAPES[name]
+    heads = 8 if real.n_heads // real.n_kv_heads == 4 else 4
+    shape = dataclasses.replace(real, n_layers=2, d_model=64, n_heads=heads, n_kv_heads=heads * real.n_kv_heads // real.n_heads,
+                                head_dim=8, d_mlp=96, vocab_size=len(tokenizer) + 64, max_position_embeddings=256)
+    model = build_rehearsal(shape, tokenizer, torch.float32)
+    run = recompute(model, tokenizer, TEXT, progress=False)
+    checked = _checked(run)
+    assert {s.layer for s in checked} >= {0, 1}
+    assert all(s.max_abs_diff <= TOL for s in checked), [(s.layer, s.name, s.max_abs_diff) for s in checked if s.max_abs_diff > TOL]
+    assert run.logits.shape[-1] == shape.vocab_size
+
+
 def test_checks_can_fail(tokenizer):
     """A wrong weight must show up as a difference at exactly the step that reads it."""
     model = tiny_model("llama")
