@@ -90,8 +90,8 @@ def test_token_index_matches_a_full_pass(report_inputs):
     with torch.no_grad():
         f = make_sae().encode(x)
     excluded = {20, 21, 22}
-    index = TokenFeatureIndex(D_SAE, 3, excluded)
-    for start in range(0, len(x), 7):  # many small batches: the per-batch cut to 3 must lose nothing
+    index = TokenFeatureIndex(D_SAE, 3, excluded, buffer=20)
+    for start in range(0, len(x), 7):  # small batches and buffer: the repeated cuts to 3 must lose nothing
         index.add(token_ids[start : start + 7], f[start : start + 7])
     ours = index.result()
     assert {t: [feature for feature, _ in pairs] for t, pairs in ours.items()} == _reference_index(f, token_ids, excluded, 3)

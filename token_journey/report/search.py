@@ -2,8 +2,8 @@
 
 Built at report time while the eval rows stream through the SAE, embedded in the page as JSON,
 and looked up by a few lines of script, so "which features fire on ' Paris'" works from disk
-with no server. Memory stays bounded: after every batch only the best `k` (feature, maximum
-activation) pairs of each token are kept. That cut is exact: a pair that is not among a token's
+with no server. Memory stays bounded: whenever the buffered pairs pass a limit, only the best
+`k` (feature, maximum activation) pairs of each token are kept. That cut is exact: a pair that is not among a token's
 best k now can only fall further behind, because the others' maxima never decrease.
 """
 
@@ -25,35 +25,48 @@ class TokenFeatureIndex:
     crowd out the features that say something about the token.
     """
 
-    def __init__(self, d_sae: int, k: int, excluded: Iterable[int] = ()) -> None:
-        self.d_sae, self.k = d_sae, k
+    def __init__(self, d_sae: int, k: int, excluded: Iterable[int] = (), buffer: int = 1 << 20) -> None:
+        self.d_sae, self.k, self.buffer = d_sae, k, buffer
         self.keep = torch.ones(d_sae, dtype=torch.bool)
         self.keep[torch.tensor(sorted(excluded), dtype=torch.long)] = False
         self.keys = np.empty(0, dtype=np.int64)  # token_id * d_sae + feature
         self.values = np.empty(0, dtype=np.float32)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
 
     def add(self, token_ids: np.ndarray, acts: torch.Tensor) -> None:
-        """Fold in one batch: `token_ids` `[B]` and the SAE's activations `acts` `[B, d_sae]`."""
+        """Fold in one batch: `token_ids` `[B]` and the SAE's activations `acts` `[B, d_sae]`.
+
+        Pairs wait in a buffer of at most `buffer` (token, feature) pairs before they are cut
+        back, which sorts the kept pairs once per buffer instead of once per batch.
+        """
         rows, features = torch.nonzero((acts > 0) & self.keep, as_tuple=True)
         keys = np.asarray(token_ids, dtype=np.int64)[rows.numpy()] * self.d_sae + features.numpy()
-        values = acts[rows, features].float().numpy()
-        self.keys, self.values = self._best(np.concatenate([self.keys, keys]), np.concatenate([self.values, values]))
+        self._pending.append((keys, acts[rows, features].float().numpy()))
+        self._pending_size += len(keys)
+        if self._pending_size >= self.buffer:
+            self._flush()
 
-    def _best(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The maximum per (token, feature), then the `k` largest of those per token."""
-        order = np.lexsort((-values, keys))
-        keys, values = keys[order], values[order]
-        first = np.r_[True, keys[1:] != keys[:-1]]
-        keys, values = keys[first], values[first]
-        tokens = keys // self.d_sae
-        order = np.lexsort((keys, -values, tokens))  # per token, largest first; ties by feature id
-        keys, values, tokens = keys[order], values[order], tokens[order]
+    def _flush(self) -> None:
+        """Cut the kept and the buffered pairs together down to each token's best `k`."""
+        if not self._pending:
+            return
+        keys = np.concatenate([self.keys, *(k for k, _ in self._pending)])
+        values = np.concatenate([self.values, *(v for _, v in self._pending)])
+        self._pending, self._pending_size = [], 0
+        unique, where = np.unique(keys, return_inverse=True)  # sorted by token, then feature
+        best = np.full(len(unique), -np.inf, dtype=np.float32)
+        np.maximum.at(best, where, values)
+        tokens = unique // self.d_sae
+        order = np.lexsort((-best, tokens))  # per token, largest first; ties keep the lower feature id
+        unique, best, tokens = unique[order], best[order], tokens[order]
         starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
         rank = np.arange(len(tokens)) - np.repeat(starts, np.diff(np.r_[starts, len(tokens)]))
-        return keys[rank < self.k], values[rank < self.k]
+        self.keys, self.values = unique[rank < self.k], best[rank < self.k]
 
     def result(self) -> dict[int, list[tuple[int, float]]]:
         """token id -> [(feature, maximum activation on that token)], largest first."""
+        self._flush()
         out: dict[int, list[tuple[int, float]]] = {}
         for key, value in zip(self.keys.tolist(), self.values.tolist()):
             out.setdefault(key // self.d_sae, []).append((key % self.d_sae, value))
