@@ -38,12 +38,6 @@ class Cell:
     anchor: bool = False
 
     @property
-    def value(self) -> float | None:
-        """The largest activation over the cell's tokens (None if none was streamed)."""
-        known = [v for v in self.values if v is not None]
-        return max(known) if known else None
-
-    @property
     def title(self) -> str:
         """The hover text: the activation, or one per token when the cell joins several."""
         shown = ["not streamed" if v is None else f"{v:.4g}" for v in self.values]
