@@ -183,7 +183,7 @@ def pipeline_overrides(args: argparse.Namespace, scratch: Path) -> list[str]:
         f"sae.buffer_rows={batch * 8}", f"sae.eval_tokens={batch * 2}", f"sae.checkpoint_every={steps // 2}",
         "sae.lr_warmup_steps=2", "sae.sparsity_warmup_steps=4", "sae.log_every=4",
         f"eval.max_tokens={1024 if small else 4096}", "eval.batch_size=8",
-        f"report.max_tokens={1024 if small else 4096}", "report.n_features=3", "report.n_random=2", "report.top_k=5",
+        f"report.max_tokens={1024 if small else 4096}", "report.n_strongest=2", "report.n_random=2", "report.top_k=5",
         "journey.generation.max_new_tokens=4",
     ]
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of each family and the packaged SmolLM2, prepared once."""
+"""Shared fixtures: tiny random models of each family, the packaged SmolLM2 prepared once, a tiny report built once."""
 
 from __future__ import annotations
 
@@ -46,3 +46,23 @@ def smollm2(smollm2_dir):
     from token_journey.lm import load_prepared
 
     return load_prepared(smollm2_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def report_inputs(tmp_path_factory):
+    """The report's inputs (`support/report_inputs.py`), written once per test session."""
+    from support.report_inputs import write_inputs
+
+    return write_inputs(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="session")
+def report_built(report_inputs):
+    """The report built once per test session from `report_inputs`, and the config it was built with."""
+    from support.configs import make
+    from token_journey.config.report import ReportConfig
+    from token_journey.report import build_report
+
+    cfg = make(ReportConfig, n_index=2, n_random=2, n_strongest=2, n_dense=2, top_k=6, n_quantile_contexts=4, window=3,
+               n_logit_tokens=5, search_features=4)
+    return build_report(cfg, report_inputs, seed=0), cfg

@@ -32,7 +32,7 @@ layer: 0
 sae: {{width: 64, batch_size: 256, train_tokens: 4096, checkpoint_every: 8, eval_tokens: 1024, buffer_rows: 2048,
        lr_warmup_steps: 2, sparsity_warmup_steps: 4, log_every: 4}}
 eval: {{max_tokens: 512, batch_size: 8}}
-report: {{n_features: 3, n_random: 2, max_tokens: 2000, top_k: 5}}
+report: {{n_index: 1, n_random: 2, n_strongest: 2, n_dense: 1, max_tokens: 2000, top_k: 5}}
 journey: {{generation: {{max_new_tokens: 3}}}}
 """
 

@@ -1,127 +1,33 @@
 """The HTML report: streaming feature statistics, logit lens, plots, escaping, the whole build.
 
-Inputs are small fixtures in the contract's on-disk shapes: a tiny Llama folder whose
-tokenizer has hostile added tokens, an eval corpus split, eval activation shards, a ReLU SAE of the real package saved with `save_sae`, and metrics JSONs.
+Inputs are small fixtures in the contract's on-disk shapes (`support/report_inputs.py`), and the
+report is built from them once per session (`report_built` in conftest.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from html.parser import HTMLParser
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from support.configs import make
-from token_journey.config.report import ReportConfig
-from token_journey.layout import Layout, sha256_file
-from token_journey.report import build_report, plots
-from token_journey.report.feature_stats import feature_stats, merge_topk, select_features
-from token_journey.report.tokens import logit_effects, visible
+from support.report_inputs import CONTEXT, D_SAE, DEAD, HOSTILE, MULTIBYTE, all_rows, make_sae
+from token_journey.report import plots
+from token_journey.report.dashboards import ContextBuilder
+from token_journey.report.feature_stats import FeatureStats, RowIndex, feature_stats, merge_topk, select_features
+from token_journey.report.labels import feature_label, frequent_tokens
+from token_journey.report.search import TokenFeatureIndex
+from token_journey.report.tokens import TokenStrings, logit_effects, visible
 
-HOSTILE = ["<script>alert(1)</script>", "\"q'uote", "a&amp;b", "bell\x07esc\x1b"]
-D_MODEL, D_SAE, CONTEXT, N_SEQ = 32, 48, 16, 10
-
-
-def make_sae(seed: int = 0):
-    """A ReLU SAE of the real package with random weights; features 40.. are dead (very negative bias)."""
-    from token_journey.sae.base import SAESpec
-    from token_journey.sae.registry import build_sae
-
-    sae = build_sae(SAESpec("relu", D_MODEL, D_SAE, name="relu-1", model="tiny", site="resid_post", layer=1))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(D_MODEL, D_SAE, generator=g) / D_MODEL**0.5)
-        sae.W_dec.copy_(torch.randn(D_SAE, D_MODEL, generator=g) / D_MODEL**0.5)
-        bias = -torch.rand(D_SAE, generator=g)
-        bias[40:] = -1e4
-        sae.b_enc.copy_(bias)
-    return sae.eval()
+PAGE = "resid_post/layer_1/relu-1.html"
 
 
-def _tables(x: np.ndarray, meta: dict[str, np.ndarray], chunk: int) -> list[pa.Table]:
-    """Activation rows as shard-shaped tables of `chunk` rows."""
-    out = []
-    for start in range(0, len(x), chunk):
-        part = x[start : start + chunk]
-        act = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), D_MODEL)
-        out.append(pa.table({"activation": act, "token_id": pa.array(meta["token_id"][start : start + chunk], pa.int32()),
-                             "sequence_id": pa.array(meta["sequence_id"][start : start + chunk], pa.int64()),
-                             "position": pa.array(meta["position"][start : start + chunk], pa.int32())}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Layout:
-    """A complete set of report inputs on disk (see the module docstring)."""
-    from support.tiny import save_tiny, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("report")
-    base = save_tiny("llama", root / "base")
-    tok = tiny_tokenizer()
-    tok.add_tokens(HOSTILE)
-    tok.save_pretrained(base)
-    (base / "manifest.json").write_text(json.dumps({"name": "tiny<b>", "source": "local", "dtype": "float32",
-                                                    "n_params": 1234, "n_layers": 3}))
-    hostile_ids = tok.convert_tokens_to_ids(HOSTILE)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 300, size=(N_SEQ, CONTEXT)).astype(np.int32)
-    ids[:, 0] = 0  # BOS: never an activation row
-    ids[:, 5] = hostile_ids[0]
-    ids[::2, 7:7 + len(hostile_ids)] = hostile_ids
-    corpus = root / "corpus"
-    corpus.mkdir()
-    seq_ids = np.arange(100, 100 + N_SEQ)
-    pq.write_table(pa.table({"sequence_id": pa.array(seq_ids, pa.int64()), "doc_id": pa.array(seq_ids, pa.int64()),
-                             "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), CONTEXT)}),
-                   corpus / "eval.parquet")
-    (corpus / "stats.json").write_text(json.dumps({"eval_tokens": int(ids.size), "source": "fixture"}))
-    seq, pos = np.meshgrid(np.arange(N_SEQ), np.arange(1, CONTEXT), indexing="ij")
-    seq, pos = seq.reshape(-1), pos.reshape(-1)
-    x = rng.normal(size=(len(seq), D_MODEL)).astype(np.float32)
-    meta = {"token_id": ids[seq, pos], "sequence_id": seq_ids[seq], "position": pos}
-    layer_dir = root / "acts" / "resid_post" / "layer_1" / "eval"
-    layer_dir.mkdir(parents=True)
-    shards = []
-    for i, table in enumerate(_tables(x, meta, 64)):
-        pq.write_table(table, layer_dir / f"shard-{i:05d}.parquet")
-        shards.append({"file": f"shard-{i:05d}.parquet", "rows": table.num_rows,
-                       "sha256": sha256_file(layer_dir / f"shard-{i:05d}.parquet")})
-    (layer_dir / "manifest.json").write_text(json.dumps({"rows": len(x), "d_model": D_MODEL, "dtype": "float32",
-                                                         "site": "resid_post", "layer": 1, "shards": shards,
-                                                         "excluded_counts": {"special": N_SEQ, "first_positions": 0,
-                                                                             "max_norm": 3}}))
-    metrics = root / "metrics" / "resid_post"
-    metrics.mkdir(parents=True)
-    for layer in (1, 2):
-        saes = {f"relu-{k}": {"architecture": "relu", "width": D_SAE, "l0": 10.0 * k + layer, "fvu": 0.5 / k,
-                              "delta_loss": 0.3 / k + 0.01 * layer, "loss_recovered": 0.9, "dead_fraction": 0.1,
-                              "dense_fraction": 0.0, "train_tokens_per_s": 1e5,
-                              "error_by_position": [None] + [0.2 + 0.01 * p for p in range(1, CONTEXT)]}
-                for k in (1, 2)}
-        if layer == 2:
-            saes["<img src=x onerror=alert(1)>|x"] = {"l0": 3.0, "fvu": 0.9, "delta_loss": 1.0}
-        (metrics / f"layer_{layer}.json").write_text(json.dumps({"model": "tiny", "site": "resid_post", "layer": layer,
-                                                                  "saes": saes}))
-    from token_journey.sae.io import save_sae
-
-    save_sae(make_sae(), root / "saes" / "resid_post" / "layer_1" / "relu-1", {"tokens_per_s": 5e4, "tokens": 1000})
-    return Layout(base_model=base, corpus=corpus, activations=root / "acts", saes=root / "saes", metrics=root / "metrics",
-                  html=root / "html", journey=root / "journey", summary=root / "summary.md", timings=root / "timings")
-
-
-def _all_rows(paths: Layout) -> tuple[torch.Tensor, pa.Table]:
-    table = pa.concat_tables(pq.read_table(f) for f in sorted((paths.activations / "resid_post/layer_1/eval").glob("*.parquet")))
-    x = torch.from_numpy(table.column("activation").combine_chunks().flatten().to_numpy().reshape(-1, D_MODEL).copy())
-    return x, table
-
-
-def test_streaming_stats_match_a_full_pass(inputs):
+def test_streaming_stats_match_a_full_pass(report_inputs):
     sae = make_sae()
-    x, table = _all_rows(inputs)
+    x, table = all_rows(report_inputs)
     tables = [table.slice(s, 37) for s in range(0, table.num_rows, 37)]
     stats = feature_stats(sae, lambda: tables, "float32", batch_size=16, max_tokens=10_000, top_k=5)
     with torch.no_grad():
@@ -143,13 +49,96 @@ def test_merge_topk_keeps_the_best_rows():
     assert merged_rows.tolist() == [[0, 7], [7, 0]]
 
 
-def test_select_features_skips_dead_and_is_seeded(inputs):
-    tables = [_all_rows(inputs)[1]]
-    stats = feature_stats(make_sae(), lambda: tables, "float32", 64, 10_000, 3)
-    top, sample = select_features(stats, 4, 5, seed=1)
-    assert stats.counts[top].tolist() == sorted(stats.counts[stats.counts > 0].tolist(), reverse=True)[:4]
-    assert not set(top) & set(sample) and all(f < 40 for f in top + sample)
-    assert select_features(stats, 4, 5, seed=1) == (top, sample)
+def _stats(counts: list[int], maxima: list[float], rows: int = 100) -> FeatureStats:
+    """Feature statistics with the given firing counts and maxima (the rest is not used by the selection)."""
+    n = len(counts)
+    empty = np.zeros(0, dtype=np.int64)
+    return FeatureStats(rows, torch.tensor(counts), torch.zeros(n), torch.tensor(maxima), torch.zeros(1, n),
+                        torch.zeros(1, n, dtype=torch.long), RowIndex(empty, empty, empty))
+
+
+def test_select_features_leads_with_readable_ones_and_puts_dense_apart():
+    # Densities over 100 rows: feature 2 (50%) and 4 (20%) are dense at 10%, 0 is dead, 8 sits on the threshold.
+    stats = _stats([0, 5, 50, 3, 20, 1, 7, 2, 10], [0, 1, 9, 2, 8, 9, 1, 4, 3])
+    chosen = select_features(stats, n_index=2, n_random=1, n_strongest=2, n_dense=1, dense_threshold=0.1, seed=3)
+    groups = {g: [f for f, kind in chosen if kind == g] for g in ("by index", "random", "strongest", "dense")}
+    assert groups["by index"] == [1, 3]  # lowest ids that are alive and not dense
+    assert groups["strongest"] == [5, 7]  # largest maxima among the rest (9, 4), dense 2 and 4 left out
+    assert len(groups["random"]) == 1 and groups["random"][0] in {6, 8}
+    assert groups["dense"] == [2]  # the densest
+    assert [kind for _, kind in chosen] == ["by index"] * 2 + ["random", "strongest", "strongest", "dense"]
+    assert select_features(stats, 2, 1, 2, 1, 0.1, seed=3) == chosen
+    everything = select_features(stats, 9, 9, 9, 9, 0.1, seed=0)
+    assert sorted(f for f, _ in everything) == [1, 2, 3, 4, 5, 6, 7, 8]  # every alive feature once, the dead one never
+
+
+def _reference_index(f: torch.Tensor, token_ids: np.ndarray, excluded: set[int], k: int) -> dict[int, list[int]]:
+    """token id -> the k features of largest activation on it (ties by id), computed from all rows at once."""
+    out = {}
+    for token in np.unique(token_ids).tolist():
+        best = f[torch.from_numpy(token_ids == token)].max(0).values
+        ranked = sorted((i for i in range(f.shape[1]) if best[i] > 0 and i not in excluded),
+                        key=lambda i: (-float(best[i]), i))
+        if ranked:
+            out[token] = ranked[:k]
+    return out
+
+
+def test_token_index_matches_a_full_pass(report_inputs):
+    x, table = all_rows(report_inputs)
+    token_ids = table.column("token_id").to_numpy()
+    with torch.no_grad():
+        f = make_sae().encode(x)
+    excluded = {20, 21, 22}
+    index = TokenFeatureIndex(D_SAE, 3, excluded, buffer=20)
+    for start in range(0, len(x), 7):  # small batches and buffer: the repeated cuts to 3 must lose nothing
+        index.add(token_ids[start : start + 7], f[start : start + 7])
+    ours = index.result()
+    assert {t: [feature for feature, _ in pairs] for t, pairs in ours.items()} == _reference_index(f, token_ids, excluded, 3)
+    token, pairs = next(iter(ours.items()))
+    assert pairs[0][1] == pytest.approx(float(f[torch.from_numpy(token_ids == token), pairs[0][0]].max()))
+
+
+def test_labels_by_hand():
+    assert frequent_tokens([5, 7, 5, 9, 7, 5]) == [5, 7, 9]
+    assert frequent_tokens([9, 7, 7, 9, 4], n=2) == [9, 7]  # a tie goes to the token of the stronger context
+    assert feature_label([" Paris", " France"], [" city", " capital", " town", " village"]) == \
+        "fires on ' Paris', ' France'; promotes ' city', ' capital', ' town'"
+    assert feature_label([], [" city"]) == "promotes ' city'"
+
+
+def test_multibyte_tokens_show_the_characters_they_form():
+    from support.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    strings = TokenStrings(tok)
+    ids = tok.encode(MULTIBYTE)
+    assert len(ids) > len(MULTIBYTE)  # é, 😀 and € are split over byte tokens
+    spans = strings.spans(ids)
+    assert "".join(text for _, _, text in spans) == MULTIBYTE
+    assert [text for _, _, text in spans if len(text.strip()) == 1 and not text.isascii()] == ["é", "😀", "€"]
+    assert [(a, b) for a, b, _ in spans] == [(a, b) for a, b, _ in spans if b > a] and spans[-1][1] == len(ids)
+    lone = [strings(i) for i in ids if "\\x" in strings(i)]
+    assert lone and all("\ufffd" not in s for s in lone)  # alone, a byte token shows its bytes: "\xc3"
+    assert strings(tok.encode("é")[0]) == "\\xc3"
+    # A window whose edge cuts the emoji still shows it whole.
+    emoji = next(a for a, b, text in spans if text == "😀")
+    sequence = np.array([0, *ids])
+    index = RowIndex(np.array(ids), np.zeros(len(ids), dtype=np.int64), np.arange(1, len(ids) + 1))
+    context = ContextBuilder(index, {0: sequence}, strings, window=1).build(emoji + 1, None, 1.0, 1.0)
+    assert "😀" in [c.text for c in context.cells] and "\ufffd" not in "".join(c.text for c in context.cells)
+
+
+@pytest.mark.slow
+def test_multibyte_tokens_join_with_the_smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = "café 😀 naïve 東京 €"
+    ids = tok.encode(text)
+    spans = TokenStrings(tok).spans(ids)
+    assert "".join(t for _, _, t in spans) == text
+    assert len(spans) < len(ids)  # some characters did span several tokens
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -180,95 +169,189 @@ def test_pareto_front_and_ticks():
 
 
 class _Doc(HTMLParser):
-    """Collects start tags (with attributes), element ids and the text inside every `script`."""
+    """Collects start tags (with attributes), element ids, the text inside every `script` (by type) and the rest."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.scripts: list[str] = []
+        self.data: dict[str, str] = {}
         self.texts: list[str] = []
-        self._in_script = False
+        self._script: dict[str, str | None] | None = None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
-        self._in_script = tag == "script"
+        self._script = dict(attrs) if tag == "script" else None
 
     def handle_endtag(self, tag):
-        self._in_script = False
+        self._script = None
 
     def handle_data(self, data):
-        (self.scripts if self._in_script else self.texts).append(data)
+        if self._script is None:
+            self.texts.append(data)
+        elif self._script.get("type") == "application/json":
+            self.data[self._script["id"]] = self.data.get(self._script["id"], "") + data
+        else:
+            self.scripts.append(data)
 
     def ids(self) -> list[str]:
         return [a["id"] for _, a in self.tags if a.get("id")]
 
 
-@pytest.fixture(scope="module")
-def built(inputs, tmp_path_factory):
-    """The report built once from the fixture."""
-    cfg = make(ReportConfig, n_features=3, n_random=2, top_k=6, n_quantile_contexts=4, window=3, n_logit_tokens=5)
-    return build_report(cfg, inputs, seed=0), cfg
+def _full_pass(paths) -> tuple[torch.Tensor, np.ndarray]:
+    """The fixture SAE's activations on every eval row `[rows, d_sae]` and the rows' token ids."""
+    x, table = all_rows(paths)
+    with torch.no_grad():
+        return make_sae().encode(x), table.column("token_id").to_numpy()
 
 
-def test_report_writes_every_page(built, inputs):
-    result, _ = built
-    assert {p.relative_to(inputs.html).as_posix() for p in result.files if p.suffix == ".html"} == {
-        "index.html", "resid_post/layer_1/relu-1.html"}
+def test_report_writes_every_page(report_built, report_inputs):
+    result, _ = report_built
+    assert {p.relative_to(report_inputs.html).as_posix() for p in result.files if p.suffix == ".html"} == {
+        "index.html", PAGE}
     assert result.bytes == sum(p.stat().st_size for p in result.files)
     names = [(e.layer, e.name) for e in result.entries]
     assert names == sorted(names) and len(names) == 5
 
 
-def test_overview_tables_and_pareto_plots(built, inputs):
-    doc = _Doc((inputs.html / "index.html").read_text())
+def test_overview_tables_and_pareto_plots(report_built, report_inputs):
+    doc = _Doc((report_inputs.html / "index.html").read_text())
     circles = [t for t, _ in doc.tags if t == "circle"]
     # Two Pareto plots of 5 SAEs each, plus one vertex per finite position per error line (4 SAEs x 15).
     assert len(circles) == 2 * 5 + 4 * (CONTEXT - 1)
     assert sum(t == "svg" for t, _ in doc.tags) == 4
-    metrics = json.loads((inputs.metrics / "resid_post/layer_2.json").read_text())["saes"]["relu-2"]
-    summary = inputs.summary.read_text()
+    metrics = json.loads((report_inputs.metrics / "resid_post/layer_2.json").read_text())["saes"]["relu-2"]
+    summary = report_inputs.summary.read_text()
     row = next(line for line in summary.splitlines() if line.startswith("| resid_post | 2 | relu-2 |"))
     assert f"| {metrics['l0']:.1f} | {metrics['fvu']:.4f} | {metrics['delta_loss']:.4f} |" in row
     assert "\\<img src=x onerror=alert(1)\\>\\|x" in summary  # a name cannot break the table or become HTML
-    manifest = json.loads((inputs.activations / "resid_post/layer_1/eval/manifest.json").read_text())
+    manifest = json.loads((report_inputs.activations / "resid_post/layer_1/eval/manifest.json").read_text())
     dropped = manifest["excluded_counts"]
     assert (f"eval {manifest['rows']:,} tokens (not rows: {dropped['special']:,} special, "
             f"{dropped['first_positions']:,} first positions, {dropped['max_norm']:,} norm outliers)") in summary
 
 
-def test_feature_dashboards_are_anchored_and_consistent(built, inputs):
-    result, cfg = built
-    text = (inputs.html / "resid_post/layer_1/relu-1.html").read_text()
+def test_feature_dashboards_are_anchored_and_consistent(report_built, report_inputs):
+    _, cfg = report_built
+    text = (report_inputs.html / PAGE).read_text()
     doc = _Doc(text)
     ids = doc.ids()
     assert len(ids) == len(set(ids))
-    sae = make_sae()
-    x, table = _all_rows(inputs)
-    with torch.no_grad():
-        f = sae.encode(x)
+    f, _ = _full_pass(report_inputs)
     alive = torch.nonzero((f != 0).sum(0)).flatten().tolist()
     assert {f"feature-{i}" for i in alive} <= set(ids)
-    assert not {f"feature-{i}" for i in range(40, D_SAE)} & set(ids)
+    assert not {f"feature-{i}" for i in range(DEAD, D_SAE)} & set(ids)
     sections = [a["id"] for t, a in doc.tags if t == "section"]
-    assert len(sections) == cfg.n_features + cfg.n_random
+    assert len(sections) == cfg.n_index + cfg.n_random + cfg.n_strongest + cfg.n_dense
     # The best context of the first dashboard shows the true top activation of that feature.
     first = int(sections[0].split("-")[1])
     best = float(f[:, first].max())
     assert f'title="activation {best:.4g}"' in text
 
 
-def test_corpus_text_renders_as_text(built, inputs):
-    for page in ("index.html", "resid_post/layer_1/relu-1.html"):
-        text = (inputs.html / page).read_text()
+def test_readable_features_lead_and_dense_ones_are_flagged_apart(report_built, report_inputs):
+    _, cfg = report_built
+    doc = _Doc((report_inputs.html / PAGE).read_text())
+    f, _ = _full_pass(report_inputs)
+    density = (f != 0).double().mean(0)
+    dense = torch.nonzero(density > cfg.dense_threshold).flatten().tolist()
+    assert dense and len(dense) < (density > 0).sum()  # the fixture has both kinds
+    sections = [(int(a["id"].split("-")[1]), "dense" in a["class"]) for t, a in doc.tags if t == "section"]
+    readable = [s for s, flagged in sections if not flagged]
+    assert readable[: cfg.n_index] == sorted(i for i in range(D_SAE) if 0 < density[i] <= cfg.dense_threshold)[: cfg.n_index]
+    assert all(density[s] <= cfg.dense_threshold for s in readable)
+    densest = sorted(dense, key=lambda i: (-float(density[i]), i))[: cfg.n_dense]
+    assert [s for s, flagged in sections if flagged] == densest
+    assert sections[-len(densest):] == [(s, True) for s in densest]  # listed last, apart
+    rows = _FeatureRows((report_inputs.html / PAGE).read_text()).rows[1:]  # after the header row
+    assert {int(first) for first, flagged in rows if flagged} == set(dense)  # exactly the dense latents are flagged
+
+
+class _FeatureRows(HTMLParser):
+    """The all-features table's rows: (first cell's text, whether the row carries the dense flag)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.rows: list[tuple[str, bool]] = []
+        self._inside = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._inside = attrs.get("id") == "all-features"
+        elif self._inside and tag == "tr":
+            self.rows.append(("", False))
+        elif self._inside and self.rows and attrs.get("class") == "flag":
+            self.rows[-1] = (self.rows[-1][0], True)
+
+    def handle_data(self, data):
+        if self._inside and self.rows and not self.rows[-1][0] and data.strip():
+            self.rows[-1] = (data.strip(), self.rows[-1][1])
+
+
+def test_page_search_index_is_the_full_pass_index(report_built, report_inputs):
+    _, cfg = report_built
+    doc = _Doc((report_inputs.html / PAGE).read_text())
+    page = json.loads(doc.data["token-index"])
+    f, token_ids = _full_pass(report_inputs)
+    density = (f != 0).double().mean(0)
+    excluded = set(torch.nonzero(density > cfg.dense_threshold).flatten().tolist())
+    reference = _reference_index(f, token_ids, excluded, cfg.search_features)
+    from transformers import AutoTokenizer
+
+    strings = TokenStrings(AutoTokenizer.from_pretrained(report_inputs.base_model))
+    assert len(page) == len({strings(t) for t in reference})
+    hostile = strings(AutoTokenizer.from_pretrained(report_inputs.base_model).convert_tokens_to_ids(HOSTILE[0]))
+    for token, features in reference.items():
+        shown = page[strings(token)]
+        assert [feature for feature, _ in shown] == features, strings(token)
+        best = float(f[torch.from_numpy(token_ids == token), features[0]].max())
+        assert shown[0][1] == pytest.approx(best, rel=5e-3)
+    assert hostile in page
+
+
+def test_labels_name_the_frequent_tokens_and_the_promoted_ones(report_built, report_inputs):
+    _, cfg = report_built
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = (report_inputs.html / PAGE).read_text()
+    f, token_ids = _full_pass(report_inputs)
+    strings = TokenStrings(AutoTokenizer.from_pretrained(report_inputs.base_model))
+    model = AutoModelForCausalLM.from_pretrained(report_inputs.base_model)
+    sections = [int(a["id"].split("-")[1]) for t, a in _Doc(text).tags if t == "section"]
+    for feature in sections[:3]:
+        values, rows = f[:, feature].topk(cfg.top_k)
+        counts = Counter(token_ids[rows[values > 0].numpy()].tolist())
+        top_count = max(counts.values())
+        fires_on = [strings(t) for t, c in counts.items() if c == top_count]
+        promoted = next(iter(logit_effects(model, make_sae().W_dec.detach()[feature : feature + 1])))[0].topk(3).indices
+        label = _Doc(text.split(f'id="feature-{feature}"')[1].split("</section>")[0]).texts
+        line = next(t for t in label if t.startswith("fires on"))
+        assert line.startswith(f"fires on '{fires_on[0]}'") or any(line.startswith(f"fires on '{t}'") for t in fires_on)
+        assert line.endswith("; promotes " + ", ".join(f"'{strings(int(i))}'" for i in promoted))
+
+
+def test_corpus_text_renders_as_text(report_built, report_inputs):
+    for page in ("index.html", PAGE):
+        text = (report_inputs.html / page).read_text()
         doc = _Doc(text)
         assert not any(t in ("img", "b") for t, _ in doc.tags)
         assert not any(k.startswith("on") for _, a in doc.tags for k in a)
         assert all("alert" not in s for s in doc.scripts)
-        assert sum(t == "script" for t, _ in doc.tags) == (1 if page != "index.html" else 0)
+        assert sum(t == "script" for t, _ in doc.tags) == (2 if page != "index.html" else 0)
+        assert all("<" not in data for data in doc.data.values())  # no token can end the JSON's script element
         assert "\x07" not in text and "\x1b" not in text
-    page = _Doc((inputs.html / "resid_post/layer_1/relu-1.html").read_text())
+    page = _Doc((report_inputs.html / PAGE).read_text())
     shown = "".join(page.texts)
     for token in ("<script>alert(1)</script>", "\"q'uote", "a&amp;b", "bell\\x07esc\\x1b"):
         assert token in shown
-    assert "<img src=x onerror=alert(1)>|x" in "".join(_Doc((inputs.html / "index.html").read_text()).texts)
+    assert HOSTILE[0] in json.loads(page.data["token-index"])
+    assert "<img src=x onerror=alert(1)>|x" in "".join(_Doc((report_inputs.html / "index.html").read_text()).texts)
+
+
+def test_rendered_contexts_show_characters_not_replacement_marks(report_built, report_inputs):
+    text = (report_inputs.html / PAGE).read_text()
+    assert "\ufffd" not in text
+    assert "😀" in "".join(_Doc(text).texts)  # the fixture's emoji, joined from its 4 byte tokens, is in some context

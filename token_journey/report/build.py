@@ -1,8 +1,9 @@
 """Build the whole report: gather SAEs and metrics, stream feature statistics, render, write.
 
 `build_report` is what the `report` stage calls. For each SAE folder it streams at most
-`report.max_tokens` eval-split activation rows through the SAE (two passes, see `feature_stats`),
-builds dashboards, and writes its page (`layout.report_page`); then the overview
+`report.max_tokens` eval-split activation rows through the SAE (two passes, see `feature_stats`;
+the second also fills the page's token search, see `search`), builds dashboards, and writes
+its page (`layout.report_page`); then the overview
 `<html>/index.html` and the Markdown summary. Numbers on the overview come from the metrics
 JSONs of the evaluate stage; firing densities come from the report's own stream.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from markupsafe import Markup
 
 from token_journey.config.report import ReportConfig
@@ -27,6 +29,7 @@ from token_journey.report.dashboards import ContextBuilder, build_dashboards, fe
 from token_journey.report.feature_stats import feature_stats, select_features, selected_activations
 from token_journey.report.gather import SaeEntry, facts, gather_saes
 from token_journey.report.render import environment, render_index, render_sae, render_summary
+from token_journey.report.search import TokenFeatureIndex, search_json
 from token_journey.report.tokens import TokenStrings
 
 log = logging.getLogger(__name__)
@@ -88,21 +91,25 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     except TokenJourneyError as exc:
         log.warning("no feature browser for %s: %s", entry.page, exc)
         charts = {"error": position_chart([entry])} if entry.metrics.get("error_by_position") else {}
-        return render_sae(env, entry, [], [], charts, 0, note=f"No feature browser: {exc}"), None
+        return render_sae(env, entry, [], [], charts, 0, cfg.dense_threshold,
+                          note=f"No feature browser: {exc}"), None
     stats = feature_stats(sae, acts.iter_tables, acts.dtype, cfg.batch_size, cfg.max_tokens, cfg.top_k, device)
-    top, sample = select_features(stats, cfg.n_features, cfg.n_random, seed)
-    features = [(f, "most active") for f in top] + [(f, "random") for f in sample]
+    features = select_features(stats, cfg.n_index, cfg.n_random, cfg.n_strongest, cfg.n_dense, cfg.dense_threshold,
+                               seed)
+    dense = torch.nonzero(stats.density > cfg.dense_threshold).flatten().tolist()
+    search = TokenFeatureIndex(int(stats.counts.shape[0]), cfg.search_features, excluded=dense)
     chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size,
-                                  cfg.max_tokens, device)
-    contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id),
-                              TokenStrings(loaded.tokenizer), cfg.window)
+                                  cfg.max_tokens, device, search)
+    strings = TokenStrings(loaded.tokenizer)
+    contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id), strings, cfg.window)
     dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, sae, cfg, seed)
-    index_rows = feature_index(stats, contexts, {f for f, _ in features})
+    index_rows = feature_index(stats, contexts, {f for f, _ in features}, cfg.dense_threshold)
     density = stats.density.numpy()
     charts = {"density": density_chart({entry.name: density}, cfg.hist_bins)}
     if entry.metrics.get("error_by_position"):
         charts["error"] = position_chart([entry])
-    return render_sae(env, entry, dashboards, index_rows, charts, stats.rows), density
+    return render_sae(env, entry, dashboards, index_rows, charts, stats.rows, cfg.dense_threshold,
+                      Markup(search_json(search, strings)), len(dense)), density
 
 
 def _finite(value: Any) -> bool:

@@ -3,7 +3,8 @@
 Contexts come from the eval split's token ids (`<paths.corpus>/eval.parquet`), looked up by
 each activation row's (sequence_id, position); every shown token is tinted by the feature's
 activation at that token when that token was itself streamed (excluded positions such as
-BOS stay untinted).
+BOS stay untinted). Tokens that each hold part of a character are shown as one cell with that
+character, tinted by the largest of their activations.
 """
 
 from __future__ import annotations
@@ -21,17 +22,28 @@ from token_journey.errors import TokenJourneyError
 from token_journey.layout import corpus_file
 from token_journey.report import plots
 from token_journey.report.feature_stats import FeatureStats, RowIndex
-from token_journey.report.tokens import TokenStrings, promoted_and_suppressed
+from token_journey.report.labels import feature_label, frequent_tokens
+from token_journey.report.tokens import MAX_JOIN, TokenStrings, promoted_and_suppressed
 
 
 @dataclass
 class Cell:
-    """One shown token: its text, the feature's activation there (None if not streamed), tint 0..1."""
+    """One shown token, or the few tokens whose bytes form its characters together (see
+    `TokenStrings.spans`): its text, the feature's activation on each of its tokens (None where a
+    token was not streamed), the tint 0..1 of the largest, and whether it holds the row's token."""
 
     text: str
-    value: float | None
+    values: list[float | None]
     tint: float
     anchor: bool = False
+
+    @property
+    def title(self) -> str:
+        """The hover text: the activation, or one per token when the cell joins several."""
+        shown = ["not streamed" if v is None else f"{v:.4g}" for v in self.values]
+        if len(shown) == 1:
+            return shown[0] if self.values[0] is None else f"activation {shown[0]}"
+        return f"{len(shown)} tokens forming these characters, activations " + ", ".join(shown)
 
 
 @dataclass
@@ -58,6 +70,15 @@ class Dashboard:
     histogram: Markup
     promoted: list[tuple[str, float]] = field(default_factory=list)
     suppressed: list[tuple[str, float]] = field(default_factory=list)
+    label: str = ""
+    """One line from the data, no language model (`labels.feature_label`)."""
+    explanation: str = ""
+    """A longer explanation, where something (e.g. a local language model) wrote one; shown under the label."""
+
+    @property
+    def dense(self) -> bool:
+        """Whether this is one of the dense latents listed apart."""
+        return self.kind == "dense"
 
 
 def read_eval_tokens(corpus: Path, sequence_ids: np.ndarray) -> dict[int, np.ndarray]:
@@ -86,12 +107,21 @@ class ContextBuilder:
                 f"corpus token at sequence {seq} position {pos} differs from the activation row's; "
                 "the activations were harvested from another corpus: rerun harvest"
             )
+        first, stop = max(0, pos - self.window), min(len(tokens), pos + self.window + 1)
+        # Read a few tokens past each edge so a character cut by the window is still joined whole.
+        lead = max(0, first - MAX_JOIN)
         cells = []
-        for p in range(max(0, pos - self.window), min(len(tokens), pos + self.window + 1)):
-            r = self.index.row(seq, p)
-            v = float(column[r]) if (column is not None and r >= 0) else (value if p == pos else None)
-            tint = 0.0 if v is None or scale <= 0 else min(max(v / scale, 0.0), 1.0)
-            cells.append(Cell(self.strings(int(tokens[p])), v, tint, p == pos))
+        for start, end, text in self.strings.spans(tokens[lead : min(len(tokens), stop + MAX_JOIN)].tolist()):
+            start, end = start + lead, end + lead
+            if end <= first or start >= stop:
+                continue
+            values = []
+            for p in range(start, end):
+                r = self.index.row(seq, p)
+                values.append(float(column[r]) if (column is not None and r >= 0) else (value if p == pos else None))
+            best = max((v for v in values if v is not None), default=None)
+            tint = 0.0 if best is None or scale <= 0 else min(max(best / scale, 0.0), 1.0)
+            cells.append(Cell(text, values, tint, start <= pos < end))
         return Context(value, f"seq {seq} pos {pos}", cells, label)
 
 
@@ -127,15 +157,20 @@ def build_dashboards(stats: FeatureStats, features: list[tuple[int, str]], acts:
         counts, edges = np.histogram(firing, bins=cfg.hist_bins) if len(firing) else (np.zeros(1), np.array([0.0, 1.0]))
         hist = plots.histogram(edges.tolist(), counts.tolist(), "activation (firing tokens)", f"feature {feature}")
         count = int(stats.counts[feature])
+        promoted, suppressed = lens[j] if lens else ([], [])
+        top_tokens = stats.index.token_id[stats.top_rows[:, feature][stats.top_values[:, feature] > 0].numpy()]
+        label = feature_label(contexts.strings.many(frequent_tokens(top_tokens.tolist())), [t for t, _ in promoted])
         out.append(Dashboard(
             feature, kind, float(stats.density[feature]), float(stats.sums[feature]) / max(count, 1), scale,
-            top, quantiles, hist, *(lens[j] if lens else ([], [])),
+            top, quantiles, hist, promoted, suppressed, label,
         ))
     return out
 
 
-def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int], width: int = 4) -> list[dict[str, Any]]:
-    """A compact row for every alive feature (density, mean, max, best context), so any id is linkable."""
+def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int], dense_threshold: float,
+                  width: int = 4) -> list[dict[str, Any]]:
+    """A compact row for every alive feature (density, mean, max, best context), so any id is linkable;
+    dense latents are flagged."""
     narrow = ContextBuilder(contexts.index, contexts.sequences, contexts.strings, width)
     rows = []
     for feature in torch.nonzero(stats.counts > 0).flatten().tolist():
@@ -144,6 +179,7 @@ def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int]
         anchor = next(i for i, c in enumerate(ctx.cells) if c.anchor)
         rows.append({
             "feature": feature, "shown": feature in shown, "density": float(stats.density[feature]),
+            "dense": float(stats.density[feature]) > dense_threshold,
             "mean": float(stats.sums[feature]) / int(stats.counts[feature]), "max": float(stats.maxima[feature]),
             "before": "".join(c.text for c in ctx.cells[:anchor]),
             "token": ctx.cells[anchor].text,

@@ -5,7 +5,8 @@ the activation sum and maximum, and the top-k activating rows via a top-k merge:
 `[k, d_sae]` best values are concatenated with the batch's own top-k and cut back to k, so
 memory never grows with the number of rows. Pass 2 (`selected_activations`) re-encodes the
 same rows and keeps only the columns of the features that get a dashboard, `[rows, n_selected]`,
-which is what quantile sampling, histograms and the tinting of neighbouring tokens need.
+which is what quantile sampling, histograms and the tinting of neighbouring tokens need, and
+feeds every row to the page's token search index.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from token_journey.data.shards import activation_tensor
 from token_journey.errors import TokenJourneyError
+from token_journey.report.search import TokenFeatureIndex
 
 META_COLUMNS = ("token_id", "sequence_id", "position")
 
@@ -119,23 +121,45 @@ def feature_stats(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Ta
     return FeatureStats(offset, counts, sums.float(), maxima, top_values, top_rows, index)
 
 
-def select_features(stats: FeatureStats, n_top: int, n_random: int, seed: int) -> tuple[list[int], list[int]]:
-    """(the `n_top` most often firing features, `n_random` other alive features drawn with `seed`)."""
-    alive = torch.nonzero(stats.counts > 0).flatten()
-    order = alive[stats.counts[alive].argsort(descending=True, stable=True)]
-    top = [int(i) for i in order[:n_top]]
-    rest = np.array(sorted(set(alive.tolist()) - set(top)), dtype=np.int64)
+def select_features(stats: FeatureStats, n_index: int, n_random: int, n_strongest: int, n_dense: int,
+                    dense_threshold: float, seed: int) -> list[tuple[int, str]]:
+    """The features that get a dashboard, each with its group, in page order; no feature twice.
+
+    Readable ones lead, all drawn from the alive features that are not dense (firing density at
+    most `dense_threshold`): "by index", the `n_index` lowest ids (the same ids on every SAE, so
+    pages compare); "random", `n_random` drawn with `seed`; "strongest", the `n_strongest` with
+    the largest maximum activation. Dense latents fire on so many tokens that their contexts
+    rarely say what they mean, so the `n_dense` densest come last, as "dense".
+    """
+    alive = stats.counts > 0
+    dense = alive & (stats.density > dense_threshold)
+    readable = torch.nonzero(alive & ~dense).flatten()
+    by_index = [int(i) for i in readable[:n_index]]
+    rest = readable[n_index:]
+    strongest = [int(i) for i in rest[stats.maxima[rest].argsort(descending=True, stable=True)][:n_strongest]]
+    pool = np.array(sorted(set(rest.tolist()) - set(strongest)), dtype=np.int64)
     rng = np.random.default_rng(seed)
-    sample = rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else rest
-    return top, sorted(int(i) for i in sample)
+    sample = sorted(int(i) for i in rng.choice(pool, size=min(n_random, len(pool)), replace=False)) if len(pool) else []
+    dense_ids = torch.nonzero(dense).flatten()
+    densest = [int(i) for i in dense_ids[stats.counts[dense_ids].argsort(descending=True, stable=True)][:n_dense]]
+    groups = (("by index", by_index), ("random", sample), ("strongest", strongest), ("dense", densest))
+    return [(feature, group) for group, features in groups for feature in features]
 
 
 @torch.no_grad()
 def selected_activations(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Table]], dtype: str,
                          features: list[int], batch_size: int, max_tokens: int,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pass 2: the activations of `features` on every streamed row, `[rows, len(features)]`."""
+                         device: torch.device | str = "cpu", search: TokenFeatureIndex | None = None) -> torch.Tensor:
+    """Pass 2: the activations of `features` on every streamed row, `[rows, len(features)]`.
+
+    Every row's full activations also go to `search`, the page's token index, which needs the
+    features' densities from pass 1 to leave the dense ones out.
+    """
     columns = torch.tensor(features, dtype=torch.long)
-    parts = [sae.encode(x.to(device)).float().cpu()[:, columns]
-             for x, _ in tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="selected features", unit="batch")]
+    parts = []
+    for x, meta in tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="selected features", unit="batch"):
+        f = sae.encode(x.to(device)).float().cpu()
+        parts.append(f[:, columns])
+        if search is not None:
+            search.add(meta["token_id"], f)
     return torch.cat(parts) if parts else torch.empty(0, len(features))

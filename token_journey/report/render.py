@@ -1,7 +1,8 @@
 """Jinja2 rendering of the overview, the per-SAE pages and the Markdown summary.
 
 Autoescaping is on for every template, so corpus text and names can never become markup;
-the only unescaped fragments are the SVG charts from `plots`, which escape their own labels.
+the only unescaped fragments are the SVG charts from `plots`, which escape their own labels,
+and the token search's JSON, whose `<` are escaped by `search.search_json`.
 Files are written to a temporary name and renamed, so a half-written page never appears.
 """
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 
 from token_journey.report.gather import HEADLINE, SaeEntry
 
@@ -47,12 +49,18 @@ def render_index(env: Environment, entries: Sequence[SaeEntry], facts: list[tupl
 
 
 def render_sae(env: Environment, entry: SaeEntry, dashboards: list[Any], index_rows: list[dict[str, Any]],
-               charts: dict[str, Any], rows_streamed: int, note: str = "") -> str:
-    """One SAE's page with its feature browser; `root` is the relative way back to `index.html`."""
+               charts: dict[str, Any], rows_streamed: int, dense_threshold: float, search: Markup = Markup("{}"),
+               n_dense: int = 0, note: str = "") -> str:
+    """One SAE's page with its feature browser; `root` is the relative way back to `index.html`.
+
+    `search` is the token index as JSON (`search.search_json`, already safe inside a script
+    element); `n_dense` counts the SAE's dense latents.
+    """
     return env.get_template("sae.html").render(
         title=f"{entry.site} layer {entry.layer} {entry.name}", root="../../", entry=entry,
         columns=headline_columns(), row=headline_rows([entry])[0], dashboards=dashboards,
-        index_rows=index_rows, charts=charts, rows_streamed=rows_streamed, note=note)
+        index_rows=index_rows, charts=charts, rows_streamed=rows_streamed, dense_threshold=dense_threshold,
+        search=search, n_dense=n_dense, note=note)
 
 
 def _md_cell(text: str) -> str:
