@@ -45,7 +45,7 @@ def _cfg(arch: str = "topk", **kw) -> SAEConfig:
 STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])  # matryoshka: the test below
 def test_training_reduces_fvu_below_the_mean_predictor(arch):
     cfg = _cfg(arch)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
@@ -141,6 +141,44 @@ def test_batchtopk_threshold_gives_about_k_latents_per_token_at_inference(k):
     assert sae_reconstruction(sae, _data(99, 2048))["l0"] == pytest.approx(k, rel=0.2)
 
 
+def test_matryoshka_first_prefix_reconstructs_alone_where_batchtopks_does_not():
+    """Same data, recipe and seed: Matryoshka's loss falls and its FVU beats the mean predictor, and the first
+    1/16 of the latents (2 of 32) reconstructs far better when trained to do so on its own; the whole SAE
+    stays close to BatchTopK's."""
+    results = {}
+    for arch in ("batchtopk", "matryoshka"):
+        cfg = _cfg(arch)
+        sae = new_sae(cfg, D_IN, STATS, seed=0)
+        before = float(sae.training_step(_data(1000, 64) * STATS.scale, _ctx()).loss.detach())
+        info = train(sae, _batches(64), STATS, cfg)
+        held_out = _data(99, 2048)
+        full = sae_reconstruction(sae, held_out)
+        results[arch] = (full["fvu"], sae_reconstruction(sae, held_out, latents=2)["fvu"])
+        if arch == "matryoshka":
+            assert sae.cfg.prefixes == (2, 4, 8, 16, 32)
+            assert info["final_loss"] < 0.6 * before and full["fvu"] < 0.6 and 0 < full["l0"] < cfg.width, (info, full)
+    (full_b, first_b), (full_m, first_m) = results["batchtopk"], results["matryoshka"]
+    assert first_m < 0.9 * first_b, results
+    assert full_m < full_b + 0.1, results
+
+
+def _ctx():
+    from token_journey.sae.base import StepContext
+
+    return StepContext(extra={"auxk_alpha": 1 / 32, "k_aux": 16.0})
+
+
+@pytest.mark.parametrize("prefixes,match", [
+    ((0.25, 0.5), "ending with 1"),
+    ((), "ending with 1"),
+    ((0.5, 0.25, 1.0), r"sizes \[16, 8, 32\] at width 32; they must be strictly increasing"),
+    ((0.01, 1.0), r"sizes \[0, 32\]"),
+    ((0.0, 1.0), "in \\(0, 1\\]")])
+def test_bad_matryoshka_prefixes_are_refused(prefixes, match):
+    with pytest.raises(TokenJourneyError, match=match):
+        _cfg("matryoshka", prefixes=prefixes)
+
+
 @pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),
                                 dict(train_tokens=10), dict(b_dec_init="median")])
 def test_bad_config_is_rejected(kw):
@@ -199,7 +237,9 @@ def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
     (dict(architecture="relu", k=16), "sae.k=16 does not apply to relu"),
     (dict(architecture="topk", sparsity_coefficient=0.001), "does not apply to topk"),
     (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=1.0), "is unused when sae.target_l0"),
-    (dict(architecture="jumprelu", target_l0_penalty=1.0), "applies only with sae.target_l0")])
+    (dict(architecture="jumprelu", target_l0_penalty=1.0), "applies only with sae.target_l0"),
+    (dict(architecture="batchtopk", prefixes=(0.5, 1.0)), r"sae.prefixes=\[0.5, 1.0\] does not apply to batchtopk"),
+    (dict(architecture="matryoshka", sparsity_coefficient=0.001), "does not apply to matryoshka")])
 def test_a_sparsity_key_the_architecture_ignores_is_refused(kw, match):
     """A sweep over such a key (`dvc exp run --queue -S 'sae.k=16,32'` on JumpReLU) would train identical SAEs."""
     with pytest.raises(TokenJourneyError, match=match):
