@@ -272,3 +272,17 @@ def test_corpus_text_renders_as_text(built, inputs):
     for token in ("<script>alert(1)</script>", "\"q'uote", "a&amp;b", "bell\\x07esc\\x1b"):
         assert token in shown
     assert "<img src=x onerror=alert(1)>|x" in "".join(_Doc((inputs.html / "index.html").read_text()).texts)
+
+
+def test_a_matryoshka_sae_is_listed_as_matryoshka(tmp_path):
+    """Its cfg.json says `jumprelu` for SAELens; the overview must show our architecture from our own block."""
+    from token_journey.report.gather import gather_saes
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.io import save_sae
+    from token_journey.sae.registry import build_sae
+
+    sae = build_sae(SAESpec("matryoshka", D_MODEL, D_SAE, k=4, prefixes=(3, 12, D_SAE), name="m", site="resid_post", layer=2))
+    save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_2" / "m")
+    (tmp_path / "metrics").mkdir()
+    entries = gather_saes(tmp_path / "saes", tmp_path / "metrics")
+    assert [(e.layer, e.name, e.cells()[:2]) for e in entries] == [(2, "m", ["matryoshka", f"{D_SAE}"])]
