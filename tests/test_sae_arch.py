@@ -175,7 +175,7 @@ def test_matryoshka_loss_is_the_mean_fvu_of_the_prefixes_by_hand(order, prefix_m
     out = sae.training_step(x, StepContext())
     assert float(out.loss.detach()) == pytest.approx(prefix_mse / 6.25 / 2)
     assert float(out.mse) == pytest.approx(0.0) and out.l0 == 1.0  # the whole SAE's reconstruction
-    assert float(sae.threshold[0]) == pytest.approx(3.0)  # the smallest kept activation, as in BatchTopK
+    assert float(sae.threshold.detach()[0]) == pytest.approx(3.0)  # the smallest kept activation, as in BatchTopK
     with_all = _hand_set_matryoshka((3,), order).training_step(x, StepContext())  # one prefix: BatchTopK's loss
     assert float(with_all.loss.detach()) == pytest.approx(0.0)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from support.configs import make, make_sae
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
+from token_journey.sae.base import StepContext
 from token_journey.sae.train import DataStats, lr_at, match_grad_layout, new_sae, sparsity_at, threshold_weight_at, train
 
 D_IN, N_FEAT = 8, 24
@@ -45,11 +48,17 @@ def _cfg(arch: str = "topk", **kw) -> SAEConfig:
 STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])  # matryoshka: the test below
-def test_training_reduces_fvu_below_the_mean_predictor(arch):
+@functools.cache
+def _trained(arch: str) -> tuple[SAEConfig, Any, dict[str, Any]]:
+    """(config, SAE, train info) of `arch` trained with `_cfg`'s recipe, once per test session (tests only read it)."""
     cfg = _cfg(arch)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
-    info = train(sae, _batches(64), STATS, cfg)
+    return cfg, sae, train(sae, _batches(64), STATS, cfg)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
+def test_training_reduces_fvu_below_the_mean_predictor(arch):
+    cfg, sae, info = _trained(arch)
     metrics = sae_reconstruction(sae, _data(99, 2048))
     assert info["steps"] == cfg.steps
     assert metrics["fvu"] < 0.6, metrics
@@ -142,30 +151,21 @@ def test_batchtopk_threshold_gives_about_k_latents_per_token_at_inference(k):
 
 
 def test_matryoshka_first_prefix_reconstructs_alone_where_batchtopks_does_not():
-    """Same data, recipe and seed: Matryoshka's loss falls and its FVU beats the mean predictor, and the first
-    1/16 of the latents (2 of 32) reconstructs far better when trained to do so on its own; the whole SAE
-    stays close to BatchTopK's."""
+    """Same data, recipe and seed: Matryoshka's loss falls, and the first 1/16 of the latents (2 of 32)
+    reconstructs far better when trained to do so on its own; the whole SAE stays close to BatchTopK's."""
+    held_out = _data(99, 2048)
     results = {}
     for arch in ("batchtopk", "matryoshka"):
-        cfg = _cfg(arch)
-        sae = new_sae(cfg, D_IN, STATS, seed=0)
-        before = float(sae.training_step(_data(1000, 64) * STATS.scale, _ctx()).loss.detach())
-        info = train(sae, _batches(64), STATS, cfg)
-        held_out = _data(99, 2048)
-        full = sae_reconstruction(sae, held_out)
-        results[arch] = (full["fvu"], sae_reconstruction(sae, held_out, latents=2)["fvu"])
-        if arch == "matryoshka":
-            assert sae.cfg.prefixes == (2, 4, 8, 16, 32)
-            assert info["final_loss"] < 0.6 * before and full["fvu"] < 0.6 and 0 < full["l0"] < cfg.width, (info, full)
+        _, sae, info = _trained(arch)
+        results[arch] = (sae_reconstruction(sae, held_out)["fvu"], sae_reconstruction(sae, held_out, latents=2)["fvu"])
     (full_b, first_b), (full_m, first_m) = results["batchtopk"], results["matryoshka"]
     assert first_m < 0.9 * first_b, results
     assert full_m < full_b + 0.1, results
-
-
-def _ctx():
-    from token_journey.sae.base import StepContext
-
-    return StepContext(extra={"auxk_alpha": 1 / 32, "k_aux": 16.0})
+    cfg, sae, info = _trained("matryoshka")
+    assert sae.cfg.prefixes == (2, 4, 8, 16, 32)
+    fresh = new_sae(cfg, D_IN, STATS, seed=0)
+    before = fresh.training_step(_data(1000, 64) * STATS.scale, StepContext(extra={"auxk_alpha": 1 / 32}))
+    assert info["final_loss"] < 0.6 * float(before.loss.detach()), info
 
 
 @pytest.mark.parametrize("prefixes,match", [
