@@ -97,7 +97,7 @@ class BatchTopKSAE(SAE):
         f = self._attach(x_in, values, active).relu()
         errors = self._errors(x, f, active)
         total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
-        mses = torch.stack([err.pow(2).sum(-1).mean() for err in errors])
+        mses = errors.pow(2).sum(-1).mean(-1)
         aux = TopKSAE._auxk(self, x_in, pre, errors[-1].detach(), ctx)  # type: ignore[arg-type]
         loss = mses.mean() / total_var + ctx.extra.get("auxk_alpha", 1 / 32) * aux
         n = x.shape[0]
@@ -115,12 +115,12 @@ class BatchTopKSAE(SAE):
         self._update_threshold(values, ctx.threshold_weight)
         return active, values
 
-    def _errors(self, x: torch.Tensor, f: torch.Tensor, active: Active) -> list[torch.Tensor]:
-        """Errors x_hat - x [N, d_in] of the reconstructions the loss averages (FVU each); the last uses every latent.
+    def _errors(self, x: torch.Tensor, f: torch.Tensor, active: Active) -> torch.Tensor:
+        """Errors x_hat - x [reconstructions, N, d_in] of the reconstructions the loss averages (FVU each).
 
-        BatchTopK has one, the whole SAE's; Matryoshka adds one per nested prefix of the latents.
+        BatchTopK has one, the whole SAE's; Matryoshka has one per nested prefix, the last using every latent.
         """
-        return [self._reconstruct(f, active) - x]
+        return (self._reconstruct(f, active) - x).unsqueeze(0)
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor, weight: float) -> None:

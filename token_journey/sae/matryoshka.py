@@ -23,19 +23,18 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     architecture = "matryoshka"
 
-    def _errors(self, x: torch.Tensor, f: torch.Tensor, active: Active) -> list[torch.Tensor]:
-        """x_hat_m - x for each prefix m, where x_hat_m = b_dec + the decoded active latents with index < m.
+    def _errors(self, x: torch.Tensor, f: torch.Tensor, active: Active) -> torch.Tensor:
+        """x_hat_m - x [prefixes, N, d_in] for each prefix m, where x_hat_m = b_dec + the decoded active latents < m.
 
-        Each band of latents between two prefix ends is decoded once (sparse, as BatchTopK decodes
-        all of them); the prefix reconstructions are the running sums of the bands, so the cost is
-        one decode plus a [N, d_in] addition per prefix.
+        One sparse decode serves every prefix: the pair (token t, latent c) in band b (prefixes[b-1] <= c <
+        prefixes[b]) is placed in row b * N + t of a virtual batch of prefixes x N rows, so decoding it
+        gives each band's contribution per token, and their running sums over the bands are the prefix
+        reconstructions. The cost is BatchTopK's decode plus a few [prefixes, N, d_in] passes.
         """
+        n, bands = x.shape[0], len(self.cfg.prefixes)
         ends = torch.tensor(self.cfg.prefixes[:-1], device=active.cols.device, dtype=active.cols.dtype)
-        band = torch.bucketize(active.cols, ends, right=True)  # band b holds prefixes[b-1] <= col < prefixes[b]
-        errors, err = [], self.b_dec - x  # the error of the empty prefix
-        for b in range(len(self.cfg.prefixes)):
-            pairs = (band == b).nonzero().squeeze(1)
-            part = Active(active.rows[pairs], active.cols[pairs], active.n_tokens, active.d_sae)
-            err = err + decode_at(f.index_select(0, pairs), self.W_dec, part)
-            errors.append(err)
-        return errors
+        band = torch.bucketize(active.cols, ends, right=True)
+        band, order = torch.sort(band, stable=True)  # by band, then by token as `Active` requires
+        virtual = Active(band * n + active.rows[order], active.cols[order], bands * n, active.d_sae)
+        parts = decode_at(f.index_select(0, order), self.W_dec, virtual).view(bands, n, -1)
+        return (self.b_dec - x) + parts.cumsum(0)
