@@ -179,6 +179,20 @@ def test_bad_matryoshka_prefixes_are_refused(prefixes, match):
         _cfg("matryoshka", prefixes=prefixes)
 
 
+def test_prefixes_from_a_stages_dictconfig_become_a_json_ready_tuple():
+    """Stages build SAEConfig from Hydra's DictConfig, whose lists are ListConfigs; the checkpoint fingerprint is JSON."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from support.configs import composed
+    from token_journey.config import build
+
+    cfg = build(SAEConfig, OmegaConf.create(composed("sae=matryoshka"))["sae"], "sae")
+    assert cfg.prefixes == (0.0625, 0.125, 0.25, 0.5, 1.0) and type(cfg.prefixes) is tuple
+    json.dumps(dataclasses.asdict(cfg))
+
+
 @pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),
                                 dict(train_tokens=10), dict(b_dec_init="median")])
 def test_bad_config_is_rejected(kw):
