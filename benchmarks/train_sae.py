@@ -11,7 +11,9 @@ median norm of all rows are dropped (the harvest judges each sequence on its own
 to the ceiling (measured fp32 matmul peak / (2 * d_in * d_sae) FLOPs per token) and the ratio
 to a plain dense implementation of the same step timed in the same run, then FVU, L0 and dead
 fraction on the held-out rows against the issue's quality bars (TopK: FVU <= 0.16, dead < 10%;
-JumpReLU: 24 <= L0 <= 48, FVU <= 0.20). The last line is one JSON object.
+JumpReLU: 24 <= L0 <= 48, FVU <= 0.20), and the FVU of the first 1/16 of the latents alone (what
+Matryoshka trains for: `--archs batchtopk,matryoshka` compares it with plain BatchTopK). The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.jumprelu import heaviside, jumprelu
 from token_journey.sae.train import DataStats, lr_at, new_sae, sparsity_at, train
 
-BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "relu": 0.0}
+BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "matryoshka": 2.0, "relu": 0.0}
 QUALITY_BARS = {"topk": {"fvu_max": 0.16, "dead_max": 0.10}, "jumprelu": {"fvu_max": 0.20, "l0_min": 24, "l0_max": 48}}
 
 
@@ -126,7 +128,9 @@ def dense_step_seconds(cfg: SAEConfig, sae, x: torch.Tensor, steps: int = 3) -> 
                 keep = pre >= pre.flatten().topk(cfg.k * x.shape[0]).values.min()
             f = (pre * keep).relu()
             sparsity = pre.new_zeros(())
-        loss = (f @ p["W_dec"] + p["b_dec"] - x).pow(2).sum(-1).mean() + sparsity_at(cfg, 10**9) * sparsity
+        ends = sae.cfg.prefixes or (cfg.width,)  # Matryoshka: every prefix of the latents reconstructs
+        mse = sum((f[:, :m] @ p["W_dec"][:m] + p["b_dec"] - x).pow(2).sum(-1).mean() for m in ends) / len(ends)
+        loss = mse + sparsity_at(cfg, 10**9) * sparsity
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -179,6 +183,7 @@ def main() -> None:
         peak_after = matmul_peak(cfg.batch_size, x_train.shape[1], cfg.width)
         dense_after = dense_step_seconds(cfg, sae, x_train[: cfg.batch_size] * stats.scale)
         metrics = sae_reconstruction(sae, x_eval)
+        first = sae_reconstruction(sae, x_eval, latents=max(1, cfg.width // 16))
         ceiling = max(peak, peak_after) / (2 * x_train.shape[1] * cfg.width)
         dense_tps = cfg.batch_size / min(dense_s, dense_after)
         tps = info["tokens_per_s"]
@@ -187,6 +192,7 @@ def main() -> None:
                          "ratio_to_dense": round(tps / dense_tps, 2), "bar_ratio_to_dense": BARS[cfg.architecture],
                          "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2),
                          "dead_fraction": round(metrics["dead_fraction"], 4),
+                         "fvu_first_16th": round(first["fvu"], 4), "l0_first_16th": round(first["l0"], 2),
                          "quality_bar": QUALITY_BARS.get(arch),
                          "quality_met": quality_met(arch, metrics["fvu"], metrics["l0"], metrics["dead_fraction"]),
                          "train_tokens": info["train_tokens"],
@@ -195,6 +201,7 @@ def main() -> None:
         r = results[arch]
         print(f"{arch:9s} {tps:8.0f} tok/s  ceiling {ceiling:8.0f} (x{r['ratio_to_ceiling']})  dense {dense_tps:6.0f} "
               f"(x{r['ratio_to_dense']}, bar x{BARS[cfg.architecture]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}"
+              f"  first 1/16: FVU {r['fvu_first_16th']} L0 {r['l0_first_16th']}"
               f"  quality bar {'met' if r['quality_met'] else 'none' if r['quality_met'] is None else 'NOT met'}",
               flush=True)
     print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],

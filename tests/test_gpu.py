@@ -20,7 +20,7 @@ pytestmark = [
                        reason="needs CUDA: torch.cuda.is_available() is False here (no GPU, or a CPU build of torch)"),
 ]
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "matryoshka", "relu")
 D_IN, WIDTH, BATCH, STEPS = 32, 128, 256, 6
 
 

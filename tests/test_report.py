@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from support.report_inputs import CONTEXT, D_SAE, DEAD, HOSTILE, MULTIBYTE, all_rows, make_sae
+from support.report_inputs import CONTEXT, D_MODEL, D_SAE, DEAD, HOSTILE, MULTIBYTE, all_rows, make_sae
 from token_journey.report import plots
 from token_journey.report.dashboards import ContextBuilder
 from token_journey.report.feature_stats import FeatureStats, RowIndex, feature_stats, merge_topk, select_features
@@ -355,3 +355,17 @@ def test_rendered_contexts_show_characters_not_replacement_marks(report_built, r
     text = (report_inputs.html / PAGE).read_text()
     assert "\ufffd" not in text
     assert "😀" in "".join(_Doc(text).texts)  # the fixture's emoji, joined from its 4 byte tokens, is in some context
+
+
+def test_a_matryoshka_sae_is_listed_as_matryoshka(tmp_path):
+    """Its cfg.json says `jumprelu` for SAELens; the overview must show our architecture from our own block."""
+    from token_journey.report.gather import gather_saes
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.io import save_sae
+    from token_journey.sae.registry import build_sae
+
+    sae = build_sae(SAESpec("matryoshka", D_MODEL, D_SAE, k=4, prefixes=(3, 12, D_SAE), name="m", site="resid_post", layer=2))
+    save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_2" / "m")
+    (tmp_path / "metrics").mkdir()
+    entries = gather_saes(tmp_path / "saes", tmp_path / "metrics")
+    assert [(e.layer, e.name, e.cells()[:2]) for e in entries] == [(2, "m", ["matryoshka", f"{D_SAE}"])]

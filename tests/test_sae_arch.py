@@ -9,14 +9,16 @@ from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAESpec, StepContext
 from token_journey.sae.batchtopk import kth_largest
 from token_journey.sae.jumprelu import heaviside, jumprelu
-from token_journey.sae.registry import ARCHITECTURES, build_sae
+from token_journey.sae.registry import ARCHITECTURES, USES_K, build_sae
 from token_journey.sae.sparse import DENSE_ABOVE, Active, decode_at, encode_at
 
 D_IN, D_SAE, N = 6, 16, 10
+PREFIXES = (2, 5, 16)  # uneven bands, so a slip at a band's edge shows
 
 
 def _sae(arch: str, k: int = 3, seed: int = 0):
-    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k if arch in ("topk", "batchtopk") else 0))
+    prefixes = PREFIXES if arch == "matryoshka" else ()
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k if arch in USES_K else 0, prefixes=prefixes))
     g = torch.Generator().manual_seed(seed)
     sae.init_weights(g, torch.randn(D_IN, generator=g) * 0.1)
     with torch.no_grad():
@@ -100,12 +102,16 @@ def _dense_loss(sae, x, ctx):
         return (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l1
     if sae.architecture == "topk":
         keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(sae.cfg.k, dim=1).indices, True)
-    else:  # batchtopk: the k*N largest values of the whole batch
+    else:  # batchtopk, matryoshka: the k*N largest values of the whole batch
         cut = pre.flatten().topk(sae.cfg.k * x.shape[0]).values.min()
         keep = pre >= cut
     f = (pre * keep).relu()
     x_hat = f @ sae.W_dec + sae.b_dec
-    fvu = (x_hat - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+    total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    fvu = (x_hat - x).pow(2).sum(-1).mean() / total_var
+    if sae.architecture == "matryoshka":  # the mean FVU of the prefixes, each decoded from its own latents
+        fvu = sum((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() / total_var
+                  for m in PREFIXES) / len(PREFIXES)
     dead_pre = pre.masked_fill(~ctx.dead, float("-inf"))
     aux_keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, dead_pre.topk(2, dim=1).indices, True)
     residual = (x - x_hat).detach()
@@ -117,7 +123,7 @@ def _dense_loss(sae, x, ctx):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_fold_scale_gives_the_same_function_on_raw_inputs(arch):
     sae = _sae(arch)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         with torch.no_grad():
             sae.threshold.fill_(0.1)
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3)) * 7.0
@@ -144,6 +150,34 @@ def test_topk_encode_keeps_k_and_batchtopk_encodes_per_token():
     torch.testing.assert_close(one, bt.encode(x)[:1])
     pre = bt.pre_acts(x[:1])
     torch.testing.assert_close(one, pre * (pre > 0.2))
+
+
+def _hand_set_matryoshka(prefixes: tuple[int, ...], order: list[int]):
+    """d_in 2, three latents: encoder columns e1, e2, (e1 + e2)/2 and decoder rows e1, e2, e1 (zero biases),
+    permuted by `order` (latent i of the SAE is latent order[i] of that list)."""
+    sae = build_sae(SAESpec("matryoshka", 2, 3, k=1, prefixes=prefixes))
+    enc = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])[order]
+    dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])[order]
+    with torch.no_grad():
+        sae.W_enc.copy_(enc.t())
+        sae.W_dec.copy_(dec)
+    return sae
+
+
+@pytest.mark.parametrize("order,prefix_mse", [([0, 1, 2], 8.0), ([1, 0, 2], 4.5)])
+def test_matryoshka_loss_is_the_mean_fvu_of_the_prefixes_by_hand(order, prefix_mse):
+    """x = (3, 0) and (0, 4), k = 1: the batch keeps the 2 largest pre-activations (3 at e1, 4 at e2; the
+    mixed latent reads 1.5 and 2), so all latents reconstruct x exactly. The one-latent prefix holds e1
+    (order 0, 1, 2: errors 0 and 16, MSE 8) or e2 (order 1, 0, 2: errors 9 and 0, MSE 4.5). Total
+    variance: x's mean is (1.5, 2), each row 1.5^2 + 2^2 = 6.25 away. Loss = (prefix MSE / 6.25 + 0) / 2."""
+    x = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    sae = _hand_set_matryoshka((1, 3), order)
+    out = sae.training_step(x, StepContext())
+    assert float(out.loss.detach()) == pytest.approx(prefix_mse / 6.25 / 2)
+    assert float(out.mse) == pytest.approx(0.0) and out.l0 == 1.0  # the whole SAE's reconstruction
+    assert float(sae.threshold.detach()[0]) == pytest.approx(3.0)  # the smallest kept activation, as in BatchTopK
+    with_all = _hand_set_matryoshka((3,), order).training_step(x, StepContext())  # one prefix: BatchTopK's loss
+    assert float(with_all.loss.detach()) == pytest.approx(0.0)
 
 
 def _batches_for_kth_largest() -> dict[str, torch.Tensor]:

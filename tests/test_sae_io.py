@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAESpec
@@ -18,7 +18,9 @@ D_IN, D_SAE = 5, 12
 
 
 def _random(arch: str, k: int = 0):
-    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k, name=f"{arch}-x", model="m", site="resid_post", layer=3))
+    prefixes = (3, 6, D_SAE) if arch == "matryoshka" else ()
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k, prefixes=prefixes, name=f"{arch}-x", model="m", site="resid_post",
+                            layer=3))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in sae.parameters():
@@ -26,7 +28,7 @@ def _random(arch: str, k: int = 0):
     return sae
 
 
-@pytest.mark.parametrize("arch,k", [("jumprelu", 0), ("topk", 3), ("batchtopk", 3), ("relu", 0)])
+@pytest.mark.parametrize("arch,k", [("jumprelu", 0), ("topk", 3), ("batchtopk", 3), ("matryoshka", 3), ("relu", 0)])
 def test_round_trip_keeps_weights_and_function(tmp_path, arch, k):
     sae = _random(arch, k)
     folder = save_sae(sae, tmp_path / "resid_post" / "layer_3" / sae.cfg.name, {"fvu": 0.1})
@@ -39,6 +41,46 @@ def test_round_trip_keeps_weights_and_function(tmp_path, arch, k):
     torch.testing.assert_close(back.encode(x), sae.encode(x))
     torch.testing.assert_close(back(x), sae(x))
     assert find_saes(tmp_path, "resid_post", 3) == [folder]
+
+
+def _saved_with_a_threshold(arch: str, folder):
+    """A random BatchTopK-style SAE (threshold 0.3: some latents on, some off) saved to `folder`."""
+    sae = _random(arch, 3)
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    return sae, save_sae(sae, folder)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_global_threshold_saes_follow_saelens_jumprelu_rules(tmp_path, arch):
+    """What SAELens's `SAE.load_from_disk` does with the folder, restated from its JumpReLU code (sae-lens 6.x):
+    cfg.json's architecture picks the class, sae_weights.safetensors must hold exactly its parameters
+    (strict load_state_dict), and encode is relu(pre) * (pre > threshold) with pre = (x - b_dec) W_enc + b_enc
+    when apply_b_dec_to_input; decode is f W_dec + b_dec. Our own loader must still see matryoshka and its prefixes."""
+    sae, folder = _saved_with_a_threshold(arch, tmp_path / arch)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["apply_b_dec_to_input"], cfg["normalize_activations"]) == ("jumprelu", True, "none")
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    assert set(t) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    x = torch.randn(40, D_IN, generator=torch.Generator().manual_seed(4))
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    f = pre.relu() * (pre > t["threshold"])
+    assert 0 < int((f != 0).sum()) < f.numel()
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), f @ t["W_dec"] + t["b_dec"])
+    back = load_sae(folder)
+    assert back.architecture == arch and back.cfg.prefixes == sae.cfg.prefixes
+
+
+def test_matryoshka_folder_loads_in_saelens_itself(tmp_path):
+    """Where sae-lens is installed: its own loader gives our encoder and decoder."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae, folder = _saved_with_a_threshold("matryoshka", tmp_path / "m")
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    x = torch.randn(40, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x))
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x))
 
 
 def test_saving_nan_weights_is_refused(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from support.configs import make, make_sae
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
+from token_journey.sae.base import StepContext
 from token_journey.sae.train import DataStats, lr_at, match_grad_layout, new_sae, sparsity_at, threshold_weight_at, train
 
 D_IN, N_FEAT = 8, 24
@@ -45,11 +48,17 @@ def _cfg(arch: str = "topk", **kw) -> SAEConfig:
 STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
-def test_training_reduces_fvu_below_the_mean_predictor(arch):
+@functools.cache
+def _trained(arch: str) -> tuple[SAEConfig, Any, dict[str, Any]]:
+    """(config, SAE, train info) of `arch` trained with `_cfg`'s recipe, once per test session (tests only read it)."""
     cfg = _cfg(arch)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
-    info = train(sae, _batches(64), STATS, cfg)
+    return cfg, sae, train(sae, _batches(64), STATS, cfg)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
+def test_training_reduces_fvu_below_the_mean_predictor(arch):
+    cfg, sae, info = _trained(arch)
     metrics = sae_reconstruction(sae, _data(99, 2048))
     assert info["steps"] == cfg.steps
     assert metrics["fvu"] < 0.6, metrics
@@ -141,6 +150,49 @@ def test_batchtopk_threshold_gives_about_k_latents_per_token_at_inference(k):
     assert sae_reconstruction(sae, _data(99, 2048))["l0"] == pytest.approx(k, rel=0.2)
 
 
+def test_matryoshka_first_prefix_reconstructs_alone_where_batchtopks_does_not():
+    """Same data, recipe and seed: Matryoshka's loss falls, and the first 1/16 of the latents (2 of 32)
+    reconstructs far better when trained to do so on its own; the whole SAE stays close to BatchTopK's."""
+    held_out = _data(99, 2048)
+    results = {}
+    for arch in ("batchtopk", "matryoshka"):
+        _, sae, info = _trained(arch)
+        results[arch] = (sae_reconstruction(sae, held_out)["fvu"], sae_reconstruction(sae, held_out, latents=2)["fvu"])
+    (full_b, first_b), (full_m, first_m) = results["batchtopk"], results["matryoshka"]
+    assert first_m < 0.9 * first_b, results
+    assert full_m < full_b + 0.1, results
+    cfg, sae, info = _trained("matryoshka")
+    assert sae.cfg.prefixes == (2, 4, 8, 16, 32)
+    fresh = new_sae(cfg, D_IN, STATS, seed=0)
+    before = fresh.training_step(_data(1000, 64) * STATS.scale, StepContext(extra={"auxk_alpha": 1 / 32}))
+    assert info["final_loss"] < 0.6 * float(before.loss.detach()), info
+
+
+@pytest.mark.parametrize("prefixes,match", [
+    ((0.25, 0.5), "ending with 1"),
+    ((), "ending with 1"),
+    ((0.5, 0.25, 1.0), r"sizes \[16, 8, 32\] at width 32; they must be strictly increasing"),
+    ((0.01, 1.0), r"sizes \[0, 32\]"),
+    ((0.0, 1.0), "in \\(0, 1\\]")])
+def test_bad_matryoshka_prefixes_are_refused(prefixes, match):
+    with pytest.raises(TokenJourneyError, match=match):
+        _cfg("matryoshka", prefixes=prefixes)
+
+
+def test_prefixes_from_a_stages_dictconfig_become_a_json_ready_tuple():
+    """Stages build SAEConfig from Hydra's DictConfig, whose lists are ListConfigs; the checkpoint fingerprint is JSON."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from support.configs import composed
+    from token_journey.config import build
+
+    cfg = build(SAEConfig, OmegaConf.create(composed("sae=matryoshka"))["sae"], "sae")
+    assert cfg.prefixes == (0.0625, 0.125, 0.25, 0.5, 1.0) and type(cfg.prefixes) is tuple
+    json.dumps(dataclasses.asdict(cfg))
+
+
 @pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),
                                 dict(train_tokens=10), dict(b_dec_init="median")])
 def test_bad_config_is_rejected(kw):
@@ -199,7 +251,9 @@ def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
     (dict(architecture="relu", k=16), "sae.k=16 does not apply to relu"),
     (dict(architecture="topk", sparsity_coefficient=0.001), "does not apply to topk"),
     (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=1.0), "is unused when sae.target_l0"),
-    (dict(architecture="jumprelu", target_l0_penalty=1.0), "applies only with sae.target_l0")])
+    (dict(architecture="jumprelu", target_l0_penalty=1.0), "applies only with sae.target_l0"),
+    (dict(architecture="batchtopk", prefixes=(0.5, 1.0)), r"sae.prefixes=\[0.5, 1.0\] does not apply to batchtopk"),
+    (dict(architecture="matryoshka", sparsity_coefficient=0.001), "does not apply to matryoshka")])
 def test_a_sparsity_key_the_architecture_ignores_is_refused(kw, match):
     """A sweep over such a key (`dvc exp run --queue -S 'sae.k=16,32'` on JumpReLU) would train identical SAEs."""
     with pytest.raises(TokenJourneyError, match=match):

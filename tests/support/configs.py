@@ -54,7 +54,8 @@ def make_sae(architecture: str, *, k: int, coefficient: float, **overrides: Any)
     """An SAEConfig for `architecture` from its preset, with `k` or `coefficient`, whichever it uses.
 
     The other one stays 0, as SAEConfig requires of a key the architecture ignores, so one test body
-    can loop over every architecture.
+    can loop over every architecture. Matryoshka keeps its preset's prefixes (1/16 ... 1 of the width),
+    which need a width of at least 16.
     """
     from token_journey.config.sae import SAEConfig
     from token_journey.sae.registry import USES_K

@@ -9,7 +9,7 @@ This package imports neither torch nor wandb, so reading config stays cheap.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, where: str) -> T:
     for name, field in fields.items():
         if name in section:
             value = section[name]
-            if isinstance(value, list):
+            if isinstance(value, Sequence) and not isinstance(value, str):  # a list, or a DictConfig's ListConfig
                 value = tuple(value)
             kwargs[name] = value
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:

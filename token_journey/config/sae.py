@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.registry import USES_K, check_architecture, check_k
+from token_journey.sae.registry import USES_K, USES_PREFIXES, check_architecture, check_k, prefix_sizes
 
 B_DEC_INITS = ("mean", "geometric_median", "zeros")
 
@@ -13,16 +13,19 @@ B_DEC_INITS = ("mean", "geometric_median", "zeros")
 @dataclass(frozen=True, kw_only=True)
 class SAEConfig:
     architecture: str
-    """jumprelu | topk | batchtopk | relu."""
+    """jumprelu | topk | batchtopk | matryoshka | relu."""
     name: str
     """Folder name under models/saes/<model>/<site>/layer_<L>/ (sweeps add the swept values)."""
     width: int
     """Number of latents d_sae."""
     k: int
-    """Active latents per token for topk/batchtopk; must be 0 for jumprelu/relu, which ignore it."""
+    """Active latents per token for topk/batchtopk/matryoshka; must be 0 for jumprelu/relu, which ignore it."""
+    prefixes: tuple[float, ...]
+    """matryoshka only: the nested prefixes that each reconstruct, as increasing fractions of the width
+    ending with 1 (e.g. [0.0625, 0.125, 0.25, 0.5, 1.0]); must be [] for the other architectures."""
     sparsity_coefficient: float
     """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty; must be 0 where unused (topk,
-    batchtopk, jumprelu with target_l0)."""
+    batchtopk, matryoshka, jumprelu with target_l0)."""
     target_l0: float
     """jumprelu only: train to this L0 with the penalty target_l0_penalty * (L0 / target_l0 - 1)^2 (0 = off)."""
     target_l0_penalty: float
@@ -50,7 +53,7 @@ class SAEConfig:
     threshold_init: float
     """JumpReLU initial threshold."""
     auxk_alpha: float
-    """Weight of the AuxK dead-latent loss (topk/batchtopk)."""
+    """Weight of the AuxK dead-latent loss (topk/batchtopk/matryoshka)."""
     k_aux: int
     """Dead latents used by AuxK per token."""
     dead_window_tokens: int
@@ -109,6 +112,11 @@ class SAEConfig:
         if not self.target_l0 and self.target_l0_penalty:
             raise TokenJourneyError(f"sae.target_l0_penalty={self.target_l0_penalty} applies only with sae.target_l0 set; "
                                     "use sae=jumprelu-l0 or leave it 0")
+        if arch not in USES_PREFIXES and self.prefixes:
+            raise TokenJourneyError(f"sae.prefixes={list(self.prefixes)} does not apply to {arch} (only matryoshka "
+                                    "trains nested prefixes); leave sae.prefixes=[] or use sae=matryoshka")
+        if arch in USES_PREFIXES:
+            prefix_sizes(self.prefixes, self.width)
 
     @property
     def steps(self) -> int:

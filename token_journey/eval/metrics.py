@@ -216,16 +216,23 @@ class ReconstructionTally:
 
 
 @torch.no_grad()
-def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: int = 0) -> dict[str, float]:
     """FVU, MSE, L0 and dead fraction of `sae` (anything with `encode`/`decode` and `W_dec`
     [d_sae, d_in]) on held-out rows `x` [N, d_in], moved to the SAE's device chunk by chunk and
     streamed through `ReconstructionTally` so the figures are the ones the evaluate stage defines.
     Used for the quick check that ends training.
+
+    `latents` > 0 keeps only the first `latents` latents (the others set to 0 after encoding): the
+    figures of that prefix as an SAE of its own, which is what Matryoshka training optimises.
     """
-    tally = ReconstructionTally(int(sae.W_dec.shape[0]), context_size=1)
+    width = int(sae.W_dec.shape[0])
+    kept = latents or width
+    tally = ReconstructionTally(kept, context_size=1)
     for part in x.split(chunk):
         part = part.to(sae.W_dec.device).float()
         f = sae.encode(part)
-        tally.update(part, sae.decode(f), f, torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
+        if kept < width:
+            f[:, kept:] = 0
+        tally.update(part, sae.decode(f), f[:, :kept], torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
     result = tally.result()
     return {**{key: result[key] for key in ("fvu", "mse", "l0", "dead_fraction")}, "eval_tokens": tally.n}

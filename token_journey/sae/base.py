@@ -18,18 +18,22 @@ import torch
 from torch import nn
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.registry import check_architecture, check_k
+from token_journey.sae.registry import check_architecture, check_k, check_prefixes
 from token_journey.sae.sparse import Active, count, decode_at, encode_at
 
 
 @dataclass(frozen=True)
 class SAESpec:
-    """What an SAE is (shapes and provenance), stored in `cfg.json` and rebuilt on load."""
+    """What an SAE is (shapes and provenance), stored in `cfg.json` and rebuilt on load.
+
+    `prefixes`: Matryoshka's nested prefix sizes in latents (the last is d_sae); empty for the others.
+    """
 
     architecture: str
     d_in: int
     d_sae: int
     k: int = 0
+    prefixes: tuple[int, ...] = ()
     name: str = ""
     model: str = ""
     site: str = "resid_post"
@@ -41,6 +45,8 @@ class SAESpec:
         if self.d_in < 1 or self.d_sae < 1:
             raise TokenJourneyError(f"SAE shape d_in={self.d_in}, d_sae={self.d_sae} must both be >= 1")
         check_k(self.architecture, self.k, self.d_sae)
+        object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes))  # cfg.json gives a list
+        check_prefixes(self.architecture, self.prefixes, self.d_sae)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

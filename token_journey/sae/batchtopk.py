@@ -93,21 +93,34 @@ class BatchTopKSAE(SAE):
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
         x_in, pre = self._sparse_pre(x)
-        n = x.shape[0]
-        with torch.no_grad():
-            # The exact batch-level cut: the (k*n)-th largest pre-activation of the whole (global) batch.
-            cut = batch_cut(pre, self.cfg.k)
-            active = Active.from_mask(pre >= cut.clamp_min(torch.finfo(pre.dtype).tiny))
-            values = pre[active.rows, active.cols]
-            self._update_threshold(values, ctx.threshold_weight)
+        active, values = self._batch_active(pre, ctx)
         f = self._attach(x_in, values, active).relu()
-        x_hat = self._reconstruct(f, active)
-        err = x_hat - x
+        errors = self._errors(x, f, active)
         total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
-        mse = err.pow(2).sum(-1).mean()
-        aux = TopKSAE._auxk(self, x_in, pre, err.detach(), ctx)  # type: ignore[arg-type]
-        loss = mse / total_var + ctx.extra.get("auxk_alpha", 1 / 32) * aux
-        return StepOutput(loss, mse.detach(), aux.detach(), float((f > 0).sum()) / n, self._fired(f.detach(), active))
+        mses = errors.pow(2).sum(-1).mean(-1)
+        aux = TopKSAE._auxk(self, x_in, pre, errors[-1].detach(), ctx)  # type: ignore[arg-type]
+        loss = mses.mean() / total_var + ctx.extra.get("auxk_alpha", 1 / 32) * aux
+        n = x.shape[0]
+        return StepOutput(loss, mses[-1].detach(), aux.detach(), float((f > 0).sum()) / n, self._fired(f.detach(), active))
+
+    @torch.no_grad()
+    def _batch_active(self, pre: torch.Tensor, ctx: StepContext) -> tuple[Active, torch.Tensor]:
+        """The latents active in this batch and their pre-activations [nnz]; moves the inference threshold.
+
+        The exact batch-level cut: the (k x rows)-th largest pre-activation of the whole (global) batch.
+        """
+        cut = batch_cut(pre, self.cfg.k)
+        active = Active.from_mask(pre >= cut.clamp_min(torch.finfo(pre.dtype).tiny))
+        values = pre[active.rows, active.cols]
+        self._update_threshold(values, ctx.threshold_weight)
+        return active, values
+
+    def _errors(self, x: torch.Tensor, f: torch.Tensor, active: Active) -> torch.Tensor:
+        """Errors x_hat - x [reconstructions, N, d_in] of the reconstructions the loss averages (FVU each).
+
+        BatchTopK has one, the whole SAE's; Matryoshka has one per nested prefix, the last using every latent.
+        """
+        return (self._reconstruct(f, active) - x).unsqueeze(0)
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor, weight: float) -> None:

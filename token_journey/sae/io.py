@@ -34,8 +34,10 @@ CFG = "cfg.json"
 TRAIN = "train.json"
 CHECKSUMS = "checksums.json"
 GEMMA_SCOPE = "params.npz"
-# Our architecture -> the SAELens architecture that computes the same encoder at inference.
-TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk", "relu": "standard"}
+# Our architecture -> the SAELens architecture that computes the same encoder at inference (BatchTopK and
+# Matryoshka encode with one global threshold; the prefixes matter only to training and stay in our block).
+TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "topk": "topk",
+              "relu": "standard"}
 FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "batchtopk"}
 HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
 

@@ -13,11 +13,14 @@ from token_journey.errors import TokenJourneyError
 if TYPE_CHECKING:
     from token_journey.sae.base import SAE, SAESpec
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "matryoshka", "relu")
 """Architecture names (`cfg.json`'s `architecture`, the `sae.architecture` config key); `sae_class` maps each to its class."""
 
-USES_K = frozenset({"topk", "batchtopk"})
+USES_K = frozenset({"topk", "batchtopk", "matryoshka"})
 """Architectures whose encoder keeps k latents per token (k is ignored by the others)."""
+
+USES_PREFIXES = frozenset({"matryoshka"})
+"""Architectures trained so that nested prefixes of their latents reconstruct (prefixes are ignored by the others)."""
 
 
 def check_architecture(architecture: str) -> None:
@@ -32,15 +35,42 @@ def check_k(architecture: str, k: int, width: int) -> None:
         raise TokenJourneyError(f"sae.k={k} must be between 1 and the width {width} for {architecture}")
 
 
+def prefix_sizes(fractions: tuple[float, ...], width: int) -> tuple[int, ...]:
+    """Latent counts of the nested prefixes given as fractions of `width` (increasing, in (0, 1], the last 1).
+
+    Each fraction is rounded to the nearest count; counts that round to 0 or to the same count as
+    the previous prefix are refused, since such a prefix would train nothing of its own.
+    """
+    if not fractions or fractions[-1] != 1 or any(not 0 < f <= 1 for f in fractions):
+        raise TokenJourneyError(f"sae.prefixes={list(fractions)} must be fractions of the width in (0, 1] ending with 1")
+    sizes = tuple(round(f * width) for f in fractions)
+    if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise TokenJourneyError(f"sae.prefixes={list(fractions)} give prefix sizes {list(sizes)} at width {width}; "
+                                "they must be strictly increasing and >= 1")
+    return sizes
+
+
+def check_prefixes(architecture: str, prefixes: tuple[int, ...], width: int) -> None:
+    """The one rule for prefix sizes (in latents): increasing, the last the whole width, and only where used."""
+    if architecture not in USES_PREFIXES:
+        if prefixes:
+            raise TokenJourneyError(f"SAE prefixes {list(prefixes)} apply to matryoshka only, not {architecture}")
+        return
+    if not prefixes or prefixes[-1] != width or prefixes[0] < 1 or any(b <= a for a, b in zip(prefixes, prefixes[1:])):
+        raise TokenJourneyError(f"{architecture} prefix sizes {list(prefixes)} must increase from >= 1 to the width {width}")
+
+
 def sae_class(architecture: str) -> type[SAE]:
     """The class registered for `architecture` (imported here, so torch loads only when an SAE is built)."""
     check_architecture(architecture)
     from token_journey.sae.batchtopk import BatchTopKSAE
     from token_journey.sae.jumprelu import JumpReLUSAE
+    from token_journey.sae.matryoshka import MatryoshkaSAE
     from token_journey.sae.relu import ReLUSAE
     from token_journey.sae.topk import TopKSAE
 
-    return {cls.architecture: cls for cls in (JumpReLUSAE, TopKSAE, BatchTopKSAE, ReLUSAE)}[architecture]
+    classes = (JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, ReLUSAE)
+    return {cls.architecture: cls for cls in classes}[architecture]
 
 
 def build_sae(spec: SAESpec, device: Any = "cpu") -> SAE:

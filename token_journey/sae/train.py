@@ -28,7 +28,7 @@ from token_journey.distributed import current_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAE, SAESpec, StepContext
 from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
-from token_journey.sae.registry import USES_K, build_sae
+from token_journey.sae.registry import USES_K, USES_PREFIXES, build_sae, prefix_sizes
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch:
 
     The initial weights are drawn on the CPU, so they do not depend on the device.
     """
+    prefixes = prefix_sizes(cfg.prefixes, cfg.width) if cfg.architecture in USES_PREFIXES else ()
     sae_cfg = SAESpec(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in USES_K else 0,
-                     name=meta.pop("name", cfg.name), **meta)
+                     prefixes=prefixes, name=meta.pop("name", cfg.name), **meta)
     sae = build_sae(sae_cfg, device)
     scale = stats.scale
     if cfg.b_dec_init == "mean":
