@@ -20,6 +20,7 @@ from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import corpus_file
 from token_journey.report import plots
+from token_journey.report.explain import Explanation
 from token_journey.report.feature_stats import FeatureStats, RowIndex
 from token_journey.report.tokens import TokenStrings, promoted_and_suppressed
 
@@ -58,6 +59,7 @@ class Dashboard:
     histogram: Markup
     promoted: list[tuple[str, float]] = field(default_factory=list)
     suppressed: list[tuple[str, float]] = field(default_factory=list)
+    explanation: Explanation | None = None
 
 
 def read_eval_tokens(corpus: Path, sequence_ids: np.ndarray) -> dict[int, np.ndarray]:
