@@ -99,24 +99,24 @@ def test_heldout_contexts_share_no_token_with_the_explainers_and_silent_ones_are
 
 
 @pytest.fixture(scope="module")
-def tiny_explainer(tmp_path_factory):
-    """A tiny random Llama saved as a prepared folder (manifest with a fingerprint)."""
-    from support.tiny import save_tiny
+def tiny_lm() -> LocalLM:
+    """A tiny random Llama and its byte-level tokenizer (no chat template: the plain prompt form)."""
+    from support.tiny import tiny_model, tiny_tokenizer
 
-    folder = save_tiny("llama", tmp_path_factory.mktemp("explainer") / "tiny")
+    return LocalLM(tiny_model("llama"), tiny_tokenizer(), "tiny@f00d")
+
+
+@pytest.fixture
+def tiny_explainer(tmp_path):
+    """A prepared-model folder as far as the Explainer looks before loading: its manifest."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"name": "tiny", "dtype": "float32", "fingerprint": "f00d"}))
     return folder
 
 
-def _local(folder) -> LocalLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return LocalLM(model, AutoTokenizer.from_pretrained(folder), "tiny@f00d")
-
-
-def test_reused_prompt_cache_gives_the_full_forward_logits(tiny_explainer):
-    lm = _local(tiny_explainer)
+def test_reused_prompt_cache_gives_the_full_forward_logits(tiny_lm):
+    lm = tiny_lm
     texts = ["The capital of France is Paris.", "Sparse autoencoders find features."]
     got = lm.yes_probabilities("cities", texts)
     head, tail = lm.prompt(detection_request("cities", "\x00")).split("\x00")
@@ -129,7 +129,7 @@ def test_reused_prompt_cache_gives_the_full_forward_logits(tiny_explainer):
         assert p == pytest.approx(float(yes / (yes + no)), abs=1e-5)
 
 
-def test_explainer_end_to_end_then_from_cache(tiny_explainer, tmp_path):
+def test_explainer_end_to_end_then_from_cache(tiny_lm, tiny_explainer, tmp_path):
     index, column, sequences = _toy_rows()
     cfg = dataclasses.replace(make(ReportConfig).explainer, model=str(tiny_explainer), n_examples=3, n_heldout=4,
                               window=2, max_new_tokens=6, cache=str(tmp_path / "cache" / "explanations.json"))
@@ -147,15 +147,10 @@ def test_explainer_end_to_end_then_from_cache(tiny_explainer, tmp_path):
 
     def load(folder, device):
         calls["load"] += 1
-        lm = _local(folder)
-        return Counting(lm.model, lm.tokenizer, lm.name)
-
-    from support.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
+        return Counting(tiny_lm.model, tiny_lm.tokenizer, tiny_lm.name)
 
     def decode(ids):
-        return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return tiny_lm.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     top = [int(r) for r in np.argsort(-column, kind="stable")[:5]]
     first = Explainer(cfg, tiny_explainer, "cpu", load).explain("sae1", 7, column, top, index, sequences, decode, 0)
