@@ -27,6 +27,7 @@ from token_journey.report.explain import (
     detection_request,
     detection_scores,
     explainer_request,
+    first_sentence,
     heldout_rows,
     silent_rows,
 )
@@ -46,8 +47,11 @@ def test_prompt_marks_the_activating_token_and_keeps_text_verbatim():
     assert context_text(tokens, 4, 2, _decode, mark=False) == ' capital is Paris a < b & "c"'
     assert context_text(tokens, 8, 1, _decode, mark=True) == "\u21b5<< end>> of"  # a newline stays on one line
     assert context_text(tokens, 0, 1, _decode, mark=True) == "<<<bos>>>The"  # clipped at the sequence start
-    request = explainer_request([marked, "second"])
+    request = explainer_request([marked, "second"], [" Paris", " "])
     assert f'\n1. {marked}\n2. second\n' in request  # no HTML escaping: the model reads the raw text
+    assert "\nThe marked parts are: Paris, ' '.\n" in request
+    assert first_sentence("They are all cities, e.g. Paris. More\nstuff") == "They are all cities, e.g."
+    assert first_sentence("They are all  3.5\tm long\nand") == "They are all 3.5 m long"
     assert 'Text:\nthe <x> & "y"\n' in detection_request("feature", 'the <x> & "y"')
 
 
@@ -136,10 +140,10 @@ def test_explainer_end_to_end_then_from_cache(tiny_lm, tiny_explainer, tmp_path)
     calls = {"load": 0, "explain": 0, "score": 0}
 
     class Counting(LocalLM):
-        def explain(self, examples, max_new_tokens):
+        def explain(self, examples, marked, max_new_tokens):
             calls["explain"] += 1
-            assert len(examples) == 3 and all("<<" in e and ">>" in e for e in examples)
-            return super().explain(examples, max_new_tokens)
+            assert len(examples) == len(marked) == 3 and all(f"<<{m}>>" in e for e, m in zip(examples, marked))
+            return super().explain(examples, marked, max_new_tokens)
 
         def yes_probabilities(self, explanation, texts):
             calls["score"] += len(texts)
@@ -154,7 +158,7 @@ def test_explainer_end_to_end_then_from_cache(tiny_lm, tiny_explainer, tmp_path)
 
     top = [int(r) for r in np.argsort(-column, kind="stable")[:5]]
     first = Explainer(cfg, tiny_explainer, "cpu", load).explain("sae1", 7, column, top, index, sequences, decode, 0)
-    assert isinstance(first.text, str) and first.model == "tiny@f00d"
+    assert first.text.startswith("They are all") and first.model == "tiny@f00d"
     d = first.detection
     assert d is not None and d.n_activating == d.n_non_activating == 4 and 0 <= d.balanced_accuracy <= 1
     assert 0 <= d.auroc <= 1 and calls == {"load": 1, "explain": 1, "score": 8}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ PROMPT_VERSION = 1
 """Raise when a prompt or the way answers are read changes, so cached results are not reused."""
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
+ANSWER_START = "They are all"
+"""The start of the explainer's answer, written for it: it keeps a small model on the question."""
 YES_WORDS, NO_WORDS = ("Yes", "yes", "YES"), ("No", "no", "NO")
 
 
@@ -139,17 +142,21 @@ def silent_rows(column: np.ndarray, index: RowIndex, n: int, window: int, rng: n
     return out
 
 
-def explainer_request(examples: Sequence[str]) -> str:
-    """The explainer's instruction: numbered marked contexts, then the question."""
+def explainer_request(examples: Sequence[str], marked: Sequence[str]) -> str:
+    """The explainer's instruction: the numbered marked contexts, the marked parts alone, then the question.
+
+    Listing the marked parts again helps a small model look at them rather than at the whole excerpts.
+    """
     numbered = "\n".join(f"{i}. {text}" for i, text in enumerate(examples, 1))
-    return (f"Below are excerpts of text. In each one, the words between {MARK_OPEN} and {MARK_CLOSE} are where "
-            f"one hidden feature of a language model is most active.\n\n{numbered}\n\n"
-            f"In one short sentence, say what the marked words have in common.")
+    return (f"Excerpts of text, with the part of each where one hidden feature of a language model is most "
+            f"active marked between {MARK_OPEN} and {MARK_CLOSE}:\n\n{numbered}\n\n"
+            f"The marked parts are: {', '.join(m.strip() or repr(m) for m in marked)}.\n"
+            f"In one short sentence, what do the marked parts have in common?")
 
 
 def detection_request(explanation: str, text: str) -> str:
     """The scorer's question about one unmarked context."""
-    return (f"A hidden feature of a language model is described as: {explanation}\n\n"
+    return (f"A hidden feature of a language model fires on some words of a text. Those words: {explanation}\n\n"
             f"Text:\n{text}\n\nDoes this text contain the described feature? Answer Yes or No.")
 
 
@@ -172,16 +179,15 @@ class LocalLM:
         return torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=device)
 
     @torch.no_grad()
-    def explain(self, examples: Sequence[str], max_new_tokens: int) -> str:
-        """The first line the model writes (greedy) in answer to `explainer_request(examples)`."""
-        ids = self._ids(self.prompt(explainer_request(examples)))
+    def explain(self, examples: Sequence[str], marked: Sequence[str], max_new_tokens: int) -> str:
+        """`ANSWER_START` and the first sentence the model continues it with (greedy) after `explainer_request`."""
+        ids = self._ids(self.prompt(explainer_request(examples, marked)) + ANSWER_START)
         eos = self.tokenizer.eos_token_id
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=eos,
                                   temperature=None, top_p=None, top_k=None)
         text = self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-        line = next((s.strip() for s in text.splitlines() if s.strip()), "")
-        return " ".join(line.split())
+        return first_sentence(ANSWER_START + text)
 
     @torch.no_grad()
     def yes_probabilities(self, explanation: str, texts: Sequence[str]) -> list[float]:
@@ -204,6 +210,13 @@ class LocalLM:
             yes, no = torch.logsumexp(log_p[self.yes_ids], 0), torch.logsumexp(log_p[self.no_ids], 0)
             out.append(float(torch.sigmoid(yes - no)))
         return out
+
+
+def first_sentence(text: str) -> str:
+    """The text up to its first line break or sentence end, whitespace collapsed."""
+    line = " ".join(text.strip().split("\n")[0].split())
+    end = re.search(r"[.!?](\s|$)", line)
+    return line[: end.start() + 1] if end else line
 
 
 def answer_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -328,7 +341,11 @@ class Explainer:
             tokens = sequences[int(index.sequence_id[row])]
             return context_text(tokens, int(index.position[row]), cfg.window, decode, mark)
 
-        explanation = self.lm.explain([text(r, True) for r in shown], cfg.max_new_tokens)
+        def token(row: int) -> str:
+            position = int(index.position[row])
+            return visible(decode(sequences[int(index.sequence_id[row])][position : position + 1]))
+
+        explanation = self.lm.explain([text(r, True) for r in shown], [token(r) for r in shown], cfg.max_new_tokens)
         rng = np.random.default_rng([seed, feature])
         active = heldout_rows(column, index, shown, cfg.n_heldout, cfg.window, rng)
         silent = silent_rows(column, index, len(active), cfg.window, rng)
