@@ -272,3 +272,24 @@ def test_corpus_text_renders_as_text(built, inputs):
     for token in ("<script>alert(1)</script>", "\"q'uote", "a&amp;b", "bell\\x07esc\\x1b"):
         assert token in shown
     assert "<img src=x onerror=alert(1)>|x" in "".join(_Doc((inputs.html / "index.html").read_text()).texts)
+
+
+def test_explanations_appear_on_the_first_dashboards_and_are_cached(inputs, tmp_path):
+    """With report.explainer.model set (a tiny random Llama here), the first features get an explanation line."""
+    import dataclasses
+
+    from support.tiny import save_tiny
+
+    explainer = save_tiny("llama", tmp_path / "explainer")
+    (explainer / "manifest.json").write_text(json.dumps({"name": "tiny", "dtype": "float32", "fingerprint": "f00d"}))
+    settings = {**dataclasses.asdict(make(ReportConfig).explainer), "model": str(explainer), "n_features": 2,
+                "n_examples": 3, "n_heldout": 2, "window": 2, "max_new_tokens": 3, "cache": str(tmp_path / "e.json")}
+    cfg = make(ReportConfig, n_features=3, n_random=0, top_k=6, n_quantile_contexts=0, window=3, n_logit_tokens=3,
+               explainer=settings)
+    paths = dataclasses.replace(inputs, html=tmp_path / "html", summary=tmp_path / "summary.md")
+    build_report(cfg, paths, seed=0)
+    text = (paths.html / "resid_post/layer_1/relu-1.html").read_text()
+    sections = text.split("<section")[1:]
+    assert ['class="explanation"' in s for s in sections] == [True, True, False]
+    entries = json.loads((tmp_path / "e.json").read_text())["entries"]
+    assert len(entries) == 2 and all("model=tiny@f00d" in k for k in entries)
