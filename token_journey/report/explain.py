@@ -105,8 +105,8 @@ def context_text(tokens: np.ndarray, position: int, window: int, decode: Callabl
     return visible(decode(tokens[lo:position]) + MARK_OPEN + middle + MARK_CLOSE + decode(tokens[position + 1 : hi]))
 
 
-def _near(index: RowIndex, rows: Sequence[int], distance: int) -> dict[int, list[int]]:
-    """Positions of `rows` grouped by sequence, to test whether another row lies within `distance` of one."""
+def _positions(index: RowIndex, rows: Sequence[int]) -> dict[int, list[int]]:
+    """Positions of `rows` grouped by sequence id."""
     out: dict[int, list[int]] = {}
     for r in rows:
         out.setdefault(int(index.sequence_id[r]), []).append(int(index.position[r]))
@@ -120,7 +120,7 @@ def heldout_rows(column: np.ndarray, index: RowIndex, shown: Sequence[int], n: i
     Two windows of `window` tokens either side share no token when their centres are more than
     `2 * window` apart in the same sequence.
     """
-    taken = _near(index, shown, 2 * window)
+    taken = _positions(index, shown)
     firing = [int(r) for r in np.nonzero(column > 0)[0]
               if all(abs(int(index.position[r]) - p) > 2 * window for p in taken.get(int(index.sequence_id[r]), []))]
     if not firing or n == 0:
