@@ -49,7 +49,7 @@ def test_prompt_marks_the_activating_token_and_keeps_text_verbatim():
     assert context_text(tokens, 0, 1, _decode, mark=True) == "<<<bos>>>The"  # clipped at the sequence start
     request = explainer_request([marked, "second"], [" Paris", " "])
     assert f'\n1. {marked}\n2. second\n' in request  # no HTML escaping: the model reads the raw text
-    assert "\nThe marked parts are: Paris, ' '.\n" in request
+    assert "\nMarked words: Paris, ' '\n" in request
     assert first_sentence("They are all cities, e.g. Paris. More\nstuff") == "They are all cities, e.g."
     assert first_sentence("They are all  3.5\tm long\nand") == "They are all 3.5 m long"
     assert 'Text:\nthe <x> & "y"\n' in detection_request("feature", 'the <x> & "y"')
@@ -158,7 +158,7 @@ def test_explainer_end_to_end_then_from_cache(tiny_lm, tiny_explainer, tmp_path)
 
     top = [int(r) for r in np.argsort(-column, kind="stable")[:5]]
     first = Explainer(cfg, tiny_explainer, "cpu", load).explain("sae1", 7, column, top, index, sequences, decode, 0)
-    assert first.text.startswith("They are all") and first.model == "tiny@f00d"
+    assert first.text.startswith("They are") and first.model == "tiny@f00d"
     d = first.detection
     assert d is not None and d.n_activating == d.n_non_activating == 4 and 0 <= d.balanced_accuracy <= 1
     assert 0 <= d.auroc <= 1 and calls == {"load": 1, "explain": 1, "score": 8}

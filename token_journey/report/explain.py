@@ -44,7 +44,7 @@ PROMPT_VERSION = 1
 """Raise when a prompt or the way answers are read changes, so cached results are not reused."""
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
-ANSWER_START = "They are all"
+ANSWER_START = "They are"
 """The start of the explainer's answer, written for it: it keeps a small model on the question."""
 YES_WORDS, NO_WORDS = ("Yes", "yes", "YES"), ("No", "no", "NO")
 
@@ -143,15 +143,16 @@ def silent_rows(column: np.ndarray, index: RowIndex, n: int, window: int, rng: n
 
 
 def explainer_request(examples: Sequence[str], marked: Sequence[str]) -> str:
-    """The explainer's instruction: the numbered marked contexts, the marked parts alone, then the question.
+    """The explainer's instruction: the numbered marked contexts, the marked words alone, then the question.
 
-    Listing the marked parts again helps a small model look at them rather than at the whole excerpts.
+    Listing the marked words again and asking what kind of words they are keeps a small model on
+    them (asked what the excerpts "have in common", SmolLM2-135M echoed the question or the excerpts).
     """
     numbered = "\n".join(f"{i}. {text}" for i, text in enumerate(examples, 1))
     return (f"Excerpts of text, with the part of each where one hidden feature of a language model is most "
             f"active marked between {MARK_OPEN} and {MARK_CLOSE}:\n\n{numbered}\n\n"
-            f"The marked parts are: {', '.join(m.strip() or repr(m) for m in marked)}.\n"
-            f"In one short sentence, what do the marked parts have in common?")
+            f"Marked words: {', '.join(m.strip() or repr(m) for m in marked)}\n"
+            f"In a few words, what kind of words are the marked words?")
 
 
 def detection_request(explanation: str, text: str) -> str:
