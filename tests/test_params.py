@@ -48,6 +48,7 @@ def _config_classes() -> list[type]:
 
     classes = [getattr(importlib.import_module(f"token_journey.config.{group}"), name) for group, name in GROUPS.items()]
     classes.append(importlib.import_module("token_journey.config.journey").GenerationConfig)
+    classes.append(importlib.import_module("token_journey.config.report").ExplainerConfig)
     return [c for c in classes if dataclasses.is_dataclass(c)] + [Layout]
 
 
@@ -56,7 +57,7 @@ def test_config_values_are_stated_once_in_conf_not_in_the_dataclasses():
     import dataclasses
 
     classes = _config_classes()
-    assert len(classes) == 10
+    assert len(classes) == 11
     defaulted = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
                  if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
     assert defaulted == []

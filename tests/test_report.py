@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from support.configs import make
 from support.report_inputs import CONTEXT, D_MODEL, D_SAE, DEAD, HOSTILE, MULTIBYTE, all_rows, make_sae
+from token_journey.config.report import ReportConfig
 from token_journey.report import plots
+from token_journey.report.build import build_report
 from token_journey.report.dashboards import ContextBuilder
 from token_journey.report.feature_stats import FeatureStats, RowIndex, feature_stats, merge_topk, select_features
 from token_journey.report.labels import feature_label, frequent_tokens
@@ -369,3 +372,24 @@ def test_a_matryoshka_sae_is_listed_as_matryoshka(tmp_path):
     (tmp_path / "metrics").mkdir()
     entries = gather_saes(tmp_path / "saes", tmp_path / "metrics")
     assert [(e.layer, e.name, e.cells()[:2]) for e in entries] == [(2, "m", ["matryoshka", f"{D_SAE}"])]
+
+
+def test_explanations_appear_on_the_first_dashboards_and_are_cached(report_inputs, tmp_path):
+    """With report.explainer.model set (a tiny random Llama here), the first features get an explanation line."""
+    import dataclasses
+
+    from support.tiny import save_tiny
+
+    explainer = save_tiny("llama", tmp_path / "explainer")
+    (explainer / "manifest.json").write_text(json.dumps({"name": "tiny", "dtype": "float32", "fingerprint": "f00d"}))
+    settings = {**dataclasses.asdict(make(ReportConfig).explainer), "model": str(explainer), "n_features": 2,
+                "n_examples": 3, "n_heldout": 2, "window": 2, "max_new_tokens": 3, "cache": str(tmp_path / "e.json")}
+    cfg = make(ReportConfig, n_index=0, n_strongest=3, n_dense=0, n_random=0, top_k=6, n_quantile_contexts=0, window=3, n_logit_tokens=3,
+               explainer=settings)
+    paths = dataclasses.replace(report_inputs, html=tmp_path / "html", summary=tmp_path / "summary.md")
+    build_report(cfg, paths, seed=0)
+    text = (paths.html / "resid_post/layer_1/relu-1.html").read_text()
+    sections = text.split("<section")[1:]
+    assert ['class="explanation"' in s for s in sections] == [True, True, False]
+    entries = json.loads((tmp_path / "e.json").read_text())["entries"]
+    assert len(entries) == 2 and all("model=tiny@f00d" in k for k in entries)

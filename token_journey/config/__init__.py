@@ -9,6 +9,7 @@ This package imports neither torch nor wandb, so reading config stays cheap.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,9 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, where: str) -> T:
     """Build the frozen dataclass `cls` from a config `section` (a mapping or DictConfig).
 
     `where` is the config path shown in errors (e.g. ``"model"``), so a typo such as
-    ``model.dtpye`` is reported as an unknown key with the list of valid ones.
+    ``model.dtpye`` is reported as an unknown key with the list of valid ones. A field whose type
+    is itself a dataclass (a nested section such as ``report.explainer``) is built the same way
+    from its mapping, so its typos are named by their full path too.
     """
     if not isinstance(section, Mapping):
         try:
@@ -34,6 +37,7 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, where: str) -> T:
         except Exception as exc:  # not a DictConfig either
             raise TokenJourneyError(f"config section `{where}` is not a mapping: {section!r}") from exc
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(section) - set(fields))
     if unknown:
         raise TokenJourneyError(
@@ -45,6 +49,8 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, where: str) -> T:
             value = section[name]
             if isinstance(value, Sequence) and not isinstance(value, str):  # a list, or a DictConfig's ListConfig
                 value = tuple(value)
+            elif dataclasses.is_dataclass(hints.get(name)) and not dataclasses.is_dataclass(value):
+                value = build(hints[name], value, f"{where}.{name}")
             kwargs[name] = value
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise TokenJourneyError(f"missing config key `{where}.{name}`")

@@ -8,6 +8,38 @@ from token_journey.errors import TokenJourneyError
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExplainerConfig:
+    """Optional feature explanations written by a local causal LM and scored by detection (`report.explainer`)."""
+
+    model: str
+    """A prepared model folder, or a `conf/model/` option name whose prepared folder sits beside
+    `paths.base_model`; empty turns explanations off (the default, so the report's time is unchanged)."""
+    n_features: int
+    """Features explained per SAE page: the first ones in the page's order."""
+    n_examples: int
+    """Top activating contexts shown to the explainer (at most `report.top_k`)."""
+    n_heldout: int
+    """Held-out activating contexts scored by detection per feature, and as many non-activating ones."""
+    window: int
+    """Tokens on each side of the activating token in explainer and detection contexts."""
+    max_new_tokens: int
+    """Longest explanation generated (greedy decoding)."""
+    cache: str
+    """JSON file of past results, keyed by SAE weights, feature, explainer model and prompt version;
+    outside every DVC output so that a rebuild reuses it."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_examples", "n_heldout", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise TokenJourneyError(f"report.explainer.{name}={getattr(self, name)} must be at least 1")
+        for name in ("n_features", "window"):
+            if getattr(self, name) < 0:
+                raise TokenJourneyError(f"report.explainer.{name}={getattr(self, name)} must not be negative")
+        if self.model and not self.cache:
+            raise TokenJourneyError("report.explainer.cache is empty; give a JSON file path for the explanations")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     n_index: int
     """Dashboards for the alive, non-dense features of lowest id (the same ids on every page)."""
@@ -35,6 +67,8 @@ class ReportConfig:
     """Top promoted and suppressed tokens listed per feature."""
     hist_bins: int
     """Bins of the activation and firing-density histograms."""
+    explainer: ExplainerConfig
+    """Optional LLM-written explanations of the first features of each page (off when `explainer.model` is empty)."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens", "search_features"):
@@ -45,3 +79,6 @@ class ReportConfig:
                 raise TokenJourneyError(f"report.{name}={getattr(self, name)} must not be negative")
         if not 0.0 < self.dense_threshold < 1.0:
             raise TokenJourneyError(f"report.dense_threshold={self.dense_threshold} must be between 0 and 1 (exclusive)")
+        if self.explainer.model and self.explainer.n_examples > self.top_k:
+            raise TokenJourneyError(f"report.explainer.n_examples={self.explainer.n_examples} exceeds "
+                                    f"report.top_k={self.top_k}, the top contexts kept per feature")

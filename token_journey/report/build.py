@@ -25,8 +25,9 @@ from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Layout, atomic_write_text
 from token_journey.report import plots
-from token_journey.report.dashboards import ContextBuilder, build_dashboards, feature_index, read_eval_tokens
-from token_journey.report.feature_stats import feature_stats, select_features, selected_activations
+from token_journey.report.dashboards import ContextBuilder, Dashboard, build_dashboards, feature_index, read_eval_tokens
+from token_journey.report.explain import Explainer, sae_identity
+from token_journey.report.feature_stats import FeatureStats, feature_stats, select_features, selected_activations
 from token_journey.report.gather import SaeEntry, facts, gather_saes
 from token_journey.report.render import environment, render_index, render_sae, render_summary
 from token_journey.report.search import TokenFeatureIndex, search_json
@@ -62,10 +63,11 @@ def build_report(cfg: ReportConfig, paths: Layout, seed: int = 0, device: str = 
     env = environment()
     with_folder = [e for e in result.entries if e.folder is not None]
     loaded = load_prepared(paths.base_model, device="cpu") if with_folder else None
+    explainer = Explainer(cfg.explainer, paths.base_model, device) if (cfg.explainer.model and with_folder) else None
     densities: dict[str, np.ndarray] = {}
     for entry in with_folder:
         log.info("feature pages for %s layer %d %s", entry.site, entry.layer, entry.name)
-        html, density = sae_page(entry, cfg, paths, loaded, env, seed, device)
+        html, density = sae_page(entry, cfg, paths, loaded, env, seed, device, explainer)
         result.write(Path(paths.html) / entry.page, html)
         if density is not None:
             densities[f"L{entry.layer} {entry.name}"] = density
@@ -79,8 +81,11 @@ def build_report(cfg: ReportConfig, paths: Layout, seed: int = 0, device: str = 
 
 
 def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env: Any, seed: int,
-             device: str) -> tuple[str, np.ndarray | None]:
-    """The HTML of one SAE's page and its features' firing densities `[d_sae]` (None without eval data)."""
+             device: str, explainer: Explainer | None = None) -> tuple[str, np.ndarray | None]:
+    """The HTML of one SAE's page and its features' firing densities `[d_sae]` (None without eval data).
+
+    With an `explainer`, the first `report.explainer.n_features` dashboards get an explanation.
+    """
     from token_journey.data.shards import open_activations
     from token_journey.sae.io import load_sae
 
@@ -103,6 +108,8 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     strings = TokenStrings(loaded.tokenizer)
     contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id), strings, cfg.window)
     dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, sae, cfg, seed)
+    if explainer is not None:
+        explain_dashboards(explainer, dashboards, [f for f, _ in features], chosen, stats, contexts, entry, loaded, seed)
     index_rows = feature_index(stats, contexts, {f for f, _ in features}, cfg.dense_threshold)
     density = stats.density.numpy()
     charts = {"density": density_chart({entry.name: density}, cfg.hist_bins)}
@@ -110,6 +117,23 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
         charts["error"] = position_chart([entry])
     return render_sae(env, entry, dashboards, index_rows, charts, stats.rows, cfg.dense_threshold,
                       Markup(search_json(search, strings)), len(dense)), density
+
+
+def explain_dashboards(explainer: Explainer, dashboards: list[Dashboard], features: list[int], chosen: torch.Tensor,
+                       stats: FeatureStats, contexts: ContextBuilder, entry: SaeEntry, loaded: Any, seed: int) -> None:
+    """Attach an explanation to the first dashboards; `chosen` `[rows, len(features)]` holds their activations."""
+    sae = sae_identity(entry.folder)
+    column_of = {f: j for j, f in enumerate(features)}
+
+    def decode(ids: Any) -> str:
+        return loaded.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    for d in dashboards[: explainer.cfg.n_features]:
+        top = [int(r) for v, r in zip(stats.top_values[:, d.feature], stats.top_rows[:, d.feature]) if v > 0]
+        d.explanation = explainer.explain(sae, d.feature, chosen[:, column_of[d.feature]].numpy(), top,
+                                          stats.index, contexts.sequences, decode, seed)
+        log.info("feature %d explained in %.1f s: %s", d.feature, d.explanation.seconds, d.explanation.text)
+    explainer.cache.save()
 
 
 def _finite(value: Any) -> bool:

@@ -21,6 +21,7 @@ from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import corpus_file
 from token_journey.report import plots
+from token_journey.report.explain import Explanation
 from token_journey.report.feature_stats import FeatureStats, RowIndex
 from token_journey.report.labels import feature_label, frequent_tokens
 from token_journey.report.tokens import MAX_JOIN, TokenStrings, promoted_and_suppressed
@@ -72,8 +73,8 @@ class Dashboard:
     suppressed: list[tuple[str, float]] = field(default_factory=list)
     label: str = ""
     """One line from the data, no language model (`labels.feature_label`)."""
-    explanation: str = ""
-    """A longer explanation, where something (e.g. a local language model) wrote one; shown under the label."""
+    explanation: Explanation | None = None
+    """An explanation written by a local language model and its detection score (`report.explainer`), if on."""
 
     @property
     def dense(self) -> bool:
