@@ -29,14 +29,16 @@ def test_absorbed_needs_silent_main_latents_and_an_aligned_carrier() -> None:
     # Probe direction e0. Latent 0 is the main latent, latent 1 is aligned (cos 0.8), latent 2 is
     # orthogonal, latent 3 is barely aligned (cos ~0.02, under the 0.025 threshold).
     w_dec = torch.tensor([[1.0, 0], [0.8, 0.6], [0, 1.0], [0.02, 1.0]])
-    f = torch.tensor([
-        [1.0, 0, 0, 0],  # main latent fires: not absorbed
-        [0, 1.0, 0, 0],  # main silent, aligned latent carries everything: absorbed
-        [0, 0, 1.0, 0],  # main silent, only an orthogonal latent: not absorbed
-        [0, 0.1, 0, 10.0],  # aligned latent carries 0.08 of 0.28 along e0 (29% < 40%): not absorbed
-        [0, 1.0, 0, 10.0],  # 0.8 of 1.0 (80%): absorbed
-        [0.5, 1.0, 0, 0],  # main fires (weakly): not absorbed
-    ])
+    f = torch.tensor(
+        [
+            [1.0, 0, 0, 0],  # main latent fires: not absorbed
+            [0, 1.0, 0, 0],  # main silent, aligned latent carries everything: absorbed
+            [0, 0, 1.0, 0],  # main silent, only an orthogonal latent: not absorbed
+            [0, 0.1, 0, 10.0],  # aligned latent carries 0.08 of 0.28 along e0 (29% < 40%): not absorbed
+            [0, 1.0, 0, 10.0],  # 0.8 of 1.0 (80%): absorbed
+            [0.5, 1.0, 0, 0],  # main fires (weakly): not absorbed
+        ]
+    )
     got = saebench.absorbed(f, w_dec, torch.tensor([3.0, 0]), torch.tensor([0]))
     assert got.tolist() == [False, True, False, False, True, False]
 

@@ -98,8 +98,7 @@ def _loss_and_grad(params: torch.Tensor, z1: torch.Tensor, onehot: torch.Tensor,
     return float(loss), grad
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROBE_L2,
-              max_iter: int = PROBE_ITERS, history: int = 10) -> Probe:
+def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROBE_L2, max_iter: int = PROBE_ITERS, history: int = 10) -> Probe:
     """Minimise mean_n CE(softmax(z_n W + b), y_n) + l2 ||W||^2 over W, b, with z = (x - mean(x)) / std(x).
 
     `x` [N, d], `y` [N] int64 in [0, n_classes). L-BFGS (two-loop recursion over the last `history`
@@ -140,7 +139,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROB
         s, dg = new_params - params, new_grad - grad
         curvature = float((s * dg).sum())
         if curvature > 1e-12:
-            steps = [*steps[-(history - 1):], (s, dg, 1 / curvature)]
+            steps = [*steps[-(history - 1) :], (s, dg, 1 / curvature)]
         params, loss, grad = new_params, new_loss, new_grad
     return Probe(mean, std, params[:-1], params[-1])
 
@@ -168,16 +167,16 @@ def top_latents(f: torch.Tensor, y: torch.Tensor, k: int, signed: bool = False) 
     return torch.argsort(score, descending=True, stable=True)[:k]
 
 
-def balanced_split(y: torch.Tensor, generator: torch.Generator, per_class: int = ROWS_PER_CLASS,
-                   test_fraction: float = TEST_FRACTION) -> tuple[torch.Tensor, torch.Tensor] | None:
+def balanced_split(
+    y: torch.Tensor, generator: torch.Generator, per_class: int = ROWS_PER_CLASS, test_fraction: float = TEST_FRACTION
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(train, test) row indices of a binary task: n = min(#pos, #neg, per_class) rows of each class
     drawn at random, shuffled, the last `test_fraction` held out. None when n < MIN_PER_CLASS."""
     pos, neg = y.nonzero()[:, 0], (y == 0).nonzero()[:, 0]
     n = min(len(pos), len(neg), per_class)
     if n < MIN_PER_CLASS:
         return None
-    picked = torch.cat([pos[torch.randperm(len(pos), generator=generator)[:n]],
-                        neg[torch.randperm(len(neg), generator=generator)[:n]]])
+    picked = torch.cat([pos[torch.randperm(len(pos), generator=generator)[:n]], neg[torch.randperm(len(neg), generator=generator)[:n]]])
     picked = picked[torch.randperm(len(picked), generator=generator)]
     n_test = max(2, round(len(picked) * test_fraction))
     return picked[:-n_test], picked[-n_test:]
@@ -230,8 +229,9 @@ def first_occurrences(token_ids: torch.Tensor) -> torch.Tensor:
 # --- sparse probing ------------------------------------------------------------------------------
 
 
-def sparse_probe_accuracies(x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
-                            ks: Sequence[int] = PROBE_KS) -> dict[str, float] | None:
+def sparse_probe_accuracies(
+    x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, generator: torch.Generator, ks: Sequence[int] = PROBE_KS
+) -> dict[str, float] | None:
     """Held-out accuracy of a probe on all of `x` ("llm") and of k-sparse probes on `f` ("sae_top_<k>").
 
     The task's rows are balanced and split by `balanced_split` (None when too few); the k latents are
@@ -251,8 +251,7 @@ def sparse_probe_accuracies(x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, g
     return out
 
 
-def sparse_probing(x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Tensor], seed: int = 0,
-                   ks: Sequence[int] = PROBE_KS) -> dict[str, Any]:
+def sparse_probing(x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Tensor], seed: int = 0, ks: Sequence[int] = PROBE_KS) -> dict[str, Any]:
     """`sparse_probe_accuracies` of every task in `labels` (name -> [N] 0/1) and their means over the tasks run.
 
     Returns {"tasks": {name: accuracies or None}, "llm": mean, "sae_top_<k>": mean, ...} (means None when no task ran).
@@ -267,8 +266,7 @@ def sparse_probing(x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Ten
 # --- feature absorption --------------------------------------------------------------------------
 
 
-def main_latents(f: torch.Tensor, y: torch.Tensor, max_k: int = MAX_SPLIT_K,
-                 gain: float = SPLIT_F1_GAIN) -> tuple[torch.Tensor, list[float]]:
+def main_latents(f: torch.Tensor, y: torch.Tensor, max_k: int = MAX_SPLIT_K, gain: float = SPLIT_F1_GAIN) -> tuple[torch.Tensor, list[float]]:
     """The latents that carry a binary feature, by SAEBench's feature-split search.
 
     For k = 1, 2, ...: the k `top_latents` (signed) and the F1 F_k of a logistic regression on
@@ -284,8 +282,9 @@ def main_latents(f: torch.Tensor, y: torch.Tensor, max_k: int = MAX_SPLIT_K,
     return top_latents(f, y, max_k, signed=True), f1s
 
 
-def absorbed(f: torch.Tensor, w_dec: torch.Tensor, direction: torch.Tensor, main: torch.Tensor,
-             cos_threshold: float = ABSORPTION_COS, share: float = ABSORPTION_SHARE) -> torch.Tensor:
+def absorbed(
+    f: torch.Tensor, w_dec: torch.Tensor, direction: torch.Tensor, main: torch.Tensor, cos_threshold: float = ABSORPTION_COS, share: float = ABSORPTION_SHARE
+) -> torch.Tensor:
     """Which rows have their feature absorbed: [N] bool.
 
     With p = direction / ||direction||, c_j = <W_dec_j, p> / ||W_dec_j|| and a_nj = f_nj <W_dec_j, p>
@@ -316,8 +315,9 @@ def word_split(letters: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torc
     return words[n_test:], words[:n_test]
 
 
-def absorption(x: torch.Tensor, f: torch.Tensor, letters: torch.Tensor, w_dec: torch.Tensor, seed: int = 0,
-               min_tokens: int = MIN_LETTER_TOKENS) -> dict[str, Any]:
+def absorption(
+    x: torch.Tensor, f: torch.Tensor, letters: torch.Tensor, w_dec: torch.Tensor, seed: int = 0, min_tokens: int = MIN_LETTER_TOKENS
+) -> dict[str, Any]:
     """Feature absorption on the first-letter task (rows with `letters` >= 0, one per vocabulary token).
 
     1. Split the word rows (`word_split`) and fit one 26-way probe on the raw activations `x`.
@@ -329,8 +329,7 @@ def absorption(x: torch.Tensor, f: torch.Tensor, letters: torch.Tensor, w_dec: t
     "split_fraction": mean_L [|M_L| > 1], "letters": {L: {...}}, "probe_accuracy": held-out accuracy}.
     """
     train, test = word_split(letters, seed)
-    result: dict[str, Any] = {"absorption_rate": None, "split_fraction": None, "letters": {}, "probe_accuracy": None,
-                              "word_tokens": len(train) + len(test)}
+    result: dict[str, Any] = {"absorption_rate": None, "split_fraction": None, "letters": {}, "probe_accuracy": None, "word_tokens": len(train) + len(test)}
     if len(test) < min_tokens:
         return result
     probe = fit_probe(x[train], letters[train], 26)
@@ -364,20 +363,21 @@ def max_cosine_to_others(w_dec: torch.Tensor, chunk: int = 1024) -> torch.Tensor
     unit = _unit_rows(w_dec)
     out = torch.empty(len(unit))
     for start in range(0, len(unit), chunk):
-        sims = unit[start:start + chunk] @ unit.T  # [chunk, d_sae]
+        sims = unit[start : start + chunk] @ unit.T  # [chunk, d_sae]
         sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -torch.inf
-        out[start:start + chunk] = sims.max(1).values
+        out[start : start + chunk] = sims.max(1).values
     return out
 
 
 def max_cosine_to(w_dec: torch.Tensor, w_u: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """t_j = max_v cos(W_dec_j, W_U_v): each decoder row's closest unembedding row. [d_sae]"""
     unit, tokens = _unit_rows(w_dec), _unit_rows(w_u)
-    return torch.cat([(unit[start:start + chunk] @ tokens.T).max(1).values for start in range(0, len(unit), chunk)])
+    return torch.cat([(unit[start : start + chunk] @ tokens.T).max(1).values for start in range(0, len(unit), chunk)])
 
 
-def decoder_geometry(w_dec: torch.Tensor, w_u: torch.Tensor | None = None, duplicate_cos: float = DUPLICATE_COS,
-                     token_cos: float = TOKEN_COS) -> dict[str, float]:
+def decoder_geometry(
+    w_dec: torch.Tensor, w_u: torch.Tensor | None = None, duplicate_cos: float = DUPLICATE_COS, token_cos: float = TOKEN_COS
+) -> dict[str, float]:
     """Mean of m_j and #{j : m_j > duplicate_cos} / d_sae (duplicated features); with an unembedding,
     #{j : t_j > token_cos} / d_sae (token features). See `max_cosine_to_others`, `max_cosine_to`."""
     m = max_cosine_to_others(w_dec)
@@ -391,8 +391,9 @@ def decoder_geometry(w_dec: torch.Tensor, w_u: torch.Tensor | None = None, dupli
 
 
 @torch.no_grad()
-def sae_metrics(sae: Any, x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], w_u: torch.Tensor | None,
-                seed: int = 0, chunk: int = 4096) -> dict[str, Any]:
+def sae_metrics(
+    sae: Any, x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], w_u: torch.Tensor | None, seed: int = 0, chunk: int = 4096
+) -> dict[str, Any]:
     """Absorption, sparse probing and decoder geometry of `sae` (with `encode` and `W_dec`) on rows
     `x` [N, d_in] whose tokens are `token_ids` [N] with texts `texts` [N]; `w_u` the model's unembedding.
 
