@@ -141,3 +141,20 @@ def test_token_tasks_from_texts() -> None:
     assert labels["leading_space"].tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 1]
     assert saebench.first_letters(texts).tolist() == [0, 1, -1, 3, 8, -1, -1, -1, 0]
     assert saebench.first_occurrences(torch.tensor([5, 3, 5, 7, 3])).tolist() == [0, 1, 3]
+
+
+def test_report_shows_the_saebench_figures() -> None:
+    from token_journey.report.build import overview_charts
+    from token_journey.report.gather import HEADLINE, SaeEntry
+
+    figures = [(8.0, 0.05, 0.4, 0.91), (16.0, 0.2, 0.3, 0.92), (32.0, 0.1, 0.2, 0.95)]  # l0, fvu, absorption, probe
+    entries = [SaeEntry("resid_post", 15, f"sae-{i}", metrics={"l0": l0, "fvu": fvu, "delta_loss": fvu, "absorption_rate": a,
+                                                                "probe_sae_top_1": p})
+               for i, (l0, fvu, a, p) in enumerate(figures)]
+    charts = overview_charts(entries, {}, bins=10)
+    absorption = str(charts["absorption_vs_l0"])
+    assert absorption.count("<circle") == 3 and 'class="front"' in absorption  # all three are Pareto-optimal
+    assert 'class="front"' not in str(charts["probe_vs_l0"])  # higher is better: no lower-is-better front
+    keys = [key for key, _, _ in HEADLINE]
+    assert entries[0].cells()[keys.index("absorption_rate")] == "40.0%"
+    assert "absorption_vs_l0" not in overview_charts([SaeEntry("resid_post", 15, "plain", metrics={"l0": 1.0, "fvu": 0.1})], {}, 10)
