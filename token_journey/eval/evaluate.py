@@ -42,7 +42,7 @@ from token_journey.data.corpus import drop_norm_outliers
 from token_journey.errors import TokenJourneyError
 from token_journey.eval import metrics, saebench
 from token_journey.layout import Layout, eval_timing_file, layer_folder, metrics_file, pareto_file, train_timing_file, write_json
-from token_journey.lm import load_prepared
+from token_journey.lm import final_norm_gain, load_prepared
 from token_journey.sites import check_point, splice
 
 log = logging.getLogger(__name__)
@@ -379,8 +379,10 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
     bench: dict[str, dict] = {}
     if cfg.saebench:
         x, token_ids = saebench_rows(layout, site, layer, cfg.saebench_rows)
-        bench = saebench_metrics({name: sae for name, (_, sae) in subjects.items()}, x, token_ids, loaded.tokenizer,
-                                 model.get_output_embeddings().weight.detach())
+        # Token directions as the residual stream sees them: logit_v is proportional to <x, g * W_U_v>
+        # for the final norm's gain g (see `token_journey.report.tokens.logit_effects`).
+        w_u = model.get_output_embeddings().weight.detach().float().cpu() * final_norm_gain(model)
+        bench = saebench_metrics({name: sae for name, (_, sae) in subjects.items()}, x, token_ids, loaded.tokenizer, w_u)
     saes = {}
     for name, entry in result.saes.items():
         folder, sae = subjects[name]

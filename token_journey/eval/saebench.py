@@ -15,8 +15,9 @@ three families, each defined once below with its formula, run offline on harvest
   and with a row of the unembedding (token features).
 
 Notation: `x` [N, d_in] raw activations of N rows, `f` [N, d_sae] their latents (>= 0, exactly 0
-when off), `W_dec` [d_sae, d_in] decoder rows, `W_U` [vocab, d_in] the unembedding, `texts[n]`
-the decoded text of row n's token. Probes are multinomial logistic regressions fitted by L-BFGS
+when off), `W_dec` [d_sae, d_in] decoder rows, `W_U` [vocab, d_in] the unembedding as the residual
+stream sees it (the evaluate stage scales its rows by the final norm's gain), `texts[n]` the
+decoded text of row n's token. Probes are multinomial logistic regressions fitted by L-BFGS
 in float64 from zero (deterministic), at most `PROBE_ITERS` iterations, on standardised inputs.
 """
 
