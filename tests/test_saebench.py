@@ -34,13 +34,14 @@ def test_absorbed_needs_silent_main_latents_and_an_aligned_carrier() -> None:
             [1.0, 0, 0, 0],  # main latent fires: not absorbed
             [0, 1.0, 0, 0],  # main silent, aligned latent carries everything: absorbed
             [0, 0, 1.0, 0],  # main silent, only an orthogonal latent: not absorbed
-            [0, 0.1, 0, 10.0],  # aligned latent carries 0.08 of 0.28 along e0 (29% < 40%): not absorbed
+            [0, 0.1, 0, 10.0],  # top contributor is latent 3 (0.2 of 0.28), under the cos threshold: not absorbed
             [0, 1.0, 0, 10.0],  # 0.8 of 1.0 (80%): absorbed
             [0.5, 1.0, 0, 0],  # main fires (weakly): not absorbed
+            [0, 0.1, 0, 20.0],  # the top contributor (latent 3, 0.4 of 0.48) is not aligned: not absorbed
         ]
     )
     got = saebench.absorbed(f, w_dec, torch.tensor([3.0, 0]), torch.tensor([0]))
-    assert got.tolist() == [False, True, False, False, True, False]
+    assert got.tolist() == [False, True, False, False, True, False, False]
 
 
 def _letter_data(n_per_letter: int = 60) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

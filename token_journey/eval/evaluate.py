@@ -314,14 +314,14 @@ def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
             for n, a, b in zip(names, on_fvu, on_loss)]
 
 
-def saebench_rows(layout: Layout, site: str, layer: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `max_rows` harvested eval rows of (site, layer): activations [N, d_model] float32 and
+def saebench_rows(activations: Path, site: str, layer: int, max_rows: int, split: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_rows` harvested rows of (site, layer, split): activations [N, d_model] float32 and
     their token ids [N] int64 (the harvest stores both), for the SAEBench metrics."""
     import numpy as np
 
     from token_journey.data.shards import activation_tensor, open_activations
 
-    acts = open_activations(layout.activations, site, layer, split="eval")
+    acts = open_activations(activations, site, layer, split=split)
     xs, ids, have = [], [], 0
     for table in acts.iter_tables(["activation", "token_id"]):
         xs.append(activation_tensor(table.column("activation"), acts.dtype))
@@ -378,7 +378,7 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
                            max_norm_ratio)
     bench: dict[str, dict] = {}
     if cfg.saebench:
-        x, token_ids = saebench_rows(layout, site, layer, cfg.saebench_rows)
+        x, token_ids = saebench_rows(layout.activations, site, layer, cfg.saebench_rows)
         # Token directions as the residual stream sees them: logit_v is proportional to <x, g * W_U_v>
         # for the final norm's gain g (see `token_journey.report.tokens.logit_effects`).
         w_u = model.get_output_embeddings().weight.detach().float().cpu() * final_norm_gain(model)

@@ -34,6 +34,10 @@ import torch.nn.functional as F
 
 PROBE_ITERS = 100
 """L-BFGS iteration cap of every probe fit (keeps the metrics within seconds on a CPU)."""
+GRAD_TOL = 1e-5
+"""A probe fit stops once its largest gradient entry is below this..."""
+LOSS_TOL = 1e-8
+"""...or once a step lowers the objective by less than this fraction of it."""
 PROBE_L2 = 1e-3
 """L2 penalty on probe weights (standardised inputs), so separable tasks still have a bounded fit."""
 PROBE_KS = (1, 2, 5)
@@ -51,7 +55,7 @@ ABSORPTION_COS = 0.025
 """Absorption: a latent whose decoder row has at least this cosine with the letter's probe
 direction can absorb the letter (SAEBench's threshold)."""
 ABSORPTION_SHARE = 0.4
-"""Absorption: the absorbing latents must carry at least this share of the SAE's positive
+"""Absorption: the absorbing latent must carry at least this share of the SAE's positive
 projection onto the probe direction on that token (SAEBench's probe-projection proportion)."""
 MIN_LETTER_TOKENS = 5
 """A letter enters the absorption averages only with at least this many held-out tokens the raw probe gets right."""
@@ -104,8 +108,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROB
 
     `x` [N, d], `y` [N] int64 in [0, n_classes). L-BFGS (two-loop recursion over the last `history`
     steps, backtracking Armijo line search) from zero in float64, at most `max_iter` iterations,
-    stopping once the largest gradient entry is under 1e-6: the same inputs always give the same
-    probe. Written out rather than taken from torch.optim, whose first use imports torch._dynamo
+    stopping at `GRAD_TOL` or `LOSS_TOL`: the same inputs always give the same probe. Written out rather than taken from torch.optim, whose first use imports torch._dynamo
     (about 15 s on a small CPU).
     """
     x = x.double()
@@ -116,7 +119,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROB
     loss, grad = _loss_and_grad(params, z1, onehot, l2)
     steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, g change, 1 / <s, g change>)
     for _ in range(max_iter):
-        if grad.abs().max() < 1e-6:
+        if grad.abs().max() < GRAD_TOL:
             break
         q = grad.clone()
         alphas = []
@@ -141,7 +144,10 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROB
         curvature = float((s * dg).sum())
         if curvature > 1e-12:
             steps = [*steps[-(history - 1) :], (s, dg, 1 / curvature)]
+        converged = loss - new_loss <= LOSS_TOL * max(abs(loss), 1.0)
         params, loss, grad = new_params, new_loss, new_grad
+        if converged:
+            break
     return Probe(mean, std, params[:-1], params[-1])
 
 
@@ -274,13 +280,14 @@ def main_latents(f: torch.Tensor, y: torch.Tensor, max_k: int = MAX_SPLIT_K, gai
     them (fitted and scored on these rows). Stop at the first k with F_{k+1} - F_k <= `gain`; those
     k latents are the main latents (k > 1: the feature is split). Returns (latents [k], [F_1, ...]).
     """
+    ranked = top_latents(f, y, max_k, signed=True)  # the k best are its first k
     f1s: list[float] = []
     for k in range(1, max_k + 1):
-        chosen = top_latents(f, y, k, signed=True)
-        f1s.append(f1_score(fit_probe(f[:, chosen], y, 2).predict(f[:, chosen]), y))
+        chosen = f[:, ranked[:k]]
+        f1s.append(f1_score(fit_probe(chosen, y, 2).predict(chosen), y))
         if k > 1 and f1s[-1] - f1s[-2] <= gain:
-            return top_latents(f, y, k - 1, signed=True), f1s
-    return top_latents(f, y, max_k, signed=True), f1s
+            return ranked[: k - 1], f1s
+    return ranked, f1s
 
 
 def absorbed(
@@ -289,22 +296,22 @@ def absorbed(
     """Which rows have their feature absorbed: [N] bool.
 
     With p = direction / ||direction||, c_j = <W_dec_j, p> / ||W_dec_j|| and a_nj = f_nj <W_dec_j, p>
-    (latent j's contribution along p), row n is absorbed iff
-      (1) every main latent is off, f_nm = 0 for m in `main`, and
-      (2) the other active latents with c_j >= cos_threshold carry A_n = sum_j a_nj > 0 and
-          A_n >= share * sum_j max(a_nj, 0) (their share of all positive contributions along p).
+    (latent j's contribution along p), and j* = argmax_{j not main} a_nj the non-main latent that
+    contributes most along p, row n is absorbed iff
+      (1) every main latent is off, f_nm = 0 for m in `main`,
+      (2) j* is aligned with the probe, c_j* >= cos_threshold, and
+      (3) j* carries a_nj* > 0 and a_nj* >= share * sum_j max(a_nj, 0) of the positive contributions.
     """
     p = direction.double() / direction.double().norm()
     w_dec = w_dec.double()
     along = w_dec @ p  # [d_sae]
     cos = along / w_dec.norm(dim=1).clamp_min(1e-12)
-    candidate = cos >= cos_threshold
-    candidate[main] = False
     contrib = f.double() * along  # [N, d_sae]
-    carried = (contrib * candidate).sum(1)
     total = contrib.clamp_min(0).sum(1)
+    contrib[:, main] = -torch.inf
+    top, j = contrib.max(1)
     main_off = (f[:, main] == 0).all(1)
-    return main_off & (carried > 0) & (carried >= share * total)
+    return main_off & (cos[j] >= cos_threshold) & (top > 0) & (top >= share * total)
 
 
 def word_split(letters: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
