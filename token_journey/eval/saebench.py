@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import keyword
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +109,8 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = PROB
 
     `x` [N, d], `y` [N] int64 in [0, n_classes). L-BFGS (two-loop recursion over the last `history`
     steps, backtracking Armijo line search) from zero in float64, at most `max_iter` iterations,
-    stopping at `GRAD_TOL` or `LOSS_TOL`: the same inputs always give the same probe. Written out rather than taken from torch.optim, whose first use imports torch._dynamo
+    stopping at `GRAD_TOL` or `LOSS_TOL`: the same inputs always give the same probe.
+    Written out rather than taken from torch.optim, whose first use imports torch._dynamo
     (about 15 s on a small CPU).
     """
     x = x.double()
@@ -398,6 +400,19 @@ def decoder_geometry(
 # --- all of the above for one SAE ----------------------------------------------------------------
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the count. The probe fits are thousands of
+    tiny ops, for which thread hand-offs cost more than they give: on a busy 2-core machine one
+    thread made them 5x faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def sae_metrics(
     sae: Any, x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], w_u: torch.Tensor | None, seed: int = 0, chunk: int = 4096
@@ -412,9 +427,10 @@ def sae_metrics(
     w_dec = sae.W_dec.detach()
     f = torch.cat([sae.encode(part.to(w_dec.device, w_dec.dtype)).float().cpu() for part in x.split(chunk)])
     x, w_dec = x.float().cpu(), w_dec.float().cpu()
-    probing = sparse_probing(x, f, token_labels(texts), seed)
     unique = first_occurrences(token_ids)
-    letters = absorption(x[unique], f[unique], first_letters([texts[i] for i in unique.tolist()]), w_dec, seed)
+    with one_thread():
+        probing = sparse_probing(x, f, token_labels(texts), seed)
+        letters = absorption(x[unique], f[unique], first_letters([texts[i] for i in unique.tolist()]), w_dec, seed)
     return {
         "absorption_rate": letters["absorption_rate"],
         "split_fraction": letters["split_fraction"],
