@@ -25,7 +25,7 @@ from token_journey.sae.io import load_sae
 
 BUDGET_S = 20.0
 HEADLINE = ("absorption_rate", "split_fraction", "probe_llm", "probe_sae_top_1", "probe_sae_top_2", "probe_sae_top_5",
-            "decoder_max_cos", "duplicate_fraction", "token_feature_fraction")
+            "decoder_max_cos", "duplicate_fraction", "token_max_cos", "token_feature_fraction")
 
 
 def main() -> None:

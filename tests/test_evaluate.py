@@ -227,8 +227,8 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     contract = {"architecture", "width", "l0", "fvu", "mse", "cosine", "relative_norm", "dead_fraction", "dense_fraction",
                 "ce_clean", "ce_sae", "ce_zero", "delta_loss", "loss_recovered", "kl", "eval_tokens",
                 "density_hist", "error_by_position", "absorption_rate", "split_fraction", "probe_llm", "probe_sae_top_1",
-                "probe_sae_top_2", "probe_sae_top_5", "decoder_max_cos", "duplicate_fraction", "token_feature_fraction",
-                "saebench"}
+                "probe_sae_top_2", "probe_sae_top_5", "decoder_max_cos", "duplicate_fraction", "token_max_cos",
+                "token_feature_fraction", "saebench"}
     for m in doc["saes"].values():
         assert contract <= set(m)
         assert len(m["error_by_position"]) == CONTEXT and m["error_by_position"][:3] == [None, None, None]

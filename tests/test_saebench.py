@@ -23,6 +23,7 @@ def test_decoder_geometry_counts_duplicates_and_token_features() -> None:
     assert got["decoder_max_cos"] == pytest.approx((2 + math.sqrt(2)) / 4)
     assert got["duplicate_fraction"] == 0.5
     assert got["token_feature_fraction"] == 0.5  # rows 2 (cos 1) and 3 (cos 0.707)
+    assert got["token_max_cos"] == pytest.approx((0.3 + 0.3 + 1 + 1 / math.sqrt(2)) / 4)
 
 
 def test_absorbed_needs_silent_main_latents_and_an_aligned_carrier() -> None:

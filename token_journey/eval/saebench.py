@@ -389,11 +389,13 @@ def decoder_geometry(
     w_dec: torch.Tensor, w_u: torch.Tensor | None = None, duplicate_cos: float = DUPLICATE_COS, token_cos: float = TOKEN_COS
 ) -> dict[str, float]:
     """Mean of m_j and #{j : m_j > duplicate_cos} / d_sae (duplicated features); with an unembedding,
-    #{j : t_j > token_cos} / d_sae (token features). See `max_cosine_to_others`, `max_cosine_to`."""
+    mean of t_j and #{j : t_j > token_cos} / d_sae (token features). See `max_cosine_to_others`, `max_cosine_to`."""
     m = max_cosine_to_others(w_dec)
     out = {"decoder_max_cos": m.double().mean().item(), "duplicate_fraction": (m > duplicate_cos).double().mean().item()}
     if w_u is not None:
-        out["token_feature_fraction"] = (max_cosine_to(w_dec, w_u) > token_cos).double().mean().item()
+        t = max_cosine_to(w_dec, w_u)
+        out["token_max_cos"] = t.double().mean().item()
+        out["token_feature_fraction"] = (t > token_cos).double().mean().item()
     return out
 
 
