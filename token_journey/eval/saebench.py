@@ -4,7 +4,8 @@ FVU and delta loss say how much an SAE keeps, not whether its latents are usable
 three families, each defined once below with its formula, run offline on harvested eval rows:
 
 - *feature absorption* (Chanin et al. 2024, "A is for Absorption", as SAEBench runs it): a
-  first-letter task built from the tokenizer's vocabulary; a linear probe on the raw activations
+  first-letter task over the vocabulary's word tokens (one row per token id met in the eval
+  rows, labelled by the token's first letter); a linear probe on the raw activations
   finds the "starts with L" direction, k-sparse probing on the latents finds the letter's main
   latents, and a token is *absorbed* when the main latents stay silent while another latent,
   aligned with the probe direction, carries the letter instead;
@@ -13,6 +14,11 @@ three families, each defined once below with its formula, run offline on harvest
   token-level tasks (digit, capitalised, Python keyword, leading space), held-out accuracy;
 - *decoder geometry*: each decoder row's largest cosine with another row (duplicated features)
   and with a row of the unembedding (token features).
+
+Where this differs from SAEBench, to stay offline and within seconds: the first-letter rows are the
+tokens where they occur in our corpus, not in SAEBench's in-context-learning prompts; one 26-way
+probe replaces per-letter probes; main latents are ranked by the difference of class means (the
+selection SAEBench's sparse probing uses); and only full absorption by one latent is counted.
 
 Notation: `x` [N, d_in] raw activations of N rows, `f` [N, d_sae] their latents (>= 0, exactly 0
 when off), `W_dec` [d_sae, d_in] decoder rows, `W_U` [vocab, d_in] the unembedding as the residual
