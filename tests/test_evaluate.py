@@ -227,7 +227,9 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     assert set(doc["saes"]) == {"relu-a", "topk-b"}
     contract = {"architecture", "width", "l0", "fvu", "mse", "cosine", "relative_norm", "dead_fraction", "dense_fraction",
                 "ce_clean", "ce_sae", "ce_zero", "delta_loss", "loss_recovered", "kl", "eval_tokens",
-                "density_hist", "error_by_position"}
+                "density_hist", "error_by_position", "absorption_rate", "split_fraction", "probe_llm", "probe_sae_top_1",
+                "probe_sae_top_2", "probe_sae_top_5", "decoder_max_cos", "duplicate_fraction", "token_max_cos",
+                "token_feature_fraction", "saebench"}
     for m in doc["saes"].values():
         assert contract <= set(m)
         assert len(m["error_by_position"]) == CONTEXT and m["error_by_position"][:3] == [None, None, None]
@@ -235,6 +237,7 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     assert not any("per_s" in key or "seconds" in key for key in [*doc["sweep"], *(k for m in doc["saes"].values() for k in m)])
     assert speeds["sweep"]["tokens_per_s"] > 0 and speeds["sweep"]["seconds"] > 0
     assert speeds["saes"]["topk-b"] == {"eval_tokens_per_s": pytest.approx(speeds["saes"]["topk-b"]["eval_tokens_per_s"]),
+                                        "saebench_seconds": pytest.approx(speeds["saes"]["topk-b"]["saebench_seconds"]),
                                         "train_tokens_per_s": 1234.5}
     assert speeds["saes"]["relu-a"]["train_tokens_per_s"] is None and speeds["saes"]["relu-a"]["eval_tokens_per_s"] > 0
     assert doc["saes"]["topk-b"]["l0"] <= 4
@@ -250,7 +253,12 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     assert doc["saes"]["relu-a"]["eval_tokens"] == acts.rows
     rows = json.loads(pareto_file(inputs.metrics, "resid_post", 1).read_text())
     assert {r["sae"] for r in rows} == {"relu-a", "topk-b"}
-    assert all(r["layer"] == 1 and {"sae", "layer", "l0", "fvu", "delta_loss"} <= set(r) for r in rows)
+    assert all(r["layer"] == 1 and {"sae", "layer", "l0", "fvu", "delta_loss", "absorption_rate"} <= set(r) for r in rows)
+    # The SAEBench rows are the harvested eval rows: decoder geometry needs no rows, so check it directly.
+    from token_journey.eval import saebench
+
+    assert doc["saes"]["relu-a"]["saebench"]["rows"] == min(acts.rows, 8192)
+    assert doc["saes"]["relu-a"]["decoder_max_cos"] == pytest.approx(saebench.max_cosine_to_others(sae.W_dec.detach()).mean().item())
 
 
 def test_bad_input_names_both_sides(artifacts, tmp_path):

@@ -237,3 +237,18 @@ def load_prepared(path: Path | str, dtype: str | None = None, device: str = "aut
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(select_device(device)).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest)
+
+
+def final_norm_gain(model: Any) -> torch.Tensor:
+    """The elementwise gain of the model's final RMSNorm, `[d_model]`, or ones if there is none.
+
+    Gemma's RMSNorm multiplies by `1 + weight` (its weights are stored zero-centred); Llama's
+    by `weight`.
+    """
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    weight = getattr(norm, "weight", None)
+    d_model = model.get_output_embeddings().weight.shape[1]
+    if weight is None:
+        return torch.ones(d_model)
+    gain = weight.detach().float().cpu()
+    return gain + 1.0 if type(norm).__name__.startswith("Gemma") else gain

@@ -46,9 +46,9 @@ from tqdm import tqdm
 from token_journey.config.eval import EvalConfig
 from token_journey.data.corpus import drop_norm_outliers
 from token_journey.errors import TokenJourneyError
-from token_journey.eval import metrics
+from token_journey.eval import metrics, saebench
 from token_journey.layout import Layout, eval_timing_file, layer_folder, metrics_file, pareto_file, train_timing_file, write_json
-from token_journey.lm import load_prepared
+from token_journey.lm import final_norm_gain, load_prepared
 from token_journey.sites import check_point, splice
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,8 @@ def _train_tokens_per_s(timings: Path, site: str, layer: int, name: str) -> floa
 def split_timings(document: dict) -> tuple[dict, dict]:
     """(results, speeds) of a metrics document: wall-clock figures differ between runs, so they go apart.
 
-    Speeds: the sweep's `seconds` and `tokens_per_s`, and each SAE's `eval_tokens_per_s`.
+    Speeds: the sweep's `seconds` and `tokens_per_s`, and each SAE's `eval_tokens_per_s` (and
+    `saebench_seconds` when the SAEBench metrics ran).
     """
     sweep = dict(document["sweep"])
     speeds = {"sweep": {k: sweep.pop(k) for k in ("seconds", "tokens_per_s")}, "saes": {}}
@@ -340,18 +341,61 @@ def split_timings(document: dict) -> tuple[dict, dict]:
     for name, entry in document["saes"].items():
         entry = dict(entry)
         speeds["saes"][name] = {"eval_tokens_per_s": entry.pop("eval_tokens_per_s")}
+        if "saebench_seconds" in entry:
+            speeds["saes"][name]["saebench_seconds"] = entry.pop("saebench_seconds")
         saes[name] = entry
     return {**document, "sweep": sweep, "saes": saes}, speeds
 
 
+PLOTTED_SAEBENCH = ("absorption_rate", "probe_sae_top_1")
+"""SAEBench figures copied into the plot rows (None when eval.saebench is off)."""
+
+
 def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
-    """DVC plot rows of one layer: one per SAE with l0, fvu, delta_loss and whether it is on each frontier."""
+    """DVC plot rows of one layer: one per SAE with l0, fvu, delta_loss and whether it is on each
+    frontier, plus the absorption rate and the 1-sparse probe accuracy."""
     names = list(saes)
     l0s = [saes[n]["l0"] for n in names]
     on_fvu = metrics.pareto_front(l0s, [saes[n]["fvu"] for n in names])
     on_loss = metrics.pareto_front(l0s, [saes[n]["delta_loss"] for n in names])
     return [{"sae": n, "layer": layer, "l0": saes[n]["l0"], "fvu": saes[n]["fvu"], "delta_loss": saes[n]["delta_loss"],
-             "fvu_frontier": a, "delta_loss_frontier": b} for n, a, b in zip(names, on_fvu, on_loss)]
+             "fvu_frontier": a, "delta_loss_frontier": b, **{key: saes[n].get(key) for key in PLOTTED_SAEBENCH}}
+            for n, a, b in zip(names, on_fvu, on_loss)]
+
+
+def saebench_rows(activations: Path, site: str, layer: int, max_rows: int, split: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_rows` harvested rows of (site, layer, split): activations [N, d_model] float32 and
+    their token ids [N] int64 (the harvest stores both), for the SAEBench metrics."""
+    import numpy as np
+
+    from token_journey.data.shards import activation_tensor, open_activations
+
+    acts = open_activations(activations, site, layer, split=split)
+    xs, ids, have = [], [], 0
+    for table in acts.iter_tables(["activation", "token_id"]):
+        xs.append(activation_tensor(table.column("activation"), acts.dtype))
+        ids.append(torch.from_numpy(table.column("token_id").to_numpy().astype(np.int64)))
+        have += len(ids[-1])
+        if have >= max_rows:
+            break
+    return torch.cat(xs)[:max_rows], torch.cat(ids)[:max_rows]
+
+
+def saebench_metrics(saes: Mapping[str, nn.Module], x: torch.Tensor, token_ids: torch.Tensor, tokenizer: object,
+                     w_u: torch.Tensor) -> dict[str, dict]:
+    """`saebench.sae_metrics` of every SAE on rows `x` with tokens `token_ids`, each with its `saebench_seconds`.
+
+    Token texts are decoded one id at a time (a token's own text, as the labelled tasks need).
+    """
+    decoded = {t: tokenizer.decode([t]) for t in sorted(set(token_ids.tolist()))}
+    texts = [decoded[t] for t in token_ids.tolist()]
+    out = {}
+    for name, sae in saes.items():
+        start = time.perf_counter()
+        out[name] = saebench.sae_metrics(sae, x, token_ids, texts, w_u)
+        out[name]["saebench_seconds"] = time.perf_counter() - start
+        log.info("SAEBench metrics of %s: %.1f s", name, out[name]["saebench_seconds"])
+    return out
 
 
 def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, device: str = "auto") -> tuple[dict, dict]:
@@ -381,10 +425,18 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
     result = evaluate_saes(model, sequences, rows, site, layer,
                            {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold,
                            max_norm_ratio)
+    bench: dict[str, dict] = {}
+    if cfg.saebench:
+        x, token_ids = saebench_rows(layout.activations, site, layer, cfg.saebench_rows)
+        # Token directions as the residual stream sees them: logit_v is proportional to <x, g * W_U_v>
+        # for the final norm's gain g (see `token_journey.report.tokens.logit_effects`).
+        w_u = model.get_output_embeddings().weight.detach().float().cpu() * final_norm_gain(model)
+        bench = saebench_metrics({name: sae for name, (_, sae) in subjects.items()}, x, token_ids, loaded.tokenizer, w_u)
     saes = {}
     for name, entry in result.saes.items():
         folder, sae = subjects[name]
-        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder), **entry}
+        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder), **entry,
+                      **bench.get(name, {})}
     document, speeds = split_timings({"model": manifest["name"], "site": site, "layer": layer, "saes": saes,
                                       "sweep": result.sweep})
     for name, speed in speeds["saes"].items():

@@ -140,8 +140,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def pareto_chart(entries: list[SaeEntry], y_key: str, y_label: str) -> Markup:
-    """One series per (site, layer): `y_key` against L0 for every SAE that has both numbers."""
+def pareto_chart(entries: list[SaeEntry], y_key: str, y_label: str, frontier: bool = True) -> Markup:
+    """One series per (site, layer): `y_key` against L0 for every SAE that has both numbers, with the
+    front of lower-is-better points joined unless `frontier` is off (for higher-is-better figures)."""
     groups: dict[str, plots.Series] = {}
     for e in entries:
         l0, y = e.value("l0"), e.value(y_key)
@@ -150,7 +151,7 @@ def pareto_chart(entries: list[SaeEntry], y_key: str, y_label: str) -> Markup:
             s.xs.append(float(l0))
             s.ys.append(float(y))
             s.labels.append(e.name)
-    return plots.scatter(list(groups.values()), "L0", y_label, f"{y_label} vs L0")
+    return plots.scatter(list(groups.values()), "L0", y_label, f"{y_label} vs L0", frontier)
 
 
 def position_values(value: Any) -> tuple[list[float], list[float]]:
@@ -188,11 +189,16 @@ def density_chart(densities: dict[str, np.ndarray], bins: int) -> Markup:
 
 
 def overview_charts(entries: list[SaeEntry], densities: dict[str, np.ndarray], bins: int) -> dict[str, Markup]:
-    """The overview's charts: two Pareto plots, error by position, firing densities."""
+    """The overview's charts: two Pareto plots, absorption and 1-sparse probing against L0 (when the
+    SAEBench metrics ran), error by position, firing densities."""
     charts = {
         "delta_loss_vs_l0": pareto_chart(entries, "delta_loss", "delta LM loss"),
         "fvu_vs_l0": pareto_chart(entries, "fvu", "FVU"),
     }
+    for key, chart, label, lower_better in (("absorption_rate", "absorption_vs_l0", "absorption rate", True),
+                                            ("probe_sae_top_1", "probe_vs_l0", "1-sparse probe accuracy", False)):
+        if any(_finite(e.value(key)) for e in entries):
+            charts[chart] = pareto_chart(entries, key, label, lower_better)
     if any(e.metrics.get("error_by_position") for e in entries):
         charts["error_by_position"] = position_chart(entries)
     if densities:

@@ -28,6 +28,14 @@ HEADLINE = (
     ("loss_recovered", "loss recovered", "{:.1%}"),
     ("dead_fraction", "dead", "{:.1%}"),
     ("dense_fraction", "dense", "{:.1%}"),
+    # SAEBench-style (token_journey.eval.saebench): first-letter absorption, split letters, k-sparse
+    # probe accuracy (k = 1, 5), duplicated decoder rows, decoder rows aligned with a token's unembedding.
+    ("absorption_rate", "absorption", "{:.1%}"),
+    ("split_fraction", "split letters", "{:.0%}"),
+    ("probe_sae_top_1", "probe k=1", "{:.1%}"),
+    ("probe_sae_top_5", "probe k=5", "{:.1%}"),
+    ("duplicate_fraction", "duplicates", "{:.1%}"),
+    ("token_feature_fraction", "token features", "{:.1%}"),
 )
 
 

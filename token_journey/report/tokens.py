@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from token_journey.lm import final_norm_gain
+
 _VISIBLE = {"\n": "\u21b5", "\r": "\u240d", "\t": "\u21e5"}
 
 
@@ -116,21 +118,6 @@ class TokenStrings:
             out.append((i, stop, text))
             i = stop
         return out
-
-
-def final_norm_gain(model: Any) -> torch.Tensor:
-    """The elementwise gain of the model's final RMSNorm, `[d_model]`, or ones if there is none.
-
-    Gemma's RMSNorm multiplies by `1 + weight` (its weights are stored zero-centred); Llama's
-    by `weight`.
-    """
-    norm = getattr(getattr(model, "model", model), "norm", None)
-    weight = getattr(norm, "weight", None)
-    d_model = model.get_output_embeddings().weight.shape[1]
-    if weight is None:
-        return torch.ones(d_model)
-    gain = weight.detach().float().cpu()
-    return gain + 1.0 if type(norm).__name__.startswith("Gemma") else gain
 
 
 def logit_effects(model: Any, directions: torch.Tensor, chunk: int = 256) -> Iterable[torch.Tensor]:
