@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ def test_tree_rss_counts_a_grandchild():
     grandchild = f"import time; b = bytearray(200 * 2**20); open({ready!r}, 'w').close(); time.sleep(30)"
     child_code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
     before = tree_rss_bytes(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", child_code])
+    child = subprocess.Popen([sys.executable, "-c", child_code], start_new_session=True)  # its own group, ended whole
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(ready) and time.monotonic() < deadline:
@@ -28,7 +29,7 @@ def test_tree_rss_counts_a_grandchild():
         assert tree_rss_bytes(os.getpid()) - before >= 200 * 2**20
         assert tree_rss_bytes(child.pid) >= 200 * 2**20
     finally:
-        child.kill()
+        os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         if os.path.exists(ready):
             os.remove(ready)
