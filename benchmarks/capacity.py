@@ -193,7 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["llama-3.2-1b"], choices=sorted(CONFIGS))
     ap.add_argument("--tokens", type=int, default=1024, help="corpus tokens harvested (train split)")
-    ap.add_argument("--eval-tokens", type=int, default=512, help="tokens evaluated")
+    ap.add_argument("--eval-tokens", type=int, default=256, help="tokens evaluated")
     ap.add_argument("--context", type=int, default=256, help="sequence length of the measurement (GPU profile: 1024)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per forward pass")
     ap.add_argument("--sae-batch", type=int, default=512, help="rows per timed SAE step (GPU profile: 4096)")
