@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -86,14 +85,13 @@ def test_features_from_trained_sae_folder(tmp_path):
     assert f'href="../report/resid_post/layer_1/tiny-relu.html#feature-{fid}"' in html
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
 def test_page_in_headless_chromium(nasty_journey, tmp_path):
+    """The page as a browser builds it (found on the PATH; under CI=true a missing browser fails)."""
+    from support.browser import require_browser
+
     page = write_journey(nasty_journey, tmp_path)
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    flags = [require_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
     assert dom.count('class="step"') == len(nasty_journey.run.steps)
