@@ -357,11 +357,18 @@ def test_chunk_size_bounds_the_logits():
     assert rows_per_chunk(256000) == 131 and rows_per_chunk(10**9) == 1
 
 
-def test_evaluation_does_not_depend_on_the_chunk_size(llama):
+@pytest.mark.parametrize("keep_clean", [True, False])
+def test_evaluation_does_not_depend_on_the_chunk_size(llama, monkeypatch, keep_clean):
+    """Nor on whether the batch keeps its clean log-probs for the SAEs' KL or recomputes them per SAE."""
+    from token_journey.eval import evaluate as evaluate_module
+
     ids = _sequences()
     rows = row_mask(ids, SPECIAL, exclude_first=1)
-    saes = {"rand": random_sae(llama.config.hidden_size)}
-    whole = evaluate_saes(llama, ids, rows, "resid_post", 1, saes, batch_size=2).saes["rand"]
-    small = evaluate_saes(llama, ids, rows, "resid_post", 1, saes, batch_size=2, chunk_bytes=2 * 320 * 4).saes["rand"]
-    for key in ("ce_clean", "ce_zero", "ce_sae", "kl", "loss_positions"):
-        assert small[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7)
+    saes = {"rand": random_sae(llama.config.hidden_size), "other": random_sae(llama.config.hidden_size, seed=1)}
+    whole = evaluate_saes(llama, ids, rows, "resid_post", 1, saes, batch_size=2).saes
+    if not keep_clean:
+        monkeypatch.setattr(evaluate_module, "CLEAN_KEEP_BYTES", 0)
+    small = evaluate_saes(llama, ids, rows, "resid_post", 1, saes, batch_size=2, chunk_bytes=2 * 320 * 4).saes
+    for name in saes:
+        for key in ("ce_clean", "ce_zero", "ce_sae", "kl", "loss_positions"):
+            assert small[name][key] == pytest.approx(whole[name][key], rel=1e-5, abs=1e-7)

@@ -26,8 +26,9 @@ Which positions count (the same rules as the harvest, `token_journey.data.corpus
 Memory: the passes stop at the final hidden state [batch, seq, d_model]; the LM head and the
 log-softmax run over the counted predictions in chunks of at most `LOGIT_CHUNK_BYTES` of float32
 logits, so a 128k-256k vocabulary never materialises [batch, seq, vocab]. KL needs the clean
-distribution of each chunk again: it is recomputed from the kept clean hidden states (one
-[chunk, d_model] x [d_model, vocab] product) instead of being stored for the whole batch.
+distribution of each chunk again: a batch keeps it when it fits in `CLEAN_KEEP_BYTES` (computed
+once, shared by every SAE), else each SAE recomputes it from the kept clean hidden states (one
+[chunk, d_model] x [d_model, vocab] product) so that memory stays bounded.
 """
 
 from __future__ import annotations
@@ -129,25 +130,42 @@ def rows_per_chunk(vocab_size: int, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> int
     return max(1, chunk_bytes // (4 * vocab_size))
 
 
-def chunked_losses(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   clean_hidden: torch.Tensor | None = None,
-                   chunk_bytes: int = LOGIT_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+CLEAN_KEEP_BYTES = 512 * 2**20
+"""Most float32 clean log-probs a batch keeps for its SAEs' KL (the default batch needs ~200 MB); above
+this each SAE recomputes them chunk by chunk from the clean hidden states."""
+
+
+def chunked_losses(model: nn.Module, hidden: torch.Tensor | None, targets: torch.Tensor,
+                   clean_hidden: torch.Tensor | None = None, chunk_bytes: int = LOGIT_CHUNK_BYTES,
+                   kept: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-prediction CE [M] at `targets` [M] from hidden states [M, d_model], and KL(clean || this) [M].
 
-    KL is computed when `clean_hidden` [M, d_model] is given. At most `chunk_bytes` of logits
-    (per distribution) exist at a time, whatever the vocabulary.
+    KL is computed when `clean_hidden` [M, d_model] is given; `hidden=None` means the clean pass
+    itself (CE only). At most `chunk_bytes` of logits (per distribution) exist at a time, whatever
+    the vocabulary. `kept`, one dict per batch, keeps the clean log-probs of each chunk (by its first
+    row) across calls, so the clean pass and every SAE of the batch compute them once.
     """
     step = rows_per_chunk(model.get_output_embeddings().weight.shape[0], chunk_bytes)
+
+    def clean_at(start: int) -> torch.Tensor:
+        if kept is not None and start in kept:
+            return kept[start]
+        log_p = head_log_probs(model, clean_hidden[start:start + step])
+        if kept is not None:
+            kept[start] = log_p
+        return log_p
+
     ce, kl = [], []
     for start in range(0, len(targets), step):
-        log_q = head_log_probs(model, hidden[start:start + step])
+        log_q = clean_at(start) if hidden is None else head_log_probs(model, hidden[start:start + step])
         ce.append(metrics.token_cross_entropy(log_q, targets[start:start + step]))
-        if clean_hidden is not None:
-            kl.append(metrics.token_kl(head_log_probs(model, clean_hidden[start:start + step]), log_q))
+        if hidden is not None and clean_hidden is not None:
+            kl.append(metrics.token_kl(clean_at(start), log_q))
         del log_q
+    with_kl = hidden is not None and clean_hidden is not None
     if not ce:  # no counted prediction in this batch
-        ce = kl = [hidden.new_zeros(0, dtype=torch.float32)]
-    return torch.cat(ce), (torch.cat(kl) if clean_hidden is not None else None)
+        ce = kl = [targets.new_zeros(0, dtype=torch.float32)]
+    return torch.cat(ce), (torch.cat(kl) if with_kl else None)
 
 
 def _replace_rows(rows: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -189,7 +207,9 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         return _final_hidden(model, input_ids, site, layer, replace)[:, :-1][counted]
 
     clean_hidden = clean_hidden[:, :-1][counted]  # (M, D)
-    clean.add(chunked_losses(model, clean_hidden, targets, chunk_bytes=chunk_bytes)[0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    kept: dict[int, torch.Tensor] | None = {} if len(targets) * vocab * 4 <= CLEAN_KEEP_BYTES else None
+    clean.add(chunked_losses(model, None, targets, clean_hidden, chunk_bytes, kept)[0])
     zero.add(chunked_losses(model, hidden_at(_replace_rows(rows, None)), targets, chunk_bytes=chunk_bytes)[0])
     x = recorded["act"][rows]  # (R, D)
     positions = rows.nonzero()[:, 1]  # (R,) index of each row within its sequence
@@ -200,7 +220,7 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
         x_hat = sae.decode(f)  # (R, D)
         states[name].loss.add(*chunked_losses(model, hidden_at(_replace_rows(rows, x_hat)), targets, clean_hidden,
-                                              chunk_bytes))
+                                              chunk_bytes, kept))
         states[name].recon.update(x.float(), x_hat.float(), f, positions)
         _sync(device)
         states[name].seconds += time.perf_counter() - start
