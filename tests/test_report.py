@@ -19,7 +19,7 @@ from support.report_inputs import CONTEXT, D_MODEL, D_SAE, DEAD, HOSTILE, MULTIB
 from token_journey.config.report import ReportConfig
 from token_journey.report import plots
 from token_journey.report.build import build_report
-from token_journey.report.dashboards import ContextBuilder
+from token_journey.report.dashboards import ContextBuilder, indexed_features
 from token_journey.report.feature_stats import FeatureStats, RowIndex, feature_stats, merge_topk, select_features
 from token_journey.report.labels import feature_label, frequent_tokens
 from token_journey.report.search import TokenFeatureIndex
@@ -358,6 +358,32 @@ def test_rendered_contexts_show_characters_not_replacement_marks(report_built, r
     text = (report_inputs.html / PAGE).read_text()
     assert "\ufffd" not in text
     assert "😀" in "".join(_Doc(text).texts)  # the fixture's emoji, joined from its 4 byte tokens, is in some context
+
+
+def test_indexed_features_by_hand():
+    counts = torch.tensor([0, 5, 2, 0, 5, 9, 1])
+    assert indexed_features(counts, 10) == [1, 2, 4, 5, 6]  # every alive one, in id order
+    assert indexed_features(counts, 3) == [1, 4, 5]  # the 3 most frequent; 1 and 4 tie at 5 and both fit
+    assert indexed_features(counts, 2) == [1, 5]  # the tie goes to the lower id
+
+
+def test_a_capped_index_lists_the_most_frequent_features_and_says_so(report_inputs, tmp_path):
+    import dataclasses
+
+    cfg = make(ReportConfig, n_index=1, n_random=0, n_strongest=1, n_dense=0, top_k=4, n_quantile_contexts=0, window=2,
+               n_logit_tokens=2, max_index_rows=5)
+    paths = dataclasses.replace(report_inputs, html=tmp_path / "html", summary=tmp_path / "summary.md")
+    build_report(cfg, paths, seed=0)
+    text = (paths.html / PAGE).read_text()
+    f, _ = _full_pass(report_inputs)
+    counts = (f != 0).sum(0)
+    alive = int((counts > 0).sum())
+    assert alive > 5  # the fixture has more alive features than the cap
+    frequent = sorted(range(D_SAE), key=lambda i: (-int(counts[i]), i))[:5]
+    rows = _FeatureRows(text).rows[1:]
+    assert [int(first) for first, _ in rows] == sorted(frequent)
+    assert f"The 5 of {alive} alive features that fire most" in " ".join(_Doc(text).texts).replace("\n", " ")
+    assert 'id="jump-note"' in text
 
 
 def test_a_matryoshka_sae_is_listed_as_matryoshka(tmp_path):

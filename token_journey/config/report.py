@@ -53,6 +53,10 @@ class ReportConfig:
     """A latent firing on more than this fraction of streamed tokens is dense (as eval.dense_threshold)."""
     search_features: int
     """Features kept per token in the page's token search (those with the largest activation on it)."""
+    max_index_rows: int
+    """Rows of the page's table of alive features: all of them up to this many, else the this-many
+    that fire most often. A Gemma-Scope-wide SAE (16k-1M latents) would otherwise spend most of the
+    report's time and size on that one table."""
     max_tokens: int
     """Eval-split activation rows streamed through each SAE to compute feature statistics."""
     batch_size: int
@@ -71,7 +75,8 @@ class ReportConfig:
     """Optional LLM-written explanations of the first features of each page (off when `explainer.model` is empty)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens", "search_features"):
+        for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens", "search_features",
+                     "max_index_rows"):
             if getattr(self, name) < 1:
                 raise TokenJourneyError(f"report.{name}={getattr(self, name)} must be at least 1")
         for name in ("n_index", "n_random", "n_strongest", "n_dense", "n_quantile_contexts", "window"):

@@ -110,13 +110,14 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, sae, cfg, seed)
     if explainer is not None:
         explain_dashboards(explainer, dashboards, [f for f, _ in features], chosen, stats, contexts, entry, loaded, seed)
-    index_rows = feature_index(stats, contexts, {f for f, _ in features}, cfg.dense_threshold)
+    index_rows = feature_index(stats, contexts, {f for f, _ in features}, cfg.dense_threshold, cfg.max_index_rows)
+    n_alive = int((stats.counts > 0).sum())
     density = stats.density.numpy()
     charts = {"density": density_chart({entry.name: density}, cfg.hist_bins)}
     if entry.metrics.get("error_by_position"):
         charts["error"] = position_chart([entry])
     return render_sae(env, entry, dashboards, index_rows, charts, stats.rows, cfg.dense_threshold,
-                      Markup(search_json(search, strings)), len(dense)), density
+                      Markup(search_json(search, strings)), len(dense), n_alive=n_alive), density
 
 
 def explain_dashboards(explainer: Explainer, dashboards: list[Dashboard], features: list[int], chosen: torch.Tensor,

@@ -168,13 +168,23 @@ def build_dashboards(stats: FeatureStats, features: list[tuple[int, str]], acts:
     return out
 
 
+def indexed_features(counts: torch.Tensor, limit: int) -> list[int]:
+    """The alive features `counts > 0` the table lists, in id order: all of them when at most `limit`,
+    else the `limit` that fire most often (ties to the lower id)."""
+    alive = torch.nonzero(counts > 0).flatten()
+    if len(alive) > limit:
+        order = torch.argsort(-counts[alive].double(), stable=True)  # alive is ascending: ties keep the lower id
+        alive = torch.sort(alive[order[:limit]]).values
+    return alive.tolist()
+
+
 def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int], dense_threshold: float,
-                  width: int = 4) -> list[dict[str, Any]]:
-    """A compact row for every alive feature (density, mean, max, best context), so any id is linkable;
-    dense latents are flagged."""
+                  limit: int, width: int = 4) -> list[dict[str, Any]]:
+    """A compact row for each alive feature (density, mean, max, best context), at most `limit` of them
+    (`indexed_features`), so any listed id is linkable; dense latents are flagged."""
     narrow = ContextBuilder(contexts.index, contexts.sequences, contexts.strings, width)
     rows = []
-    for feature in torch.nonzero(stats.counts > 0).flatten().tolist():
+    for feature in indexed_features(stats.counts, limit):
         best_row, best = int(stats.top_rows[0, feature]), float(stats.top_values[0, feature])
         ctx = narrow.build(best_row, None, best, best)
         anchor = next(i for i, c in enumerate(ctx.cells) if c.anchor)

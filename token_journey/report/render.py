@@ -50,17 +50,18 @@ def render_index(env: Environment, entries: Sequence[SaeEntry], facts: list[tupl
 
 def render_sae(env: Environment, entry: SaeEntry, dashboards: list[Any], index_rows: list[dict[str, Any]],
                charts: dict[str, Any], rows_streamed: int, dense_threshold: float, search: Markup = Markup("{}"),
-               n_dense: int = 0, note: str = "") -> str:
+               n_dense: int = 0, note: str = "", n_alive: int = 0) -> str:
     """One SAE's page with its feature browser; `root` is the relative way back to `index.html`.
 
     `search` is the token index as JSON (`search.search_json`, already safe inside a script
-    element); `n_dense` counts the SAE's dense latents.
+    element); `n_dense` counts the SAE's dense latents, `n_alive` its alive ones (the index table may
+    list fewer).
     """
     return env.get_template("sae.html").render(
         title=f"{entry.site} layer {entry.layer} {entry.name}", root="../../", entry=entry,
         columns=headline_columns(), row=headline_rows([entry])[0], dashboards=dashboards,
         index_rows=index_rows, charts=charts, rows_streamed=rows_streamed, dense_threshold=dense_threshold,
-        search=search, n_dense=n_dense, note=note)
+        search=search, n_dense=n_dense, note=note, n_alive=n_alive)
 
 
 def _md_cell(text: str) -> str:
