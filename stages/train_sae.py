@@ -1,11 +1,15 @@
-"""Stage train_sae: train one SAE on one layer's harvested activations.
+"""Stage train_sae: train a layer's SAEs on its harvested activations: `sae`, then the `family` members.
 
-Output: one SAE folder {sae.safetensors, cfg.json, train.json} under <paths.saes> (see token_journey.layout).
+Output: one SAE folder {sae.safetensors, cfg.json, train.json} per SAE under <paths.saes> (see
+token_journey.layout); a folder already trained with the same config on the same activations is kept.
 Sweeps: `python stages/train_sae.py -m layer=6 sae=topk,batchtopk sae.k=16,32,64`, `dvc exp run --queue
--S 'sae.lr=0.001,0.003'` or a wandb agent (conf/wandb-sweep.yaml); each member gets its own folder and
-wandb groups the members of one sweep (token_journey.sweeps). Data parallel:
+-S 'sae.lr=0.001,0.003'` or a wandb agent (conf/wandb-sweep.yaml); each member gets its own folder,
+wandb groups the members of one sweep (token_journey.sweeps), and a sweep of `sae` trains it without the
+family (token_journey.sae.family). Data parallel:
 `torchrun --nproc_per_node 2 stages/train_sae.py` (gloo on CPU) or `accelerate launch --multi_gpu ...`.
 """
+
+from dataclasses import asdict
 
 from omegaconf import OmegaConf
 
@@ -13,6 +17,7 @@ from token_journey.config import build
 from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
 from token_journey.layout import Layout
+from token_journey.sae.family import layer_saes, sweeps_sae
 from token_journey.sae.train_layer import train_layer
 from token_journey.stage import stage
 from token_journey.sweeps import current_member, sweep_name
@@ -20,16 +25,20 @@ from token_journey.sweeps import current_member, sweep_name
 
 @stage
 def main(cfg) -> None:
-    sae_cfg = build(SAEConfig, cfg.sae, "sae")
     config = OmegaConf.to_container(cfg, resolve=True)
     member = current_member(config)
+    sae_cfg = build(SAEConfig, cfg.sae, "sae")
+    saes = layer_saes(sae_cfg, sweep_name(sae_cfg.name, member.overrides), config.get("family") or {},
+                      sweeps_sae(member.overrides))
     layout = Layout.from_config(cfg.paths)
-    out = train_layer(
-        sae_cfg, activations=layout.activations, saes=layout.saes, timings=layout.timings, site=cfg.site,
-        layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=build(TrackingConfig, cfg.tracking, "tracking"),
-        name=sweep_name(sae_cfg.name, member.overrides), device=cfg.device, group=member.group, config=config,
-    )
-    print(f"trained {sae_cfg.architecture} SAE -> {out}")
+    tracking = build(TrackingConfig, cfg.tracking, "tracking")
+    for name, sae_cfg in saes:
+        out = train_layer(
+            sae_cfg, activations=layout.activations, saes=layout.saes, timings=layout.timings, site=cfg.site,
+            layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=tracking, name=name,
+            device=cfg.device, group=member.group, config={**config, "sae": asdict(sae_cfg)},
+        )
+        print(f"trained {sae_cfg.architecture} SAE -> {out}")
 
 
 if __name__ == "__main__":

@@ -101,9 +101,10 @@ def test_dag_end_to_end_on_cuda(tmp_path_factory):
                                 "evaluate@0", "evaluate@2", "report", "journey"}
     for layer in (0, 2):
         metrics = json.loads((project / f"reports/metrics/tiny/resid_post/layer_{layer}.json").read_text())
-        (entry,) = metrics["saes"].values()
-        assert 0 < entry["l0"] <= 64 and entry["fvu"] >= 0
-        assert len(list((project / f"models/saes/tiny/resid_post/layer_{layer}").glob("*/sae.safetensors"))) == 1
+        assert len(metrics["saes"]) == 3  # `sae` and the two family members
+        for entry in metrics["saes"].values():
+            assert 0 < entry["l0"] <= 64 and entry["fvu"] >= 0
+        assert len(list((project / f"models/saes/tiny/resid_post/layer_{layer}").glob("*/sae.safetensors"))) == 3
     assert (project / "reports/html/index.html").is_file()
     assert (project / "reports/summary.md").is_file()
     assert list((project / "reports/journey").glob("*.html"))

@@ -31,6 +31,7 @@ harvest: {{layers: [0, 2], batch_size: 8, shard_rows: 1024, row_group_rows: 256}
 layer: 0
 sae: {{width: 64, batch_size: 256, train_tokens: 4096, checkpoint_every: 8, eval_tokens: 1024, buffer_rows: 2048,
        lr_warmup_steps: 2, sparsity_warmup_steps: 4, log_every: 4}}
+family: {{topk-k128: {{k: 32}}}}
 eval: {{max_tokens: 512, batch_size: 8}}
 report: {{n_index: 1, n_random: 2, n_strongest: 2, n_dense: 1, max_tokens: 2000, top_k: 5}}
 journey: {{generation: {{max_new_tokens: 3}}}}
@@ -88,8 +89,11 @@ def test_dag_end_to_end_then_noop_then_experiment(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     for layer in (0, 2):
         metrics = json.loads((project / f"reports/metrics/tiny/resid_post/layer_{layer}.json").read_text())
-        (entry,) = metrics["saes"].values()
-        assert 0 < entry["l0"] <= 64 and entry["fvu"] >= 0
+        # `sae` and the two family members (conf/family/default.yaml, k 16 and 32 here), each evaluated.
+        assert set(metrics["saes"]) == {params["sae"]["name"], "topk-w64-k16", "topk-w64-k32"}
+        for entry in metrics["saes"].values():
+            assert 0 < entry["l0"] <= 64 and entry["fvu"] >= 0
+        assert metrics["saes"]["topk-w64-k16"]["l0"] <= 16 and metrics["saes"]["topk-w64-k32"]["l0"] <= 32
     assert (project / "reports/html/index.html").is_file()
     assert (project / "reports/summary.md").is_file()
     assert list((project / "reports/journey").glob("*.html"))

@@ -40,10 +40,11 @@ def acts_root(tmp_path_factory) -> Path:
     return root
 
 
-def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None,
+         family: str = "none") -> subprocess.CompletedProcess:
     flags = [e for e in extra if e.startswith("-")]
     args = [*(launcher or [sys.executable]), str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
-            "layer=0", "tracking=disabled", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
+            "layer=0", "tracking=disabled", f"family={family}", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
             "sae.train_tokens=640", "sae.eval_tokens=200", "sae.buffer_rows=256", "sae.checkpoint_every=4",
             f"hydra.run.dir={tmp / 'hydra'}", f"hydra.sweep.dir={tmp / 'multirun'}", *(e for e in extra if not e.startswith("-"))]
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=300)
@@ -62,6 +63,23 @@ def test_stage_writes_a_loadable_sae_folder_and_sweeps_do_not_collide(tmp_path, 
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     names = {p.name for p in find_saes(tmp_path / "saes", "resid_post", 0)}
     assert names == {"topk-w16-k2", "topk-w16-k2-lr0.001", "topk-w16-k2-lr0.003"}
+
+
+def test_the_stage_trains_the_family_and_only_what_is_not_trained_yet(tmp_path, acts_root):
+    done = _run(tmp_path, acts_root, "family.topk-k16.k=1", "family.topk-k128.k=4", family="default")
+    assert done.returncode == 0, done.stderr[-2000:]
+    folders = {p.name: p for p in find_saes(tmp_path / "saes", "resid_post", 0)}
+    assert set(folders) == {"topk-w16-k2", "topk-w16-k1", "topk-w16-k4"}
+    for folder in folders.values():  # every member on the run's budget (sae.*), with its own k
+        config = json.loads((folder / "train.json").read_text())["config"]
+        assert (config["width"], config["train_tokens"], config["batch_size"]) == (16, 640, 64)
+        assert config["k"] == int(folder.name.rsplit("k", 1)[1])
+    before = {name: (p / "sae.safetensors").stat().st_mtime_ns for name, p in folders.items()}
+    again = _run(tmp_path, acts_root, "family.topk-k16.k=1", "family.topk-k128.k=3", family="default")
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = {p.name: (p / "sae.safetensors").stat().st_mtime_ns for p in find_saes(tmp_path / "saes", "resid_post", 0)}
+    assert set(after) == set(before) | {"topk-w16-k3"}
+    assert {n: after[n] for n in before} == before  # the members already trained were kept, not retrained
 
 
 def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
