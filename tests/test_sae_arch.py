@@ -9,7 +9,7 @@ from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAESpec, StepContext
 from token_journey.sae.batchtopk import kth_largest
 from token_journey.sae.jumprelu import heaviside, jumprelu
-from token_journey.sae.registry import ARCHITECTURES, USES_K, build_sae
+from token_journey.sae.registry import ARCHITECTURES, USES_K, build_sae, encoder_of, is_transcoder
 from token_journey.sae.sparse import DENSE_ABOVE, Active, decode_at, encode_at
 
 D_IN, D_SAE, N = 6, 16, 10
@@ -25,6 +25,8 @@ def _sae(arch: str, k: int = 3, seed: int = 0):
         sae.b_enc.normal_(0, 0.1, generator=g)
         if sae.has_threshold:
             sae.threshold.uniform_(0.05, 0.3, generator=g)
+        if getattr(sae, "skip", False):  # a skip transcoder's linear map, away from its zero start
+            sae.W_skip.normal_(0, 0.3, generator=g)
     return sae
 
 
@@ -71,14 +73,16 @@ def test_jumprelu_ste_gradients_follow_the_rectangle_kernel():
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_training_step_equals_dense_loss_and_gradients(arch):
-    """The sparse training step has the loss and parameter gradients of a dense re-implementation."""
+    """The sparse training step has the loss and parameter gradients of a dense re-implementation
+    (a transcoder's against a target y that is not its input x)."""
     sae = _sae(arch)
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(2))
+    y = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(5)) + 0.5 if is_transcoder(arch) else None
     ctx = StepContext(sparsity_coefficient=0.05, dead=torch.arange(D_SAE) % 3 == 0, bandwidth=0.05,
                       extra={"auxk_alpha": 0.5, "k_aux": 2})
-    out = sae.training_step(x, ctx)
+    out = sae.training_step(x, ctx) if y is None else sae.training_step(x, ctx, y)
     grads = torch.autograd.grad(out.loss, list(sae.parameters()), allow_unused=True)
-    ref = _dense_loss(sae, x, ctx)
+    ref = _dense_loss(sae, x, ctx, y)
     ref_grads = torch.autograd.grad(ref, list(sae.parameters()), allow_unused=True)
     torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
     for name, got, want in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
@@ -88,33 +92,38 @@ def test_training_step_equals_dense_loss_and_gradients(arch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{arch} grad {name}")
 
 
-def _dense_loss(sae, x, ctx):
-    """Hand-written dense losses of each architecture (independent of the sparse kernels)."""
+def _dense_loss(sae, x, ctx, y=None):
+    """Hand-written dense losses of each architecture (independent of the sparse kernels).
+
+    y: a transcoder's target (None: x); a skip transcoder adds x W_skip^T to its output."""
+    y = x if y is None else y
+    skip = x @ sae.W_skip.t() if getattr(sae, "skip", False) else 0.0
     x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
     pre = x_in @ sae.W_enc + sae.b_enc
-    if sae.architecture == "jumprelu":
+    arch = encoder_of(sae.architecture)
+    if arch == "jumprelu":
         f = jumprelu(pre, sae.threshold.expand_as(pre), ctx.bandwidth)
         l0 = heaviside(pre, sae.threshold.expand_as(pre), ctx.bandwidth).sum() / x.shape[0]
-        return (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l0
-    if sae.architecture == "relu":
+        return (f @ sae.W_dec + sae.b_dec + skip - y).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l0
+    if arch == "relu":
         f = pre.relu()
         l1 = (f * sae.W_dec.norm(dim=1)).sum() / x.shape[0]
         return (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l1
-    if sae.architecture == "topk":
+    if arch == "topk":
         keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(sae.cfg.k, dim=1).indices, True)
     else:  # batchtopk, matryoshka: the k*N largest values of the whole batch
         cut = pre.flatten().topk(sae.cfg.k * x.shape[0]).values.min()
         keep = pre >= cut
     f = (pre * keep).relu()
-    x_hat = f @ sae.W_dec + sae.b_dec
-    total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
-    fvu = (x_hat - x).pow(2).sum(-1).mean() / total_var
-    if sae.architecture == "matryoshka":  # the mean FVU of the prefixes, each decoded from its own latents
+    x_hat = f @ sae.W_dec + sae.b_dec + skip
+    total_var = (y - y.mean(0)).pow(2).sum(-1).mean()
+    fvu = (x_hat - y).pow(2).sum(-1).mean() / total_var
+    if arch == "matryoshka":  # the mean FVU of the prefixes, each decoded from its own latents
         fvu = sum((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() / total_var
                   for m in PREFIXES) / len(PREFIXES)
     dead_pre = pre.masked_fill(~ctx.dead, float("-inf"))
     aux_keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, dead_pre.topk(2, dim=1).indices, True)
-    residual = (x - x_hat).detach()
+    residual = (y - x_hat).detach()
     e_hat = (pre * aux_keep).relu() @ sae.W_dec
     aux = (e_hat - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
     return fvu + ctx.extra["auxk_alpha"] * aux
@@ -133,6 +142,21 @@ def test_fold_scale_gives_the_same_function_on_raw_inputs(arch):
     sae.fold_scale(c)
     torch.testing.assert_close(sae.encode(x), f_norm / c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(x), x_hat_norm / c, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu_skip_transcoder", "topk_skip_transcoder"])
+def test_transcoder_fold_scale_takes_input_and_target_scales_apart(arch):
+    """Trained on (a x, c y), folded with (c, a): the same prediction of y from raw x, W_dec rows still unit norm."""
+    sae = _sae(arch)
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3)) * 7.0
+    a, c = 0.25, 3.0
+    f_scaled, y_scaled = sae.encode(a * x), sae(a * x)
+    sae.fold_scale(c, in_scale=a)
+    torch.testing.assert_close(sae(x), y_scaled / c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.encode(x), f_scaled / c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
 
 
 def test_topk_encode_keeps_k_and_batchtopk_encodes_per_token():

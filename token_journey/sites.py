@@ -11,6 +11,9 @@ Conventions, stated once for the whole project:
   residual stream. For Llama-like models that is the attention output projection and the MLP
   output; for Gemma 2/3 it is the output of the post-attention / post-feedforward norm. So in
   every family ``resid_post[L] = resid_pre[L] + attn_out[L] + mlp_out[L]``.
+- ``mlp_in`` is the MLP's input: the output of the pre-MLP norm (Llama's post_attention_layernorm,
+  Gemma's pre_feedforward_layernorm), read (and spliced) by a forward pre-hook on the ``mlp``
+  module. A transcoder maps ``mlp_in`` to ``mlp_out`` of the same layer.
 
 Capture uses forward hooks and stops the forward pass right after the deepest decoder layer
 needed, so no work is spent on later layers or on the LM head.
@@ -28,16 +31,20 @@ from torch import nn
 
 from token_journey.errors import TokenJourneyError
 
-SITES = ("resid_post", "attn_out", "mlp_out")
+SITES = ("resid_post", "attn_out", "mlp_in", "mlp_out")
+INPUT_SITES = frozenset({"mlp_in"})
+"""Sites read as a module's input (forward pre-hook) rather than its output."""
 
 
 @dataclass(frozen=True)
 class Family:
-    """Names of the decoder-layer submodules whose outputs are the `attn_out`/`mlp_out` sites."""
+    """Names of the decoder-layer submodules whose outputs are the `attn_out`/`mlp_out` sites
+    (and whose input is `mlp_in`)."""
 
     name: str
     attn_out_module: str
     mlp_out_module: str
+    mlp_module: str = "mlp"
 
 
 _LLAMA = Family("llama", attn_out_module="self_attn", mlp_out_module="mlp")
@@ -88,7 +95,8 @@ def _site_module(model: nn.Module, site: str, layer: int) -> nn.Module:
     if site == "resid_post":
         return block
     family = family_of(model)
-    return getattr(block, family.attn_out_module if site == "attn_out" else family.mlp_out_module)
+    name = {"attn_out": family.attn_out_module, "mlp_in": family.mlp_module, "mlp_out": family.mlp_out_module}[site]
+    return getattr(block, name)
 
 
 def _main_tensor(output: Any) -> torch.Tensor:
@@ -134,9 +142,19 @@ def capture(
 
         return hook
 
+    def make_pre_hook(point: tuple[str, int]) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: Any) -> None:
+            captured[point] = inputs[0].detach()
+
+        return hook
+
     try:
         for site, layer in points:
-            handles.append(_site_module(model, site, layer).register_forward_hook(make_hook((site, layer))))
+            module = _site_module(model, site, layer)
+            if site in INPUT_SITES:
+                handles.append(module.register_forward_pre_hook(make_pre_hook((site, layer))))
+            else:
+                handles.append(module.register_forward_hook(make_hook((site, layer))))
         # Registered last, so it runs after any capture hook on the same block.
         handles.append(decoder_layers(model)[deepest].register_forward_hook(_stop))
         try:
@@ -165,8 +183,15 @@ def splice(model: nn.Module, site: str, layer: int, replace: Callable[[torch.Ten
         new = replace(_main_tensor(output))
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = module.register_forward_hook(hook)
+    def pre_hook(_module: nn.Module, inputs: Any) -> Any:
+        return (replace(inputs[0]), *inputs[1:])
+
+    if site in INPUT_SITES:
+        handle = module.register_forward_pre_hook(pre_hook)
+    else:
+        handle = module.register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+

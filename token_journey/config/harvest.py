@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from token_journey.errors import TokenJourneyError
 
 DTYPES = ("float32", "float16", "bfloat16")
-SITES = ("resid_post", "attn_out", "mlp_out")
+SITES = ("resid_post", "attn_out", "mlp_in", "mlp_out")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -15,7 +15,8 @@ class HarvestConfig:
     layers: tuple[int, ...]
     """Decoder layers (0-based) to harvest; also drives the per-layer DVC stages."""
     sites: tuple[str, ...]
-    """Activation sites to harvest at every layer: resid_post | attn_out | mlp_out."""
+    """Activation sites to harvest at every layer: resid_post | attn_out | mlp_in | mlp_out (a transcoder needs
+    mlp_in and mlp_out of its layer)."""
     dtype: str
     """Storage dtype of the activation vectors on disk."""
     forward_dtype: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from token_journey.errors import TokenJourneyError
-from token_journey.sae.registry import USES_K, USES_PREFIXES, check_architecture, check_k, prefix_sizes
+from token_journey.sae.registry import USES_K, USES_PREFIXES, check_architecture, check_k, encoder_of, prefix_sizes
 
 B_DEC_INITS = ("mean", "geometric_median", "zeros")
 
@@ -13,7 +13,8 @@ B_DEC_INITS = ("mean", "geometric_median", "zeros")
 @dataclass(frozen=True, kw_only=True)
 class SAEConfig:
     architecture: str
-    """jumprelu | topk | batchtopk | matryoshka | relu."""
+    """jumprelu | topk | batchtopk | matryoshka | relu, or an MLP transcoder (site mlp_out, reading mlp_in):
+    jumprelu_transcoder | jumprelu_skip_transcoder | topk_transcoder | topk_skip_transcoder."""
     name: str
     """Folder name under models/saes/<model>/<site>/layer_<L>/ (sweeps add the swept values)."""
     width: int
@@ -84,7 +85,7 @@ class SAEConfig:
             raise TokenJourneyError(f"sae.b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}")
         if self.target_l0 < 0 or self.target_l0 > self.width:
             raise TokenJourneyError(f"sae.target_l0={self.target_l0} must be between 0 (off) and the width {self.width}")
-        if self.target_l0 and self.architecture != "jumprelu":
+        if self.target_l0 and encoder_of(self.architecture) != "jumprelu":
             fix = "set sae.k instead" if self.architecture in USES_K else "use sae=jumprelu-l0 or tune sae.sparsity_coefficient"
             raise TokenJourneyError(f"sae.target_l0={self.target_l0} applies to jumprelu only, not {self.architecture}; {fix}")
         if self.target_l0 and self.target_l0_penalty <= 0:

@@ -7,6 +7,9 @@ its rows are permuted, and batches are cut from that stream. So a batch mixes ro
 row groups of many shards, memory stays at one window whatever the number of shards, and the
 whole order is a pure function of (seed, row-group sizes): `batches(start_batch=n)` computes
 where batch n starts from the footers alone and reads only from there on (resume).
+
+`PairedLoader` does the same for a transcoder: rows of two sites of one layer (the MLP's input and
+output) matched token by token, the input beside the target in each row.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from token_journey.data.shards import Activations, read_shard
+from token_journey.data.shards import Activations, activation_tensor, read_shard
 from token_journey.errors import TokenJourneyError
 
 
@@ -99,3 +103,84 @@ class ShuffledLoader:
                 yield self._to_float(joined[: self.batch_size])
                 rest = joined[self.batch_size :]
                 pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
+
+
+def _keys(table: pa.Table) -> np.ndarray:
+    """One int64 per row naming its token: sequence_id * 2^20 + position (contexts are far below 2^20)."""
+    return table.column("sequence_id").to_numpy() * (1 << 20) + table.column("position").to_numpy()
+
+
+def pair_rows(table_in: pa.Table, table_out: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (into `table_in`, into `table_out`) of the tokens both tables hold, in token order.
+
+    Each site's harvest drops its own norm outliers, so two sites of one shard can hold different
+    tokens; pairing by (sequence_id, position) keeps exactly the tokens that are rows at both.
+    """
+    _, rows_in, rows_out = np.intersect1d(_keys(table_in), _keys(table_out), assume_unique=True, return_indices=True)
+    return rows_in, rows_out
+
+
+def _check_pairable(acts_in: Activations, acts_out: Activations) -> None:
+    """Both sites must come from one harvest run (same shards of the same sequences, same dtype)."""
+    a, b = acts_in.manifest, acts_out.manifest
+    if a.get("run_key") != b.get("run_key") or len(a["shards"]) != len(b["shards"]) or acts_in.dtype != acts_out.dtype:
+        raise TokenJourneyError(f"{acts_in.folder} and {acts_out.folder} were not harvested by the same run; harvest both "
+                                "sites together (harvest.sites lists both) and rerun harvest")
+
+
+def _paired_values(table: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """The activations of `rows` of a shard table [len(rows), d_model] in the storage dtype."""
+    column = table.column("activation").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), -1)[rows]
+
+
+class PairedLoader(ShuffledLoader):
+    """`ShuffledLoader` over the tokens two sites of one layer and split both hold (a transcoder's input and target).
+
+    Yields float32 [batch_size, d_in + d_out]: the input row, then the target row, of one token. The
+    unit of reading is a whole shard of both sites (pairs are matched per shard, `pair_rows`), and a
+    window holds at most `buffer_rows // 2` pairs, so memory stays that of a `ShuffledLoader`.
+    Resume (`batches(start_batch=n)`) works as there: the pair counts come from the id columns alone.
+    """
+
+    def __init__(self, acts_in: Activations, acts_out: Activations, batch_size: int, seed: int,
+                 buffer_rows: int = 262144) -> None:
+        if batch_size < 1 or buffer_rows < 1:
+            raise TokenJourneyError(f"batch_size={batch_size} and buffer_rows={buffer_rows} must be at least 1")
+        _check_pairable(acts_in, acts_out)
+        self.acts, self.acts_in = acts_out, acts_in
+        self.batch_size, self.seed, self.buffer_rows = batch_size, seed, max(1, buffer_rows // 2)
+        ids = ["sequence_id", "position"]
+        counts = [len(pair_rows(read_shard(a, ids), read_shard(b, ids))[0]) for a, b in zip(acts_in.paths, acts_out.paths)]
+        self.groups = [(shard, 0, n) for shard, n in enumerate(counts) if n > 0]
+        self.epoch_rows = sum(counts)
+        if self.epoch_rows == 0:
+            raise TokenJourneyError(f"{acts_in.folder} and {acts_out.folder} share no token rows; rerun harvest with more tokens")
+
+    def _load(self, window: list[int]) -> np.ndarray:
+        """The pairs of one window [pairs, d_in + d_out] in the storage dtype."""
+        parts = []
+        columns = ["activation", "sequence_id", "position"]
+        for index in window:
+            shard = self.groups[index][0]
+            table_in, table_out = read_shard(self.acts_in.paths[shard], columns), read_shard(self.acts.paths[shard], columns)
+            rows_in, rows_out = pair_rows(table_in, table_out)
+            parts.append(np.concatenate([_paired_values(table_in, rows_in),
+                                         _paired_values(table_out, rows_out)], axis=1))
+        return np.concatenate(parts)
+
+
+def paired_tensors(acts_in: Activations, acts_out: Activations, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_rows` tokens both sites hold, in shard order: (input [N, d_in], target [N, d_out]) float32."""
+    _check_pairable(acts_in, acts_out)
+    xs, ys, have = [], [], 0
+    columns = ["activation", "sequence_id", "position"]
+    for path_in, path_out in zip(acts_in.paths, acts_out.paths):
+        table_in, table_out = read_shard(path_in, columns), read_shard(path_out, columns)
+        rows_in, rows_out = pair_rows(table_in, table_out)
+        xs.append(activation_tensor(table_in.column("activation"), acts_in.dtype)[torch.from_numpy(rows_in)])
+        ys.append(activation_tensor(table_out.column("activation"), acts_out.dtype)[torch.from_numpy(rows_out)])
+        have += len(rows_in)
+        if have >= max_rows:
+            break
+    return torch.cat(xs)[:max_rows], torch.cat(ys)[:max_rows]

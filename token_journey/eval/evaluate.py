@@ -9,6 +9,11 @@ Per batch of eval sequences [batch, seq]:
 3. one *spliced* pass per SAE: the activation replaced by the SAE's reconstruction at the
    evaluated positions (the encode/decode is done once and reused for the metrics).
 
+A transcoder (site mlp_out) is spliced the same way, with its prediction from the MLP's input in
+place of the MLP's output: the clean pass also records `mlp_in` (upstream of the splice, so the
+spliced pass would see the same input), FVU is that of the MLP output, loss recovered is against the
+zero-ablated MLP output, and L0 counts its latents on the MLP input.
+
 So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE.
 
 Which positions count (the same rules as the harvest, `token_journey.data.corpus.row_mask` and
@@ -16,7 +21,8 @@ Which positions count (the same rules as the harvest, `token_journey.data.corpus
 - *evaluated positions* R [batch, seq] = `row_mask(input_ids, special_ids, exclude_first)`:
   real tokens, not BOS/EOS/pad, not among the first `exclude_first` real tokens, and (with
   `max_norm_ratio` > 0) not a norm outlier of its sequence, judged on the clean pass's
-  activations. These are the rows reconstruction metrics average over and the positions the
+  activations (with a transcoder among the SAEs, on both `mlp_in` and `mlp_out`, the rows its training
+  pairs). These are the rows reconstruction metrics average over and the positions the
   splice and the zero ablation replace; elsewhere the model keeps its own activation (the SAE
   never saw those).
 - *loss positions*: the logits at position t predict token t + 1, and that prediction counts
@@ -33,6 +39,7 @@ once, shared by every SAE), else each SAE recomputes it from the kept clean hidd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -50,6 +57,7 @@ from token_journey.errors import TokenJourneyError
 from token_journey.eval import metrics, saebench
 from token_journey.layout import Layout, eval_timing_file, layer_folder, metrics_file, pareto_file, train_timing_file, write_json
 from token_journey.lm import final_norm_gain, load_prepared
+from token_journey.sae.registry import TRANSCODER_INPUT_SITE, is_transcoder
 from token_journey.sites import check_point, splice
 
 log = logging.getLogger(__name__)
@@ -179,6 +187,11 @@ def _replace_rows(rows: torch.Tensor, values: torch.Tensor | None) -> Callable[[
     return replace
 
 
+def _is_transcoder(sae: nn.Module) -> bool:
+    """True for an SAE that reads the MLP's input and predicts its output."""
+    return is_transcoder(getattr(sae, "architecture", ""))
+
+
 def _sae_dtype(sae: nn.Module) -> torch.dtype:
     return next(sae.parameters()).dtype
 
@@ -194,12 +207,19 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
     """
     recorded: dict[str, torch.Tensor] = {}
 
-    def record(act: torch.Tensor) -> torch.Tensor:
-        recorded["act"] = act
-        return act
+    def recorder(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def record(act: torch.Tensor) -> torch.Tensor:
+            recorded[key] = act
+            return act
 
-    clean_hidden = _final_hidden(model, input_ids, site, layer, record)
+        return record
+
+    paired = any(_is_transcoder(sae) for sae in saes.values())
+    with splice(model, TRANSCODER_INPUT_SITE, layer, recorder("in")) if paired else contextlib.nullcontext():
+        clean_hidden = _final_hidden(model, input_ids, site, layer, recorder("act"))
     rows = drop_norm_outliers(recorded["act"], rows, max_norm_ratio)
+    if paired:  # training pairs only tokens that are rows at both sites
+        rows = drop_norm_outliers(recorded["in"], rows, max_norm_ratio)
     counted = rows[:, 1:]  # (B, T-1): prediction at t counts iff its target t + 1 is evaluated
     targets = input_ids[:, 1:][counted]  # (M,)
 
@@ -212,13 +232,19 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
     clean.add(chunked_losses(model, None, targets, clean_hidden, chunk_bytes, kept)[0])
     zero.add(chunked_losses(model, hidden_at(_replace_rows(rows, None)), targets, chunk_bytes=chunk_bytes)[0])
     x = recorded["act"][rows]  # (R, D)
+    x_in = recorded["in"][rows] if paired else None  # (R, D) the MLP's input, for transcoders
     positions = rows.nonzero()[:, 1]  # (R,) index of each row within its sequence
     device = input_ids.device
     for name, sae in saes.items():
         _sync(device)
         start = time.perf_counter()
-        f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
-        x_hat = sae.decode(f)  # (R, D)
+        if _is_transcoder(sae):
+            source = x_in.to(_sae_dtype(sae))
+            f = sae.encode(source)  # (R, F)
+            x_hat = sae.output(f, source)  # (R, D) the predicted MLP output
+        else:
+            f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
+            x_hat = sae.decode(f)  # (R, D)
         states[name].loss.add(*chunked_losses(model, hidden_at(_replace_rows(rows, x_hat)), targets, clean_hidden,
                                               chunk_bytes, kept))
         states[name].recon.update(x.float(), x_hat.float(), f, positions)

@@ -216,7 +216,8 @@ class ReconstructionTally:
 
 
 @torch.no_grad()
-def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: int = 0) -> dict[str, float]:
+def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: int = 0,
+                       target: torch.Tensor | None = None) -> dict[str, float]:
     """FVU, MSE, L0 and dead fraction of `sae` (anything with `encode`/`decode` and `W_dec`
     [d_sae, d_in]) on held-out rows `x` [N, d_in], moved to the SAE's device chunk by chunk and
     streamed through `ReconstructionTally` so the figures are the ones the evaluate stage defines.
@@ -224,15 +225,20 @@ def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: in
 
     `latents` > 0 keeps only the first `latents` latents (the others set to 0 after encoding): the
     figures of that prefix as an SAE of its own, which is what Matryoshka training optimises.
+    `target` [N, d_out] is what the output is scored against when it is not x (a transcoder's MLP
+    output); the output is then `sae.output(f, x)`, which adds a skip transcoder's linear term.
     """
     width = int(sae.W_dec.shape[0])
     kept = latents or width
     tally = ReconstructionTally(kept, context_size=1)
-    for part in x.split(chunk):
+    targets = x.split(chunk) if target is None else target.split(chunk)
+    for part, want in zip(x.split(chunk), targets):
         part = part.to(sae.W_dec.device).float()
         f = sae.encode(part)
         if kept < width:
             f[:, kept:] = 0
-        tally.update(part, sae.decode(f), f[:, :kept], torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
+        out = sae.decode(f) if target is None else sae.output(f, part)
+        tally.update(want.to(part.device).float(), out, f[:, :kept],
+                     torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
     result = tally.result()
     return {**{key: result[key] for key in ("fvu", "mse", "l0", "dead_fraction")}, "eval_tokens": tally.n}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from token_journey.layout import report_page
+from token_journey.sae.registry import is_transcoder
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ def load_saes(saes_root: Path | None, sites: list[dict[str, torch.Tensor]]) -> t
         for site, tensor in acts.items():
             for folder in find_saes(Path(saes_root), site, layer):
                 sae = load_sae(folder, device=tensor.device)
+                if is_transcoder(sae.architecture):  # it reads the MLP's input, which the journey does not hand over
+                    log.info("skipping transcoder %s: the journey shows SAE features only", folder)
+                    continue
                 if sae.cfg.d_in != tensor.shape[-1]:
                     log.warning("skipping %s: d_in %d != d_model %d", folder, sae.cfg.d_in, tensor.shape[-1])
                     continue

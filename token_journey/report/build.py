@@ -88,11 +88,14 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     """
     from token_journey.data.shards import open_activations
     from token_journey.sae.io import load_sae
+    from token_journey.sae.registry import TRANSCODER_INPUT_SITE, is_transcoder
 
     sae = load_sae(entry.folder, device=device)
     sae.eval()
+    # A transcoder's latents read the MLP's input: its features fire on those rows.
+    reads = TRANSCODER_INPUT_SITE if is_transcoder(sae.architecture) else entry.site
     try:
-        acts = open_activations(paths.activations, entry.site, entry.layer, split="eval")
+        acts = open_activations(paths.activations, reads, entry.layer, split="eval")
     except TokenJourneyError as exc:
         log.warning("no feature browser for %s: %s", entry.page, exc)
         charts = {"error": position_chart([entry])} if entry.metrics.get("error_by_position") else {}

@@ -117,14 +117,25 @@ class SAE(nn.Module):
         """Reconstruction x_hat [N, d_in] of latents f [N, d_sae]."""
         return torch.addmm(self.b_dec, f, self.W_dec)
 
+    def output(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the SAE writes at its site [N, d_in] from latents f [N, d_sae] of input x [N, d_in].
+
+        The reconstruction `decode(f)` for an SAE; a skip transcoder adds its linear map of x.
+        """
+        return self.decode(f)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        return self.decode(self.encode(x2)).reshape(shape)
+        return self.output(self.encode(x2), x2).reshape(shape)
 
     # ---- training ----------------------------------------------------------------------------
-    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
-        """Loss on a normalised batch x [N, d_in]; touches only the active latents."""
+    def training_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None = None) -> StepOutput:
+        """Loss on a normalised batch x [N, d_in]; touches only the active latents.
+
+        `target` [N, d_in] is what the output must match: x itself for an SAE (None), the MLP's output
+        for a transcoder. Only the architectures a transcoder can use as its encoder accept it.
+        """
         raise NotImplementedError
 
     def _sparse_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +162,8 @@ class SAE(nn.Module):
         b_dec = self.b_dec if self.apply_b_dec_to_input else None
         return encode_at(x, self.W_enc, self.b_enc, values, active, b_dec)
 
-    def _reconstruct(self, f: torch.Tensor, active: Active) -> torch.Tensor:
-        """x_hat [N, d_in] from latent values [nnz] at `active`."""
+    def _reconstruct(self, f: torch.Tensor, active: Active, x: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat [N, d_in] from latent values [nnz] at `active` (and the input x, which only a skip transcoder reads)."""
         return decode_at(f, self.W_dec, active) + self.b_dec
 
     @staticmethod

@@ -5,7 +5,9 @@ threshold), the same file hard-linked as `sae_weights.safetensors` (the name SAE
 `cfg.json` in SAELens v6 layout (with the v5 top-level keys too) plus a `token_journey` block,
 `train.json` with the training metrics, and `checksums.json` with the weights' sha256, which
 `load_sae` checks before it trusts the tensors. `load_sae` reads any of the four layouts into the
-same `SAE` classes.
+same `SAE` classes. A transcoder's folder is SAELens's transcoder layout: `W_dec [d_sae, d_out]`,
+`b_dec [d_out]`, a skip transcoder's `W_skip [d_out, d_in]`, and `d_out`, `hook_name` (its input) and
+`hook_name_out` (its output) in cfg.json.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import fresh_temp_folder, layer_folder, replace_folder, sha256_file
 from token_journey.sae.base import SAE, SAESpec
-from token_journey.sae.registry import build_sae
+from token_journey.sae.registry import TRANSCODER_INPUT_SITE, build_sae, encoder_of, is_transcoder
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +38,35 @@ CHECKSUMS = "checksums.json"
 GEMMA_SCOPE = "params.npz"
 # Our architecture -> the SAELens architecture that computes the same encoder at inference (BatchTopK and
 # Matryoshka encode with one global threshold; the prefixes matter only to training and stay in our block).
+# Transcoders: SAELens 6.x has JumpReLU transcoders (its `jumprelu_transcoder`, `jumprelu_skip_transcoder`) but no
+# TopK one, so a TopK transcoder's folder keeps our architecture name and only `load_sae` reads it.
 TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "topk": "topk",
-              "relu": "standard"}
-FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "batchtopk"}
-HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+              "relu": "standard", "jumprelu_transcoder": "jumprelu_transcoder",
+              "jumprelu_skip_transcoder": "jumprelu_skip_transcoder", "topk_transcoder": "topk_transcoder",
+              "topk_skip_transcoder": "topk_skip_transcoder"}
+FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "batchtopk",
+                "jumprelu_transcoder": "jumprelu_transcoder", "jumprelu_skip_transcoder": "jumprelu_skip_transcoder"}
+HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+         "mlp_in": "ln2.hook_normalized"}
 
 
 def hook_name(site: str, layer: int) -> str:
-    """TransformerLens hook name of a site (`blocks.<layer>.hook_resid_post`)."""
+    """TransformerLens hook name of a site (`blocks.<layer>.hook_resid_post`; mlp_in is `blocks.<layer>.ln2.hook_normalized`)."""
     return f"blocks.{layer}.{HOOKS.get(site, site)}"
 
 
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
-    """cfg.json that SAELens (v6, and v5 via the top-level keys) loads as it is."""
+    """cfg.json that SAELens (v6, and v5 via the top-level keys) loads as it is.
+
+    A transcoder's `hook_name` is where it reads (the MLP input) and `hook_name_out` where it writes,
+    as in SAELens's own transcoder configs; `d_out` is its output width.
+    """
     c = sae.cfg
-    hook = hook_name(c.site, c.layer)
+    transcoder = is_transcoder(c.architecture)
+    hook = hook_name(TRANSCODER_INPUT_SITE if transcoder else c.site, c.layer)
     meta = {"model_name": c.model, "hook_name": hook, "hook_head_index": None, "prepend_bos": False}
+    if transcoder:
+        meta["hook_name_out"] = hook_name(c.site, c.layer)
     cfg: dict[str, Any] = {
         "architecture": TO_SAELENS[c.architecture],
         "d_in": c.d_in,
@@ -68,7 +83,10 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
         "metadata": meta,
         "token_journey": c.to_dict(),
     }
-    if c.architecture == "topk":
+    if transcoder:
+        cfg["d_out"] = c.d_in
+        cfg["hook_name_out"] = meta["hook_name_out"]
+    if encoder_of(c.architecture) == "topk":
         cfg["k"] = c.k
         cfg["activation_fn_kwargs"] = {"k": c.k}
     return cfg
@@ -160,9 +178,13 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
             f"{path}: normalize_activations={cfg['normalize_activations']!r}; re-save it with the scale folded in"
         )
     meta = cfg.get("metadata") or {}
-    site, layer = _parse_hook(cfg.get("hook_name") or meta.get("hook_name", ""))
+    out_hook = "hook_name_out" if is_transcoder(FROM_SAELENS[arch]) else "hook_name"  # we file a transcoder by its output
+    site, layer = _parse_hook(cfg.get(out_hook) or meta.get(out_hook, ""))
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
     extra = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", arch != "jumprelu")), "source": "saelens"}
+    if int(cfg.get("d_out", cfg["d_in"])) != int(cfg["d_in"]):
+        raise TokenJourneyError(f"{path}: d_out={cfg['d_out']} differs from d_in={cfg['d_in']}; only MLP transcoders "
+                                "(input and output of the model's width) are supported")
     sae_cfg = SAESpec(
         FROM_SAELENS[arch], int(cfg["d_in"]), int(cfg["d_sae"]), k=int(k), name=path.name,
         model=cfg.get("model_name") or meta.get("model_name", ""), site=site, layer=layer, extra=extra,

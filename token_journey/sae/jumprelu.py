@@ -77,7 +77,8 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
 
-    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+    def training_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None = None) -> StepOutput:
+        y = x if target is None else target
         x_in, pre = self._sparse_pre(x)
         with torch.no_grad():
             active = Active.from_mask(pre > (self.threshold - ctx.bandwidth / 2))
@@ -85,8 +86,8 @@ class JumpReLUSAE(SAE):
         z = self._attach(x_in, values, active)
         theta = self.threshold.index_select(0, active.cols)  # backward: index_add_, deterministic on CPU threads
         f = jumprelu(z, theta, ctx.bandwidth)
-        x_hat = self._reconstruct(f, active)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
+        x_hat = self._reconstruct(f, active, x)
+        mse = (x_hat - y).pow(2).sum(-1).mean()
         l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
         penalty = (l0 / ctx.target_l0 - 1).pow(2) if ctx.target_l0 > 0 else l0
         loss = mse + ctx.sparsity_coefficient * penalty

@@ -13,10 +13,22 @@ from token_journey.errors import TokenJourneyError
 if TYPE_CHECKING:
     from token_journey.sae.base import SAE, SAESpec
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "matryoshka", "relu")
+TRANSCODERS = {"jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu",
+               "topk_transcoder": "topk", "topk_skip_transcoder": "topk"}
+"""Transcoder architectures (named as SAELens names its JumpReLU ones) -> the SAE architecture of their encoder.
+
+A transcoder reads the MLP's input (`TRANSCODER_INPUT_SITE`) and predicts its output (`TRANSCODER_SITE`);
+a `skip` one adds a linear map of its input, `x W_skip^T` (see `token_journey/sae/transcoder.py`)."""
+
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "matryoshka", "relu", *TRANSCODERS)
 """Architecture names (`cfg.json`'s `architecture`, the `sae.architecture` config key); `sae_class` maps each to its class."""
 
-USES_K = frozenset({"topk", "batchtopk", "matryoshka"})
+TRANSCODER_INPUT_SITE = "mlp_in"
+"""The site a transcoder reads: the MLP's input, after its pre-MLP norm."""
+TRANSCODER_SITE = "mlp_out"
+"""The site a transcoder predicts (and whose folders, evaluation and report it belongs to)."""
+
+USES_K = frozenset({"topk", "batchtopk", "matryoshka", "topk_transcoder", "topk_skip_transcoder"})
 """Architectures whose encoder keeps k latents per token (k is ignored by the others)."""
 
 USES_PREFIXES = frozenset({"matryoshka"})
@@ -27,6 +39,24 @@ def check_architecture(architecture: str) -> None:
     """A one-line error unless `architecture` is registered."""
     if architecture not in ARCHITECTURES:
         raise TokenJourneyError(f"sae.architecture={architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+
+
+def encoder_of(architecture: str) -> str:
+    """The SAE architecture whose encoder and training step `architecture` uses (itself for a plain SAE)."""
+    return TRANSCODERS.get(architecture, architecture)
+
+
+def is_transcoder(architecture: str) -> bool:
+    """True for the architectures that map `TRANSCODER_INPUT_SITE` to `TRANSCODER_SITE`."""
+    return architecture in TRANSCODERS
+
+
+def check_site(architecture: str, site: str) -> None:
+    """A one-line error when a transcoder is asked to predict anything but the MLP output."""
+    if is_transcoder(architecture) and site != TRANSCODER_SITE:
+        raise TokenJourneyError(f"sae.architecture={architecture} predicts the MLP output from its input: run it with "
+                                f"site={TRANSCODER_SITE} (and harvest.sites including {TRANSCODER_INPUT_SITE} and "
+                                f"{TRANSCODER_SITE}), not site={site}")
 
 
 def check_k(architecture: str, k: int, width: int) -> None:
@@ -68,8 +98,9 @@ def sae_class(architecture: str) -> type[SAE]:
     from token_journey.sae.matryoshka import MatryoshkaSAE
     from token_journey.sae.relu import ReLUSAE
     from token_journey.sae.topk import TopKSAE
+    from token_journey.sae.transcoder import TRANSCODER_CLASSES
 
-    classes = (JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, ReLUSAE)
+    classes = (JumpReLUSAE, TopKSAE, BatchTopKSAE, MatryoshkaSAE, ReLUSAE, *TRANSCODER_CLASSES)
     return {cls.architecture: cls for cls in classes}[architecture]
 
 

@@ -24,15 +24,16 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOutput:
+    def training_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None = None) -> StepOutput:
+        y = x if target is None else target
         x_in, pre = self._sparse_pre(x)
         with torch.no_grad():
             values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         active = Active.from_topk(indices, self.cfg.d_sae)
         f = self._attach(x_in, values.reshape(-1), active).relu()
-        x_hat = self._reconstruct(f, active)
-        err = x_hat - x
-        total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        x_hat = self._reconstruct(f, active, x)
+        err = x_hat - y
+        total_var = (y - y.mean(0)).pow(2).sum(-1).mean()
         mse = err.pow(2).sum(-1).mean()
         aux = self._auxk(x_in, pre, err.detach(), ctx)
         loss = mse / total_var + ctx.extra.get("auxk_alpha", 1 / 32) * aux

@@ -6,7 +6,8 @@ decay, a sparsity coefficient warmed up linearly, gradient clipping, unit-norm d
 the gradient component parallel to each row removed, dead-latent tracking over a token window,
 checkpoints every N steps that resume exactly, and a refusal to go on (or save) after a
 non-finite loss. Data is any `batches(start_batch) -> iterator of [batch, d_in]` tensors, so the
-Parquet shard loader and synthetic test data plug in the same way. With torch.distributed
+Parquet shard loader and synthetic test data plug in the same way; a transcoder's batches are
+[batch, 2 d_in], its input beside its target (`PairedLoader`), each half scaled by its own scalar. With torch.distributed
 initialised, each rank takes its slice of every global batch and gradients are averaged.
 """
 
@@ -28,7 +29,7 @@ from token_journey.distributed import current_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAE, SAESpec, StepContext
 from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
-from token_journey.sae.registry import USES_K, USES_PREFIXES, build_sae, prefix_sizes
+from token_journey.sae.registry import USES_K, USES_PREFIXES, build_sae, encoder_of, is_transcoder, prefix_sizes
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch:
             device: torch.device | str = "cpu", **meta: Any) -> SAE:
     """An initialised SAE for normalised inputs on `device` (meta: name, model, site, layer).
 
-    The initial weights are drawn on the CPU, so they do not depend on the device.
+    The initial weights are drawn on the CPU, so they do not depend on the device. For a transcoder
+    `stats` and `first_batch` [N, d_in] describe its target (the MLP output), where b_dec lives.
     """
     prefixes = prefix_sizes(cfg.prefixes, cfg.width) if cfg.architecture in USES_PREFIXES else ()
     sae_cfg = SAESpec(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in USES_K else 0,
@@ -112,7 +114,7 @@ def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch:
     else:
         b_dec = None
     sae.init_weights(torch.Generator(device="cpu").manual_seed(seed), b_dec)
-    if sae.architecture == "jumprelu":
+    if encoder_of(sae.architecture) == "jumprelu":
         with torch.no_grad():
             sae.threshold.fill_(cfg.threshold_init)
     return sae
@@ -130,7 +132,7 @@ def _constrain_grad(sae: SAE) -> None:
 def _after_step(sae: SAE) -> None:
     if sae.unit_norm_decoder:
         sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if sae.architecture == "jumprelu":
+    if encoder_of(sae.architecture) == "jumprelu":
         sae.threshold.clamp_(min=0.0)
 
 
@@ -180,10 +182,11 @@ def to_device(batches: Iterator[torch.Tensor], device: torch.device, rank: int, 
         yield current
 
 
-def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, checkpoint_dir: Path | None = None,
-          tracker: Any = None, stop_after: int | None = None) -> dict[str, Any]:
+def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_stats: DataStats | None = None,
+          checkpoint_dir: Path | None = None, tracker: Any = None, stop_after: int | None = None) -> dict[str, Any]:
     """Train `sae` (already initialised for normalised inputs) for `cfg.steps` steps, then fold the scale in.
 
+    A transcoder needs `in_stats`, the statistics of its input, besides `stats` of its target.
     Resumes from `checkpoint_dir` when it holds a checkpoint of the same config. `stop_after`
     ends early after that many steps without folding (to simulate a killed run in tests).
     Returns training figures: steps, tokens, tokens_per_s, last losses, train L0 and dead fraction.
@@ -193,6 +196,11 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
     if cfg.batch_size % world:
         raise TokenJourneyError(f"sae.batch_size={cfg.batch_size} must divide evenly over {world} processes")
     scale = stats.scale
+    paired = is_transcoder(sae.architecture)
+    if paired and in_stats is None:
+        raise TokenJourneyError(f"{sae.architecture} needs the statistics of its input (in_stats) to train")
+    in_scale = in_stats.scale if paired and in_stats is not None else scale
+    d_in = sae.cfg.d_in
     # The fused Adam kernel is ~5x faster than the foreach one on CPU (one pass per tensor).
     fused = sae.W_enc.device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
@@ -216,10 +224,12 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
         x = next(data).float()
         if x.shape[0] * world != cfg.batch_size:
             raise TokenJourneyError(f"data gave a batch of {x.shape[0] * world} rows, expected sae.batch_size={cfg.batch_size}")
-        x = x * scale
         ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth,
                           threshold_weight_at(cfg, step), extra, cfg.target_l0)
-        out = sae.training_step(x, ctx)
+        if paired:  # [input | target]
+            out = sae.training_step(x[:, :d_in] * in_scale, ctx, x[:, d_in:] * scale)
+        else:
+            out = sae.training_step(x * scale, ctx)
         if not torch.isfinite(out.loss.detach()):
             raise TokenJourneyError(
                 f"loss became {float(out.loss.detach())} at step {step}; nothing saved. Last good checkpoint: "
@@ -258,7 +268,10 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, check
                 save_checkpoint(checkpoint_dir, step + 1, sae, opt, since_fired, fingerprint(cfg, sae))
             last_ckpt = checkpoint_dir
     if stop_after is None:
-        sae.fold_scale(scale)
+        if paired:
+            sae.fold_scale(scale, in_scale)
+        else:
+            sae.fold_scale(scale)
     return {"steps": end, "train_tokens": end * cfg.batch_size, "tokens_per_s": tokens / max(seconds, 1e-9),
             "processes": world, **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"}}
 

@@ -26,6 +26,7 @@ from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.layout import Location, checkpoint_folder, dataclass_json, sae_folder, sha256_file, short_hash, train_timing_file, write_json
 from token_journey.sae.io import save_sae
+from token_journey.sae.registry import TRANSCODER_INPUT_SITE, check_site, is_transcoder
 from token_journey.sae.train import DataStats, new_sae, train
 from token_journey.sites import SITES
 from token_journey.tracking import start_run
@@ -83,11 +84,13 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
     so an SAE trained twice from the same inputs is the same bytes.
     """
-    from token_journey.data.loader import ShuffledLoader
+    from token_journey.data.loader import PairedLoader, ShuffledLoader, paired_tensors
     from token_journey.data.shards import open_activations
 
     if site not in SITES:
         raise TokenJourneyError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
+    check_site(cfg.architecture, site)
+    paired = is_transcoder(cfg.architecture)
     target = select_device(device)
     rank = join_processes(target).index
     acts = open_activations(activations, site, layer, "train")
@@ -95,11 +98,20 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     if held_out.d_model != acts.d_model:
         raise TokenJourneyError(f"eval split d_model {held_out.d_model} != train {acts.d_model}; rerun harvest")
     stats = data_stats(acts.manifest, acts.d_model)
-    loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
+    in_stats = None
+    if paired:  # a transcoder reads the MLP input of the same tokens and predicts `site`
+        acts_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "train")
+        held_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "eval")
+        in_stats = data_stats(acts_in.manifest, acts_in.d_model)
+        loader: ShuffledLoader = PairedLoader(acts_in, acts, cfg.batch_size, seed, cfg.buffer_rows)
+    else:
+        loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
+    if first is not None and paired:
+        first = first[:, acts.d_model:]  # b_dec lives in the target's space
     sae = new_sae(cfg, acts.d_model, stats, seed, first, device=target, name=name, model=model, site=site, layer=layer)
     out_dir = sae_folder(saes, site, layer, name)
-    key = activations_key(acts.manifest)
+    key = activations_key(acts.manifest) if not paired else short_hash([activations_key(acts_in.manifest), activations_key(acts.manifest)])
     if _already_trained(out_dir, cfg, key):
         log.info("%s is already trained with this config on these activations; kept as is", out_dir)
         return out_dir
@@ -108,9 +120,13 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
     # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
     # multi-process run restarts with all processes at the same step and weights.
-    info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt, tracker=run)
+    info = train(sae, loader.batches, stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt, tracker=run)
     if rank == 0:
-        metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
+        if paired:
+            x_in, y = paired_tensors(held_in, held_out, cfg.eval_tokens)
+            metrics = sae_reconstruction(sae, x_in, target=y)
+        else:
+            metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
         speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
         write_json(train_timing_file(timings, site, layer, name), speed)
         train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
