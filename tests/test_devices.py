@@ -17,7 +17,7 @@ from token_journey.config.sae import SAEConfig
 from token_journey.distributed import first_host, select_device, slurm_environment
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
-from token_journey.sae.registry import ARCHITECTURES, USES_K
+from token_journey.sae.registry import ARCHITECTURES, USES_K, is_transcoder
 from token_journey.sae.train import DataStats, new_sae, train
 
 D_IN, WIDTH, BATCH, STEPS = 8, 32, 64, 12
@@ -33,7 +33,7 @@ def _rows(seed: int, n: int) -> torch.Tensor:
 def _cfg(arch: str) -> SAEConfig:
     return make_sae(arch, name=arch, width=WIDTH, k=4, batch_size=BATCH, train_tokens=BATCH * STEPS,
                     lr=0.01, lr_warmup_steps=2, sparsity_warmup_steps=3, checkpoint_every=5, dead_window_tokens=BATCH * 4,
-                    log_every=4, coefficient=0.02 if arch == "jumprelu" else 0.05, k_aux=16)
+                    log_every=4, coefficient=0.02 if arch.startswith("jumprelu") else 0.05, k_aux=16)
 
 
 @pytest.fixture
@@ -49,9 +49,14 @@ def meta_default():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_training_creates_every_tensor_on_the_sae_device(arch, tmp_path, meta_default):
     torch.set_default_device(None)  # the data is made (on the CPU) before the guard goes up
+    paired = is_transcoder(arch)  # a transcoder's rows: input beside target (here twice the input)
     data = [_rows(100 + i, BATCH) for i in range(STEPS)]
+    if paired:
+        data = [torch.cat([x, 2 * x], 1) for x in data]
     held_out = _rows(7, 512)
-    stats = DataStats(held_out.mean(0), float(held_out.pow(2).sum(1).mean()))
+    target = 2 * held_out if paired else held_out
+    stats = DataStats(target.mean(0), float(target.pow(2).sum(1).mean()))
+    in_stats = DataStats(held_out.mean(0), float(held_out.pow(2).sum(1).mean())) if paired else None
     torch.set_default_device("meta")
     assert torch.empty(1).device.type == "meta"  # the guard is up
 
@@ -63,10 +68,10 @@ def test_training_creates_every_tensor_on_the_sae_device(arch, tmp_path, meta_de
     sae = new_sae(cfg, D_IN, stats, seed=0, device=cpu)
     before = sae.W_dec.detach().clone()
     # Stop, checkpoint and resume: the checkpoint's tensors and optimizer scalars are covered too.
-    train(sae, batches, stats, cfg, checkpoint_dir=tmp_path / "ckpt", stop_after=6)
+    train(sae, batches, stats, cfg, in_stats=in_stats, checkpoint_dir=tmp_path / "ckpt", stop_after=6)
     resumed = new_sae(cfg, D_IN, stats, seed=0, device=cpu)
-    info = train(resumed, batches, stats, cfg, checkpoint_dir=tmp_path / "ckpt")
-    metrics = sae_reconstruction(resumed, held_out)
+    info = train(resumed, batches, stats, cfg, in_stats=in_stats, checkpoint_dir=tmp_path / "ckpt")
+    metrics = sae_reconstruction(resumed, held_out, target=target if paired else None)
 
     assert info["steps"] == STEPS
     assert {p.device for p in resumed.parameters()} == {cpu}
