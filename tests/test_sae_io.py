@@ -83,6 +83,95 @@ def test_matryoshka_folder_loads_in_saelens_itself(tmp_path):
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x))
 
 
+def _random_transcoder(arch: str):
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=3 if arch.startswith("topk") else 0, name=f"{arch}-x", model="m",
+                            site="mlp_out", layer=3))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 0.5 - 0.1)
+        if sae.has_threshold:
+            sae.threshold.fill_(0.3)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["jumprelu_transcoder", "jumprelu_skip_transcoder"])
+def test_transcoders_follow_saelens_transcoder_rules(tmp_path, arch):
+    """What SAELens's `SAE.load_from_disk` does with a transcoder folder, restated from its transcoder code
+    (sae-lens 6.54.12, `sae_lens/saes/transcoder.py`): cfg.json's architecture picks `JumpReLUTranscoder` or
+    `JumpReLUSkipTranscoder`; its config refuses apply_b_dec_to_input=True and reads d_out; the weights must be
+    exactly its parameters (strict load_state_dict): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out],
+    b_dec [d_out], threshold [d_sae], and for the skip one W_skip [d_out, d_in]. It encodes
+    relu(pre) * (pre > threshold) with pre = x W_enc + b_enc (x never shifted by b_dec), decodes f W_dec + b_dec,
+    and the skip transcoder's forward adds x W_skip^T. hook_name is where it reads, hook_name_out where it writes."""
+    sae = _random_transcoder(arch)
+    folder = save_sae(sae, tmp_path / arch)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["apply_b_dec_to_input"], cfg["normalize_activations"]) == (arch, False, "none")
+    assert (cfg["d_in"], cfg["d_out"], cfg["d_sae"]) == (D_IN, D_IN, D_SAE)
+    assert (cfg["hook_name"], cfg["hook_name_out"]) == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")
+    t = load_file(str(folder / "sae_weights.safetensors"))
+    shapes = {"W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,), "threshold": (D_SAE,)}
+    if "skip" in arch:
+        shapes["W_skip"] = (D_IN, D_IN)
+    assert {k: tuple(v.shape) for k, v in t.items()} == shapes
+    x = torch.randn(40, D_IN, generator=torch.Generator().manual_seed(4))
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = pre.relu() * (pre > t["threshold"])
+    assert 0 < int((f != 0).sum()) < f.numel()
+    out = f @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if "skip" in arch else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), f)
+        torch.testing.assert_close(sae(x), out)
+    back = load_sae(folder)
+    assert back.cfg == sae.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), out)
+
+
+def test_topk_transcoders_round_trip_through_our_loader(tmp_path):
+    """SAELens has no TopK transcoder: the folder keeps our name, and our loader gives the same function back."""
+    sae = _random_transcoder("topk_skip_transcoder")
+    folder = save_sae(sae, tmp_path / "t")
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "topk_skip_transcoder"
+    x = torch.randn(9, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(load_sae(folder)(x), sae(x))
+        assert int((sae.encode(x) != 0).sum(1).max()) <= 3
+
+
+def test_a_saelens_skip_transcoder_folder_loads_with_its_function(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+         "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_IN, generator=g),
+         "threshold": torch.rand(D_SAE, generator=g), "W_skip": torch.randn(D_IN, D_IN, generator=g)}
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"architecture": "jumprelu_skip_transcoder", "d_in": D_IN, "d_out": D_IN, "d_sae": D_SAE,
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "model_name": "gemma-2-2b",
+           "hook_name": "blocks.7.ln2.hook_normalized", "hook_name_out": "blocks.7.hook_mlp_out"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(tmp_path)
+    x = torch.randn(5, D_IN)
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = pre.relu() * (pre > t["threshold"])
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), f @ t["W_dec"] + t["b_dec"] + x @ t["W_skip"].T)
+    assert (sae.cfg.site, sae.cfg.layer, sae.cfg.architecture) == ("mlp_out", 7, "jumprelu_skip_transcoder")
+
+
+def test_skip_transcoder_folder_loads_in_saelens_itself(tmp_path):
+    """Where sae-lens is installed: its own loader gives our transcoder's encoder and output."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = _random_transcoder("jumprelu_skip_transcoder")
+    folder = save_sae(sae, tmp_path / "s")
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    assert type(theirs).__name__ == "JumpReLUSkipTranscoder"
+    x = torch.randn(40, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x))
+        torch.testing.assert_close(theirs(x), sae(x))
+
+
 def test_saving_nan_weights_is_refused(tmp_path):
     sae = _random("relu")
     with torch.no_grad():
