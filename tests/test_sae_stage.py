@@ -89,7 +89,7 @@ def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
     bad_site = _run(tmp_path, acts_root, "site=resid_pots")
     assert bad_site.returncode == 2 and "Traceback" not in bad_site.stderr
     assert bad_site.stderr.strip().splitlines()[-1] == (
-        "error: unknown site 'resid_pots'; valid sites: resid_post, attn_out, mlp_out")
+        "error: unknown site 'resid_pots'; valid sites: resid_post, attn_out, mlp_in, mlp_out")
 
 
 def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_path, acts_root):

@@ -86,7 +86,7 @@ def test_splice_changes_downstream_and_identity_does_not(tiny):
 
 @pytest.mark.parametrize(
     "site, layer, message",
-    [("resid_mid", 0, "unknown site 'resid_mid'; valid sites: resid_post, attn_out, mlp_out"),
+    [("resid_mid", 0, "unknown site 'resid_mid'; valid sites: resid_post, attn_out, mlp_in, mlp_out"),
      ("resid_post", 3, "layer 3 is out of range; this model has layers 0..2"),
      ("resid_post", -1, "layer -1 is out of range")],
 )
