@@ -82,7 +82,8 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     Returns the folder's path. `activations` is the harvest root: a local folder or an object-store
     URI (`s3://bucket/prefix`). Under a launcher each process trains on its own GPU (LOCAL_RANK).
     The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
-    so an SAE trained twice from the same inputs is the same bytes.
+    so an SAE trained twice from the same inputs is the same bytes. A transcoder (`site` must be
+    mlp_out) trains on the layer's mlp_in rows paired token by token with its mlp_out rows.
     """
     from token_journey.data.loader import PairedLoader, ShuffledLoader, paired_tensors
     from token_journey.data.shards import open_activations
