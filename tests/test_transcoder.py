@@ -281,6 +281,8 @@ def test_pipeline_trains_evaluates_and_reports_a_skip_transcoder(harvested, tmp_
                   seed=0, tracking=make(TrackingConfig, mode="disabled"), name=cfg.name, device="cpu")
     with pytest.raises(TokenJourneyError, match="site=mlp_out"):
         train_layer(cfg, site="resid_post", **common)
+    with pytest.raises(TokenJourneyError, match=r"reads mlp_in at layer 1, which was not harvested; .*harvest.sites"):
+        train_layer(cfg, site="mlp_out", **{**common, "activations": tmp_path / "no-acts"})
     folder = train_layer(cfg, site="mlp_out", **common)
     sae = load_sae(folder)
     assert sae.architecture == "jumprelu_skip_transcoder" and sae.W_skip.abs().sum() > 0

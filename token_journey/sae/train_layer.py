@@ -19,12 +19,23 @@ from typing import Any
 
 import torch
 
+from token_journey import storage
 from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
 from token_journey.distributed import join_processes, select_device
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
-from token_journey.layout import Location, checkpoint_folder, dataclass_json, sae_folder, sha256_file, short_hash, train_timing_file, write_json
+from token_journey.layout import (
+    Location,
+    activations_folder,
+    checkpoint_folder,
+    dataclass_json,
+    sae_folder,
+    sha256_file,
+    short_hash,
+    train_timing_file,
+    write_json,
+)
 from token_journey.sae.io import save_sae
 from token_journey.sae.registry import TRANSCODER_INPUT_SITE, check_site, is_transcoder
 from token_journey.sae.train import DataStats, new_sae, train
@@ -86,12 +97,15 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     mlp_out) trains on the layer's mlp_in rows paired token by token with its mlp_out rows.
     """
     from token_journey.data.loader import PairedLoader, ShuffledLoader, paired_tensors
-    from token_journey.data.shards import open_activations
+    from token_journey.data.shards import MANIFEST, open_activations
 
     if site not in SITES:
         raise TokenJourneyError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}")
     check_site(cfg.architecture, site)
     paired = is_transcoder(cfg.architecture)
+    if paired and not storage.is_file(activations_folder(activations, TRANSCODER_INPUT_SITE, layer) / MANIFEST):
+        raise TokenJourneyError(f"{cfg.architecture} reads {TRANSCODER_INPUT_SITE} at layer {layer}, which was not "
+                                f"harvested; run harvest with 'harvest.sites=[{TRANSCODER_INPUT_SITE},{site}]'")
     target = select_device(device)
     rank = join_processes(target).index
     acts = open_activations(activations, site, layer, "train")
