@@ -286,8 +286,9 @@ def test_pipeline_trains_evaluates_and_reports_a_skip_transcoder(harvested, tmp_
     folder = train_layer(cfg, site="mlp_out", **common)
     sae = load_sae(folder)
     assert sae.architecture == "jumprelu_skip_transcoder" and sae.W_skip.abs().sum() > 0
-    document, _ = evaluate_layer(make(EvalConfig, saebench=False), layout, "mlp_out", 1, device="cpu")
+    document, _ = evaluate_layer(make(EvalConfig, saebench_rows=256), layout, "mlp_out", 1, device="cpu")
     m = document["saes"]["skip-tc"]
+    assert "absorption_rate" not in m  # SAEBench's metrics are for SAEs
     assert m["architecture"] == "jumprelu_skip_transcoder" and 0 <= m["fvu"] < 1 and m["l0"] > 0
     assert np.isfinite(m["delta_loss"]) and m["ce_zero"] != m["ce_clean"]
     [entry] = gather_saes(layout.saes, layout.metrics)

@@ -477,7 +477,12 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
         # Token directions as the residual stream sees them: logit_v is proportional to <x, g * W_U_v>
         # for the final norm's gain g (see `token_journey.report.tokens.logit_effects`).
         w_u = model.get_output_embeddings().weight.detach().float().cpu() * final_norm_gain(model)
-        bench = saebench_metrics({name: sae for name, (_, sae) in subjects.items()}, x, token_ids, loaded.tokenizer, w_u)
+        # Not for transcoders: absorption compares decoder rows with a probe on the activation the latents
+        # read, and a transcoder reads the MLP's input but writes its output.
+        plain = {name: sae for name, (_, sae) in subjects.items() if not _is_transcoder(sae)}
+        if len(plain) < len(subjects):
+            log.info("SAEBench metrics skipped for the transcoders %s", sorted(set(subjects) - set(plain)))
+        bench = saebench_metrics(plain, x, token_ids, loaded.tokenizer, w_u)
     saes = {}
     for name, entry in result.saes.items():
         folder, sae = subjects[name]
