@@ -299,3 +299,29 @@ def test_pipeline_trains_evaluates_and_reports_a_skip_transcoder(harvested, tmp_
         want = (sae.encode(x_in) != 0).float().mean(0).numpy()
     np.testing.assert_allclose(density, want, rtol=1e-6)
     assert 'id="feature-' in html
+
+
+def test_journey_shows_a_transcoders_features_on_the_mlp_input_and_never_steers_with_it(tmp_path):
+    from support.tiny import tiny_tokenizer
+    from token_journey.config.journey import GenerationConfig, JourneyConfig
+    from token_journey.journey import run_journey
+    from token_journey.journey.sae_hits import top_features
+    from token_journey.sae.io import save_sae
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    tc = _transcoder("jumprelu_skip_transcoder")
+    with torch.no_grad():
+        tc.threshold.fill_(0.05)
+    save_sae(tc, tmp_path / "mlp_out" / "layer_1" / "tc")
+    gen = make(GenerationConfig, temperature=1.0, max_new_tokens=2)
+    journey = run_journey(model, tokenizer, make(JourneyConfig, text="The word travelled", generation=gen),
+                          saes_root=tmp_path, progress=False)
+    [hits] = journey.features
+    ids = tokenizer("The word travelled", return_tensors="pt").input_ids
+    mlp_in = capture(model, ids, [("mlp_in", 1)])["mlp_in", 1][0]
+    want = top_features(tc, mlp_in, 5)  # journey.feature_top
+    assert (hits.site, hits.layer) == ("mlp_out", 1) and any(want)
+    assert [[i for i, _ in row] for row in hits.top] == [[i for i, _ in row] for row in want]
+    with pytest.raises(TokenJourneyError, match="layer 1 has no SAE; layers with SAEs: none"):
+        run_journey(model, tokenizer, make(JourneyConfig, text="The word", generation=gen, steer=("1:3=6",)),
+                    saes_root=tmp_path, progress=False)

@@ -109,9 +109,10 @@ def decoder_layer(
         mlp_norm = block.post_attention_layernorm
     mid = rec.add("residual add", "h = x + attn", x + attn_out, L + "resid_mid", layer, 0, T * d)
     name = "pre-feedforward RMSNorm" if spec.gemma else "post-attention RMSNorm"
-    mlp_out = mlp(rec, spec, block, _norm(rec, spec, name, mlp_norm, mid, L + "norm_mlp", layer), layer)
+    mlp_in = _norm(rec, spec, name, mlp_norm, mid, L + "norm_mlp", layer)
+    mlp_out = mlp(rec, spec, block, mlp_in, layer)
     if spec.gemma:
         mlp_out = _norm(rec, spec, "post-feedforward RMSNorm", block.post_feedforward_layernorm, mlp_out,
                         L + "mlp_post_norm", layer)
     out = rec.add("residual add", "out = h + mlp", mid + mlp_out, L + "resid_post", layer, 0, T * d)
-    return {"attn_out": attn_out, "mlp_out": mlp_out, "resid_post": out}, probs
+    return {"attn_out": attn_out, "mlp_in": mlp_in, "mlp_out": mlp_out, "resid_post": out}, probs

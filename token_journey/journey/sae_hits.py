@@ -1,7 +1,8 @@
 """SAE features active on each token at each layer, when the pipeline has trained SAEs.
 
 `load_saes` finds every SAE folder under `<paths.saes>` whose (site, layer) the model has and
-loads it once; `sae_features` encodes the recomputed activation `[T, d_model]` with each and keeps
+loads it once; `sae_features` encodes the recomputed activation `[T, d_model]` with each (a transcoder
+at mlp_out: the recomputed MLP input) and keeps
 the strongest latents per token, each with the link to its dashboard in the report
 (`layout.report_page`, relative to the journey page's folder). Steering and attribution reuse the
 same loaded SAEs.
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from token_journey.layout import report_page
-from token_journey.sae.registry import is_transcoder
+from token_journey.sae.registry import TRANSCODER_INPUT_SITE, is_transcoder
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ class LayerSAE:
     name: str
     sae: Any
     """A `token_journey.sae.base.SAE` (encode/decode, `W_dec [d_sae, d_in]`, `b_dec [d_in]`)."""
+
+    @property
+    def reads(self) -> str:
+        """The site its latents are computed from: `site`, or for a transcoder (at mlp_out) the MLP's input."""
+        return TRANSCODER_INPUT_SITE if is_transcoder(getattr(self.sae, "architecture", "")) else self.site
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,6 @@ def load_saes(saes_root: Path | None, sites: list[dict[str, torch.Tensor]]) -> t
         for site, tensor in acts.items():
             for folder in find_saes(Path(saes_root), site, layer):
                 sae = load_sae(folder, device=tensor.device)
-                if is_transcoder(sae.architecture):  # it reads the MLP's input, which the journey does not hand over
-                    log.info("skipping transcoder %s: the journey shows SAE features only", folder)
-                    continue
                 if sae.cfg.d_in != tensor.shape[-1]:
                     log.warning("skipping %s: d_in %d != d_model %d", folder, sae.cfg.d_in, tensor.shape[-1])
                     continue
@@ -90,5 +93,5 @@ def load_saes(saes_root: Path | None, sites: list[dict[str, torch.Tensor]]) -> t
 
 
 def sae_features(saes: list[LayerSAE], sites: list[dict[str, torch.Tensor]], k: int, report_root: str) -> list[FeatureHits]:
-    """The `k` strongest latents of each SAE on each token of its (site, layer) activation."""
-    return [FeatureHits(s.site, s.layer, s.name, top_features(s.sae, sites[s.layer][s.site], k), report_root) for s in saes]
+    """The `k` strongest latents of each SAE on each token of the activation it reads (a transcoder: mlp_in)."""
+    return [FeatureHits(s.site, s.layer, s.name, top_features(s.sae, sites[s.layer][s.reads], k), report_root) for s in saes]

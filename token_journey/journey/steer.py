@@ -29,15 +29,16 @@ from token_journey.sites import SITES, decoder_layers, splice
 
 def layer_sae(saes: list[LayerSAE], layer: int) -> LayerSAE | None:
     """The SAE that steering and attribution use at `layer`: its resid_post SAE first, then the
-    other sites in `SITES` order, several SAEs of one site by name."""
-    here = [s for s in saes if s.layer == layer]
+    other sites in `SITES` order, several SAEs of one site by name. Never a transcoder: both edit
+    the activation an SAE reads and writes, and a transcoder reads one activation and writes another."""
+    here = [s for s in saes if s.layer == layer and s.reads == s.site]
     return min(here, key=lambda s: (SITES.index(s.site) if s.site in SITES else len(SITES), s.name), default=None)
 
 
 def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[tuple[LayerSAE, list[Edit]]]:
     """Group the edits by layer with the SAE each uses, or stop with one line on a bad spec."""
     plan: dict[int, tuple[LayerSAE, list[Edit]]] = {}
-    with_saes = sorted({s.layer for s in saes})
+    with_saes = sorted({s.layer for s in saes if s.reads == s.site})
     for edit in edits:
         if not 0 <= edit.layer < n_layers:
             raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} is out of range; this model has layers 0..{n_layers - 1}")
