@@ -9,7 +9,10 @@ Per batch of eval sequences [batch, seq]:
 3. one *spliced* pass per SAE: the activation replaced by the SAE's reconstruction at the
    evaluated positions (the encode/decode is done once and reused for the metrics).
 
-So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE.
+So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE. Only the
+clean pass runs the whole model: the others resume from what it handed to the decoder layers from
+the site on (`token_journey.sites.resume`), so at layer L of n they run the last n - L layers (n - L - 1
+for resid_post) and the head: the same operations on the same inputs as a full pass.
 
 Which positions count (the same rules as the harvest, `token_journey.data.corpus.row_mask` and
 `drop_norm_outliers`):
@@ -50,7 +53,7 @@ from token_journey.errors import TokenJourneyError
 from token_journey.eval import metrics, saebench
 from token_journey.layout import Layout, eval_timing_file, layer_folder, metrics_file, pareto_file, train_timing_file, write_json
 from token_journey.lm import final_norm_gain, load_prepared
-from token_journey.sites import check_point, splice
+from token_journey.sites import check_point, record_layer_inputs, resume, splice
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +201,22 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         recorded["act"] = act
         return act
 
-    clean_hidden = _final_hidden(model, input_ids, site, layer, record)
+    # The zero-ablated and spliced passes differ from the clean one only from the site on, so they
+    # resume from the clean pass's state there: after layer L for resid_post, else at layer L's input.
+    resume_at = layer + 1 if site == "resid_post" else layer
+    with record_layer_inputs(model, resume_at) as inputs:
+        clean_hidden = _final_hidden(model, input_ids, site, layer, record)
     rows = drop_norm_outliers(recorded["act"], rows, max_norm_ratio)
     counted = rows[:, 1:]  # (B, T-1): prediction at t counts iff its target t + 1 is evaluated
     targets = input_ids[:, 1:][counted]  # (M,)
 
     def hidden_at(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # (M, D) at the counted predictions
-        return _final_hidden(model, input_ids, site, layer, replace)[:, :-1][counted]
+        if site == "resid_post":
+            final = resume(model, inputs, replace(recorded["act"]), resume_at)
+        else:
+            with splice(model, site, layer, replace):
+                final = resume(model, inputs, inputs.hidden, resume_at)
+        return final[:, :-1][counted]
 
     clean_hidden = clean_hidden[:, :-1][counted]  # (M, D)
     vocab = model.get_output_embeddings().weight.shape[0]
