@@ -417,14 +417,19 @@ def saebench_metrics(saes: Mapping[str, nn.Module], x: torch.Tensor, token_ids: 
                      w_u: torch.Tensor) -> dict[str, dict]:
     """`saebench.sae_metrics` of every SAE on rows `x` with tokens `token_ids`, each with its `saebench_seconds`.
 
-    Token texts are decoded one id at a time (a token's own text, as the labelled tasks need).
+    Token texts are decoded one id at a time (a token's own text, as the labelled tasks need). The
+    probes on the raw activations do not depend on the SAE, so they are fitted once for all SAEs
+    (their time is logged, not counted in any SAE's `saebench_seconds`).
     """
     decoded = {t: tokenizer.decode([t]) for t in sorted(set(token_ids.tolist()))}
     texts = [decoded[t] for t in token_ids.tolist()]
+    start = time.perf_counter()
+    raw = saebench.raw_probes(x, token_ids, texts)
+    log.info("SAEBench probes on the raw activations: %.1f s", time.perf_counter() - start)
     out = {}
     for name, sae in saes.items():
         start = time.perf_counter()
-        out[name] = saebench.sae_metrics(sae, x, token_ids, texts, w_u)
+        out[name] = saebench.sae_metrics(sae, x, token_ids, texts, w_u, raw=raw)
         out[name]["saebench_seconds"] = time.perf_counter() - start
         log.info("SAEBench metrics of %s: %.1f s", name, out[name]["saebench_seconds"])
     return out
