@@ -11,13 +11,18 @@ where batch n starts from the footers alone and reads only from there on (resume
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from token_journey.data.shards import Activations, read_shard
 from token_journey.errors import TokenJourneyError
+
+T = TypeVar("T")
 
 
 class ShuffledLoader:
@@ -99,3 +104,49 @@ class ShuffledLoader:
                 yield self._to_float(joined[: self.batch_size])
                 rest = joined[self.batch_size :]
                 pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
+
+
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """`items` in the same order, produced up to `depth` ahead by a background thread.
+
+    The loader's work (Parquet reads, page checksums, the shuffle's row gathers) then overlaps the
+    training step that consumes the batches: in a JumpReLU run at the default 250k tokens it was a
+    tenth of the loop, all of it on the step's critical path. Parquet, numpy and torch release the GIL
+    for that work. An exception in the producer is raised here, at the item where it happened; closing
+    this generator (or dropping it) stops the thread.
+    """
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: tuple) -> bool:
+        """Queue `entry` unless the consumer has stopped; whether it was queued."""
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            offer((done, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()

@@ -83,7 +83,7 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     The training speed goes to `layout.train_timing_file` under `timings`, not into the SAE folder,
     so an SAE trained twice from the same inputs is the same bytes.
     """
-    from token_journey.data.loader import ShuffledLoader
+    from token_journey.data.loader import ShuffledLoader, prefetched
     from token_journey.data.shards import open_activations
 
     if site not in SITES:
@@ -108,7 +108,7 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
     # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
     # multi-process run restarts with all processes at the same step and weights.
-    info = train(sae, loader.batches, stats, cfg, checkpoint_dir=ckpt, tracker=run)
+    info = train(sae, lambda start: prefetched(loader.batches(start)), stats, cfg, checkpoint_dir=ckpt, tracker=run)
     if rank == 0:
         metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
         speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
