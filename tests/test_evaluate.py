@@ -139,19 +139,31 @@ def test_spliced_loss_matches_an_independent_reference(llama, max_norm_ratio):
     assert result["l0"] == pytest.approx(metrics.l0(sae.encode(x_rows)))
 
 
-def test_several_saes_share_one_sweep(llama):
-    """k SAEs over n batches cost n * (k + 2) forward passes: clean + zero + one spliced pass each."""
+@pytest.mark.parametrize("site, resume_at", [("resid_post", 2), ("mlp_out", 1)])
+def test_several_saes_share_one_sweep(llama, site, resume_at):
+    """k SAEs over n batches cost n * (k + 2) passes: clean + zero + one spliced pass each, where only
+    the clean pass runs the layers before the site's and every other pass resumes there."""
     ids = _sequences(n_seq=6)
     rows = row_mask(ids, SPECIAL, exclude_first=1)
-    d = llama.config.hidden_size
-    calls = []
-    handle = llama.get_decoder().register_forward_hook(lambda *_: calls.append(1))  # one call per forward pass
+    d, layer = llama.config.hidden_size, 1
+    calls: dict[str, int] = {}
+
+    def counter(name):
+        return lambda *_: calls.__setitem__(name, calls.get(name, 0) + 1)
+
+    modules = {f"layer {i}": block for i, block in enumerate(decoder_layers(llama))}
+    modules["norm"] = llama.get_decoder().norm  # every pass ends in the final norm
+    handles = [module.register_forward_hook(counter(name)) for name, module in modules.items()]
     try:
         saes = {f"s{i}": random_sae(d, seed=i) for i in range(3)}
-        result = evaluate_saes(llama, ids, rows, "resid_post", 2, saes, batch_size=4)
+        result = evaluate_saes(llama, ids, rows, site, layer, saes, batch_size=4)
     finally:
-        handle.remove()
-    assert len(calls) == 2 * (3 + 2) == result.sweep["forward_passes"] * 2
+        for handle in handles:
+            handle.remove()
+    batches, passes = 2, 3 + 2
+    assert result.sweep["forward_passes"] == passes
+    assert calls == {"norm": batches * passes,
+                     **{f"layer {i}": batches * (passes if i >= resume_at else 1) for i in range(len(decoder_layers(llama)))}}
     assert set(result.saes) == set(saes)
     assert all(m["eval_tokens_per_s"] > 0 for m in result.saes.values())
 

@@ -49,7 +49,7 @@ def acts_root(tmp_path_factory) -> Path:
 def _cmd(acts: Path, out: Path, launcher: list[str]) -> list[str]:
     # ~950 rows per epoch against 60 x 64: four epochs, each in 4+ buffer windows.
     return [*launcher, str(REPO / "stages/train_sae.py"), f"paths.activations={acts}", f"paths.saes={out / 'saes'}",
-            f"layer={LAYER}", "site=resid_post", "model.name=tiny", "device=cpu", "tracking=disabled", "sae=topk",
+            f"layer={LAYER}", "site=resid_post", "model.name=tiny", "device=cpu", "tracking=disabled", "family=none", "sae=topk",
             "sae.width=64", "sae.k=4", "sae.k_aux=16", f"sae.batch_size={BATCH}", f"sae.train_tokens={BATCH * STEPS}",
             "sae.eval_tokens=256", "sae.buffer_rows=256", "sae.lr_warmup_steps=5", "sae.dead_window_tokens=1024",
             f"sae.checkpoint_every={EVERY}", f"hydra.run.dir={out / 'hydra'}"]

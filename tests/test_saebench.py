@@ -160,3 +160,33 @@ def test_report_shows_the_saebench_figures() -> None:
     keys = [key for key, _, _ in HEADLINE]
     assert entries[0].cells()[keys.index("absorption_rate")] == "40.0%"
     assert "absorption_vs_l0" not in overview_charts([SaeEntry("resid_post", 15, "plain", metrics={"l0": 1.0, "fvu": 0.1})], {}, 10)
+
+
+def test_probes_shared_by_several_saes_give_each_its_own_result() -> None:
+    """`raw_probes` fitted once and handed to `sae_metrics` gives what each SAE's metrics compute alone,
+    and its raw-probe accuracies are the ones `sparse_probing` fits without it."""
+    from token_journey.sae.base import SAESpec
+    from token_journey.sae.registry import build_sae
+
+    words = [" " * (i % 2) + "abc"[i % 3] + "x" * (i // 3) for i in range(180)] + ["42", " def", "7", " Dog", " return"]
+    gen = torch.Generator().manual_seed(4)
+    n, d = 1500, 12
+    token_ids = torch.cat([torch.arange(len(words)), torch.randint(0, len(words), (n - len(words),), generator=gen)])
+    texts = [words[t] for t in token_ids.tolist()]
+    x = torch.randn(n, d, generator=gen) + torch.nn.functional.one_hot(token_ids % 3, d).float() * 4  # the first letter
+    w_u = torch.randn(len(words), d, generator=gen)
+    saes = []
+    for seed in (0, 1):
+        sae = build_sae(SAESpec("relu", d, 24))
+        sae.init_weights(torch.Generator().manual_seed(seed))
+        saes.append(sae)
+    raw = saebench.raw_probes(x, token_ids, texts)
+    assert raw.letter_probe is not None and raw.llm["leading_space"] is not None
+    alone = saebench.sparse_probing(x, saes[0].encode(x).detach(), saebench.token_labels(texts))
+    assert {name: task and task["llm"] for name, task in alone["tasks"].items()} == raw.llm
+    for sae in saes:
+        shared = saebench.sae_metrics(sae, x, token_ids, texts, w_u, raw=raw)
+        assert shared == saebench.sae_metrics(sae, x, token_ids, texts, w_u)
+        f = sae.encode(x).detach()
+        own_probe = saebench.absorption(x[raw.unique], f[raw.unique], raw.letters, sae.W_dec.detach())  # fits its own probe
+        assert own_probe["letters"] and shared["saebench"]["first_letter"] == own_probe

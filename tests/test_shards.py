@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from token_journey.data.loader import ShuffledLoader
+from token_journey.data.loader import ShuffledLoader, prefetched
 from token_journey.data.shards import ShardWriter, open_activations, write_manifest
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import activations_folder
@@ -77,6 +77,48 @@ def test_loader_is_a_deterministic_resumable_shuffle(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again, first))
     other = next(ShuffledLoader(acts, 48, seed=8, buffer_rows=160).batches())
     assert not torch.equal(other, first[0])
+
+
+def test_prefetched_batches_are_the_loaders_batches(tmp_path):
+    """The background thread hands over exactly the loader's batches, in order, from any start."""
+    _write(tmp_path, 4)
+    loader = ShuffledLoader(open_activations(tmp_path, "resid_post", 3), batch_size=48, seed=7, buffer_rows=64)
+    for start in (0, 9):
+        plain, ahead = loader.batches(start), prefetched(loader.batches(start), depth=3)
+        for _ in range(20):  # several epochs of 256 rows, several windows each
+            assert torch.equal(next(ahead), next(plain))
+        ahead.close()
+
+
+def test_prefetched_raises_the_producers_error_in_place_and_stops_when_closed():
+    import threading
+    import time
+
+    def items():
+        yield 1
+        yield 2
+        raise TokenJourneyError("shard 3 is damaged")
+
+    got = []
+    with pytest.raises(TokenJourneyError, match="shard 3 is damaged"):
+        for item in prefetched(items()):
+            got.append(item)
+    assert got == [1, 2]
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield len(produced)
+
+    ahead = prefetched(endless(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [1, 2, 3]
+    ahead.close()
+    time.sleep(0.5)
+    count = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == count <= 3 + 2 + 1  # stopped: at most depth (+ the one it was offering) ahead
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
 
 
 def test_a_batch_mixes_many_shards_and_sequences(tmp_path):

@@ -93,3 +93,61 @@ def test_splice_changes_downstream_and_identity_does_not(tiny):
 def test_bad_points_are_named(tiny, site, layer, message):
     with pytest.raises(TokenJourneyError, match=message.replace("(", r"\(").replace(".", r"\.")):
         capture(tiny, _ids(tiny), [(site, layer)])
+
+
+def _perturb(act: torch.Tensor) -> torch.Tensor:
+    """A splice that changes every position differently (so a wrong mask or rotary table shows)."""
+    g = torch.Generator().manual_seed(5)
+    return act + torch.randn(act.shape, generator=g) * act.abs().mean()
+
+
+@pytest.mark.parametrize("family, attention", [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"),
+                                               ("gemma3", "eager"), ("gemma3", "sdpa")])  # Gemma 2 has no sdpa
+def test_resume_equals_the_full_spliced_pass(family, attention):
+    """Resuming a recorded pass at the site gives the decoder output of a full pass with the splice.
+
+    Gemma 3 gets a global layer between sliding ones (sliding window 4 < 9 tokens), so each layer
+    must get its own mask and rotary table; Gemma 2 has its logit soft-capping and alternating layers.
+    """
+    from support.tiny import tiny_model
+    from token_journey.sites import record_layer_inputs, resume
+
+    extra = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]} if family == "gemma3" else {}
+    model = tiny_model(family, **extra)
+    model.set_attn_implementation(attention)
+    ids = _ids(model, batch=3, seq=9)
+    decoder = model.get_decoder()
+    n = len(decoder_layers(model))
+    for site in SITES:
+        for layer in range(n):
+            recorded = {}
+
+            def record(act, recorded=recorded):
+                recorded["act"] = act
+                return act
+
+            start = layer + 1 if site == "resid_post" else layer
+            with torch.inference_mode():
+                with record_layer_inputs(model, start) as inputs, splice(model, site, layer, record):
+                    clean = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                with splice(model, site, layer, _perturb):
+                    full = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                if site == "resid_post":
+                    fast = resume(model, inputs, _perturb(recorded["act"]), start)
+                    again = resume(model, inputs, recorded["act"], start)
+                else:
+                    with splice(model, site, layer, _perturb):
+                        fast = resume(model, inputs, inputs.hidden, start)
+                    again = resume(model, inputs, inputs.hidden, start)
+            assert not torch.allclose(full, clean, atol=1e-3), (site, layer)  # the splice matters downstream
+            torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6, msg=f"{family} {site} {layer}")
+            torch.testing.assert_close(again, clean, rtol=1e-6, atol=1e-6, msg=f"{family} {site} {layer} clean")
+
+
+def test_resume_refuses_a_layer_before_the_recording(tiny):
+    from token_journey.sites import record_layer_inputs, resume
+
+    with torch.inference_mode(), record_layer_inputs(tiny, 2) as inputs:
+        tiny.get_decoder()(input_ids=_ids(tiny), use_cache=False)
+    with pytest.raises(TokenJourneyError, match="cannot resume at layer 1: the pass was recorded from layer 2"):
+        resume(tiny, inputs, inputs.hidden, 1)

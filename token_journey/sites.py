@@ -17,13 +17,17 @@ Conventions, stated once for the whole project:
 
 Capture uses forward hooks and stops the forward pass right after the deepest decoder layer
 needed, so no work is spent on later layers or on the LM head.
+
+`record_layer_inputs` + `resume` rerun only the end of a pass: one pass records what the decoder
+hands to each layer from some layer on, and later passes that differ only from there (an ablation
+or a splice at that layer) start from it instead of recomputing the layers before.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -195,3 +199,65 @@ def splice(model: nn.Module, site: str, layer: int, replace: Callable[[torch.Ten
     finally:
         handle.remove()
 
+
+@dataclass
+class LayerInputs:
+    """What one forward pass handed to the decoder layers from `first` on, so later passes can resume there.
+
+    `hidden`: the hidden state [batch, seq, d_model] entering layer `first`; `calls[i]`: the positional
+    arguments after the hidden state and the keyword arguments (mask, position embeddings, ...) of layer
+    `first + i`, exactly as the decoder built them: Gemma's per-layer sliding or global mask and rotary
+    table included, and Gemma's embedding scale already inside `hidden`.
+    """
+
+    first: int
+    hidden: torch.Tensor | None = None
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def record_layer_inputs(model: nn.Module, first: int) -> Iterator[LayerInputs]:
+    """Within the block, a forward pass records what decoder layers `first`.. receive (see `LayerInputs`)."""
+    layers = decoder_layers(model)
+    record = LayerInputs(first, calls=[((), {})] * (len(layers) - first))
+
+    def make_hook(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
+            if index == first:
+                record.hidden = hidden
+            record.calls[index - first] = (rest, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in range(first, len(layers))]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def resume(model: nn.Module, inputs: LayerInputs, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """The decoder's final (normed) hidden state [batch, seq, d_model] when `hidden` enters layer `start`.
+
+    Runs only layers `start`.. (`start` >= `inputs.first`; `start` = n_layers runs none) with the
+    arguments the recorded pass gave them, then the final norm: the rest of that pass, from a new
+    hidden state, without recomputing the layers before `start`. Hooks on the layers (a `splice`) apply.
+    """
+    layers = decoder_layers(model)
+    if not inputs.first <= start <= len(layers):
+        raise TokenJourneyError(f"cannot resume at layer {start}: the pass was recorded from layer {inputs.first}")
+    for index in range(start, len(layers)):
+        args, kwargs = inputs.calls[index - inputs.first]
+        hidden = _main_tensor(layers[index](hidden, *args, **kwargs))
+    return _final_norm(model)(hidden)
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The norm the decoder applies after its last layer (next to `decoder_layers`)."""
+    base = _base_model(model)
+    norm = getattr(getattr(base, "language_model", base), "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise TokenJourneyError(f"cannot find the final norm of {type(model).__name__}")
+    return norm

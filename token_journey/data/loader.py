@@ -14,7 +14,10 @@ output) matched token by token, the input beside the target in each row.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +25,8 @@ import torch
 
 from token_journey.data.shards import Activations, activation_tensor, read_shard
 from token_journey.errors import TokenJourneyError
+
+T = TypeVar("T")
 
 
 class ShuffledLoader:
@@ -184,3 +189,49 @@ def paired_tensors(acts_in: Activations, acts_out: Activations, max_rows: int) -
         if have >= max_rows:
             break
     return torch.cat(xs)[:max_rows], torch.cat(ys)[:max_rows]
+
+
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """`items` in the same order, produced up to `depth` ahead by a background thread.
+
+    The loader's work (Parquet reads, page checksums, the shuffle's row gathers) then overlaps the
+    training step that consumes the batches: in a JumpReLU run at the default 250k tokens it was a
+    tenth of the loop, all of it on the step's critical path. Parquet, numpy and torch release the GIL
+    for that work. An exception in the producer is raised here, at the item where it happened; closing
+    this generator (or dropping it) stops the thread.
+    """
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: tuple) -> bool:
+        """Queue `entry` unless the consumer has stopped; whether it was queued."""
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            offer((done, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()

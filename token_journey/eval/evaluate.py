@@ -14,7 +14,10 @@ place of the MLP's output: the clean pass also records `mlp_in` (upstream of the
 spliced pass would see the same input), FVU is that of the MLP output, loss recovered is against the
 zero-ablated MLP output, and L0 counts its latents on the MLP input.
 
-So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE.
+So k SAEs cost k + 2 forward passes over the eval tokens, the splice exactly one per SAE. Only the
+clean pass runs the whole model: the others resume from what it handed to the decoder layers from
+the site on (`token_journey.sites.resume`), so at layer L of n they run the last n - L layers (n - L - 1
+for resid_post) and the head: the same operations on the same inputs as a full pass.
 
 Which positions count (the same rules as the harvest, `token_journey.data.corpus.row_mask` and
 `drop_norm_outliers`):
@@ -58,7 +61,7 @@ from token_journey.eval import metrics, saebench
 from token_journey.layout import Layout, eval_timing_file, layer_folder, metrics_file, pareto_file, train_timing_file, write_json
 from token_journey.lm import final_norm_gain, load_prepared
 from token_journey.sae.registry import TRANSCODER_INPUT_SITE, is_transcoder
-from token_journey.sites import check_point, splice
+from token_journey.sites import check_point, record_layer_inputs, resume, splice
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +218,11 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         return record
 
     paired = any(_is_transcoder(sae) for sae in saes.values())
-    with splice(model, TRANSCODER_INPUT_SITE, layer, recorder("in")) if paired else contextlib.nullcontext():
+    # The zero-ablated and spliced passes differ from the clean one only from the site on, so they
+    # resume from the clean pass's state there: after layer L for resid_post, else at layer L's input.
+    resume_at = layer + 1 if site == "resid_post" else layer
+    with (record_layer_inputs(model, resume_at) as inputs,
+          splice(model, TRANSCODER_INPUT_SITE, layer, recorder("in")) if paired else contextlib.nullcontext()):
         clean_hidden = _final_hidden(model, input_ids, site, layer, recorder("act"))
     rows = drop_norm_outliers(recorded["act"], rows, max_norm_ratio)
     if paired:  # training pairs only tokens that are rows at both sites
@@ -224,7 +231,12 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
     targets = input_ids[:, 1:][counted]  # (M,)
 
     def hidden_at(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # (M, D) at the counted predictions
-        return _final_hidden(model, input_ids, site, layer, replace)[:, :-1][counted]
+        if site == "resid_post":
+            final = resume(model, inputs, replace(recorded["act"]), resume_at)
+        else:
+            with splice(model, site, layer, replace):
+                final = resume(model, inputs, inputs.hidden, resume_at)
+        return final[:, :-1][counted]
 
     clean_hidden = clean_hidden[:, :-1][counted]  # (M, D)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -431,14 +443,19 @@ def saebench_metrics(saes: Mapping[str, nn.Module], x: torch.Tensor, token_ids: 
                      w_u: torch.Tensor) -> dict[str, dict]:
     """`saebench.sae_metrics` of every SAE on rows `x` with tokens `token_ids`, each with its `saebench_seconds`.
 
-    Token texts are decoded one id at a time (a token's own text, as the labelled tasks need).
+    Token texts are decoded one id at a time (a token's own text, as the labelled tasks need). The
+    probes on the raw activations do not depend on the SAE, so they are fitted once for all SAEs
+    (their time is logged, not counted in any SAE's `saebench_seconds`).
     """
     decoded = {t: tokenizer.decode([t]) for t in sorted(set(token_ids.tolist()))}
     texts = [decoded[t] for t in token_ids.tolist()]
+    start = time.perf_counter()
+    raw = saebench.raw_probes(x, token_ids, texts)
+    log.info("SAEBench probes on the raw activations: %.1f s", time.perf_counter() - start)
     out = {}
     for name, sae in saes.items():
         start = time.perf_counter()
-        out[name] = saebench.sae_metrics(sae, x, token_ids, texts, w_u)
+        out[name] = saebench.sae_metrics(sae, x, token_ids, texts, w_u, raw=raw)
         out[name]["saebench_seconds"] = time.perf_counter() - start
         log.info("SAEBench metrics of %s: %.1f s", name, out[name]["saebench_seconds"])
     return out

@@ -244,20 +244,33 @@ def first_occurrences(token_ids: torch.Tensor) -> torch.Tensor:
 # --- sparse probing ------------------------------------------------------------------------------
 
 
+def task_splits(labels: dict[str, torch.Tensor], seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`balanced_split` of every task in `labels` (name -> [N] 0/1), in order, from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: balanced_split(y, generator) for name, y in labels.items()}
+
+
+def raw_probe_accuracy(x: torch.Tensor, y: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Held-out accuracy of a probe on all of `x` for the binary task `y` split as `split` (train, test)."""
+    train, test = split
+    return accuracy(fit_probe(x[train], y[train], 2).predict(x[test]), y[test])
+
+
 def sparse_probe_accuracies(
-    x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, generator: torch.Generator, ks: Sequence[int] = PROBE_KS
+    x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor] | None,
+    ks: Sequence[int] = PROBE_KS, llm: float | None = None,
 ) -> dict[str, float] | None:
     """Held-out accuracy of a probe on all of `x` ("llm") and of k-sparse probes on `f` ("sae_top_<k>").
 
-    The task's rows are balanced and split by `balanced_split` (None when too few); the k latents are
+    The task's rows are balanced and split by `balanced_split` (`split`; None when too few); the k latents are
     `top_latents` of the training rows, then a logistic regression on just those k. A k-sparse probe
-    near the raw probe means k latents already hold what the model linearly represents.
+    near the raw probe means k latents already hold what the model linearly represents. `llm`: the raw
+    probe's accuracy when already known (it does not depend on the SAE), else it is fitted here.
     """
-    split = balanced_split(y, generator)
     if split is None:
         return None
     train, test = split
-    out = {"llm": accuracy(fit_probe(x[train], y[train], 2).predict(x[test]), y[test])}
+    out = {"llm": raw_probe_accuracy(x, y, split) if llm is None else llm}
     for k in ks:
         chosen = top_latents(f[train], y[train], k)
         probe = fit_probe(f[train][:, chosen], y[train], 2)
@@ -266,13 +279,16 @@ def sparse_probe_accuracies(
     return out
 
 
-def sparse_probing(x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Tensor], seed: int = 0, ks: Sequence[int] = PROBE_KS) -> dict[str, Any]:
+def sparse_probing(x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Tensor], seed: int = 0, ks: Sequence[int] = PROBE_KS,
+                   raw: RawProbes | None = None) -> dict[str, Any]:
     """`sparse_probe_accuracies` of every task in `labels` (name -> [N] 0/1) and their means over the tasks run.
 
+    `raw`: the splits and raw-probe accuracies of these rows and labels, when already fitted (`raw_probes`).
     Returns {"tasks": {name: accuracies or None}, "llm": mean, "sae_top_<k>": mean, ...} (means None when no task ran).
     """
-    generator = torch.Generator().manual_seed(seed)
-    tasks = {name: sparse_probe_accuracies(x, f, y, generator, ks) for name, y in labels.items()}
+    splits = task_splits(labels, seed) if raw is None else raw.splits
+    tasks = {name: sparse_probe_accuracies(x, f, y, splits[name], ks, None if raw is None else raw.llm[name])
+             for name, y in labels.items()}
     done = [t for t in tasks.values() if t is not None]
     keys = ["llm", *(f"sae_top_{k}" for k in ks)]
     return {"tasks": tasks, **{key: sum(t[key] for t in done) / len(done) if done else None for key in keys}}
@@ -322,6 +338,12 @@ def absorbed(
     return main_off & (cos[j] >= cos_threshold) & (top > 0) & (top >= share * total)
 
 
+def letter_probe(x: torch.Tensor, letters: torch.Tensor, seed: int = 0) -> Probe:
+    """The 26-way first-letter probe on the raw activations of the training word rows (`word_split`)."""
+    train, _ = word_split(letters, seed)
+    return fit_probe(x[train], letters[train], 26)
+
+
 def word_split(letters: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, test) indices of the word rows (`letters` >= 0): a seeded shuffle, the first
     `TEST_FRACTION` held out."""
@@ -332,7 +354,8 @@ def word_split(letters: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def absorption(
-    x: torch.Tensor, f: torch.Tensor, letters: torch.Tensor, w_dec: torch.Tensor, seed: int = 0, min_tokens: int = MIN_LETTER_TOKENS
+    x: torch.Tensor, f: torch.Tensor, letters: torch.Tensor, w_dec: torch.Tensor, seed: int = 0, min_tokens: int = MIN_LETTER_TOKENS,
+    probe: Probe | None = None,
 ) -> dict[str, Any]:
     """Feature absorption on the first-letter task (rows with `letters` >= 0, one per vocabulary token).
 
@@ -343,12 +366,13 @@ def absorption(
        absorption rate r_L = #{n in T_L : `absorbed`(n)} / |T_L|.
     Letters with |T_L| < `min_tokens` are left out. Returns {"absorption_rate": mean_L r_L,
     "split_fraction": mean_L [|M_L| > 1], "letters": {L: {...}}, "probe_accuracy": held-out accuracy}.
+    `probe`: step 1's probe when already fitted on these rows (`letter_probe`; it does not depend on the SAE).
     """
     train, test = word_split(letters, seed)
     result: dict[str, Any] = {"absorption_rate": None, "split_fraction": None, "letters": {}, "probe_accuracy": None, "word_tokens": len(train) + len(test)}
     if len(test) < min_tokens:
         return result
-    probe = fit_probe(x[train], letters[train], 26)
+    probe = letter_probe(x, letters, seed) if probe is None else probe
     predicted = probe.predict(x[test])
     result["probe_accuracy"] = accuracy(predicted, letters[test])
     for c, letter in enumerate(string.ascii_lowercase):
@@ -408,6 +432,39 @@ def decoder_geometry(
 # --- all of the above for one SAE ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RawProbes:
+    """What the metrics need from the raw activations alone, shared by every SAE evaluated on the same rows.
+
+    `labels`: the probing tasks (`token_labels`); `splits`: their `task_splits`; `llm`: each task's raw-probe
+    accuracy (None where the task has too few rows); `unique`: the first-letter rows (`first_occurrences`),
+    `letters` their labels; `letter_probe`: the first-letter probe (None with too few word rows).
+    """
+
+    labels: dict[str, torch.Tensor]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
+    llm: dict[str, float | None]
+    unique: torch.Tensor
+    letters: torch.Tensor
+    letter_probe: Probe | None
+
+
+@torch.no_grad()
+def raw_probes(x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], seed: int = 0) -> RawProbes:
+    """The `RawProbes` of rows `x` [N, d_in] with tokens `token_ids` [N] and texts `texts`: fit once per layer,
+    passed to `sae_metrics` for each SAE (each fit is the one that SAE's metrics would otherwise repeat)."""
+    x = x.float().cpu()
+    labels = token_labels(texts)
+    unique = first_occurrences(token_ids)
+    letters = first_letters([texts[i] for i in unique.tolist()])
+    with one_thread():
+        splits = task_splits(labels, seed)
+        llm = {name: None if split is None else raw_probe_accuracy(x, labels[name], split) for name, split in splits.items()}
+        _, test = word_split(letters, seed)
+        probe = letter_probe(x[unique], letters, seed) if len(test) >= MIN_LETTER_TOKENS else None
+    return RawProbes(labels, splits, llm, unique, letters, probe)
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, then restore the count. The probe fits are thousands of
@@ -423,22 +480,24 @@ def one_thread() -> Iterator[None]:
 
 @torch.no_grad()
 def sae_metrics(
-    sae: Any, x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], w_u: torch.Tensor | None, seed: int = 0, chunk: int = 4096
+    sae: Any, x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], w_u: torch.Tensor | None, seed: int = 0, chunk: int = 4096,
+    raw: RawProbes | None = None,
 ) -> dict[str, Any]:
     """Absorption, sparse probing and decoder geometry of `sae` (with `encode` and `W_dec`) on rows
     `x` [N, d_in] whose tokens are `token_ids` [N] with texts `texts` [N]; `w_u` the model's unembedding.
 
     The first-letter task keeps one row per token id (`first_occurrences`); the probing tasks use
     every row. Returns flat headline numbers plus a "saebench" entry with the per-task and
-    per-letter details.
+    per-letter details. `raw`: `raw_probes(x, token_ids, texts, seed)` when already computed (several SAEs).
     """
     w_dec = sae.W_dec.detach()
     f = torch.cat([sae.encode(part.to(w_dec.device, w_dec.dtype)).float().cpu() for part in x.split(chunk)])
     x, w_dec = x.float().cpu(), w_dec.float().cpu()
-    unique = first_occurrences(token_ids)
+    raw = raw_probes(x, token_ids, texts, seed) if raw is None else raw
+    unique = raw.unique
     with one_thread():
-        probing = sparse_probing(x, f, token_labels(texts), seed)
-        letters = absorption(x[unique], f[unique], first_letters([texts[i] for i in unique.tolist()]), w_dec, seed)
+        probing = sparse_probing(x, f, raw.labels, seed, raw=raw)
+        letters = absorption(x[unique], f[unique], raw.letters, w_dec, seed, probe=raw.letter_probe)
     return {
         "absorption_rate": letters["absorption_rate"],
         "split_fraction": letters["split_fraction"],

@@ -96,7 +96,7 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     so an SAE trained twice from the same inputs is the same bytes. A transcoder (`site` must be
     mlp_out) trains on the layer's mlp_in rows paired token by token with its mlp_out rows.
     """
-    from token_journey.data.loader import PairedLoader, ShuffledLoader, paired_tensors
+    from token_journey.data.loader import PairedLoader, ShuffledLoader, paired_tensors, prefetched
     from token_journey.data.shards import MANIFEST, open_activations
 
     if site not in SITES:
@@ -135,7 +135,8 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
     # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
     # multi-process run restarts with all processes at the same step and weights.
-    info = train(sae, loader.batches, stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt, tracker=run)
+    info = train(sae, lambda start: prefetched(loader.batches(start)), stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt,
+                 tracker=run)
     if rank == 0:
         if paired:
             x_in, y = paired_tensors(held_in, held_out, cfg.eval_tokens)
