@@ -111,6 +111,12 @@ def _value(text: str) -> Any:
         return text
 
 
+def replay_order(rows: int, steps: int, batches: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """The row indices of `steps` batches of `batches` (our shuffler) as [steps x batch / SEQ_ROWS, SEQ_ROWS] sequences."""
+    stream = batches(torch.arange(rows))
+    return torch.cat([next(stream) for _ in range(steps)]).view(-1, SEQ_ROWS)
+
+
 def run_sparsify(x_train: torch.Tensor, x_eval: torch.Tensor, *, k: int, width: int, batch_tokens: int, steps: int,
                  batches: Callable[[torch.Tensor], Any], overrides: list[str]) -> dict[str, Any]:
     """Train sparsify's TopK coder with its own Trainer on the rows `batches(arange(N))` yields (our order).
@@ -123,8 +129,7 @@ def run_sparsify(x_train: torch.Tensor, x_eval: torch.Tensor, *, k: int, width: 
 
     if batch_tokens % SEQ_ROWS:
         raise ValueError(f"batch size {batch_tokens} is not a multiple of {SEQ_ROWS} rows per replayed sequence")
-    stream = batches(torch.arange(x_train.shape[0]))
-    order = torch.cat([next(stream) for _ in range(steps)]).view(-1, SEQ_ROWS)
+    order = replay_order(x_train.shape[0], steps, batches)
     settings = {key: _value(v) for key, v in (o.split("=", 1) for o in overrides)}
     with tempfile.TemporaryDirectory() as save_dir:
         cfg = TrainConfig(SaeConfig(k=k, num_latents=width), batch_size=batch_tokens // SEQ_ROWS, hookpoints=["layer"],
