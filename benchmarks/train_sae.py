@@ -12,8 +12,12 @@ to the ceiling (measured fp32 matmul peak / (2 * d_in * d_sae) FLOPs per token) 
 to a plain dense implementation of the same step timed in the same run, then FVU, L0 and dead
 fraction on the held-out rows against the issue's quality bars (TopK: FVU <= 0.16, dead < 10%;
 JumpReLU: 24 <= L0 <= 48, FVU <= 0.20), and the FVU of the first 1/16 of the latents alone (what
-Matryoshka trains for: `--archs batchtopk,matryoshka` compares it with plain BatchTopK). The last line
-is one JSON object.
+Matryoshka trains for: `--archs batchtopk,matryoshka` compares it with plain BatchTopK).
+`--peers sparsify[,saelens]` also trains that library's TopK SAE with its own trainer on the same rows in the
+same order (see benchmarks/peers.py; a peer that is not importable is skipped with one line), scores it
+with our FVU on the same held-out rows, and prints our tokens/s and FVU as ratios to its (issue bar: TopK
+tokens/s >= 1.5x, FVU <= 0.9x, dead < 5%). `--peer-set key=value` changes one of the peer's settings.
+The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.jumprelu import heaviside, jumprelu
 from token_journey.sae.train import DataStats, lr_at, new_sae, sparsity_at, train
 
+try:
+    from peers import PEERS, importable, run_sparsify  # run as a script: benchmarks/ is on sys.path
+except ImportError:
+    from benchmarks.peers import PEERS, importable, run_sparsify
+
 BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "matryoshka": 2.0, "relu": 0.0}
+PEER_BAR = {"tokens_per_s_ratio_min": 1.5, "fvu_ratio_max": 0.9, "dead_max": 0.05}
 QUALITY_BARS = {"topk": {"fvu_max": 0.16, "dead_max": 0.10}, "jumprelu": {"fvu_max": 0.20, "l0_min": 24, "l0_max": 48}}
 
 
@@ -156,6 +166,28 @@ def applies(override: str, arch: str) -> bool:
     return True
 
 
+def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval: torch.Tensor,
+            overrides: list[str]) -> dict:
+    """Train `peer` on the rows and order ours trained on; its figures and ours as ratios to them."""
+    skipped = importable(peer)
+    if skipped:
+        print(skipped)
+        return {"skipped": skipped}
+    steps = ours["train_tokens"] // cfg.batch_size
+    theirs = run_sparsify(x_train, x_eval, k=cfg.k, width=cfg.width, batch_tokens=cfg.batch_size, steps=steps,
+                          batches=lambda rows: in_memory(rows, cfg.batch_size, 0)(0), overrides=overrides)
+    speed, fvu = ours["tokens_per_s"] / theirs["tokens_per_s"], ours["fvu"] / theirs["fvu"]
+    met = speed >= PEER_BAR["tokens_per_s_ratio_min"] and fvu <= PEER_BAR["fvu_ratio_max"] and ours["dead_fraction"] < PEER_BAR["dead_max"]
+    theirs.update(tokens_per_s_ratio=round(speed, 3), fvu_ratio=round(fvu, 3), bar=PEER_BAR, bar_met=met)
+    c = theirs["config"]
+    print(f"{peer:9s} {theirs['tokens_per_s']:8.0f} tok/s  FVU {theirs['fvu']} (its own definition {theirs['fvu_own_definition']})"
+          f"  L0 {theirs['l0']}  dead {theirs['dead_fraction']}  | ours/theirs: tokens/s x{speed:.3f}  FVU x{fvu:.3f}"
+          f"  bar {'met' if met else 'NOT met'}  | {peer}: optimizer {c['optimizer']} lr {c['lr_used']:.2e}"
+          f" auxk_alpha {c['auxk_alpha']} k_decay_steps {c['k_decay_steps']}; ours: adam lr {cfg.lr} auxk_alpha {cfg.auxk_alpha}",
+          flush=True)
+    return theirs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("acts", type=Path, nargs="?", default=Path("data/activations/smollm2-135m"))
@@ -167,7 +199,14 @@ def main() -> None:
                     help="loose tensors only: drop rows above this x the median norm (0 keeps all)")
     ap.add_argument("--archs", default="topk,jumprelu,batchtopk")
     ap.add_argument("--set", action="append", default=[], help="extra sae overrides, e.g. --set sae.lr=0.003")
+    ap.add_argument("--peers", default="", help="comma-separated: sparsify, saelens (TopK only, same rows)")
+    ap.add_argument("--peer-set", action="append", default=[],
+                    help="a sparsify TrainConfig setting (JSON value, else a string), e.g. --peer-set optimizer=adam")
     args = ap.parse_args()
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"unknown --peers {unknown}; known: {', '.join(PEERS)}")
     x_train, x_eval = load(args.acts, args.eval, args.site, args.layer, args.max_norm_ratio)
     stats = DataStats(x_train.mean(0), float(x_train.pow(2).sum(1).mean()))
     print(f"data: {x_train.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows, d_in {x_train.shape[1]}")
@@ -204,6 +243,11 @@ def main() -> None:
               f"  first 1/16: FVU {r['fvu_first_16th']} L0 {r['l0_first_16th']}"
               f"  quality bar {'met' if r['quality_met'] else 'none' if r['quality_met'] is None else 'NOT met'}",
               flush=True)
+        if arch == "topk":
+            for peer in peers:
+                r.setdefault("peers", {})[peer] = compare(peer, r, cfg, x_train, x_eval, args.peer_set)
+    if peers and "topk" not in args.archs.split(","):
+        print("--peers compares TopK only; add topk to --archs")
     print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
                       "threads": torch.get_num_threads(), "results": results}))
 
