@@ -120,6 +120,16 @@ def test_prefetched_raises_the_producers_error_in_place_and_stops_when_closed():
     assert len(produced) == count <= 3 + 2 + 1  # stopped: at most depth (+ the one it was offering) ahead
     assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
 
+    def slow():  # the producer is busy with an item when the consumer stops
+        while True:
+            time.sleep(0.3)
+            yield 0
+
+    busy = prefetched(slow(), depth=1)
+    next(busy)
+    busy.close()  # returns only once the thread has ended: one still running at exit aborts the process
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+
 
 def test_a_batch_mixes_many_shards_and_sequences(tmp_path):
     _write(tmp_path, 10)

@@ -198,7 +198,7 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     training step that consumes the batches: in a JumpReLU run at the default 250k tokens it was a
     tenth of the loop, all of it on the step's critical path. Parquet, numpy and torch release the GIL
     for that work. An exception in the producer is raised here, at the item where it happened; closing
-    this generator (or dropping it) stops the thread.
+    this generator (or dropping it) stops the thread and waits for it.
     """
     box: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -234,4 +234,7 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 return
             yield item
     finally:
+        # Wait for the producer to see `stop` (it finishes the item in hand first): a thread still
+        # inside torch or Arrow when the interpreter exits aborts the process ("terminate called").
         stop.set()
+        thread.join()
