@@ -3,10 +3,10 @@
 Bars: renders in under 30 s and is smaller than 20 MB. Uses the pipeline's own
 inputs (params.yaml paths) when SAEs and eval activations exist there; otherwise builds a
 synthetic stand-in of the same shape in a temp folder: the packaged SmolLM2 (d_model 576),
-`--tokens` eval rows of random activations, `--saes` random JumpReLU SAEs of width 4608 at
+`--tokens` eval rows of random activations, `--saes` random JumpReLU SAEs of width `--width` (4608) at
 resid_post layer 15, and metrics JSONs. The last line is one JSON object.
 
-    python benchmarks/report.py [--tokens 20000] [--saes 1] [--synthetic]
+    python benchmarks/report.py [--tokens 20000] [--saes 1] [--synthetic] [--width 4608]
 """
 
 from __future__ import annotations
