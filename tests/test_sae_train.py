@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.base import StepContext
+from token_journey.sae.target_l0 import calibrate_thresholds, next_coefficient
 from token_journey.sae.train import DataStats, lr_at, match_grad_layout, new_sae, sparsity_at, threshold_weight_at, train
 
 D_IN, N_FEAT = 8, 24
@@ -221,25 +223,58 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("target", [4.0, 10.0])
+@pytest.mark.parametrize("target", [3.0, 6.0])
 def test_jumprelu_trains_to_the_requested_l0(target):
-    """The same data and recipe end near either target on held-out rows, with no coefficient to tune."""
-    cfg = _cfg("jumprelu", target_l0=target, target_l0_penalty=10.0, train_tokens=64 * 120, sparsity_coefficient=0.0)
+    """The same data and recipe end at either target on held-out rows, with no coefficient to tune."""
+    cfg = _cfg("jumprelu", target_l0=target, target_l0_gain=0.1, train_tokens=64 * 120, sparsity_warmup_steps=0)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     info = train(sae, _batches(64), STATS, cfg)
     held_out = sae_reconstruction(sae, _data(99, 4096))["l0"]
-    assert held_out == pytest.approx(target, rel=0.15), (held_out, info["final_l0"])
+    assert held_out == pytest.approx(target, rel=0.1), (held_out, info)
+    assert info["final_sparsity_coefficient"] != cfg.sparsity_coefficient  # the controller moved it
 
 
-def test_target_l0_weight_is_warmed_up_like_the_coefficient():
-    cfg = _cfg("jumprelu", target_l0=8.0, target_l0_penalty=6.0, sparsity_coefficient=0.0, sparsity_warmup_steps=10)
-    assert sparsity_at(cfg, 0) == 0 and sparsity_at(cfg, 5) == pytest.approx(3.0) and sparsity_at(cfg, 50) == 6.0
+def test_the_controller_raises_the_coefficient_above_the_target_and_lowers_it_below():
+    assert next_coefficient(1e-3, 40.0, 20.0, 0.1) == pytest.approx(1e-3 * math.exp(0.1 * math.log(2)))
+    assert next_coefficient(1e-3, 10.0, 20.0, 0.1) == pytest.approx(1e-3 * math.exp(-0.1 * math.log(2)))
+    assert next_coefficient(1e-3, 2000.0, 20.0, 0.1) == pytest.approx(1e-3 * math.exp(0.1))  # clipped at e
+    assert next_coefficient(1e-3, 0.0, 20.0, 0.1) == pytest.approx(1e-3 * math.exp(-0.1))
+    assert next_coefficient(1e-3, 20.0, 20.0, 0.1) == 1e-3
+
+
+def test_threshold_calibration_hits_the_target_exactly_on_its_rows():
+    """Against a count by hand: after scaling, exactly target x rows (row, latent) pairs have pre > theta."""
+    cfg = _cfg("jumprelu", width=32)
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(32, generator=torch.Generator().manual_seed(1)) * 0.5)
+        sae.threshold[3] = 0.0  # a latent with threshold 0 fires whenever pre > 0, whatever the scale
+    rows = [_data(50 + i, 100) * STATS.scale for i in range(3)]
+    before = sae.threshold.detach().clone()
+    scale = calibrate_thresholds(sae, rows, target=5.0)
+    assert torch.allclose(sae.threshold.detach(), before * scale)
+    pre = torch.cat([sae.pre_acts(x) for x in rows]).detach()
+    assert int((pre > sae.threshold.detach()).sum()) == 5 * 300
+
+
+def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path):
+    """Killed and resumed, a target_l0 run ends bit-identical to one run straight through."""
+    cfg = _cfg("jumprelu", target_l0=6.0, target_l0_gain=0.2, train_tokens=64 * 20, sparsity_warmup_steps=0,
+               checkpoint_every=7)
+    straight = new_sae(cfg, D_IN, STATS, seed=0)
+    train(straight, _batches(64), STATS, cfg)
+    resumed = new_sae(cfg, D_IN, STATS, seed=0)
+    train(resumed, _batches(64), STATS, cfg, checkpoint_dir=tmp_path, stop_after=10)
+    resumed = new_sae(cfg, D_IN, STATS, seed=0)
+    train(resumed, _batches(64), STATS, cfg, checkpoint_dir=tmp_path)
+    assert all(torch.equal(straight.tensors()[k], resumed.tensors()[k]) for k in straight.tensors())
 
 
 @pytest.mark.parametrize("kw,match", [(dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
                                       (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
                                       (dict(architecture="jumprelu", target_l0=99.0), "between 0"),
-                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=0.0,
+                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.0), "must be > 0"),
+                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1,
                                             sparsity_coefficient=0.0), "must be > 0")])
 def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
     with pytest.raises(TokenJourneyError, match=match):
@@ -250,8 +285,7 @@ def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
     (dict(architecture="jumprelu", k=16), "sae.k=16 does not apply to jumprelu"),
     (dict(architecture="relu", k=16), "sae.k=16 does not apply to relu"),
     (dict(architecture="topk", sparsity_coefficient=0.001), "does not apply to topk"),
-    (dict(architecture="jumprelu", target_l0=8.0, target_l0_penalty=1.0), "is unused when sae.target_l0"),
-    (dict(architecture="jumprelu", target_l0_penalty=1.0), "applies only with sae.target_l0"),
+    (dict(architecture="jumprelu", target_l0_gain=0.1), "applies only with sae.target_l0"),
     (dict(architecture="batchtopk", prefixes=(0.5, 1.0)), r"sae.prefixes=\[0.5, 1.0\] does not apply to batchtopk"),
     (dict(architecture="matryoshka", sparsity_coefficient=0.001), "does not apply to matryoshka")])
 def test_a_sparsity_key_the_architecture_ignores_is_refused(kw, match):

@@ -26,11 +26,11 @@ class SAEConfig:
     ending with 1 (e.g. [0.0625, 0.125, 0.25, 0.5, 1.0]); must be [] for the other architectures."""
     sparsity_coefficient: float
     """lambda of the L0 (jumprelu) or decoder-norm-weighted L1 (relu) penalty; must be 0 where unused (topk,
-    batchtopk, matryoshka, jumprelu with target_l0)."""
+    batchtopk, matryoshka). With target_l0, the value the controller starts from."""
     target_l0: float
-    """jumprelu only: train to this L0 with the penalty target_l0_penalty * (L0 / target_l0 - 1)^2 (0 = off)."""
-    target_l0_penalty: float
-    """Weight of that quadratic penalty (warmed up like the coefficient); large enough to act as a constraint."""
+    """jumprelu only: train to this L0 on held-out rows, lambda set by a controller (token_journey.sae.target_l0; 0 = off)."""
+    target_l0_gain: float
+    """How fast that controller moves lambda: its log changes by at most this much per step."""
     sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
     lr: float
@@ -88,8 +88,10 @@ class SAEConfig:
         if self.target_l0 and encoder_of(self.architecture) != "jumprelu":
             fix = "set sae.k instead" if self.architecture in USES_K else "use sae=jumprelu-l0 or tune sae.sparsity_coefficient"
             raise TokenJourneyError(f"sae.target_l0={self.target_l0} applies to jumprelu only, not {self.architecture}; {fix}")
-        if self.target_l0 and self.target_l0_penalty <= 0:
-            raise TokenJourneyError(f"sae.target_l0_penalty={self.target_l0_penalty} must be > 0 when sae.target_l0 is set")
+        if self.target_l0 and (self.target_l0_gain <= 0 or self.sparsity_coefficient <= 0):
+            raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} and sae.sparsity_coefficient="
+                                    f"{self.sparsity_coefficient} (where the controller starts) must be > 0 when "
+                                    "sae.target_l0 is set; use sae=jumprelu-l0")
         self._check_sparsity_keys_apply()
         if not self.name or "/" in self.name:
             raise TokenJourneyError(f"sae.name={self.name!r} must be a non-empty folder name without '/'")
@@ -107,11 +109,8 @@ class SAEConfig:
         if arch in USES_K and self.sparsity_coefficient:
             raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} does not apply to {arch} "
                                     "(k sets its L0); leave it 0 and set sae.k")
-        if self.target_l0 and self.sparsity_coefficient:
-            raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} is unused when sae.target_l0 "
-                                    f"is set; leave it 0 (sae=jumprelu-l0) or set sae.target_l0=0 to use the coefficient")
-        if not self.target_l0 and self.target_l0_penalty:
-            raise TokenJourneyError(f"sae.target_l0_penalty={self.target_l0_penalty} applies only with sae.target_l0 set; "
+        if not self.target_l0 and self.target_l0_gain:
+            raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} applies only with sae.target_l0 set; "
                                     "use sae=jumprelu-l0 or leave it 0")
         if arch not in USES_PREFIXES and self.prefixes:
             raise TokenJourneyError(f"sae.prefixes={list(self.prefixes)} does not apply to {arch} (only matryoshka "

@@ -70,7 +70,6 @@ class StepContext:
     """What a step needs from the loop: the warmed-up sparsity weight and the dead latents.
 
     `threshold_weight`: weight of this batch in BatchTopK's running inference-threshold estimate.
-    `target_l0`: when > 0, JumpReLU's penalty is `(L0 / target_l0 - 1)^2` instead of L0 itself.
     """
 
     sparsity_coefficient: float = 0.0
@@ -78,7 +77,6 @@ class StepContext:
     bandwidth: float = 0.001
     threshold_weight: float = 0.01
     extra: dict[str, float] = field(default_factory=dict)
-    target_l0: float = 0.0
 
 
 class SAE(nn.Module):

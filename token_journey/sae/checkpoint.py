@@ -31,8 +31,11 @@ STATE = "state.json"
 
 
 def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
-                    fingerprint: dict[str, Any]) -> None:
-    """Write the full training state after `step` steps to `folder` (replacing the previous one)."""
+                    fingerprint: dict[str, Any], loop: dict[str, float] | None = None) -> None:
+    """Write the full training state after `step` steps to `folder` (replacing the previous one).
+
+    `loop`: scalars the training loop carries from step to step (the target_l0 controller's coefficient).
+    """
     bad = [n for n, p in sae.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise TokenJourneyError(f"step {step}: non-finite weights in {', '.join(bad)}; checkpoint not written")
@@ -55,7 +58,7 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
     save_file(tensors, str(folder / f"{name}.part"))
     os.replace(folder / f"{name}.part", folder / name)
     meta = {"step": step, "tensors": name, "opt_scalars": scalars, "param_groups": state["param_groups"],
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "loop": loop or {}}
     (folder / f"{STATE}.part").write_text(json.dumps(meta))
     os.replace(folder / f"{STATE}.part", folder / STATE)
     for stale in folder.iterdir():
@@ -69,8 +72,8 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
 
 
 def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
-                    fingerprint: dict[str, Any]) -> int | None:
-    """Restore the state saved in `folder` into `sae`, `opt`, `since_fired`; the step, or None if none."""
+                    fingerprint: dict[str, Any], loop: dict[str, float] | None = None) -> int | None:
+    """Restore the state saved in `folder` into `sae`, `opt`, `since_fired` and `loop`; the step, or None if none."""
     folder = Path(folder)
     if not (folder / STATE).is_file():
         return None
@@ -95,4 +98,6 @@ def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fi
         if slot:
             state[idx] = slot
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if loop is not None:
+        loop.update(meta.get("loop", {}))
     return int(meta["step"])

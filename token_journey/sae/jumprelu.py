@@ -2,8 +2,8 @@
 
 f = z * H(z - theta), z = x W_enc + b_enc, with a learned per-latent threshold theta stored as
 is (not log-parameterised, which stalls under Adam). Training loss = ||x - x_hat||^2 +
-lambda * L0 (or, given a target L0 T, lambda * (L0 / T - 1)^2, which holds L0 near T whatever the
-reconstruction trade-off), where L0 and the threshold get straight-through gradients with the rectangle
+lambda * L0 (with `target_l0`, lambda follows a controller: token_journey.sae.target_l0), where L0 and
+the threshold get straight-through gradients with the rectangle
 kernel K(u) = 1[|u| < 1/2] of bandwidth eps:
   d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps),   d H / d theta = -(1 / eps) K(...),
 and no pseudo-gradient reaches z through H. Only latents with z > theta - eps/2 can carry any
@@ -89,6 +89,5 @@ class JumpReLUSAE(SAE):
         x_hat = self._reconstruct(f, active, x)
         mse = (x_hat - y).pow(2).sum(-1).mean()
         l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
-        penalty = (l0 / ctx.target_l0 - 1).pow(2) if ctx.target_l0 > 0 else l0
-        loss = mse + ctx.sparsity_coefficient * penalty
+        loss = mse + ctx.sparsity_coefficient * l0
         return StepOutput(loss, mse.detach(), l0.detach(), float(l0.detach()), self._fired(f.detach(), active))

@@ -29,6 +29,7 @@ from token_journey.distributed import current_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAE, SAESpec, StepContext
 from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
+from token_journey.sae.target_l0 import CALIBRATION_ROWS, calibrate_thresholds, next_coefficient
 from token_journey.sae.registry import USES_K, USES_PREFIXES, build_sae, encoder_of, is_transcoder, prefix_sizes
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,9 @@ def lr_at(cfg: SAEConfig, step: int) -> float:
     return cfg.lr
 
 
-def sparsity_at(cfg: SAEConfig, step: int) -> float:
-    """The weight of the sparsity penalty, warmed up linearly from 0.
-
-    That is the coefficient of the linear penalty, or with `target_l0` the weight of the quadratic one.
-    """
-    weight = cfg.target_l0_penalty if cfg.target_l0 else cfg.sparsity_coefficient
+def sparsity_at(cfg: SAEConfig, step: int, coefficient: float | None = None) -> float:
+    """The sparsity coefficient warmed up linearly from 0 (`coefficient`: the target_l0 controller's, else the config's)."""
+    weight = cfg.sparsity_coefficient if coefficient is None else coefficient
     if cfg.sparsity_warmup_steps <= 0:
         return weight
     return weight * min(1.0, step / cfg.sparsity_warmup_steps)
@@ -208,8 +206,9 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
     device = sae.W_enc.device
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     start, last_ckpt = 0, None
+    loop = {"coefficient": cfg.sparsity_coefficient}  # what the loop carries besides tensors (target_l0's controller)
     if checkpoint_dir is not None:
-        resumed = load_checkpoint(checkpoint_dir, sae, opt, since_fired, fingerprint(cfg, sae))
+        resumed = load_checkpoint(checkpoint_dir, sae, opt, since_fired, fingerprint(cfg, sae), loop)
         if resumed is not None:
             start, last_ckpt = resumed, checkpoint_dir
             log.info("resumed %s from step %d (%s)", sae.cfg.name, start, checkpoint_dir)
@@ -224,8 +223,8 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
         x = next(data).float()
         if x.shape[0] * world != cfg.batch_size:
             raise TokenJourneyError(f"data gave a batch of {x.shape[0] * world} rows, expected sae.batch_size={cfg.batch_size}")
-        ctx = StepContext(sparsity_at(cfg, step), since_fired >= cfg.dead_window_tokens, cfg.bandwidth,
-                          threshold_weight_at(cfg, step), extra, cfg.target_l0)
+        ctx = StepContext(sparsity_at(cfg, step, loop["coefficient"]), since_fired >= cfg.dead_window_tokens,
+                          cfg.bandwidth, threshold_weight_at(cfg, step), extra)
         if paired:  # [input | target]
             out = sae.training_step(x[:, :d_in] * in_scale, ctx, x[:, d_in:] * scale)
         else:
@@ -252,12 +251,16 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
         if world > 1:
             fired = fired.to(torch.uint8)
             torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+        if cfg.target_l0:
+            loop["coefficient"] = next_coefficient(loop["coefficient"], _mean_over(out.l0, world, device),
+                                                   cfg.target_l0, cfg.target_l0_gain)
         since_fired += cfg.batch_size
         since_fired[fired.bool()] = 0
         seconds += time.perf_counter() - t0
         tokens += cfg.batch_size
         last = {"loss": float(out.loss.detach()), "mse": float(out.mse), "aux": float(out.aux), "l0": out.l0, "lr": lr,
                 "dead_fraction": float((since_fired >= cfg.dead_window_tokens).float().mean()),
+                "sparsity_coefficient": ctx.sparsity_coefficient,
                 "tokens_per_s": tokens / max(seconds, 1e-9)}
         if step % cfg.log_every == 0 or step == end - 1:
             bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{out.l0:.1f}")
@@ -265,15 +268,30 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
                 tracker.log({f"train/{k}": v for k, v in last.items()}, step=step)
         if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if rank == 0:
-                save_checkpoint(checkpoint_dir, step + 1, sae, opt, since_fired, fingerprint(cfg, sae))
+                save_checkpoint(checkpoint_dir, step + 1, sae, opt, since_fired, fingerprint(cfg, sae), loop)
             last_ckpt = checkpoint_dir
+    calibration = {}
+    if stop_after is None and cfg.target_l0:
+        rows = [next(data).float()[:, :d_in] * in_scale for _ in range(-(-CALIBRATION_ROWS // cfg.batch_size))]
+        calibration = {"threshold_scale": calibrate_thresholds(sae, rows, cfg.target_l0, world)}
+        log.info("%s: thresholds x%.4f so that L0 = %g on %d training rows", sae.cfg.name,
+                 calibration["threshold_scale"], cfg.target_l0, len(rows) * cfg.batch_size)
     if stop_after is None:
         if paired:
             sae.fold_scale(scale, in_scale)
         else:
             sae.fold_scale(scale)
     return {"steps": end, "train_tokens": end * cfg.batch_size, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "processes": world, **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"}}
+            "processes": world, **calibration, **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"}}
+
+
+def _mean_over(value: float, world: int, device: torch.device) -> float:
+    """The mean of a per-process figure over all processes (the value itself with one process)."""
+    if world == 1:
+        return value
+    total = torch.tensor(value, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total) / world
 
 
 def fingerprint(cfg: SAEConfig, sae: SAE) -> dict[str, Any]:
