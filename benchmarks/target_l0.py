@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -28,9 +27,9 @@ from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.train import DataStats, new_sae, train
 
 try:
-    from train_sae import in_memory, load  # run as a script: benchmarks/ is on sys.path
+    from train_sae import add_data_arguments, in_memory, load  # run as a script: benchmarks/ is on sys.path
 except ImportError:
-    from benchmarks.train_sae import in_memory, load
+    from benchmarks.train_sae import add_data_arguments, in_memory, load
 
 L0_TOLERANCE = 0.10
 MAX_REFERENCE_RUNS = 5
@@ -82,13 +81,9 @@ def reference(l0: float, start: float, tokens: int, extra: list[str], *data) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("acts", type=Path, nargs="?", default=Path("data/activations/smollm2-135m"))
-    ap.add_argument("--eval", type=Path, default=None)
-    ap.add_argument("--site", default="resid_post")
-    ap.add_argument("--layer", type=int, default=15)
+    add_data_arguments(ap)
     ap.add_argument("--targets", default="16,32,64")
     ap.add_argument("--tokens", default="250000,1000000")
-    ap.add_argument("--max-norm-ratio", type=float, default=10.0)
     ap.add_argument("--set", action="append", default=[], help="override for both runs, e.g. --set sae.width=9216")
     ap.add_argument("--controller-set", action="append", default=[], help="override for the target_l0 run only")
     ap.add_argument("--no-reference", action="store_true", help="train the target_l0 runs only (no bars checked)")

@@ -88,6 +88,16 @@ def _load_loose(path: Path, eval_path: Path | None) -> tuple[torch.Tensor, torch
     return data[:-100_000], data[-100_000:]
 
 
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments that say which activations to read (shared by the training benchmarks)."""
+    ap.add_argument("acts", type=Path, nargs="?", default=Path("data/activations/smollm2-135m"))
+    ap.add_argument("--eval", type=Path, default=None)
+    ap.add_argument("--site", default="resid_post")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--max-norm-ratio", type=float, default=10.0,
+                    help="loose tensors only: drop rows above this x the median norm (0 keeps all)")
+
+
 def in_memory(x: torch.Tensor, batch: int, seed: int):
     """`batches(start)` over a tensor, reshuffled every epoch, deterministic in (seed, start)."""
     per_epoch = x.shape[0] // batch
@@ -190,13 +200,8 @@ def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("acts", type=Path, nargs="?", default=Path("data/activations/smollm2-135m"))
-    ap.add_argument("--eval", type=Path, default=None)
-    ap.add_argument("--site", default="resid_post")
-    ap.add_argument("--layer", type=int, default=15)
+    add_data_arguments(ap)
     ap.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per architecture")
-    ap.add_argument("--max-norm-ratio", type=float, default=10.0,
-                    help="loose tensors only: drop rows above this x the median norm (0 keeps all)")
     ap.add_argument("--archs", default="topk,jumprelu,batchtopk")
     ap.add_argument("--set", action="append", default=[], help="extra sae overrides, e.g. --set sae.lr=0.003")
     ap.add_argument("--peers", default="", help="comma-separated: sparsify, saelens (TopK only, same rows)")
