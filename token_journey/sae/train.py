@@ -29,8 +29,8 @@ from token_journey.distributed import current_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.sae.base import SAE, SAESpec, StepContext
 from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
-from token_journey.sae.target_l0 import CALIBRATION_ROWS, calibrate_thresholds, next_coefficient
 from token_journey.sae.registry import USES_K, USES_PREFIXES, build_sae, encoder_of, is_transcoder, prefix_sizes
+from token_journey.sae.target_l0 import CALIBRATION_ROWS, calibrate_thresholds, next_coefficient
 
 log = logging.getLogger(__name__)
 
