@@ -325,7 +325,7 @@ def new_device_sae(arch: str, width: int, d_in: int, batch: int, device: torch.d
     from token_journey.config.sae import SAEConfig
     from token_journey.sae.train import DataStats, new_sae
 
-    cfg = build(SAEConfig, compose([f"sae={arch}", f"sae.width={width}", f"sae.batch_size={batch}"])["sae"], "sae")
+    cfg = build(SAEConfig, compose([f"sae={arch}", f"sae.width={width}", f"sae.batch_size={batch}", "sae.b_dec_init=zeros"])["sae"], "sae")
     sae = new_sae(cfg, d_in, DataStats(torch.zeros(d_in), 1.0), 0).to(device)
     return sae, cfg
 

@@ -40,8 +40,9 @@ def run(preset: str, overrides: list[str], tokens: int, x_train: torch.Tensor, x
     """Train one JumpReLU on the first rows of the fixed shuffle; its held-out figures."""
     cfg = build(SAEConfig, compose([f"sae={preset}", *overrides])["sae"], "sae")
     cfg = dataclasses.replace(cfg, train_tokens=tokens, checkpoint_every=0)
-    sae = new_sae(cfg, x_train.shape[1], stats, 0)
-    info = train(sae, in_memory(x_train, cfg.batch_size, 0), stats, cfg)
+    batches = in_memory(x_train, cfg.batch_size, 0)
+    sae = new_sae(cfg, x_train.shape[1], stats, 0, next(batches(0)))
+    info = train(sae, batches, stats, cfg)
     m = sae_reconstruction(sae, x_eval)
     return {"fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "dead_fraction": round(m["dead_fraction"], 4),
             "coefficient": info["final_sparsity_coefficient"], "threshold_scale": info.get("threshold_scale")}
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="train the target_l0 runs only (no bars checked)")
     args = ap.parse_args()
     x_train, x_eval = load(args.acts, args.eval, args.site, args.layer, args.max_norm_ratio)
-    stats = DataStats(x_train.mean(0), float(x_train.pow(2).sum(1).mean()))
+    stats = DataStats.from_rows(x_train)
     print(f"data: {x_train.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows")
     results = []
     for tokens in (int(t) for t in args.tokens.split(",")):

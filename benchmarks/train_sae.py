@@ -213,17 +213,18 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown --peers {unknown}; known: {', '.join(PEERS)}")
     x_train, x_eval = load(args.acts, args.eval, args.site, args.layer, args.max_norm_ratio)
-    stats = DataStats(x_train.mean(0), float(x_train.pow(2).sum(1).mean()))
+    stats = DataStats.from_rows(x_train)  # statistics without the outlier rows, as the harvest's manifest has them
     print(f"data: {x_train.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows, d_in {x_train.shape[1]}")
     results = {}
     for arch in args.archs.split(","):
         overrides = [f"sae={arch}"] + [s for s in args.set if not s.startswith("sae=") and applies(s, arch)]
         cfg = build(SAEConfig, compose(overrides)["sae"], "sae")
         cfg = dataclasses.replace(cfg, train_tokens=args.tokens, checkpoint_every=0)
-        sae = new_sae(cfg, x_train.shape[1], stats, 0)
+        batches = in_memory(x_train, cfg.batch_size, 0)
+        sae = new_sae(cfg, x_train.shape[1], stats, 0, next(batches(0)))
         peak = matmul_peak(cfg.batch_size, x_train.shape[1], cfg.width)
         dense_s = dense_step_seconds(cfg, sae, x_train[: cfg.batch_size] * stats.scale)
-        info = train(sae, in_memory(x_train, cfg.batch_size, 0), stats, cfg)
+        info = train(sae, batches, stats, cfg)
         peak_after = matmul_peak(cfg.batch_size, x_train.shape[1], cfg.width)
         dense_after = dense_step_seconds(cfg, sae, x_train[: cfg.batch_size] * stats.scale)
         metrics = sae_reconstruction(sae, x_eval)

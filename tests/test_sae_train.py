@@ -38,6 +38,16 @@ def _batches(batch: int):
     return batches
 
 
+def _batches_of(data, batch: int):
+    """`batches(start)` of `data(seed, batch)` with one seed per step, like `_batches`."""
+    def batches(start: int):
+        step = start
+        while True:
+            yield data(1000 + step, batch)
+            step += 1
+    return batches
+
+
 def _cfg(arch: str = "topk", **kw) -> SAEConfig:
     base = dict(name=arch, width=32, batch_size=64, train_tokens=64 * 30, lr=0.01, lr_warmup_steps=3,
                 checkpoint_every=7, dead_window_tokens=640, log_every=5, sparsity_warmup_steps=5)
@@ -82,6 +92,47 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path, arch, stop):
     assert info["steps"] == cfg.steps
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def _with_sink_rows(seed: int, n: int) -> torch.Tensor:
+    """`_data` rows with every 128th row replaced by one huge vector (~1,000x the norm), like position 0's."""
+    x = _data(seed, n)
+    x[::128] = torch.full((D_IN,), 1500.0)
+    return x
+
+
+def test_statistics_from_rows_leave_out_the_rows_far_above_the_median_norm():
+    x = _with_sink_rows(3, 1024)
+    ordinary = torch.ones(1024, dtype=torch.bool)
+    ordinary[::128] = False
+    stats = DataStats.from_rows(x)
+    torch.testing.assert_close(stats.mean, x[ordinary].mean(0))
+    assert stats.mean_sq_norm == pytest.approx(float(x[ordinary].pow(2).sum(1).mean()), rel=1e-6)
+    assert DataStats.from_rows(x, outlier_ratio=0).mean_sq_norm == pytest.approx(float(x.pow(2).sum(1).mean()), rel=1e-6)
+
+
+def test_a_fixed_geometric_median_b_dec_keeps_latents_alive_beside_sink_rows():
+    """With rows 1,000x the others' norm in every batch, a trained b_dec is dragged towards them and every
+    ordinary row then picks the same few latents; b_dec fixed at the geometric median keeps them all in use."""
+    batches = _batches_of(_with_sink_rows, 256)
+    stats = DataStats.from_rows(_with_sink_rows(7, 4096))
+    fired = {}
+    for fixed in (False, True):
+        cfg = _cfg("topk", width=64, batch_size=256, train_tokens=256 * 120, b_dec_init="geometric_median", train_b_dec=not fixed,
+                   dead_window_tokens=100_000)
+        sae = new_sae(cfg, D_IN, stats, seed=0, first_batch=next(batches(0)))
+        start = sae.b_dec.detach().clone()
+        train(sae, batches, stats, cfg)
+        if fixed:
+            torch.testing.assert_close(sae.b_dec.detach() * stats.scale, start)
+        f = sae.encode(_data(99, 4096))
+        fired[fixed] = int(((f != 0).sum(0) > 0).sum())
+    assert fired[True] >= fired[False] + 10, fired  # measured: 50 against 35 of 64
+
+
+def test_a_geometric_median_b_dec_needs_the_first_batch():
+    with pytest.raises(ValueError, match="first_batch"):
+        new_sae(_cfg("topk", b_dec_init="geometric_median"), D_IN, STATS, seed=0)
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):
@@ -223,10 +274,12 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("topk_warmup_fraction", [0.0, 0.5])
 @pytest.mark.parametrize("target", [3.0, 6.0])
-def test_jumprelu_trains_to_the_requested_l0(target):
+def test_jumprelu_trains_to_the_requested_l0(target, topk_warmup_fraction):
     """The same data and recipe end at either target on held-out rows, with no coefficient to tune."""
-    cfg = _cfg("jumprelu", target_l0=target, target_l0_gain=0.1, train_tokens=64 * 120, sparsity_warmup_steps=0)
+    cfg = _cfg("jumprelu", target_l0=target, target_l0_gain=0.1, train_tokens=64 * 120, sparsity_warmup_steps=0,
+               topk_warmup_fraction=topk_warmup_fraction)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     info = train(sae, _batches(64), STATS, cfg)
     held_out = sae_reconstruction(sae, _data(99, 4096))["l0"]
@@ -257,10 +310,14 @@ def test_threshold_calibration_hits_the_target_exactly_on_its_rows():
     assert int((pre > sae.threshold.detach()).sum()) == 5 * 300
 
 
-def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path):
-    """Killed and resumed, a target_l0 run ends bit-identical to one run straight through."""
+@pytest.mark.parametrize("topk_warmup_fraction", [0.0, 0.4])
+def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_warmup_fraction):
+    """Killed and resumed, a target_l0 run ends bit-identical to one run straight through.
+
+    With a warm start of 8 steps, the resumed part (from the checkpoint at step 7) crosses into the JumpReLU steps.
+    """
     cfg = _cfg("jumprelu", target_l0=6.0, target_l0_gain=0.2, train_tokens=64 * 20, sparsity_warmup_steps=0,
-               checkpoint_every=7)
+               checkpoint_every=7, topk_warmup_fraction=topk_warmup_fraction)
     straight = new_sae(cfg, D_IN, STATS, seed=0)
     train(straight, _batches(64), STATS, cfg)
     resumed = new_sae(cfg, D_IN, STATS, seed=0)
@@ -270,7 +327,33 @@ def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path):
     assert all(torch.equal(straight.tensors()[k], resumed.tensors()[k]) for k in straight.tensors())
 
 
-@pytest.mark.parametrize("kw,match", [(dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
+def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference():
+    """A warm-start step keeps each token's k largest pre-activations, sets every threshold to the batch's
+    cut for a mean L0 of k, and gives the gradients of the dense reconstruction loss of exactly those
+    latents (hand-written)."""
+    cfg = _cfg("jumprelu", target_l0=4.0, target_l0_gain=0.1, topk_warmup_fraction=0.5)
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    x = torch.randn(100, D_IN, generator=torch.Generator().manual_seed(5)) * 0.3  # no repeated rows, so no ties
+    pre = sae.pre_acts(x).detach()
+    kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(4, dim=1).indices, True) & (pre > 0)
+    out = sae.training_step(x, StepContext(warmup_k=4.0, extra={"auxk_alpha": 0.0}))
+    assert out.l0 == float(kept.sum()) / 100
+    assert torch.all(sae.threshold.detach() == pre.flatten().topk(4 * 100).values.min())
+    out.loss.backward()
+    assert sae.threshold.grad is None  # the thresholds are set, not trained, during the warm start
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad(set_to_none=True)
+    z = x @ sae.W_enc + sae.b_enc
+    ((((z * kept).relu()) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()).backward()
+    assert set(ours) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, grad in ours.items():
+        assert torch.allclose(grad, getattr(sae, name).grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("kw,match", [(dict(architecture="jumprelu", topk_warmup_fraction=0.5), "applies only with sae.target_l0"),
+                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1,
+                                            topk_warmup_fraction=1.0), r"must be in \[0, 1\)"),
+                                      (dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
                                       (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
                                       (dict(architecture="jumprelu", target_l0=99.0), "between 0"),
                                       (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.0), "must be > 0"),

@@ -55,11 +55,13 @@ def make_sae(architecture: str, *, k: int, coefficient: float, **overrides: Any)
 
     The other one stays 0, as SAEConfig requires of a key the architecture ignores, so one test body
     can loop over every architecture. Matryoshka keeps its preset's prefixes (1/16 ... 1 of the width),
-    which need a width of at least 16.
+    which need a width of at least 16. `b_dec` starts at the data mean unless a test asks otherwise: the TopK
+    preset's geometric median needs a first batch, which `new_sae` then takes (tested on its own).
     """
     from token_journey.config.sae import SAEConfig
     from token_journey.sae.registry import USES_K
 
     uses_k = architecture in USES_K
+    overrides.setdefault("b_dec_init", "mean")
     return make(SAEConfig, architecture=architecture, k=k if uses_k else 0,
                 sparsity_coefficient=0.0 if uses_k else coefficient, **overrides)

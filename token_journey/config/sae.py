@@ -31,6 +31,9 @@ class SAEConfig:
     """jumprelu only: train to this L0 on held-out rows, lambda set by a controller (token_journey.sae.target_l0; 0 = off)."""
     target_l0_gain: float
     """How fast that controller moves lambda: its log changes by at most this much per step."""
+    topk_warmup_fraction: float
+    """jumprelu with target_l0 only: the first fraction of the steps trains as TopK with k = target_l0 (a warm
+    start: every threshold then starts at the last batch's cut for that L0 and trains on its own; 0 = off)."""
     sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
     lr: float
@@ -61,6 +64,9 @@ class SAEConfig:
     """A latent is dead after this many training tokens without firing."""
     b_dec_init: str
     """mean | geometric_median | zeros: where the decoder bias starts."""
+    train_b_dec: bool
+    """false keeps b_dec where b_dec_init put it. With the geometric median, that is robust to rows of huge norm
+    (a sink token's), whose errors would otherwise drag a trained b_dec off every ordinary row."""
     checkpoint_every: int
     """Save a resumable checkpoint every N steps (0 = never)."""
     eval_tokens: int
@@ -109,6 +115,11 @@ class SAEConfig:
         if arch in USES_K and self.sparsity_coefficient:
             raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} does not apply to {arch} "
                                     "(k sets its L0); leave it 0 and set sae.k")
+        if not 0 <= self.topk_warmup_fraction < 1:
+            raise TokenJourneyError(f"sae.topk_warmup_fraction={self.topk_warmup_fraction} must be in [0, 1)")
+        if not self.target_l0 and self.topk_warmup_fraction:
+            raise TokenJourneyError(f"sae.topk_warmup_fraction={self.topk_warmup_fraction} applies only with "
+                                    "sae.target_l0 set (it is the warm start's k); use sae=jumprelu-l0 or leave it 0")
         if not self.target_l0 and self.target_l0_gain:
             raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} applies only with sae.target_l0 set; "
                                     "use sae=jumprelu-l0 or leave it 0")
@@ -121,3 +132,8 @@ class SAEConfig:
     @property
     def steps(self) -> int:
         return -(-self.train_tokens // self.batch_size)
+
+    @property
+    def topk_warmup_steps(self) -> int:
+        """Steps of the TopK warm start (see `topk_warmup_fraction`)."""
+        return int(self.topk_warmup_fraction * self.steps)

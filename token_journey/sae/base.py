@@ -70,6 +70,7 @@ class StepContext:
     """What a step needs from the loop: the warmed-up sparsity weight and the dead latents.
 
     `threshold_weight`: weight of this batch in BatchTopK's running inference-threshold estimate.
+    `warmup_k`: > 0 while a JumpReLU trains as TopK with this k (its warm start), 0 after.
     """
 
     sparsity_coefficient: float = 0.0
@@ -77,6 +78,7 @@ class StepContext:
     bandwidth: float = 0.001
     threshold_weight: float = 0.01
     extra: dict[str, float] = field(default_factory=dict)
+    warmup_k: float = 0.0
 
 
 class SAE(nn.Module):

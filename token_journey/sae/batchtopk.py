@@ -47,8 +47,10 @@ def kth_largest(values: torch.Tensor, k: int, sample_size: int = 1 << 18) -> tor
     return flat.topk(k, sorted=False).values.min()
 
 
-def batch_cut(pre: torch.Tensor, k: int) -> torch.Tensor:
+def batch_cut(pre: torch.Tensor, k: float) -> torch.Tensor:
     """The (k x global batch)-th largest pre-activation of the whole global batch, on every process.
+
+    k may be fractional (a JumpReLU's target L0, in its warm start): the rank is rounded to a whole element.
 
     Alone, that is `kth_largest` of this batch. Under data parallelism each process holds an equal
     slice, and the global top set lies inside the union of every process's own top
@@ -56,7 +58,7 @@ def batch_cut(pre: torch.Tensor, k: int) -> torch.Tensor:
     token, far less than its [rows, d_sae] pre-activations) and all take the same exact cut.
     """
     processes = current_processes()
-    total = k * pre.shape[0] * processes.count
+    total = max(1, round(k * pre.shape[0] * processes.count))
     if processes.count == 1:
         return kth_largest(pre, total)
     flat = pre.reshape(-1)

@@ -8,6 +8,10 @@ kernel K(u) = 1[|u| < 1/2] of bandwidth eps:
   d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps),   d H / d theta = -(1 / eps) K(...),
 and no pseudo-gradient reaches z through H. Only latents with z > theta - eps/2 can carry any
 gradient, so the step works on those alone (`Active`), exactly as the dense formula would.
+
+With a target L0 and `topk_warmup_fraction`, the first steps train the same weights as a TopK SAE with
+k = target (no L0 term), the thresholds following the batch's cut for that L0; the steps above then start
+from weights that already reconstruct well at that L0, which a short budget cannot reach from scratch.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from token_journey.sae.base import SAE, StepContext, StepOutput
+from token_journey.sae.batchtopk import batch_cut
 from token_journey.sae.sparse import Active
+from token_journey.sae.topk import TopKSAE
 
 
 def _window(u: torch.Tensor) -> torch.Tensor:
@@ -78,6 +84,8 @@ class JumpReLUSAE(SAE):
         return pre * (pre > self.threshold)
 
     def training_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None = None) -> StepOutput:
+        if ctx.warmup_k:
+            return self._topk_warmup_step(x, ctx, target)
         y = x if target is None else target
         x_in, pre = self._sparse_pre(x)
         with torch.no_grad():
@@ -91,3 +99,26 @@ class JumpReLUSAE(SAE):
         l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
         loss = mse + ctx.sparsity_coefficient * l0
         return StepOutput(loss, mse.detach(), l0.detach(), float(l0.detach()), self._fired(f.detach(), active))
+
+    def _topk_warmup_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None) -> StepOutput:
+        """One step of the TopK warm start: each token's round(k) largest pre-activations are active.
+
+        The loss is the reconstruction error plus AuxK (scaled like TopK's, relative to the batch's
+        variance); no L0 term, since k fixes L0. The thresholds take no gradient here: each step sets them
+        all to the batch's cut for a mean L0 of k, so that when the JumpReLU steps take over, every latent
+        starts from the one threshold that gave L0 = k on the last batch, and then moves on its own.
+        """
+        y = x if target is None else target
+        x_in, pre = self._sparse_pre(x)
+        with torch.no_grad():
+            values, indices = pre.topk(max(1, round(ctx.warmup_k)), dim=-1, sorted=False)
+            active = Active.from_topk(indices, self.cfg.d_sae)
+            self.threshold.fill_(float(batch_cut(pre, ctx.warmup_k).clamp_min(torch.finfo(pre.dtype).tiny)))
+        f = self._attach(x_in, values.reshape(-1), active).relu()
+        err = self._reconstruct(f, active, x) - y
+        mse = err.pow(2).sum(-1).mean()
+        aux = TopKSAE._auxk(self, x_in, pre, err.detach(), ctx)  # type: ignore[arg-type]
+        total_var = (y - y.mean(0)).pow(2).sum(-1).mean().detach()
+        loss = mse + ctx.extra.get("auxk_alpha", 1 / 32) * aux * total_var
+        l0 = float((f > 0).sum()) / x.shape[0]
+        return StepOutput(loss, mse.detach(), aux.detach(), l0, self._fired(f.detach(), active))

@@ -1,7 +1,8 @@
 """The SAE training loop shared by every architecture.
 
 What it does, once for all architectures: scale inputs by one scalar so E||x||^2 = 1 (folded back
-into the saved weights at the end), start b_dec from the data, Adam with lr warmup then linear
+into the saved weights at the end), start b_dec from the data (and keep it there with
+`train_b_dec=false`), a TopK warm start for a JumpReLU trained to a target L0, Adam with lr warmup then linear
 decay, a sparsity coefficient warmed up linearly, gradient clipping, unit-norm decoder rows with
 the gradient component parallel to each row removed, dead-latent tracking over a token window,
 checkpoints every N steps that resume exactly, and a refusal to go on (or save) after a
@@ -43,6 +44,21 @@ class DataStats:
 
     mean: torch.Tensor
     mean_sq_norm: float
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, outlier_ratio: float = 10.0) -> DataStats:
+        """Statistics of rows [N, d_in] as the harvest would record them: rows whose norm exceeds
+        `outlier_ratio` x the median row norm are left out (0 keeps all).
+
+        For activations that did not go through the harvest's outlier rule (loose tensors): SmolLM2's
+        position-0 rows (norm ~30,000 against a median of 171, 0.8% of rows) hold ~99% of E||x||^2, and
+        a scale taken from them shrinks every ordinary row to ~1/12 of unit norm, where Adam's steps on
+        the biases outweigh the rows themselves and all but a few latents die.
+        """
+        rows = rows.float()
+        norms = rows.norm(dim=1)
+        kept = rows[norms <= outlier_ratio * norms.median()] if outlier_ratio > 0 else rows
+        return cls(kept.mean(0), float(kept.pow(2).sum(1).mean()))
 
     @property
     def scale(self) -> float:
@@ -107,11 +123,14 @@ def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch:
     scale = stats.scale
     if cfg.b_dec_init == "mean":
         b_dec = stats.mean.float() * scale
-    elif cfg.b_dec_init == "geometric_median" and first_batch is not None:
+    elif cfg.b_dec_init == "geometric_median":
+        if first_batch is None:
+            raise ValueError("sae.b_dec_init=geometric_median needs the first training batch (first_batch)")
         b_dec = geometric_median(first_batch.float() * scale)
     else:
         b_dec = None
     sae.init_weights(torch.Generator(device="cpu").manual_seed(seed), b_dec)
+    sae.b_dec.requires_grad_(cfg.train_b_dec)
     if encoder_of(sae.architecture) == "jumprelu":
         with torch.no_grad():
             sae.threshold.fill_(cfg.threshold_init)
@@ -150,6 +169,8 @@ def _sync_grads(sae: SAE, world: int) -> None:
     if world == 1:
         return
     for p in sae.parameters():
+        if not p.requires_grad:  # b_dec with sae.train_b_dec=false
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         torch.distributed.all_reduce(p.grad)
@@ -224,7 +245,8 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
         if x.shape[0] * world != cfg.batch_size:
             raise TokenJourneyError(f"data gave a batch of {x.shape[0] * world} rows, expected sae.batch_size={cfg.batch_size}")
         ctx = StepContext(sparsity_at(cfg, step, loop["coefficient"]), since_fired >= cfg.dead_window_tokens,
-                          cfg.bandwidth, threshold_weight_at(cfg, step), extra)
+                          cfg.bandwidth, threshold_weight_at(cfg, step), extra,
+                          cfg.target_l0 if step < cfg.topk_warmup_steps else 0.0)
         if paired:  # [input | target]
             out = sae.training_step(x[:, :d_in] * in_scale, ctx, x[:, d_in:] * scale)
         else:
