@@ -29,23 +29,18 @@ def _data(seed: int, n: int) -> torch.Tensor:
     return (on * torch.rand(n, N_FEAT, generator=g) * 4) @ dirs + 2.0
 
 
-def _batches(batch: int):
-    def batches(start: int):
-        step = start
-        while True:
-            yield _data(1000 + step, batch)
-            step += 1
-    return batches
-
-
 def _batches_of(data, batch: int):
-    """`batches(start)` of `data(seed, batch)` with one seed per step, like `_batches`."""
+    """`batches(start)` of `data(seed, batch)`, one seed per step, so a resumed run reads the same batches."""
     def batches(start: int):
         step = start
         while True:
             yield data(1000 + step, batch)
             step += 1
     return batches
+
+
+def _batches(batch: int):
+    return _batches_of(_data, batch)
 
 
 def _cfg(arch: str = "topk", **kw) -> SAEConfig:
