@@ -47,21 +47,19 @@ class DataStats:
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor, outlier_ratio: float = 10.0) -> DataStats:
-        """Statistics of rows [N, d_in] as the harvest would record them: its outlier rule
-        (`drop_norm_outliers`, the rows as one sequence) leaves out rows whose norm exceeds
-        `outlier_ratio` x the median row norm (0 keeps all).
+        """Statistics of rows [N, d_in] as the harvest would record them: rows whose norm exceeds
+        `outlier_ratio` x the median row norm are left out (0 keeps all). This is the harvest's rule
+        (`data.corpus.drop_norm_outliers`) with all rows as one sequence, written out here so that
+        training does not import the corpus machinery (the train_sae stage would then depend on it).
 
         For activations that did not go through the harvest's outlier rule (loose tensors): SmolLM2's
         position-0 rows (norm ~30,000 against a median of 171, 0.8% of rows) hold ~99% of E||x||^2, and
         a scale taken from them shrinks every ordinary row to ~1/12 of unit norm, where Adam's steps on
         the biases outweigh the rows themselves and all but a few latents die.
         """
-        from token_journey.data.corpus import drop_norm_outliers  # the corpus machinery stays out of the loop's imports
-
         rows = rows.float()
-        keep = drop_norm_outliers(rows[None], torch.ones(1, rows.shape[0], dtype=torch.bool, device=rows.device),
-                                  outlier_ratio)[0]
-        kept = rows[keep]
+        norms = rows.norm(dim=1)
+        kept = rows[norms <= outlier_ratio * norms.median()] if outlier_ratio > 0 else rows
         return cls(kept.mean(0), float(kept.pow(2).sum(1).mean()))
 
     @property
