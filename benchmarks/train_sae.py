@@ -16,7 +16,8 @@ Matryoshka trains for: `--archs batchtopk,matryoshka` compares it with plain Bat
 `--peers sparsify[,saelens]` also trains that library's TopK SAE with its own trainer on the same rows in the
 same order (see benchmarks/peers.py; a peer that is not importable is skipped with one line), scores it
 with our FVU on the same held-out rows, and prints our tokens/s and FVU as ratios to its (issue bar: TopK
-tokens/s >= 1.5x, FVU <= 0.9x, dead < 5%). `--peer-set key=value` changes one of the peer's settings.
+tokens/s >= 1.5x, FVU <= 0.9x, dead < 5%). `--peer-batches 1024,4096` trains the peer at each of those batch
+sizes and judges the bar against its best-FVU run. `--peer-set key=value` changes one of the peer's settings.
 The last line is one JSON object.
 """
 
@@ -99,14 +100,20 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def in_memory(x: torch.Tensor, batch: int, seed: int):
-    """`batches(start)` over a tensor, reshuffled every epoch, deterministic in (seed, start)."""
+    """`batches(start)` over a tensor, reshuffled every epoch, deterministic in (seed, start).
+
+    The permutation is drawn once per epoch: drawn per step, a randperm of 1M rows (~8 ms) was an eighth
+    of a batch-1024 step and counted against our tokens/s alone (the peers replay a precomputed order).
+    """
     per_epoch = x.shape[0] // batch
 
     def batches(start: int):
-        step = start
+        step, drawn_for, perm = start, -1, torch.empty(0, dtype=torch.long)
         while True:
             epoch, i = divmod(step, per_epoch)
-            perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+            if epoch != drawn_for:
+                perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+                drawn_for = epoch
             yield x[perm[i * batch:(i + 1) * batch]]
             step += 1
     return batches
@@ -177,25 +184,38 @@ def applies(override: str, arch: str) -> bool:
 
 
 def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval: torch.Tensor,
-            overrides: list[str]) -> dict:
-    """Train `peer` on the rows and order ours trained on; its figures and ours as ratios to them."""
+            overrides: list[str], batch_sizes: list[int]) -> dict:
+    """Train `peer` on our rows, in our shuffler's order, at each batch size; ours as ratios to its best run.
+
+    Each library gets the batch size that suits it: sparsify's signum optimiser loses fidelity at small
+    batches (FVU 0.214 at 1024 against 0.173 at 4096 on SmolLM2 layer 15), so the bar is judged against the
+    peer's run with the lowest FVU, at that run's tokens/s; every run is printed and kept in the JSON.
+    """
     skipped = importable(peer)
     if skipped:
         print(skipped)
         return {"skipped": skipped}
-    steps = ours["train_tokens"] // cfg.batch_size
-    theirs = run_sparsify(x_train, x_eval, k=cfg.k, width=cfg.width, batch_tokens=cfg.batch_size, steps=steps,
-                          batches=lambda rows: in_memory(rows, cfg.batch_size, 0)(0), overrides=overrides)
-    speed, fvu = ours["tokens_per_s"] / theirs["tokens_per_s"], ours["fvu"] / theirs["fvu"]
-    met = speed >= PEER_BAR["tokens_per_s_ratio_min"] and fvu <= PEER_BAR["fvu_ratio_max"] and ours["dead_fraction"] < PEER_BAR["dead_max"]
-    theirs.update(tokens_per_s_ratio=round(speed, 3), fvu_ratio=round(fvu, 3), bar=PEER_BAR, bar_met=met)
-    c = theirs["config"]
-    print(f"{peer:9s} {theirs['tokens_per_s']:8.0f} tok/s  FVU {theirs['fvu']} (its own definition {theirs['fvu_own_definition']})"
-          f"  L0 {theirs['l0']}  dead {theirs['dead_fraction']}  | ours/theirs: tokens/s x{speed:.3f}  FVU x{fvu:.3f}"
-          f"  bar {'met' if met else 'NOT met'}  | {peer}: optimizer {c['optimizer']} lr {c['lr_used']:.2e}"
-          f" auxk_alpha {c['auxk_alpha']} k_decay_steps {c['k_decay_steps']}; ours: adam lr {cfg.lr} auxk_alpha {cfg.auxk_alpha}",
-          flush=True)
-    return theirs
+    runs = {}
+    for batch in batch_sizes:
+        steps = ours["train_tokens"] // batch
+        run = run_sparsify(x_train, x_eval, k=cfg.k, width=cfg.width, batch_tokens=batch, steps=steps,
+                           batches=lambda rows, b=batch: in_memory(rows, b, 0)(0), overrides=overrides)
+        run.update(tokens_per_s_ratio=round(ours["tokens_per_s"] / run["tokens_per_s"], 3),
+                   fvu_ratio=round(ours["fvu"] / run["fvu"], 3))
+        c = run["config"]
+        print(f"{peer:9s} batch {batch:5d} {run['tokens_per_s']:8.0f} tok/s  FVU {run['fvu']} (its own definition "
+              f"{run['fvu_own_definition']})  L0 {run['l0']}  dead {run['dead_fraction']}  | ours/theirs: tokens/s "
+              f"x{run['tokens_per_s_ratio']:.3f}  FVU x{run['fvu_ratio']:.3f}  | {peer}: optimizer {c['optimizer']} "
+              f"lr {c['lr_used']:.2e} auxk_alpha {c['auxk_alpha']} k_decay_steps {c['k_decay_steps']}", flush=True)
+        runs[batch] = run
+    best = min(runs, key=lambda b: runs[b]["fvu"])
+    theirs = runs[best]
+    met = (theirs["tokens_per_s_ratio"] >= PEER_BAR["tokens_per_s_ratio_min"] and theirs["fvu_ratio"] <= PEER_BAR["fvu_ratio_max"]
+           and ours["dead_fraction"] < PEER_BAR["dead_max"])
+    print(f"{peer:9s} best fidelity at batch {best}: ours (batch {cfg.batch_size}, adam lr {cfg.lr}, auxk_alpha "
+          f"{cfg.auxk_alpha}) tokens/s x{theirs['tokens_per_s_ratio']:.3f}  FVU x{theirs['fvu_ratio']:.3f}  "
+          f"dead {ours['dead_fraction']}  bar {'met' if met else 'NOT met'}", flush=True)
+    return {**theirs, "batch_size": best, "bar": PEER_BAR, "bar_met": met, "runs": runs}
 
 
 def main() -> None:
@@ -205,6 +225,9 @@ def main() -> None:
     ap.add_argument("--archs", default="topk,jumprelu,batchtopk")
     ap.add_argument("--set", action="append", default=[], help="extra sae overrides, e.g. --set sae.lr=0.003")
     ap.add_argument("--peers", default="", help="comma-separated: sparsify, saelens (TopK only, same rows)")
+    ap.add_argument("--peer-batches", default="",
+                    help="comma-separated batch sizes (tokens) to train each peer at, e.g. 1024,4096 (default: ours); "
+                         "the bar is judged against the peer's run with the lowest FVU")
     ap.add_argument("--peer-set", action="append", default=[],
                     help="a sparsify TrainConfig setting (JSON value, else a string), e.g. --peer-set optimizer=adam")
     args = ap.parse_args()
@@ -251,7 +274,8 @@ def main() -> None:
               flush=True)
         if arch == "topk":
             for peer in peers:
-                r.setdefault("peers", {})[peer] = compare(peer, r, cfg, x_train, x_eval, args.peer_set)
+                sizes = [int(b) for b in args.peer_batches.split(",") if b] or [cfg.batch_size]
+                r.setdefault("peers", {})[peer] = compare(peer, r, cfg, x_train, x_eval, args.peer_set, sizes)
     if peers and "topk" not in args.archs.split(","):
         print("--peers compares TopK only; add topk to --archs")
     print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
