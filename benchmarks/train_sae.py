@@ -102,7 +102,7 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
 def in_memory(x: torch.Tensor, batch: int, seed: int):
     """`batches(start)` over a tensor, reshuffled every epoch, deterministic in (seed, start).
 
-    The permutation is drawn once per epoch: drawn per step, a randperm of 1M rows (~8 ms) was an eighth
+    The permutation is drawn once per epoch: drawn per step, a randperm of 1M rows (~8 ms) was a tenth
     of a batch-1024 step and counted against our tokens/s alone (the peers replay a precomputed order).
     """
     per_epoch = x.shape[0] // batch

@@ -30,6 +30,20 @@ def test_replay_order_is_our_training_order():
         assert torch.equal(x[order[step * 2:(step + 1) * 2].flatten()], next(ours))
 
 
+def test_in_memory_batches_resume_mid_stream_and_cover_every_row_once_per_epoch():
+    """Counted by hand: each epoch's batches are a permutation of all rows (minus the remainder), epochs
+    differ, and a stream started at step s yields exactly what the stream from 0 yields from step s on."""
+    x = torch.arange(10).float()[:, None]
+    stream = in_memory(x, 3, 0)(0)
+    batches = [next(stream).flatten().long() for _ in range(9)]  # 3 batches per epoch, 3 epochs
+    for epoch in range(3):
+        rows = torch.cat(batches[3 * epoch:3 * epoch + 3])
+        assert len(set(rows.tolist())) == 9  # no row twice within an epoch
+    assert not torch.equal(torch.cat(batches[:3]), torch.cat(batches[3:6]))  # reshuffled
+    resumed = in_memory(x, 3, 0)(4)
+    assert all(torch.equal(next(resumed).flatten().long(), b) for b in batches[4:])
+
+
 @pytest.mark.skipif(importable("sparsify") is not None, reason="eai-sparsify not installed (the `peers` extra)")
 def test_sparsify_trains_on_replayed_rows():
     torch.manual_seed(0)
