@@ -18,7 +18,8 @@ same order (see benchmarks/peers.py; a peer that is not importable is skipped wi
 with our FVU on the same held-out rows, and prints our tokens/s and FVU as ratios to its (issue bar: TopK
 tokens/s >= 1.5x, FVU <= 0.9x, dead < 5%). `--peer-batches 1024,4096` trains the peer at each of those batch
 sizes and judges the bar against its best-FVU run. `--peer-set key=value` changes one of the peer's settings.
-The last line is one JSON object.
+With `--archs topk,jumprelu-l0` it also judges the issue's bar for JumpReLU on request: FVU at
+`sae.target_l0` no worse than TopK's at k = that target, each at its own preset. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ def quality_met(arch: str, fvu: float, l0: float, dead: float) -> bool | None:
         return None
     return (fvu <= bar["fvu_max"] and dead < bar.get("dead_max", 1.0)
             and bar.get("l0_min", 0) <= l0 <= bar.get("l0_max", float("inf")))
+
+
+def jumprelu_against_topk(results: dict) -> dict | None:
+    """The issue's bar for `sae=jumprelu-l0`: held-out FVU no worse than TopK's at k = its target L0.
+
+    None unless both ran; `met` is None when the target and k differ (nothing to judge).
+    """
+    ours, topk = results.get("jumprelu-l0"), results.get("topk")
+    if ours is None or topk is None:
+        return None
+    same_l0 = ours["target_l0"] == topk["k"]
+    return {"target_l0": ours["target_l0"], "topk_k": topk["k"], "fvu": ours["fvu"], "topk_fvu": topk["fvu"],
+            "fvu_ratio": round(ours["fvu"] / topk["fvu"], 4), "met": ours["fvu"] <= topk["fvu"] if same_l0 else None}
 
 
 def without_outliers(x: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -278,8 +292,13 @@ def main() -> None:
                 r.setdefault("peers", {})[peer] = compare(peer, r, cfg, x_train, x_eval, args.peer_set, sizes)
     if peers and "topk" not in args.archs.split(","):
         print("--peers compares TopK only; add topk to --archs")
+    versus = jumprelu_against_topk(results)
+    if versus is not None:
+        verdict = {True: "met", False: "NOT met", None: "not judged: target_l0 != k"}[versus["met"]]
+        print(f"jumprelu-l0 (target {versus['target_l0']:g}) FVU {versus['fvu']} against topk (k {versus['topk_k']}) "
+              f"{versus['topk_fvu']}: x{versus['fvu_ratio']} (bar <= x1: {verdict})")
     print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
-                      "threads": torch.get_num_threads(), "results": results}))
+                      "threads": torch.get_num_threads(), "results": results, "jumprelu_l0_vs_topk": versus}))
 
 
 if __name__ == "__main__":

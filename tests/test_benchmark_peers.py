@@ -1,4 +1,4 @@
-"""benchmarks/peers.py: the replay stand-in feeds sparsify's Trainer our rows in our order."""
+"""benchmarks/peers.py: the replay stand-in feeds sparsify's Trainer our rows in our order; train_sae.py's bars."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from peers import SEQ_ROWS, ReplayModel, importable, replay_order, run_sparsify  # noqa: E402
-from train_sae import in_memory  # noqa: E402
+from train_sae import in_memory, jumprelu_against_topk  # noqa: E402
 
 
 def test_replay_model_outputs_the_rows_its_ids_name():
@@ -55,3 +55,12 @@ def test_sparsify_trains_on_replayed_rows():
     assert result["train_tokens"] == 30 * 256 and result["l0"] == 4.0
     assert result["config"]["optimizer"] == "adam"
     assert 0 < result["fvu"] < 1  # learned something from the sparse structure
+
+
+def test_the_jumprelu_bar_is_judged_only_at_equal_l0_and_only_when_both_ran():
+    topk = {"fvu": 0.156, "k": 32, "target_l0": 0}
+    assert jumprelu_against_topk({"topk": topk}) is None
+    better = jumprelu_against_topk({"topk": topk, "jumprelu-l0": {"fvu": 0.155, "k": 0, "target_l0": 32}})
+    assert better["met"] is True and better["fvu_ratio"] == round(0.155 / 0.156, 4)
+    assert jumprelu_against_topk({"topk": topk, "jumprelu-l0": {"fvu": 0.157, "k": 0, "target_l0": 32}})["met"] is False
+    assert jumprelu_against_topk({"topk": topk, "jumprelu-l0": {"fvu": 0.1, "k": 0, "target_l0": 16}})["met"] is None
