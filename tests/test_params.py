@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
 import yaml
 from conftest import REPO
 
-from token_journey.config import compose
+from token_journey.config import build, compose
 
 
 def test_params_yaml_is_the_composed_conf():
@@ -78,3 +79,12 @@ def test_every_option_of_every_group_builds():
             built += bool(journey_config(section) if group == "journey" else build(cls, section, group))
             Layout.from_config(cfg["paths"])
     assert built >= 17
+
+
+def test_a_whole_number_given_for_a_float_key_builds_as_a_float():
+    """`sae.adam_beta1=0` is parsed by Hydra as an int; torch's Adam refuses betas of mixed types."""
+    from token_journey.config.sae import SAEConfig
+
+    cfg = build(SAEConfig, compose(["sae=jumprelu-l0", "sae.adam_beta1=0", "sae.topk_warmup_fraction=0"])["sae"], "sae")
+    assert type(cfg.adam_beta1) is float and type(cfg.topk_warmup_fraction) is float and type(cfg.batch_size) is int
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], betas=(cfg.adam_beta1, cfg.adam_beta2))

@@ -51,6 +51,8 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, where: str) -> T:
                 value = tuple(value)
             elif dataclasses.is_dataclass(hints.get(name)) and not dataclasses.is_dataclass(value):
                 value = build(hints[name], value, f"{where}.{name}")
+            elif hints.get(name) is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # `sae.adam_beta1=0` on a command line arrives as an int; torch wants floats
             kwargs[name] = value
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise TokenJourneyError(f"missing config key `{where}.{name}`")
