@@ -69,6 +69,9 @@ class SAEConfig:
     (a sink token's), whose errors would otherwise drag a trained b_dec off every ordinary row."""
     checkpoint_every: int
     """Save a resumable checkpoint every N steps (0 = never)."""
+    checkpoint_minutes: float
+    """Also save one every this many minutes of wall time (0 = never), so a preempted run loses at most that
+    much whatever a step costs. SIGTERM and SIGUSR1 always save one (token_journey.preemption)."""
     eval_tokens: int
     """Held-out tokens for the final FVU / L0 / dead fraction in train.json."""
     log_every: int
@@ -98,6 +101,9 @@ class SAEConfig:
             raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} and sae.sparsity_coefficient="
                                     f"{self.sparsity_coefficient} (where the controller starts) must be > 0 when "
                                     "sae.target_l0 is set; use sae=jumprelu-l0")
+        if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
+            raise TokenJourneyError(f"sae.checkpoint_every={self.checkpoint_every} and sae.checkpoint_minutes="
+                                    f"{self.checkpoint_minutes} must be >= 0 (0 = off)")
         self._check_sparsity_keys_apply()
         if not self.name or "/" in self.name:
             raise TokenJourneyError(f"sae.name={self.name!r} must be a non-empty folder name without '/'")

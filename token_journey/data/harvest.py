@@ -8,6 +8,10 @@ lacks; nothing is lost or written twice. The run key hashes everything that deci
 shard's content (model, corpus file, dtypes, batch size, shard size, exclusion rule), so
 shards of a different configuration are never mixed in.
 
+On SIGTERM/SIGUSR1 (`token_journey.preemption`) the pass stops after the batch under way: the shards
+already renamed into place stay, the shard in flight is dropped (it was never written), and the rerun
+resumes from it.
+
 Before its first forward pass, harvest estimates the bytes it will write (`planned_bytes`) and stops
 with one line when the target's free space cannot hold them, before writing anything.
 """
@@ -32,6 +36,7 @@ from token_journey.distributed import Processes, join_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Location, activations_folder, corpus_file, location, sha256_file, short_hash
 from token_journey.lm import LoadedModel, torch_dtype
+from token_journey.preemption import Preempted, stop_requests
 from token_journey.sites import capture, check_point
 
 log = logging.getLogger(__name__)
@@ -102,14 +107,19 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     if todo and todo[0] > 0:
         log.info("%s: resuming at shard %d of %d", split, todo[0], n_shards)
     total = sum(min(n_seq, (k + 1) * per_shard) - k * per_shard for k in todo) * context
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {split}", disable=not procs.is_main) as bar:
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {split}", disable=not procs.is_main)
+    with stop_requests() as stop, bar:
         for shard in todo:
             lo, hi = shard * per_shard, min(n_seq, (shard + 1) * per_shard)
+            stop.at(shard)
             for start in range(lo, hi, cfg.batch_size):
                 ids = seqs.input_ids[start : min(hi, start + cfg.batch_size)]  # [batch, seq]
                 _harvest_batch(lm, cfg, ids, seqs.sequence_ids[start : start + ids.shape[0]], special, points,
                                {p: writers[p] for p in points if shard not in done[p]}, store, device)
                 bar.update(ids.numel())
+                if stop.requested:  # the rows of this shard so far are dropped with the writers
+                    raise Preempted(f"harvest {split}: {stop.signal} during shard {shard} of {n_shards}; the complete shards "
+                                    "are kept and this one is dropped; rerun the same command to resume")
             for p in points:
                 if shard not in done[p]:
                     writers[p].finish(shard)

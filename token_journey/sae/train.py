@@ -28,6 +28,7 @@ from tqdm import tqdm
 from token_journey.config.sae import SAEConfig
 from token_journey.distributed import current_processes
 from token_journey.errors import TokenJourneyError
+from token_journey.preemption import Preempted, StopRequest, stop_requests
 from token_journey.sae.base import SAE, SAESpec, StepContext
 from token_journey.sae.checkpoint import load_checkpoint, save_checkpoint
 from token_journey.sae.registry import USES_K, USES_PREFIXES, build_sae, encoder_of, is_transcoder, prefix_sizes
@@ -210,8 +211,17 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
     A transcoder needs `in_stats`, the statistics of its input, besides `stats` of its target.
     Resumes from `checkpoint_dir` when it holds a checkpoint of the same config. `stop_after`
     ends early after that many steps without folding (to simulate a killed run in tests).
+    On SIGTERM/SIGUSR1 (`token_journey.preemption`) every process finishes the step under way, a
+    checkpoint of it is written (with `checkpoint_dir`) and `Preempted` is raised: no finished step is lost.
     Returns training figures: steps, tokens, tokens_per_s, last losses, train L0 and dead fraction.
     """
+    with stop_requests() as stop:
+        return _train(sae, batches, stats, cfg, in_stats, checkpoint_dir, tracker, stop_after, stop)
+
+
+def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stats: DataStats | None, checkpoint_dir: Path | None,
+           tracker: Any, stop_after: int | None, stop: StopRequest) -> dict[str, Any]:
+    """`train`'s loop, under the stop request `stop`."""
     processes = current_processes()
     rank, world = processes.index, processes.count
     if cfg.batch_size % world:
@@ -228,12 +238,12 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
                            foreach=not fused)
     device = sae.W_enc.device
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
-    start, last_ckpt = 0, None
+    start, resumed_from = 0, None
     loop = {"coefficient": cfg.sparsity_coefficient}  # what the loop carries besides tensors (target_l0's controller)
     if checkpoint_dir is not None:
         resumed = load_checkpoint(checkpoint_dir, sae, opt, since_fired, fingerprint(cfg, sae), loop)
         if resumed is not None:
-            start, last_ckpt = resumed, checkpoint_dir
+            start, resumed_from = resumed, checkpoint_dir
             log.info("resumed %s from step %d (%s)", sae.cfg.name, start, checkpoint_dir)
     data = to_device(batches(start), device, rank, world)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -241,7 +251,9 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
     last: dict[str, float] = {}
     seconds, tokens = 0.0, 0
     bar = tqdm(range(start, end), desc=f"train {sae.cfg.name}", disable=rank != 0, initial=start, total=cfg.steps)
+    saves = Checkpoints(checkpoint_dir, cfg, rank, resumed_from)
     for step in bar:
+        stop.at(step + 1)
         t0 = time.perf_counter()
         x = next(data).float()
         if x.shape[0] * world != cfg.batch_size:
@@ -256,7 +268,7 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
         if not torch.isfinite(out.loss.detach()):
             raise TokenJourneyError(
                 f"loss became {float(out.loss.detach())} at step {step}; nothing saved. Last good checkpoint: "
-                f"{last_ckpt or 'none'}. Lower sae.lr or check the activations for inf/NaN"
+                f"{saves.last or 'none'}. Lower sae.lr or check the activations for inf/NaN"
             )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -271,10 +283,7 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
         match_grad_layout(sae)
         opt.step()
         _after_step(sae)
-        fired = out.fired
-        if world > 1:
-            fired = fired.to(torch.uint8)
-            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+        fired, stopping = _agree(out.fired, stop.requested, world)
         if cfg.target_l0:
             loop["coefficient"] = next_coefficient(loop["coefficient"], _mean_over(out.l0, world, device),
                                                    cfg.target_l0, cfg.target_l0_gain)
@@ -290,10 +299,11 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
             bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{out.l0:.1f}")
             if tracker is not None and rank == 0:
                 tracker.log({f"train/{k}": v for k, v in last.items()}, step=step)
-        if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            if rank == 0:
-                save_checkpoint(checkpoint_dir, step + 1, sae, opt, since_fired, fingerprint(cfg, sae), loop)
-            last_ckpt = checkpoint_dir
+        if saves.due(step + 1) or (stopping and step + 1 < end):
+            saves.save(step + 1, sae, opt, since_fired, fingerprint(cfg, sae), loop)
+        if stopping and step + 1 < end:
+            raise Preempted(f"{sae.cfg.name}: {stop.signal or 'another process was asked to stop'} during step {stop.during}; "
+                            f"{saves.where(step + 1)}; rerun the same command to resume")
     calibration = {}
     if stop_after is None and cfg.target_l0:
         rows = [next(data).float()[:, :d_in] * in_scale for _ in range(-(-CALIBRATION_ROWS // cfg.batch_size))]
@@ -309,6 +319,49 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
             "processes": world, **calibration, **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"}}
 
 
+class Checkpoints:
+    """When to write the training checkpoint: every `checkpoint_every` steps and every `checkpoint_minutes` of
+    wall time (whichever comes first), never after the last step. Process 0 alone writes it."""
+
+    def __init__(self, folder: Path | None, cfg: SAEConfig, rank: int, last: Path | None) -> None:
+        self.folder, self.cfg, self.rank, self.last = folder, cfg, rank, last
+        self.saved_at = time.monotonic()
+
+    def due(self, done: int) -> bool:
+        """Whether a checkpoint is due after `done` steps."""
+        if self.folder is None or done >= self.cfg.steps:
+            return False
+        by_steps = bool(self.cfg.checkpoint_every) and done % self.cfg.checkpoint_every == 0
+        by_time = self.cfg.checkpoint_minutes > 0 and time.monotonic() - self.saved_at >= 60 * self.cfg.checkpoint_minutes
+        return by_steps or by_time
+
+    def save(self, done: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, fingerprint: dict[str, Any],
+             loop: dict[str, float]) -> None:
+        if self.folder is None:
+            return
+        if self.rank == 0:
+            save_checkpoint(self.folder, done, sae, opt, since_fired, fingerprint, loop)
+        self.last, self.saved_at = self.folder, time.monotonic()
+
+    def where(self, done: int) -> str:
+        """What a stop after `done` steps leaves behind, for its message."""
+        if self.folder is None:
+            return f"stopped after step {done} of {self.cfg.steps} with no checkpoint folder (nothing saved)"
+        return f"checkpoint after step {done} of {self.cfg.steps} in {self.folder}"
+
+
+def _agree(fired: torch.Tensor, stop: bool, world: int) -> tuple[torch.Tensor, bool]:
+    """Which latents fired on any process, and whether any process was asked to stop, in one all-reduce.
+
+    Every process must stop after the same step, or the others would wait in the next step's collectives.
+    """
+    if world == 1:
+        return fired, stop
+    both = torch.cat([fired.to(torch.uint8), torch.tensor([stop], dtype=torch.uint8, device=fired.device)])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    return both[:-1], bool(both[-1])
+
+
 def _mean_over(value: float, world: int, device: torch.device) -> float:
     """The mean of a per-process figure over all processes (the value itself with one process)."""
     if world == 1:
@@ -318,8 +371,13 @@ def _mean_over(value: float, world: int, device: torch.device) -> float:
     return float(total) / world
 
 
+CADENCE_KEYS = ("checkpoint_every", "checkpoint_minutes", "log_every")
+"""Config keys that say how often to save or log, never what is trained: a run resumes across a change of them."""
+
+
 def fingerprint(cfg: SAEConfig, sae: SAE) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed (the training config and the SAE shape)."""
+    """What a checkpoint must match to be resumed (the training config but its cadence keys, and the SAE shape)."""
     from dataclasses import asdict
 
-    return {"sae": asdict(cfg), "d_in": sae.cfg.d_in, "architecture": sae.architecture}
+    trained = {k: v for k, v in asdict(cfg).items() if k not in CADENCE_KEYS}
+    return {"sae": trained, "d_in": sae.cfg.d_in, "architecture": sae.architecture}
