@@ -16,7 +16,9 @@ Figures that change from run to run (tokens/s, seconds) live only under <timings
 DVC output and git, so two runs of the pipeline write byte-identical results.
 
 Writers go through `atomic_write_*` / `replace_folder` (a temporary sibling, then a rename), so a
-reader never sees half a file, and hashes through `sha256_file` / `short_hash`.
+reader never sees half a file, and hashes through `sha256_file` / `short_hash`. A write that fails
+removes its temporary sibling, and one that finds the disk full stops with one line naming the path,
+the bytes needed and free (`token_journey.diskspace.writing`, which every local write site uses).
 
 The activations root alone may also be an object-store URI (`s3://bucket/prefix`, read and written
 through `pyarrow.fs`, see `token_journey.storage`): `location` turns a configured value into a `Path`
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from token_journey.diskspace import remember_roots, writing
 from token_journey.errors import TokenJourneyError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -177,6 +180,9 @@ class Layout:
     timings: Path
     """Root of the run-to-run figures (tokens/s, seconds): neither a DVC output nor in git."""
 
+    def __post_init__(self) -> None:
+        remember_roots({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # a full disk's error names the setting to change
+
     @classmethod
     def from_config(cls, paths: Mapping[str, Any]) -> Layout:
         """The layout of a `paths` config section (a mapping or DictConfig); unknown keys are an error."""
@@ -208,12 +214,15 @@ def temp_sibling(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> int:
-    """Write `data` to a temporary sibling, then rename it over `path`; returns the byte count."""
+    """Write `data` to a temporary sibling, then rename it over `path`; returns the byte count.
+
+    A failure leaves `path` as it was and no temporary; a full disk stops with one line (`writing`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with writing(path, len(data), tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
     return len(data)
 
 
@@ -239,14 +248,20 @@ def write_json(path: Path | str, payload: Any, indent: int = 2) -> int:
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:
-    """Move a completed temporary folder into place, replacing any old `folder` whole."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
+    """Move a completed temporary folder into place, replacing any old `folder` whole.
+
+    Should the new folder fail to move in, the old one is put back: `folder` is always old or new, whole."""
+    if not folder.exists():
         tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    folder.rename(old)
+    try:
         tmp.rename(folder)
+    except BaseException:
+        old.rename(folder)
+        raise
+    shutil.rmtree(old)
 
 
 def fresh_temp_folder(folder: Path) -> Path:

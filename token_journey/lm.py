@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from token_journey.config.model import ModelConfig
+from token_journey.diskspace import writing
 from token_journey.distributed import select_device
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import fresh_temp_folder, replace_folder, sha256_file, short_hash
+from token_journey.layout import fresh_temp_folder, replace_folder, sha256_file, short_hash, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -190,33 +191,35 @@ def prepare_model(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
     """Load the source model once and write a safetensors HF folder with a manifest.
 
     The folder is written under a temporary name and renamed when complete, so an interrupted
-    run never leaves a folder that looks finished.
+    run never leaves a folder that looks finished (a failed one leaves no temporary folder either).
     """
     model, tokenizer = load_source(cfg)
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
         model = _plain_copy(model)
     out_dir = Path(out_dir)
-    tmp = fresh_temp_folder(out_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    weights = sorted(tmp.glob("*.safetensors"))
-    manifest = {
-        "name": cfg.name,
-        "source": cfg.source,
-        "id": cfg.id or cfg.package,
-        "gguf_file": cfg.gguf_file or None,
-        "dtype": cfg.dtype,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "architecture": architecture_facts(model.config),
-        "weights_sha256": {p.name: sha256_file(p) for p in weights},
-        "bos_token_id": tokenizer.bos_token_id,
-        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
-    }
-    if cfg.source == "rehearsal":
-        manifest["rehearsal"] = "random weights in the architecture of " + cfg.id + "; no learned features"
-    manifest["fingerprint"] = short_hash(manifest["weights_sha256"])
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    replace_folder(tmp, out_dir)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters()) + (1 << 24)  # weights + tokenizer files
+    with writing(out_dir, needed, temp_sibling(out_dir)):  # a full disk: one line, and no temp folder left
+        tmp = fresh_temp_folder(out_dir)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        weights = sorted(tmp.glob("*.safetensors"))
+        manifest = {
+            "name": cfg.name,
+            "source": cfg.source,
+            "id": cfg.id or cfg.package,
+            "gguf_file": cfg.gguf_file or None,
+            "dtype": cfg.dtype,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "architecture": architecture_facts(model.config),
+            "weights_sha256": {p.name: sha256_file(p) for p in weights},
+            "bos_token_id": tokenizer.bos_token_id,
+            "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+        }
+        if cfg.source == "rehearsal":
+            manifest["rehearsal"] = "random weights in the architecture of " + cfg.id + "; no learned features"
+        manifest["fingerprint"] = short_hash(manifest["weights_sha256"])
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_folder(tmp, out_dir)
     log.info("wrote %s (%s parameters, %s)", out_dir, f"{manifest['n_params']:,}", manifest["architecture"]["model_type"])
     return manifest
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Location, atomic_write_bytes, is_uri, location, temp_sibling
 
@@ -121,8 +122,9 @@ def write_parquet(table: pa.Table, where: Location, **options) -> None:
     """`pq.write_table` of a whole file, made atomic the same way as `write_bytes`."""
     if is_local(where):
         tmp = temp_sibling(Path(where))
-        pq.write_table(table, tmp, **options)
-        os.replace(tmp, where)
+        with writing(where, table.nbytes, tmp):  # a failed write leaves no temporary; a full disk: one line
+            pq.write_table(table, tmp, **options)
+            os.replace(tmp, where)
         return
     fs, path = filesystem(where)
     pq.write_table(table, path, filesystem=fs, **options)

@@ -20,6 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+from token_journey.errors import TokenJourneyError
+from token_journey.layout import atomic_write_text
+
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 
 
@@ -106,10 +109,18 @@ def run_repro(args: list[str], record: Path = Path("reports/pipeline_timing.json
         print(f"  {name:<24} {seconds:8.1f} s {summary['stages_peak_rss_gb'][name]:8.2f} GB")
     print(f"  {'total':<24} {summary['total_s']:8.1f} s   peak memory of one stage: {summary['peak_rss_gb']:.2f} GB")
     if times:  # a no-op repro leaves the last full run's record in place
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(record, json.dumps(summary, indent=1) + "\n")  # whole, or one line on a full disk
     return code
 
 
+def main(argv: list[str]) -> int:
+    """`run_repro`, with a `TokenJourneyError` (e.g. a disk too full for the record) as one line and status 2."""
+    try:
+        return run_repro(argv)
+    except TokenJourneyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(run_repro(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

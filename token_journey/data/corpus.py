@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from token_journey.config.corpus import CorpusConfig
 from token_journey.data.sources import documents
+from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import corpus_file, sha256_file, temp_sibling
 
@@ -178,7 +179,8 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
     """Read, tokenize, pack and split the configured documents; write both splits and stats.json.
 
     Everything goes to temporary files first, renamed only when both splits are complete and
-    non-empty, so a failed run leaves an earlier corpus untouched.
+    non-empty, so a failed run leaves an earlier corpus untouched (and no temporary file; a full
+    disk stops with one line, see `token_journey.diskspace`).
     """
     if max_positions is not None and cfg.context_size > max_positions:
         raise TokenJourneyError(
@@ -191,47 +193,49 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
     budgets = {"train": cfg.max_tokens // cfg.context_size, "eval": cfg.eval_tokens // cfg.context_size}
     packers = {s: _Packer(cfg.context_size, budgets[s], bos, tokenizer.eos_token_id, pad, cfg.packing == "pack") for s in SPLITS}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = {s: temp_sibling(corpus_file(out_dir, s)) for s in SPLITS}
-    schema = _sequence_table([[0] * cfg.context_size], [0], 0, cfg.context_size).schema
-    writers = {s: pq.ParquetWriter(tmp[s], schema, write_page_checksum=True) for s in SPLITS}
-    total = sum(budgets.values())
-    truncated = dict.fromkeys(SPLITS, 0)
-    try:
-        with tqdm(total=total * cfg.context_size, unit="tok", unit_scale=True, desc="corpus") as bar:
-            for doc_id, ids in _token_batches(documents(cfg, seed), tokenizer):
-                split = "eval" if doc_in_eval(doc_id, seed, cfg.eval_fraction) else "train"
-                if cfg.max_doc_tokens and len(ids) > cfg.max_doc_tokens:
-                    ids = ids[: cfg.max_doc_tokens]
-                    truncated[split] += 1
-                before = packers[split].n_sequences
-                packers[split].add(doc_id, ids)
-                bar.update((packers[split].n_sequences - before) * cfg.context_size)
-                for s in SPLITS:
-                    if len(packers[s].out_ids) >= _WRITE_EVERY:
-                        _flush(packers[s], writers[s], cfg.context_size)
-                if all(p.full for p in packers.values()):
-                    break
-        for s in SPLITS:
-            _flush(packers[s], writers[s], cfg.context_size)
-            writers[s].close()
-        for s in SPLITS:
-            if packers[s].n_sequences == 0:
-                raise TokenJourneyError(
-                    f"corpus {cfg.name!r} gave no {s} sequences of {cfg.context_size} tokens; give more text "
-                    f"(check corpus.path / corpus.parts) or lower corpus.context_size"
-                )
-        # Readers check both splits against these (`read_sequences`).
-        stats = {**_stats(cfg, packers, bos, pad, seed, truncated), "sha256": {s: sha256_file(tmp[s]) for s in SPLITS}}
-        stats_tmp = temp_sibling(out_dir / "stats.json")
-        stats_tmp.write_text(json.dumps(stats, indent=2) + "\n")
-        for s in SPLITS:
-            os.replace(tmp[s], corpus_file(out_dir, s))
-        os.replace(stats_tmp, out_dir / "stats.json")
-    finally:
-        for s in SPLITS:
-            writers[s].close()
-            tmp[s].unlink(missing_ok=True)
+    stats_tmp = temp_sibling(out_dir / "stats.json")
+    needed = sum(budgets.values()) * (cfg.context_size * 4 + 16)  # int32 ids and two int64 ids a sequence
+    with writing(out_dir, needed, *tmp.values(), stats_tmp):  # a full disk: one line, and no temporaries left
+        out_dir.mkdir(parents=True, exist_ok=True)
+        schema = _sequence_table([[0] * cfg.context_size], [0], 0, cfg.context_size).schema
+        writers = {s: pq.ParquetWriter(tmp[s], schema, write_page_checksum=True) for s in SPLITS}
+        total = sum(budgets.values())
+        truncated = dict.fromkeys(SPLITS, 0)
+        try:
+            with tqdm(total=total * cfg.context_size, unit="tok", unit_scale=True, desc="corpus") as bar:
+                for doc_id, ids in _token_batches(documents(cfg, seed), tokenizer):
+                    split = "eval" if doc_in_eval(doc_id, seed, cfg.eval_fraction) else "train"
+                    if cfg.max_doc_tokens and len(ids) > cfg.max_doc_tokens:
+                        ids = ids[: cfg.max_doc_tokens]
+                        truncated[split] += 1
+                    before = packers[split].n_sequences
+                    packers[split].add(doc_id, ids)
+                    bar.update((packers[split].n_sequences - before) * cfg.context_size)
+                    for s in SPLITS:
+                        if len(packers[s].out_ids) >= _WRITE_EVERY:
+                            _flush(packers[s], writers[s], cfg.context_size)
+                    if all(p.full for p in packers.values()):
+                        break
+            for s in SPLITS:
+                _flush(packers[s], writers[s], cfg.context_size)
+                writers[s].close()
+            for s in SPLITS:
+                if packers[s].n_sequences == 0:
+                    raise TokenJourneyError(
+                        f"corpus {cfg.name!r} gave no {s} sequences of {cfg.context_size} tokens; give more text "
+                        f"(check corpus.path / corpus.parts) or lower corpus.context_size"
+                    )
+            # Readers check both splits against these (`read_sequences`).
+            stats = {**_stats(cfg, packers, bos, pad, seed, truncated), "sha256": {s: sha256_file(tmp[s]) for s in SPLITS}}
+            stats_tmp.write_text(json.dumps(stats, indent=2) + "\n")
+            for s in SPLITS:
+                os.replace(tmp[s], corpus_file(out_dir, s))
+            os.replace(stats_tmp, out_dir / "stats.json")
+        finally:
+            for s in SPLITS:
+                writers[s].close()
+                tmp[s].unlink(missing_ok=True)
     log.info("wrote %s: %s", out_dir, json.dumps(stats["sequences"]))
     return stats
 

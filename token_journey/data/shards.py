@@ -15,6 +15,10 @@ The root may be a local folder or an object-store URI (`s3://bucket/prefix`): ev
 goes through `token_journey.storage` (`pyarrow.fs`), which keeps local files exactly as before
 (temporary name, then rename) and uploads each object whole under its final key.
 
+A full local disk stops the harvest with one line (`token_journey.diskspace`): the shard being
+written is removed, the shards already complete stay under their final names, and the manifest,
+written last, is absent until every shard is; the rerun resumes at the first missing shard.
+
 Each shard carries, in its Parquet footer metadata, its row count, the float64 sum of its
 vectors, the sum of squared norms and its exclusion counts, so the manifest's mean and mean
 squared norm are exact sums over complete shards even when a harvest was killed and resumed.
@@ -37,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 
 from token_journey import storage
+from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Location, activations_folder, location
 
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 META_KEY = b"token_journey"
 _SHARD = re.compile(r"^shard-(\d{5})\.parquet$")
+FOLDER_BYTES = 4096
+"""What a new folder takes on disk (one block), for the error of a disk too full to make one."""
 _ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
@@ -81,7 +88,8 @@ class ShardWriter:
     def __init__(self, folder: Location | str, d_model: int, dtype: str, run_key: str, row_group_rows: int) -> None:
         self.folder, self.d_model, self.dtype = location(folder), d_model, dtype
         self.run_key, self.row_group_rows = run_key, row_group_rows
-        storage.make_folder(self.folder)
+        with writing(self.folder, FOLDER_BYTES):  # a full disk (or inode table) stops here in one line too
+            storage.make_folder(self.folder)
         self._reset()
 
     def _reset(self) -> None:

@@ -2,7 +2,8 @@
 
 Every token string reaches the page through jinja2 autoescaping (text and attributes), and the
 attention heatmaps are inline SVG drawn from numbers by the template, so nothing from the text
-is ever spliced in as markup. The page is written atomically (temp name, then rename).
+is ever spliced in as markup. The page is written atomically (temp name, then rename); a full disk
+stops with one line and leaves no partial page.
 """
 
 from __future__ import annotations
@@ -128,8 +129,7 @@ def summary(journey: Journey) -> dict[str, Any]:
 
 def write_journey(journey: Journey, out_dir: Path) -> Path:
     """Write `<out_dir>/<slug>.html` and `<slug>.json`; returns the HTML path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # atomic_write_text makes it (a full disk: one line, see token_journey.diskspace)
     stem = slug(journey.model_name, journey.text)
     html = out_dir / f"{stem}.html"
     atomic_write_text(html, render_page(journey))

@@ -6,7 +6,9 @@ fingerprint). Schedules are pure functions of the step and the data loader resta
 `batches(start_batch=step)`, so these suffice to continue bit for bit. Each save writes its
 tensors to a new file, then replaces `state.json` (which names that file) in one rename, then
 deletes the older files: a kill at any instant leaves a complete checkpoint, and nothing outside
-the folder. No pickle anywhere.
+the folder. A full disk (`token_journey.diskspace`) stops the save with one line, after removing
+what it had written: the previous checkpoint, still named by `state.json`, is kept whole, and the
+rerun resumes from it. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
+from token_journey.layout import atomic_write_text
 from token_journey.sae.base import SAE
 
 log = logging.getLogger(__name__)
@@ -51,16 +55,20 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
             else:
                 scalars.setdefault(str(idx), {})[name] = float(value)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     # Replacing the whole folder (delete, then rename a new one in) left no checkpoint at all to a
     # kill between the two, and a stray temp folder beside it; state.json is the one commit point.
     name = f"state-{step}.safetensors"
-    save_file(tensors, str(folder / f"{name}.part"))
-    os.replace(folder / f"{name}.part", folder / name)
+    part = folder / f"{name}.part"
+    with writing(folder / name, lambda: tensor_bytes(tensors), part):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(part))
+        os.replace(part, folder / name)
     meta = {"step": step, "tensors": name, "opt_scalars": scalars, "param_groups": state["param_groups"],
             "fingerprint": fingerprint, "loop": loop or {}}
-    (folder / f"{STATE}.part").write_text(json.dumps(meta))
-    os.replace(folder / f"{STATE}.part", folder / STATE)
+    # A failed state.json leaves the previous one, naming the previous (kept) tensors: drop the new ones.
+    uncommitted = () if _committed(folder) == name else (folder / name,)
+    with writing(folder / STATE, 0, *uncommitted):
+        atomic_write_text(folder / STATE, json.dumps(meta))
     for stale in folder.iterdir():
         if stale.name in (STATE, name):
             continue
@@ -69,6 +77,19 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
         else:
             stale.unlink()
     log.info("checkpoint at step %d -> %s", step, folder)
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """About the size of a safetensors file of `tensors`: their bytes plus a header line per tensor."""
+    return sum(t.numel() * t.element_size() + 128 for t in tensors.values())
+
+
+def _committed(folder: Path) -> str | None:
+    """The tensors file that `folder`'s state.json names, or None without a readable one."""
+    try:
+        return json.loads((folder / STATE).read_text()).get("tensors", TENSORS)
+    except (OSError, ValueError):
+        return None
 
 
 def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,

@@ -4,8 +4,9 @@ Our folder: `sae.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, 
 threshold), the same file hard-linked as `sae_weights.safetensors` (the name SAELens looks for),
 `cfg.json` in SAELens v6 layout (with the v5 top-level keys too) plus a `token_journey` block,
 `train.json` with the training metrics, and `checksums.json` with the weights' sha256, which
-`load_sae` checks before it trusts the tensors. `load_sae` reads any of the four layouts into the
-same `SAE` classes. A transcoder's folder is SAELens's transcoder layout: `W_dec [d_sae, d_out]`,
+`load_sae` checks before it trusts the tensors. `save_sae` builds the folder under a temporary name
+and renames it into place whole; a full disk stops it with one line (`token_journey.diskspace`).
+`load_sae` reads any of the four layouts into the same `SAE` classes. A transcoder's folder is SAELens's transcoder layout: `W_dec [d_sae, d_out]`,
 `b_dec [d_out]`, a skip transcoder's `W_skip [d_out, d_in]`, and `d_out`, `hook_name` (its input) and
 `hook_name_out` (its output) in cfg.json.
 """
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
-from token_journey.layout import fresh_temp_folder, layer_folder, replace_folder, sha256_file
+from token_journey.layout import fresh_temp_folder, layer_folder, replace_folder, sha256_file, temp_sibling
 from token_journey.sae.base import SAE, SAESpec
+from token_journey.sae.checkpoint import tensor_bytes
 from token_journey.sae.registry import TRANSCODER_INPUT_SITE, build_sae, encoder_of, is_transcoder
 
 log = logging.getLogger(__name__)
@@ -93,20 +96,26 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
 
 
 def save_sae(sae: SAE, folder: Path, train_info: dict[str, Any] | None = None) -> Path:
-    """Write `folder` atomically (temp sibling, then rename); an old folder is replaced whole."""
+    """Write `folder` atomically (temp sibling, then rename); an old folder is replaced whole.
+
+    A failure removes the temp folder and leaves any old `folder` as it was; a full disk stops with one line."""
     folder = Path(folder)
     tensors = sae.tensors()
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise TokenJourneyError(f"refusing to save SAE to {folder}: non-finite values in {', '.join(bad)}")
-    tmp = fresh_temp_folder(folder)
-    save_file(tensors, str(tmp / WEIGHTS))
-    (tmp / CHECKSUMS).write_text(json.dumps({WEIGHTS: sha256_file(tmp / WEIGHTS)}, indent=2) + "\n")
-    os.link(tmp / WEIGHTS, tmp / SAELENS_WEIGHTS)
-    (tmp / CFG).write_text(json.dumps(saelens_cfg(sae), indent=2))
+    texts = {CFG: json.dumps(saelens_cfg(sae), indent=2)}
     if train_info is not None:
-        (tmp / TRAIN).write_text(json.dumps(train_info, indent=2))
-    replace_folder(tmp, folder)
+        texts[TRAIN] = json.dumps(train_info, indent=2)
+    needed = tensor_bytes(tensors) + sum(len(t) for t in texts.values()) + 200  # + checksums.json
+    with writing(folder, needed, temp_sibling(folder)):  # a failure leaves neither the temp folder nor half a folder
+        tmp = fresh_temp_folder(folder)
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / CHECKSUMS).write_text(json.dumps({WEIGHTS: sha256_file(tmp / WEIGHTS)}, indent=2) + "\n")
+        os.link(tmp / WEIGHTS, tmp / SAELENS_WEIGHTS)
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        replace_folder(tmp, folder)
     log.info("wrote SAE %s (%s, d_sae %d) to %s", sae.cfg.name, sae.cfg.architecture, sae.cfg.d_sae, folder)
     return folder
 
