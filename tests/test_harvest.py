@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from support import torchrun
 from support.configs import make
 from support.tiny_corpus import tiny_llama_with_corpus
 from token_journey.config.harvest import HarvestConfig
@@ -145,6 +147,42 @@ def test_killed_harvest_resumes_without_loss_or_duplicates(tiny_setup, tmp_path)
             assert len(keys) == len(set(keys))
 
 
+SEEDS = [int(s) for s in os.environ.get("TOKEN_JOURNEY_TEST_SEEDS", "0").split(",")]
+"""The moments of the SIGTERM tests (benchmarks/stress.py sets ten)."""
+
+
+def _manifests(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("manifest.json"))}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigterm_drops_the_shard_in_flight_and_the_rerun_completes_it(tiny_setup, tmp_path, seed):
+    """A scheduler's SIGTERM at a moment drawn from `seed`: one line, status 75, only complete shards left."""
+    root, _ = tiny_setup
+    whole = tmp_path / "whole" / "acts"
+    _harvest_whole(root, whole)
+    draw = random.Random(seed)
+    stopped = tmp_path / "stopped" / "acts"
+    proc = subprocess.Popen(_harvest_cmd(root, stopped), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = draw.randrange(1, len(_shards(whole)) // 2)
+    deadline = time.time() + 120
+    while len(list(stopped.rglob("shard-*.parquet"))) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    time.sleep(draw.uniform(0, 0.05))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: harvest ") and "SIGTERM during shard" in last and "rerun the same command" in last, err[-3000:]
+    assert "Traceback" not in err
+    partial = _shards(stopped)
+    assert 0 < len(partial) < len(_shards(whole)), "the signal did not land part-way"
+    assert all(partial[name] == _shards(whole)[name] for name in partial), "a shard left behind differs from the whole run's"
+    assert not list(stopped.rglob(".*tmp*")), "a temporary file was left behind"
+    subprocess.run(_harvest_cmd(root, stopped), check=True, env=_env(), capture_output=True)
+    assert _shards(stopped) == _shards(whole) and _manifests(stopped) == _manifests(whole)
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     """torchrun with 2 gloo processes on the CPU: each writes every other shard."""
@@ -152,10 +190,9 @@ def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     one = tmp_path / "one" / "acts"
     _harvest_whole(root, one)
     two = tmp_path / "two" / "acts"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = subprocess.run(launch + _harvest_cmd(root, two)[1:], env=_env(), capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "train: process 1 of 2 writes shards" in run.stdout + run.stderr
+    done = torchrun.run(torchrun.torchrun_command(2) + _harvest_cmd(root, two)[1:], _env())
+    assert done.returncode == 0, torchrun.failure_report(done)
+    assert any("train: process 1 of 2 writes shards" in line for line in torchrun.by_process(done.stdout + done.stderr)[1])
     assert len(_shards(one)) > 2 and _shards(two) == _shards(one)
     for split in ("train", "eval"):
         a = json.loads((activations_folder(two, "attn_out", 2, split) / "manifest.json").read_text())

@@ -7,6 +7,10 @@ same command again, SIGKILLs it once its checkpoints have passed a step drawn fr
 reruns the same command to completion and compares the saved tensors (torch.equal) and train.json.
 The same for a 2-process run (`torchrun --nproc_per_node 2`, gloo on the CPU): the whole process
 group (launcher and workers) is killed.
+
+SIGTERM (a scheduler's preemption) instead: the stage finishes the step under way, checkpoints it, says so
+in one line and exits with status 75; the rerun resumes from that very step to the same SAE. The moments
+come from seeds, `TOKEN_JOURNEY_TEST_SEEDS` (default "0"; benchmarks/stress.py sets ten).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from support import torchrun
 from support.configs import make
 from support.tiny_corpus import tiny_llama_with_corpus
 
@@ -34,6 +40,8 @@ from token_journey.data.harvest import harvest
 REPO = Path(__file__).resolve().parents[1]
 LAYER, NAME = 1, "topk-w64-k4"
 BATCH, STEPS, EVERY = 64, 60, 3
+SEEDS = [int(s) for s in os.environ.get("TOKEN_JOURNEY_TEST_SEEDS", "0").split(",")]
+PREEMPTED = 75
 
 
 @pytest.fixture(scope="module")
@@ -165,5 +173,61 @@ def test_killed_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_root):
 @pytest.mark.slow
 def test_killed_torchrun_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_root):
     """Two gloo processes: the launcher and both workers die together; every worker resumes from rank 0's checkpoint."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _killed_run_resumes_exactly(tmp_path, acts_root, launch, processes=2, seed=1)
+    _killed_run_resumes_exactly(tmp_path, acts_root, torchrun.torchrun_command(2), processes=2, seed=1)
+
+
+def _terminate_after(cmd: list[str], cwd: Path, ckpt: Path, target: int, delay: float) -> subprocess.CompletedProcess:
+    """Start `cmd`; once a checkpoint is past `target`, wait `delay` seconds and send SIGTERM to the command
+    (torchrun forwards it to its workers); return how it ended."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and _checkpoint_step(ckpt) < target and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _terminated_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[str], processes: int, seed: int) -> None:
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir()
+    stopped.mkdir()
+    _train(_cmd(acts, whole, launcher), whole)
+    layer = stopped / "saes" / "resid_post" / f"layer_{LAYER}"
+    ckpt = layer / f".{NAME}.ckpt"
+    draw = random.Random(seed)
+    done = _terminate_after(_cmd(acts, stopped, launcher), stopped, ckpt, draw.randrange(EVERY, STEPS // 2), draw.uniform(0, 0.05))
+    report = torchrun.failure_report(done)
+    lines = torchrun.by_process(done.stderr)
+    workers = [lines[r] for r in range(processes)] if processes > 1 else [lines[-1]]
+    stops = [[line for line in w if line.startswith("error:")] for w in workers]
+    assert all(len(s) == 1 for s in stops), report
+    said = re.search(r"SIGTERM came after step (\d+); checkpoint after step (\d+) of 60", stops[0][0])
+    assert said, report  # process 0 (the one that writes checkpoints) got the signal itself
+    finished, after = int(said[1]), int(said[2])
+    # Nothing finished is lost: the checkpoint holds every step finished at the signal and the one under way.
+    assert finished + 1 == after == _checkpoint_step(ckpt), report
+    assert not (layer / NAME).exists(), "the stop came after the SAE was saved"
+    if processes == 1:
+        assert done.returncode == PREEMPTED, report
+    else:  # the launcher itself was signalled; each worker stopped after the same step with status 75
+        assert all(f"checkpoint after step {after} of 60" in s[0] for s in stops), report
+    out = _train(_cmd(acts, stopped, launcher), stopped)
+    assert out.count(f"from step {after}") == processes, "not every process resumed from the step the signal saved"
+    _same_sae(whole / "saes" / "resid_post" / f"layer_{LAYER}" / NAME, layer / NAME)
+    assert sorted(p.name for p in layer.iterdir()) == [NAME], "the checkpoint (or a temp folder) was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigterm_checkpoints_the_step_under_way_and_resumes_exactly(tmp_path, acts_root, seed):
+    _terminated_run_resumes_exactly(tmp_path, acts_root, [sys.executable], processes=1, seed=seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(tmp_path, acts_root, seed):
+    _terminated_run_resumes_exactly(tmp_path, acts_root, torchrun.torchrun_command(2), processes=2, seed=seed + 100)

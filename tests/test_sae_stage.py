@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from support import torchrun
 from token_journey.sae.io import find_saes, load_sae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,9 +206,8 @@ def test_stage_under_torchrun_trains_one_sae_like_one_process(tmp_path, acts_roo
     for folder in (one, two):
         folder.mkdir()
     assert _run(one, acts_root).returncode == 0
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
-    done = _run(two, acts_root, launcher=launch)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _run(two, acts_root, launcher=torchrun.torchrun_command(2))
+    assert done.returncode == 0, torchrun.failure_report(done)
     (single,) = find_saes(one / "saes", "resid_post", 0)
     (parallel,) = find_saes(two / "saes", "resid_post", 0)
     assert json.loads((parallel / "train.json").read_text())["processes"] == 2

@@ -29,21 +29,21 @@ class Preempted(TokenJourneyError):
 
 
 class StopRequest:
-    """Which stop signal arrived (None while none has) and what the loop was doing then."""
+    """Which stop signal arrived (None while none has), and how far the loop had got then."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
-        self.during: int | None = None
-        """The unit of work (step, batch) under way when the signal arrived, as the loop last reported it."""
-        self.current: int | None = None
+        self.done: int | None = None
+        """The units of work (steps, shards) finished when the signal arrived, as the loop last reported them."""
+        self._done: int | None = None
 
-    def at(self, unit: int) -> None:
-        """The loop reports the unit of work it starts, so the signal's moment can be stated."""
-        self.current = unit
+    def at(self, done: int) -> None:
+        """The loop reports how many units of work it has finished, so the signal's moment can be stated."""
+        self._done = done
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is None:
-            self.signal, self.during = signal.Signals(signum).name, self.current
+            self.signal, self.done = signal.Signals(signum).name, self._done
 
     @property
     def requested(self) -> bool:

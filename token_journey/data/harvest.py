@@ -111,7 +111,6 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     with stop_requests() as stop, bar:
         for shard in todo:
             lo, hi = shard * per_shard, min(n_seq, (shard + 1) * per_shard)
-            stop.at(shard)
             for start in range(lo, hi, cfg.batch_size):
                 ids = seqs.input_ids[start : min(hi, start + cfg.batch_size)]  # [batch, seq]
                 _harvest_batch(lm, cfg, ids, seqs.sequence_ids[start : start + ids.shape[0]], special, points,

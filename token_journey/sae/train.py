@@ -252,8 +252,8 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
     seconds, tokens = 0.0, 0
     bar = tqdm(range(start, end), desc=f"train {sae.cfg.name}", disable=rank != 0, initial=start, total=cfg.steps)
     saves = Checkpoints(checkpoint_dir, cfg, rank, resumed_from)
+    stop.at(start)
     for step in bar:
-        stop.at(step + 1)
         t0 = time.perf_counter()
         x = next(data).float()
         if x.shape[0] * world != cfg.batch_size:
@@ -284,6 +284,7 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
         opt.step()
         _after_step(sae)
         fired, stopping = _agree(out.fired, stop.requested, world)
+        stop.at(step + 1)  # a signal from here on is seen after the next step
         if cfg.target_l0:
             loop["coefficient"] = next_coefficient(loop["coefficient"], _mean_over(out.l0, world, device),
                                                    cfg.target_l0, cfg.target_l0_gain)
@@ -302,8 +303,8 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
         if saves.due(step + 1) or (stopping and step + 1 < end):
             saves.save(step + 1, sae, opt, since_fired, fingerprint(cfg, sae), loop)
         if stopping and step + 1 < end:
-            raise Preempted(f"{sae.cfg.name}: {stop.signal or 'another process was asked to stop'} during step {stop.during}; "
-                            f"{saves.where(step + 1)}; rerun the same command to resume")
+            why = f"{stop.signal} came after step {stop.done}" if stop.signal else "another process was asked to stop"
+            raise Preempted(f"{sae.cfg.name}: {why}; {saves.where(step + 1)}; rerun the same command to resume")
     calibration = {}
     if stop_after is None and cfg.target_l0:
         rows = [next(data).float()[:, :d_in] * in_scale for _ in range(-(-CALIBRATION_ROWS // cfg.batch_size))]
