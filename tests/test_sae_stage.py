@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +43,14 @@ def acts_root(tmp_path_factory) -> Path:
 
 
 def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None,
-         family: str = "none") -> subprocess.CompletedProcess:
+         family: str = "none", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     flags = [e for e in extra if e.startswith("-")]
     args = [*(launcher or [sys.executable]), str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
             "layer=0", "tracking=disabled", f"family={family}", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
             "sae.train_tokens=640", "sae.eval_tokens=200", "sae.buffer_rows=256", "sae.checkpoint_every=4",
             f"hydra.run.dir={tmp / 'hydra'}", f"hydra.sweep.dir={tmp / 'multirun'}", *(e for e in extra if not e.startswith("-"))]
-    return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=300)
+    tmp.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_stage_writes_a_loadable_sae_folder_and_sweeps_do_not_collide(tmp_path, acts_root):

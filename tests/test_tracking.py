@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from support.configs import make
 from token_journey.config.tracking import TrackingConfig
+from token_journey.errors import TokenJourneyError
 from token_journey.tracking import run_mode, start_run
 
 
@@ -17,8 +20,36 @@ def test_disabled_mode_starts_nothing(monkeypatch):
 def test_environment_wins_over_config(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert run_mode(make(TrackingConfig, mode="online")) == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # wandb's old name for offline
+    assert run_mode(make(TrackingConfig, mode="online")) == "offline" and os.environ["WANDB_MODE"] == "offline"
     monkeypatch.delenv("WANDB_MODE")
     assert run_mode(make(TrackingConfig, mode="offline")) == "offline"
+
+
+def test_an_empty_wandb_mode_is_dropped_with_a_warning_and_a_bad_one_is_one_line(monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "")
+    with caplog.at_level("WARNING", logger="token_journey.tracking"):
+        assert run_mode(make(TrackingConfig, mode="disabled")) == "disabled"
+    assert "WANDB_MODE is set but empty" in caplog.text and "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    with pytest.raises(TokenJourneyError, match=r"^WANDB_MODE='onlin' is not one of offline, online, disabled"):
+        run_mode(make(TrackingConfig, mode="offline"))
+
+
+@pytest.mark.slow
+def test_the_stage_with_an_empty_wandb_mode_trains_and_a_bad_one_stops_in_one_line(tmp_path):
+    """What a job script does: `WANDB_MODE= python stages/train_sae.py tracking=online ...`."""
+    from test_sae_stage import _run, _write_split
+
+    acts = tmp_path / "acts"
+    _write_split(acts / "resid_post" / "layer_0", 256, 1)
+    _write_split(acts / "resid_post" / "layer_0" / "eval", 128, 2)
+    env = {"WANDB_MODE": "", "WANDB_SILENT": "true", "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc")}
+    done = _run(tmp_path, acts, "tracking=online", f"tracking.dir={tmp_path}", env=env)
+    assert done.returncode == 0 and "WANDB_MODE is set but empty" in done.stdout + done.stderr, done.stderr[-2000:]
+    bad = _run(tmp_path / "bad", acts, "tracking=online", env={"WANDB_MODE": "onlne"})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: WANDB_MODE='onlne' is not one of")
 
 
 @pytest.mark.slow

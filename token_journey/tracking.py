@@ -2,7 +2,9 @@
 
 `start_run` returns a wandb run (log with `run.log(metrics, step=...)`, end with `run.finish()`)
 or None when tracking is disabled, so callers write `if run: run.log(...)`. The environment
-variable WANDB_MODE (set to `disabled` by the tests) wins over the config.
+variable WANDB_MODE (set to `disabled` by the tests) wins over the config. Job scripts often leave it
+set but empty, which wandb itself rejects with a validation traceback: an empty one is dropped with a
+warning (the config decides), and a value wandb would not run here stops the stage with one line.
 """
 
 from __future__ import annotations
@@ -11,14 +13,33 @@ import logging
 import os
 from typing import Any
 
-from token_journey.config.tracking import TrackingConfig
+from token_journey.config.tracking import MODES, TrackingConfig
+from token_journey.errors import TokenJourneyError
 
 log = logging.getLogger(__name__)
 
+ALIASES = {"dryrun": "offline", "run": "online"}
+"""wandb's older names for its modes, still accepted in WANDB_MODE."""
+
 
 def run_mode(cfg: TrackingConfig) -> str:
-    """The effective mode: $WANDB_MODE when set, else the config."""
-    return os.environ.get("WANDB_MODE") or cfg.mode
+    """The effective mode: $WANDB_MODE when set (one of MODES, or an alias), else the config.
+
+    An empty or blank WANDB_MODE is removed from the environment with a warning, since wandb would fail on it.
+    """
+    env = os.environ.get("WANDB_MODE")
+    if env is None:
+        return cfg.mode
+    mode = ALIASES.get(env.strip().lower(), env.strip().lower())
+    if not mode:
+        log.warning("WANDB_MODE is set but empty; ignoring it, tracking.mode=%s decides", cfg.mode)
+        del os.environ["WANDB_MODE"]
+        return cfg.mode
+    if mode not in MODES:
+        raise TokenJourneyError(f"WANDB_MODE={env!r} is not one of {', '.join(MODES)}; set one of those, or unset it "
+                                f"so that tracking.mode ({cfg.mode}) decides")
+    os.environ["WANDB_MODE"] = mode  # what wandb reads, in the form it accepts
+    return mode
 
 
 def has_credentials() -> bool:
