@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,13 +44,17 @@ def acts_root(tmp_path_factory) -> Path:
     return root
 
 
-def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None,
-         family: str = "none", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _stage_args(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None, family: str = "none") -> list[str]:
     flags = [e for e in extra if e.startswith("-")]
-    args = [*(launcher or [sys.executable]), str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
+    return [*(launcher or [sys.executable]), str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
             "layer=0", "tracking=disabled", f"family={family}", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
             "sae.train_tokens=640", "sae.eval_tokens=200", "sae.buffer_rows=256", "sae.checkpoint_every=4",
             f"hydra.run.dir={tmp / 'hydra'}", f"hydra.sweep.dir={tmp / 'multirun'}", *(e for e in extra if not e.startswith("-"))]
+
+
+def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None,
+         family: str = "none", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = _stage_args(tmp, acts, *extra, launcher=launcher, family=family)
     tmp.mkdir(parents=True, exist_ok=True)
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=300, env={**os.environ, **(env or {})})
 
@@ -218,6 +224,42 @@ def test_stage_under_torchrun_trains_one_sae_like_one_process(tmp_path, acts_roo
     for name, p in a.items():
         rel = float((b[name] - p).norm() / p.norm().clamp_min(1e-6))
         assert rel < 0.05, (name, rel)
+
+
+def test_two_runs_of_the_same_sae_at_once_take_turns_and_the_first_wins(tmp_path, acts_root):
+    """Two terminals start the same SAE: the second waits on the folder's lock while the first trains, then
+    keeps the first's SAE; the folder is the same bytes as a run alone, with no lock or checkpoint left."""
+    alone = _run(tmp_path / "alone", acts_root)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    first = subprocess.Popen(_stage_args(shared, acts_root), cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = shared / "saes" / "resid_post" / "layer_0" / ".topk-w16-k2.ckpt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first.send_signal(signal.SIGSTOP)  # frozen mid-training, holding the lock
+    try:
+        assert first.poll() is None, "the first run ended before the second started"
+        second = subprocess.Popen(_stage_args(shared, acts_root), cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        said = []
+        for line in second.stdout:
+            said.append(line)
+            if "is being written by pid" in line:
+                break
+    finally:
+        first.send_signal(signal.SIGCONT)
+    said.extend(second.stdout)
+    second.wait(timeout=300)
+    first_out = first.communicate(timeout=300)[0]
+    said = "".join(said)
+    assert first.returncode == 0 and second.returncode == 0, first_out[-2000:] + said[-2000:]
+    assert "is being written by pid" in said and "already trained" in said and "training topk" not in said, said[-3000:]
+    assert "training topk" in first_out
+    (folder,) = find_saes(shared / "saes", "resid_post", 0)
+    (reference,) = find_saes(tmp_path / "alone" / "saes", "resid_post", 0)
+    assert [(f.name, f.read_bytes()) for f in sorted(folder.iterdir())] == [(f.name, f.read_bytes()) for f in sorted(reference.iterdir())]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name], "a lock or checkpoint was left behind"
 
 
 def test_a_trained_sae_is_kept_until_its_activations_or_code_change(tmp_path):

@@ -121,6 +121,11 @@ def checkpoint_folder(sae_dir: Path) -> Path:
     return sae_dir.with_name(f".{sae_dir.name}.ckpt")
 
 
+def lock_file(sae_dir: Path) -> Path:
+    """The hidden sibling `.<name>.lock` held while a process trains that SAE (see `token_journey.locks`)."""
+    return sae_dir.with_name(f".{sae_dir.name}.lock")
+
+
 def metrics_file(metrics_root: Path | str, site: str, layer: int) -> Path:
     """`<metrics>/<site>/layer_<L>.json`: the DVC metrics file of one layer."""
     return Path(metrics_root) / site / f"{layer_name(layer)}.json"

@@ -4,8 +4,10 @@ Reads one harvested (site, layer) through the shard API (manifest statistics for
 normalisation, a deterministic shuffled loader for resume, the held-out `eval/` split for the
 final figures), trains, and writes the SAE folder (`token_journey.layout.sae_folder`). Checkpoints
 live next to it in a hidden folder (`layout.checkpoint_folder`), so a killed run resumes, and are
-removed once the SAE is saved. Under torchrun / `accelerate launch` each process takes a slice of every
-batch; process 0 evaluates, saves and logs.
+removed once the SAE is saved. Two runs of the same SAE at once (two terminals, a parallel launcher)
+take turns on its lock (`token_journey.locks`): the first trains it, the second then keeps it. Under
+torchrun / `accelerate launch` each process takes a slice of every batch; process 0 evaluates, saves
+and logs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import torch
 from token_journey import storage
 from token_journey.config.sae import SAEConfig
 from token_journey.config.tracking import TrackingConfig
-from token_journey.distributed import join_processes, select_device
+from token_journey.distributed import current_processes, join_processes, select_device
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.layout import (
@@ -30,12 +33,14 @@ from token_journey.layout import (
     activations_folder,
     checkpoint_folder,
     dataclass_json,
+    lock_file,
     sae_folder,
     sha256_file,
     short_hash,
     train_timing_file,
     write_json,
 )
+from token_journey.locks import exclusive
 from token_journey.sae.io import save_sae
 from token_journey.sae.registry import TRANSCODER_INPUT_SITE, check_site, is_transcoder
 from token_journey.sae.train import DataStats, new_sae, train
@@ -127,32 +132,36 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     sae = new_sae(cfg, acts.d_model, stats, seed, first, device=target, name=name, model=model, site=site, layer=layer)
     out_dir = sae_folder(saes, site, layer, name)
     key = activations_key(acts.manifest) if not paired else short_hash([activations_key(acts_in.manifest), activations_key(acts.manifest)])
-    if _already_trained(out_dir, cfg, key):
-        log.info("%s is already trained with this config on these activations; kept as is", out_dir)
-        return out_dir
-    ckpt = checkpoint_folder(out_dir)
-    run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
-    log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
-    # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
-    # multi-process run restarts with all processes at the same step and weights.
-    info = train(sae, lambda start: prefetched(loader.batches(start)), stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt,
-                 tracker=run)
-    if rank == 0:
-        if paired:
-            x_in, y = paired_tensors(held_in, held_out, cfg.eval_tokens)
-            metrics = sae_reconstruction(sae, x_in, target=y)
-        else:
-            metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
-        speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
-        write_json(train_timing_file(timings, site, layer, name), speed)
-        train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
-                      "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
-                      "activations_key": key, "code_key": code_key(),
-                      "config": asdict(cfg)}
-        save_sae(sae, out_dir, train_info)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        if run is not None:
-            run.log({**{f"eval/{k}": v for k, v in metrics.items()}, **{f"speed/{k}": v for k, v in speed.items()}})
-            run.finish()
-        log.info("%s: FVU %.4f, L0 %.1f, dead %.3f", name, metrics["fvu"], metrics["l0"], metrics["dead_fraction"])
+    # One writer per SAE folder: process 0 holds its lock (a second run of the same SAE waits for it, then
+    # keeps what it trained); the other processes of this run wait at the barrier, then all decide alike.
+    with exclusive(lock_file(out_dir), f"SAE {name} of {site} layer {layer}") if rank == 0 else nullcontext():
+        current_processes().barrier()
+        if _already_trained(out_dir, cfg, key):
+            log.info("%s is already trained with this config on these activations; kept as is", out_dir)
+            return out_dir
+        ckpt = checkpoint_folder(out_dir)
+        run = start_run(config or {"sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
+        log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
+        # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
+        # multi-process run restarts with all processes at the same step and weights.
+        info = train(sae, lambda start: prefetched(loader.batches(start)), stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt,
+                     tracker=run)
+        if rank == 0:
+            if paired:
+                x_in, y = paired_tensors(held_in, held_out, cfg.eval_tokens)
+                metrics = sae_reconstruction(sae, x_in, target=y)
+            else:
+                metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
+            speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
+            write_json(train_timing_file(timings, site, layer, name), speed)
+            train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
+                          "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
+                          "activations_key": key, "code_key": code_key(),
+                          "config": asdict(cfg)}
+            save_sae(sae, out_dir, train_info)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            if run is not None:
+                run.log({**{f"eval/{k}": v for k, v in metrics.items()}, **{f"speed/{k}": v for k, v in speed.items()}})
+                run.finish()
+            log.info("%s: FVU %.4f, L0 %.1f, dead %.3f", name, metrics["fvu"], metrics["l0"], metrics["dead_fraction"])
     return out_dir
