@@ -175,7 +175,7 @@ def _fault_error(uri: str, action: str, fault: Fault, message: str, attempts: in
                             "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE) and the bucket's permissions")
     if not fault.transient:
         return StorageError(f"cannot {action} {uri} ({detail}); check the URI in paths.activations and the store")
-    return StorageError(f"cannot {action} {uri} ({fault.cause} after {attempts} attempts over {seconds:.1f} s: {detail}); "
+    return StorageError(f"cannot {action} {uri} ({fault.cause} after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s: {detail}); "
                         "check that the store is up and its endpoint (AWS_ENDPOINT_URL, or endpoint_override in the URI), "
                         "or retry longer with TOKEN_JOURNEY_STORAGE_RETRIES / TOKEN_JOURNEY_STORAGE_BACKOFF_S")
 
