@@ -12,15 +12,44 @@ leaves nothing to clean up.
 S3 endpoint and credentials come from the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ~/.aws) or from the URI's query
 (`s3://bucket/prefix?endpoint_override=host:9000&scheme=http`).
+
+Store faults. At cluster scale an object store throttles, answers 5xx or drops a connection now and
+then, so every remote call here goes through `_remote_call`: `classify` sorts pyarrow's OSError by its
+message, a transient fault (network, timeout, throttling, 5xx) is retried with exponential backoff
+(a warning logged per retry: URI, attempt, cause), and whatever ends the retries, a fault that
+lasts or a permanent one (no such bucket, access denied), becomes a `StorageError`, a
+`TokenJourneyError` whose one line names the URI, the cause and the fix, which stages print as
+`error: ...` (exit 2) instead of a traceback. An OSError that is not about the store (a missing
+key's FileNotFoundError, bytes that are not Parquet) passes through unchanged for the caller to judge,
+so a damaged shard is still reported as damaged and an unreachable store never is. The AWS SDK's own
+retries are off (one attempt per request), so the bound below is the whole bound, set by:
+
+    TOKEN_JOURNEY_STORAGE_RETRIES     attempts per operation, the first included (default 6; 1: no retry)
+    TOKEN_JOURNEY_STORAGE_BACKOFF_S   the first wait in seconds, doubled after each failure, each wait at
+                                      most 30 s and jittered down to half, so many workers spread out (default 1)
+    TOKEN_JOURNEY_STORAGE_DEADLINE_S  no retry starts later than this after the first attempt (default 120)
+
+With the defaults a store that stays down is given up after 6 attempts and at most 31 s of waits.
+Retrying is safe: reads have no effect; an upload either appears whole or not at all, so a retried
+write never leaves half an object; and the harvest writes a manifest only after all its shards, so an
+outage leaves no manifest describing missing shards, and a rerun keeps the finished shards and writes
+the rest. Local paths are never retried (a local I/O error is not transient in this sense).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
+import random
+import re
 import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -31,17 +60,177 @@ from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Location, atomic_write_bytes, is_uri, location, temp_sibling
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
 _LOCAL = pafs.LocalFileSystem()
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
+class StorageError(TokenJourneyError):
+    """An object-store operation that failed for good: retries exhausted, or a permanent fault.
+
+    A subclass, so readers that turn a bad read into "this shard is damaged" can let a store fault
+    through as what it is (the shard may be fine; the store was not)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What an object-store OSError means: a short cause for the message, and whether to retry."""
+
+    cause: str
+    transient: bool
+
+
+_PERMANENT = (
+    ("bucket does not exist", r"NO_SUCH_BUCKET|NoSuchBucket"),
+    ("access denied", r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|SIGNATURE_DOES_NOT_MATCH"
+                      r"|SignatureDoesNotMatch|Forbidden|HTTP status 403|EXPIRED_TOKEN|ExpiredToken|InvalidToken"
+                      r"|MISSING_AUTHENTICATION_TOKEN|InvalidClientTokenId|UNRECOGNIZED_CLIENT"),
+)
+_TRANSIENT = (  # first match names the cause: a curl timeout also says "Failed to connect"
+    ("throttled", r"SLOW_DOWN|SlowDown|THROTTL|TooManyRequests|HTTP status 429|REQUEST_LIMIT_EXCEEDED"),
+    ("server error", r"HTTP status 5\d\d|INTERNAL_FAILURE|InternalError|SERVICE_UNAVAILABLE|ServiceUnavailable|BadGateway"),
+    ("timed out", r"curlCode: 28|REQUEST_TIMEOUT|RequestTimeout|Timeout was reached|timed out"),
+    ("connection refused", r"Could not connect|Connection refused|Failed to connect"),
+    ("host name not resolved", r"Could not resolve"),
+    ("connection lost", r"NETWORK_CONNECTION|curlCode|Connection reset|Broken pipe|Recv failure|Send failure"),
+)
+_OTHER_STORE_ERROR = re.compile(r"AWS Error|google::cloud|GCS Error")
+
+
+def classify(message: str) -> Fault | None:
+    """The fault an object-store OSError message describes, or None when it is not about the store.
+
+    Built from what pyarrow (AWS SDK, curl) actually prints, e.g. "When listing objects under key 'a/' in
+    bucket 'b': AWS Error NETWORK_CONNECTION during ListObjectsV2 operation: curlCode: 7, Could not connect
+    to server; ..." or "... AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body."
+    (a HEAD has no body, so only the status tells throttling or 5xx). Permanent faults are checked first.
+    Any other "AWS Error" is a permanent store error; everything else (a missing key, bad Parquet bytes)
+    is the caller's business.
+    """
+    for cause, pattern in _PERMANENT:
+        if re.search(pattern, message, re.IGNORECASE):
+            return Fault(cause, transient=False)
+    for cause, pattern in _TRANSIENT:
+        if re.search(pattern, message, re.IGNORECASE):
+            return Fault(cause, transient=True)
+    if _OTHER_STORE_ERROR.search(message):
+        return Fault("store error", transient=False)
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a transient fault is retried (see the module docstring for the variables)."""
+
+    attempts: int = 6
+    backoff_s: float = 1.0
+    deadline_s: float = 120.0
+    max_wait_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """Read at each operation, so a test or a job script can change it without a restart."""
+        return cls(attempts=max(1, int(_env_number("TOKEN_JOURNEY_STORAGE_RETRIES", cls.attempts))),
+                   backoff_s=max(0.0, _env_number("TOKEN_JOURNEY_STORAGE_BACKOFF_S", cls.backoff_s)),
+                   deadline_s=max(0.0, _env_number("TOKEN_JOURNEY_STORAGE_DEADLINE_S", cls.deadline_s)))
+
+    def wait(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failure: doubling, capped, jittered to [1/2, 1] of that."""
+        return min(self.max_wait_s, self.backoff_s * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+def _env_number(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise TokenJourneyError(f"{name}={value!r} is not a number (see token_journey.storage)") from None
+
+
+def _detail(message: str) -> str:
+    """The informative part of a pyarrow S3 message, short: from "AWS Error" to before "; Details"."""
+    first = message.splitlines()[0] if message else ""
+    first = first[first.find("AWS Error"):] if "AWS Error" in first else first
+    first = re.split(r"; Details:| \(Request ID:", first)[0]
+    return first[:160]
+
+
+def _bucket(uri: str) -> str:
+    return urlsplit(uri).netloc
+
+
+def _fault_error(uri: str, action: str, fault: Fault, message: str, attempts: int, seconds: float) -> StorageError:
+    """The one line for a fault that ended the retries: the URI, the cause and what to fix."""
+    detail = _detail(message)
+    if fault.cause == "bucket does not exist":
+        return StorageError(f"{uri}: bucket {_bucket(uri)!r} does not exist; create it or fix paths.activations")
+    if fault.cause == "access denied":
+        return StorageError(f"{uri}: access denied ({detail}); check the storage credentials (AWS_ACCESS_KEY_ID, "
+                            "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE) and the bucket's permissions")
+    if not fault.transient:
+        return StorageError(f"cannot {action} {uri} ({detail}); check the URI in paths.activations and the store")
+    return StorageError(f"cannot {action} {uri} ({fault.cause} after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s: {detail}); "
+                        "check that the store is up and its endpoint (AWS_ENDPOINT_URL, or endpoint_override in the URI), "
+                        "or retry longer with TOKEN_JOURNEY_STORAGE_RETRIES / TOKEN_JOURNEY_STORAGE_BACKOFF_S")
+
+
+def _remote_call(where: Location | str, action: str, call: Callable[[], T]) -> T:
+    """`call()`, retried while it fails with a transient store fault; local paths are called once, as ever.
+
+    `action` is the verb of the message ("read", "list", ...). Each retry logs a warning; a fault
+    that outlasts the policy, or a permanent one, raises `StorageError`; an OSError that is not a
+    store fault is re-raised unchanged.
+    """
+    if is_local(where):
+        return call()
+    policy, start = RetryPolicy.from_env(), time.monotonic()
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except OSError as exc:
+            fault = classify(str(exc))
+            if fault is None:
+                raise
+            elapsed, pause = time.monotonic() - start, policy.wait(attempt)
+            if not fault.transient or attempt >= policy.attempts or elapsed + pause > policy.deadline_s:
+                raise _fault_error(str(where), action, fault, str(exc), attempt, elapsed) from exc
+            log.warning("%s %s: %s (attempt %d of %d: %s); retrying in %.1f s", action, where, fault.cause, attempt,
+                        policy.attempts, _detail(str(exc)), pause)
+        time.sleep(pause)
+        attempt += 1
+
+
+def _one_sdk_attempt(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same S3 filesystem with the AWS SDK's own retries off, so `_remote_call` alone bounds the time.
+
+    The SDK's default (3 attempts, about 6 s per failing request) would multiply that bound and
+    retry unseen. pyarrow gives an S3FileSystem's options only through pickling (`__reduce__`); should
+    that ever change shape, the filesystem is kept as it is (SDK retries on, still bounded).
+    """
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    try:
+        options = dict(fs.__reduce__()[1][0])
+        return pafs.S3FileSystem(**dict(options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1)))
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
+        log.debug("keeping the AWS SDK's retries: %s", exc)
+        return fs
+
+
 @functools.lru_cache(maxsize=16)
 def _remote(prefix: str, env: tuple[str | None, ...]) -> pafs.FileSystem:
-    """The filesystem of `scheme://bucket[?query]`, built once per prefix and AWS environment."""
+    """The filesystem of `scheme://bucket[?query]`, built once per prefix and AWS environment (the AWS SDK's
+    retries off: see `_one_sdk_attempt`)."""
     try:
-        return pafs.FileSystem.from_uri(prefix)[0]
+        return _one_sdk_attempt(_remote_call(prefix, "open", lambda: pafs.FileSystem.from_uri(prefix)[0]))
     except (pa.ArrowException, OSError) as exc:
         raise TokenJourneyError(f"cannot open {prefix} ({str(exc).splitlines()[0][:160]}); check the URI in "
                                 "paths.activations and the storage credentials (AWS_* variables)") from exc
@@ -67,7 +256,7 @@ def filesystem(where: Location) -> tuple[pafs.FileSystem, str]:
 
 def _info(where: Location) -> pafs.FileInfo:
     fs, path = filesystem(where)
-    return fs.get_file_info(path)
+    return _remote_call(where, "look up", lambda: fs.get_file_info(path))
 
 
 def is_file(where: Location) -> bool:
@@ -82,7 +271,7 @@ def is_dir(where: Location) -> bool:
 def file_names(folder: Location) -> list[str]:
     """Names of the files directly in `folder`, sorted ([] when there is no such folder)."""
     fs, path = filesystem(folder)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    infos = _remote_call(folder, "list", lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
 
@@ -99,13 +288,34 @@ def delete(where: Location, missing_ok: bool = False) -> None:
     if missing_ok and not is_file(where):
         return
     fs, path = filesystem(where)
-    fs.delete_file(path)
+    _remote_call(where, "delete", _deleter(fs, path))
+
+
+def _deleter(fs: pafs.FileSystem, path: str) -> Callable[[], None]:
+    """`fs.delete_file(path)` for retrying: a retry that finds the object gone counts as done, since the
+    attempt that failed may well have deleted it before its answer was lost."""
+    tries = 0
+
+    def delete_once() -> None:
+        nonlocal tries
+        tries += 1
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            if tries == 1:
+                raise
+
+    return delete_once
 
 
 def read_bytes(where: Location) -> bytes:
     fs, path = filesystem(where)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return _remote_call(where, "read", read)
 
 
 def write_bytes(where: Location, data: bytes) -> int:
@@ -113,8 +323,12 @@ def write_bytes(where: Location, data: bytes) -> int:
     if is_local(where):
         return atomic_write_bytes(where, data)
     fs, path = filesystem(where)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+
+    def upload() -> None:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+    _remote_call(where, "write", upload)
     return len(data)
 
 
@@ -127,23 +341,43 @@ def write_parquet(table: pa.Table, where: Location, **options) -> None:
             os.replace(tmp, where)
         return
     fs, path = filesystem(where)
-    pq.write_table(table, path, filesystem=fs, **options)
+    _remote_call(where, "write", lambda: pq.write_table(table, path, filesystem=fs, **options))
 
 
 def open_input(where: Location) -> pa.NativeFile:
-    """A random-access reader of a file (for Parquet); close it, e.g. in a `with` block."""
+    """A random-access reader of a file (for Parquet); close it, e.g. in a `with` block.
+
+    Only the open is retried; reads through the file are not (see `read_with`, which retries both)."""
     fs, path = filesystem(where)
-    return fs.open_input_file(path)
+    return _remote_call(where, "open", lambda: fs.open_input_file(path))
+
+
+def read_with(where: Location, read: Callable[[pa.NativeFile], T]) -> T:
+    """`read(file)` on a random-access reader of `where`, the open and every read retried as one.
+
+    A transient fault in the middle of a Parquet read starts the read over on a fresh file; an
+    error that is no store fault (a bad page checksum) comes out unchanged, at once."""
+    fs, path = filesystem(where)
+
+    def open_and_read() -> T:
+        with fs.open_input_file(path) as source:
+            return read(source)
+
+    return _remote_call(where, "read", open_and_read)
 
 
 def sha256(where: Location) -> str:
     """The sha256 hex digest of a file, streamed through its filesystem in 1 MiB blocks."""
     fs, path = filesystem(where)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+
+    def digest_once() -> str:
+        digest = hashlib.sha256()  # a retry starts over
+        with fs.open_input_stream(path) as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return _remote_call(where, "read", digest_once)
 
 
 def file_size(where: Location) -> int:

@@ -146,19 +146,24 @@ def _damaged(path: Location, what: str) -> TokenJourneyError:
 
 
 def read_shard(path: Location, columns: list[str] | None = None, row_group: int | None = None) -> pa.Table:
-    """A shard (or one row group of it) with every data page's checksum verified."""
+    """A shard (or one row group of it) with every data page's checksum verified.
+
+    A store fault (unreachable, throttled, denied) is retried and raised as `storage.StorageError`,
+    never reported as a damaged shard."""
+
+    def read(source: pa.NativeFile) -> pa.Table:
+        parquet = pq.ParquetFile(source, page_checksum_verification=True)
+        return parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns=columns)
+
     try:
-        with storage.open_input(path) as source:
-            parquet = pq.ParquetFile(source, page_checksum_verification=True)
-            return parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns=columns)
+        return storage.read_with(path, read)
     except (pa.ArrowException, OSError) as exc:
         raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
 
 
 def _footer(path: Location) -> pq.FileMetaData:
-    """A shard's Parquet footer (reads only the footer)."""
-    with storage.open_input(path) as source:
-        return pq.ParquetFile(source).metadata
+    """A shard's Parquet footer (reads only the footer; store faults retried, see `storage.read_with`)."""
+    return storage.read_with(path, lambda source: pq.ParquetFile(source).metadata)
 
 
 def shard_meta(path: Location) -> dict[str, Any]:
@@ -187,6 +192,8 @@ def complete_shards(folder: Location | str, run_key: str, n_shards: int) -> set[
             index = int(match.group(1))
             try:
                 same_run = shard_meta(path)["run_key"] == run_key
+            except storage.StorageError:
+                raise  # the store failed, not the shard: keep it
             except TokenJourneyError:
                 same_run = False
             if same_run and index < n_shards:
