@@ -174,7 +174,7 @@ POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 """Where in a run the store goes down: a fraction of the run's remote storage calls."""
 
 STORAGE_CALLS = ("file_names", "is_file", "is_dir", "file_size", "delete", "read_bytes", "write_bytes", "write_parquet",
-                 "open_input", "read_with", "sha256")
+                 "read_with", "sha256")
 
 
 class Outage:

@@ -344,14 +344,6 @@ def write_parquet(table: pa.Table, where: Location, **options) -> None:
     _remote_call(where, "write", lambda: pq.write_table(table, path, filesystem=fs, **options))
 
 
-def open_input(where: Location) -> pa.NativeFile:
-    """A random-access reader of a file (for Parquet); close it, e.g. in a `with` block.
-
-    Only the open is retried; reads through the file are not (see `read_with`, which retries both)."""
-    fs, path = filesystem(where)
-    return _remote_call(where, "open", lambda: fs.open_input_file(path))
-
-
 def read_with(where: Location, read: Callable[[pa.NativeFile], T]) -> T:
     """`read(file)` on a random-access reader of `where`, the open and every read retried as one.
 
