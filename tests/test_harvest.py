@@ -183,6 +183,39 @@ def test_sigterm_drops_the_shard_in_flight_and_the_rerun_completes_it(tiny_setup
     assert _shards(stopped) == _shards(whole) and _manifests(stopped) == _manifests(whole)
 
 
+def test_two_harvests_of_the_same_layers_at_once_take_turns(tiny_setup, tmp_path):
+    """Two terminals harvest into one root: the second waits on the layers' locks while the first (frozen
+    mid-way, holding them) writes, then keeps its shards; everything equals one harvest, no lock left."""
+    root, _ = tiny_setup
+    whole = tmp_path / "whole" / "acts"
+    _harvest_whole(root, whole)
+    shared = tmp_path / "shared" / "acts"
+    first = subprocess.Popen(_harvest_cmd(root, shared), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(shared.rglob("shard-*.parquet")) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first harvest ended before the second started"
+        second = subprocess.Popen(_harvest_cmd(root, shared), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        said = []
+        for line in second.stdout:
+            said.append(line)
+            if "is being written by pid" in line:
+                break
+    finally:
+        first.send_signal(signal.SIGCONT)
+    said.extend(second.stdout)
+    second.wait(timeout=120)
+    first_out = first.communicate(timeout=120)[0]
+    said = "".join(said)
+    assert first.returncode == 0 and second.returncode == 0, first_out[-2000:] + said[-2000:]
+    assert "is being written by pid" in said, said[-2000:]
+    assert _shards(shared) == _shards(whole) and _manifests(shared) == _manifests(whole)
+    assert not list(shared.rglob(".harvest.lock")), "a lock was left behind"
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     """torchrun with 2 gloo processes on the CPU: each writes every other shard."""

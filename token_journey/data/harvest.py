@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,15 @@ from token_journey.distributed import Processes, join_processes
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Location, activations_folder, corpus_file, location, sha256_file, short_hash
 from token_journey.lm import LoadedModel, torch_dtype
+from token_journey.locks import exclusive
 from token_journey.preemption import Preempted, stop_requests
 from token_journey.sites import capture, check_point
 
 log = logging.getLogger(__name__)
 
 Point = tuple[str, int]
+LOCK = ".harvest.lock"
+"""Held in each (site, layer) folder while a harvest writes it."""
 
 
 def exclusion_rule(cfg: HarvestConfig) -> dict[str, Any]:
@@ -236,7 +240,9 @@ def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Locatio
     """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply.
 
     `root` is a local folder or an object-store URI (`s3://bucket/prefix`). Before any forward pass
-    the free space is checked (`check_space`)."""
+    the free space is checked (`check_space`). Two harvests of the same (site, layer) into one local
+    root take turns on its lock (`token_journey.locks`, taken in sorted order so two runs never hold one
+    each): the second waits, then keeps the first's shards; other layers go on side by side."""
     root = location(root)
     for layer in cfg.layers:
         for site in cfg.sites:
@@ -245,8 +251,12 @@ def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Locatio
     result = {}
     # Several processes (torchrun / accelerate launch) split the shards; on the CPU they talk over gloo.
     procs = join_processes(device)
-    for split in SPLITS:
-        result[split] = harvest_split(lm, cfg, corpus_file(corpus_dir, split), root, split, device, procs)
-        rows = {f"{site}@{layer}": m["rows"] for (site, layer), m in result[split].items()}
-        log.info("%s: wrote %s rows -> %s", split, rows, root)
+    with ExitStack() as held:
+        if procs.is_main and storage.is_local(root):  # the others wait at harvest_split's first barrier
+            for site, layer in sorted((site, layer) for layer in cfg.layers for site in cfg.sites):
+                held.enter_context(exclusive(Path(activations_folder(root, site, layer)) / LOCK, f"{site} layer {layer}"))
+        for split in SPLITS:
+            result[split] = harvest_split(lm, cfg, corpus_file(corpus_dir, split), root, split, device, procs)
+            rows = {f"{site}@{layer}": m["rows"] for (site, layer), m in result[split].items()}
+            log.info("%s: wrote %s rows -> %s", split, rows, root)
     return result
