@@ -19,6 +19,7 @@ import torch
 from support import torchrun
 from support.configs import make
 from support.tiny_corpus import tiny_llama_with_corpus
+from support.turns import WAITING, run_overlapping
 from token_journey.config.harvest import HarvestConfig
 from token_journey.data.corpus import read_sequences, row_mask, special_ids
 from token_journey.data.harvest import harvest, planned_bytes
@@ -190,28 +191,9 @@ def test_two_harvests_of_the_same_layers_at_once_take_turns(tiny_setup, tmp_path
     whole = tmp_path / "whole" / "acts"
     _harvest_whole(root, whole)
     shared = tmp_path / "shared" / "acts"
-    first = subprocess.Popen(_harvest_cmd(root, shared), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not list(shared.rglob("shard-*.parquet")) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    first.send_signal(signal.SIGSTOP)
-    try:
-        assert first.poll() is None, "the first harvest ended before the second started"
-        second = subprocess.Popen(_harvest_cmd(root, shared), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
-        said = []
-        for line in second.stdout:
-            said.append(line)
-            if "is being written by pid" in line:
-                break
-    finally:
-        first.send_signal(signal.SIGCONT)
-    said.extend(second.stdout)
-    second.wait(timeout=120)
-    first_out = first.communicate(timeout=120)[0]
-    said = "".join(said)
-    assert first.returncode == 0 and second.returncode == 0, first_out[-2000:] + said[-2000:]
-    assert "is being written by pid" in said, said[-2000:]
+    first, second = run_overlapping(_harvest_cmd(root, shared), _env(), None, lambda: any(shared.rglob("shard-*.parquet")))
+    assert first.returncode == 0 and second.returncode == 0, first.stdout[-2000:] + second.stdout[-2000:]
+    assert WAITING in second.stdout, second.stdout[-2000:]
     assert _shards(shared) == _shards(whole) and _manifests(shared) == _manifests(whole)
     assert not list(shared.rglob(".harvest.lock")), "a lock was left behind"
 
@@ -223,9 +205,10 @@ def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
     one = tmp_path / "one" / "acts"
     _harvest_whole(root, one)
     two = tmp_path / "two" / "acts"
-    done = torchrun.run(torchrun.torchrun_command(2) + _harvest_cmd(root, two)[1:], _env())
-    assert done.returncode == 0, torchrun.failure_report(done)
-    assert any("train: process 1 of 2 writes shards" in line for line in torchrun.by_process(done.stdout + done.stderr)[1])
+    logs = tmp_path / "logs"
+    done = torchrun.run(torchrun.torchrun_command(logs) + _harvest_cmd(root, two)[1:], _env())
+    assert done.returncode == 0, torchrun.failure_report(done, logs)
+    assert any("train: process 1 of 2 writes shards" in line for line in torchrun.process_lines(logs)[1])
     assert len(_shards(one)) > 2 and _shards(two) == _shards(one)
     for split in ("train", "eval"):
         a = json.loads((activations_folder(two, "attn_out", 2, split) / "manifest.json").read_text())

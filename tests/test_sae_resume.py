@@ -145,24 +145,35 @@ def _same_sae(a: Path, b: Path) -> None:
     assert [(f.name, f.read_bytes()) for f in sorted(a.iterdir())] == [(f.name, f.read_bytes()) for f in sorted(b.iterdir())]
 
 
-def _killed_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[str], processes: int, seed: int) -> None:
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+def _uninterrupted(tmp_path: Path, acts: Path, launcher: list[str], other: str) -> tuple[Path, Path, Path]:
+    """Train once uninterrupted in `whole/`; the folder `other/` for the interrupted run, its SAE layer folder."""
+    whole, run = tmp_path / "whole", tmp_path / other
     whole.mkdir()
-    killed.mkdir()
+    run.mkdir()
     _train(_cmd(acts, whole, launcher), whole)
-    layer = killed / "saes" / "resid_post" / f"layer_{LAYER}"
+    return whole, run, run / "saes" / "resid_post" / f"layer_{LAYER}"
+
+
+def _resumes_to_the_uninterrupted(acts: Path, whole: Path, run: Path, launcher: list[str], step: int, processes: int) -> None:
+    """Rerun in `run/`: every process resumes from `step`, and the SAE equals the uninterrupted one, nothing left beside it."""
+    layer = run / "saes" / "resid_post" / f"layer_{LAYER}"
+    out = _train(_cmd(acts, run, launcher), run)
+    assert out.count(f"from step {step}") == processes, "not every process resumed from the checkpoint left"
+    info = json.loads((layer / NAME / "train.json").read_text())
+    assert (info["steps"], info["processes"]) == (STEPS, processes)
+    _same_sae(whole / "saes" / "resid_post" / f"layer_{LAYER}" / NAME, layer / NAME)
+    assert sorted(p.name for p in layer.iterdir()) == [NAME], "the checkpoint (or a temp folder) was left behind"
+
+
+def _killed_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[str], processes: int, seed: int) -> None:
+    whole, killed, layer = _uninterrupted(tmp_path, acts, launcher, "killed")
     ckpt = layer / f".{NAME}.ckpt"
     target = random.Random(seed).randrange(EVERY, STEPS // 2)  # after at least one checkpoint, well before the end
     _kill_after(_cmd(acts, killed, launcher), killed, ckpt, target)
     assert not (layer / NAME).exists(), "the kill came after the SAE was saved"
     at = _checkpoint_step(ckpt)
     assert target <= at < STEPS and at % EVERY == 0, (target, at)
-    out = _train(_cmd(acts, killed, launcher), killed)
-    assert out.count(f"from step {at}") == processes, "not every process resumed from the checkpoint left"
-    info = json.loads((layer / NAME / "train.json").read_text())
-    assert (info["steps"], info["processes"]) == (STEPS, processes)
-    _same_sae(whole / "saes" / "resid_post" / f"layer_{LAYER}" / NAME, layer / NAME)
-    assert sorted(p.name for p in layer.iterdir()) == [NAME], "the checkpoint (or a temp folder) was left behind"
+    _resumes_to_the_uninterrupted(acts, whole, killed, launcher, at, processes)
 
 
 @pytest.mark.slow
@@ -173,7 +184,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_root):
 @pytest.mark.slow
 def test_killed_torchrun_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_root):
     """Two gloo processes: the launcher and both workers die together; every worker resumes from rank 0's checkpoint."""
-    _killed_run_resumes_exactly(tmp_path, acts_root, torchrun.torchrun_command(2), processes=2, seed=1)
+    _killed_run_resumes_exactly(tmp_path, acts_root, torchrun.torchrun_command(tmp_path / "logs"), processes=2, seed=1)
 
 
 def _terminate_after(cmd: list[str], cwd: Path, ckpt: Path, target: int, delay: float) -> subprocess.CompletedProcess:
@@ -192,17 +203,16 @@ def _terminate_after(cmd: list[str], cwd: Path, ckpt: Path, target: int, delay: 
 
 
 def _terminated_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[str], processes: int, seed: int) -> None:
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    whole.mkdir()
-    stopped.mkdir()
-    _train(_cmd(acts, whole, launcher), whole)
-    layer = stopped / "saes" / "resid_post" / f"layer_{LAYER}"
+    whole, stopped, layer = _uninterrupted(tmp_path, acts, launcher, "stopped")
     ckpt = layer / f".{NAME}.ckpt"
     draw = random.Random(seed)
     done = _terminate_after(_cmd(acts, stopped, launcher), stopped, ckpt, draw.randrange(EVERY, STEPS // 2), draw.uniform(0, 0.05))
-    report = torchrun.failure_report(done)
-    lines = torchrun.by_process(done.stderr)
-    workers = [lines[r] for r in range(processes)] if processes > 1 else [lines[-1]]
+    if processes > 1:
+        report = torchrun.failure_report(done, tmp_path / "logs")
+        lines = torchrun.process_lines(tmp_path / "logs")
+        workers = [lines.get(r, []) for r in range(processes)]
+    else:
+        report, workers = f"exit status {done.returncode}\n{done.stderr[-3000:]}", [done.stderr.splitlines()]
     stops = [[line for line in w if line.startswith("error:")] for w in workers]
     assert all(len(s) == 1 for s in stops), report
     said = re.search(r"SIGTERM came after step (\d+); checkpoint after step (\d+) of 60", stops[0][0])
@@ -213,12 +223,9 @@ def _terminated_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[s
     assert not (layer / NAME).exists(), "the stop came after the SAE was saved"
     if processes == 1:
         assert done.returncode == PREEMPTED, report
-    else:  # the launcher itself was signalled; each worker stopped after the same step with status 75
+    else:  # the launcher itself was signalled and passed it on; every worker stopped after the same step
         assert all(f"checkpoint after step {after} of 60" in s[0] for s in stops), report
-    out = _train(_cmd(acts, stopped, launcher), stopped)
-    assert out.count(f"from step {after}") == processes, "not every process resumed from the step the signal saved"
-    _same_sae(whole / "saes" / "resid_post" / f"layer_{LAYER}" / NAME, layer / NAME)
-    assert sorted(p.name for p in layer.iterdir()) == [NAME], "the checkpoint (or a temp folder) was left behind"
+    _resumes_to_the_uninterrupted(acts, whole, stopped, launcher, after, processes)
 
 
 @pytest.mark.slow
@@ -230,4 +237,4 @@ def test_sigterm_checkpoints_the_step_under_way_and_resumes_exactly(tmp_path, ac
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(tmp_path, acts_root, seed):
-    _terminated_run_resumes_exactly(tmp_path, acts_root, torchrun.torchrun_command(2), processes=2, seed=seed + 100)
+    _terminated_run_resumes_exactly(tmp_path, acts_root, torchrun.torchrun_command(tmp_path / "logs"), processes=2, seed=seed + 100)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from support import torchrun
+from support.turns import WAITING, run_overlapping
 from token_journey.sae.io import find_saes, load_sae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,8 +213,8 @@ def test_stage_under_torchrun_trains_one_sae_like_one_process(tmp_path, acts_roo
     for folder in (one, two):
         folder.mkdir()
     assert _run(one, acts_root).returncode == 0
-    done = _run(two, acts_root, launcher=torchrun.torchrun_command(2))
-    assert done.returncode == 0, torchrun.failure_report(done)
+    done = _run(two, acts_root, launcher=torchrun.torchrun_command(tmp_path / "logs"))
+    assert done.returncode == 0, torchrun.failure_report(done, tmp_path / "logs")
     (single,) = find_saes(one / "saes", "resid_post", 0)
     (parallel,) = find_saes(two / "saes", "resid_post", 0)
     assert json.loads((parallel / "train.json").read_text())["processes"] == 2
@@ -233,29 +232,11 @@ def test_two_runs_of_the_same_sae_at_once_take_turns_and_the_first_wins(tmp_path
     assert alone.returncode == 0, alone.stderr[-2000:]
     shared = tmp_path / "shared"
     shared.mkdir()
-    first = subprocess.Popen(_stage_args(shared, acts_root), cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = shared / "saes" / "resid_post" / "layer_0" / ".topk-w16-k2.ckpt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    first.send_signal(signal.SIGSTOP)  # frozen mid-training, holding the lock
-    try:
-        assert first.poll() is None, "the first run ended before the second started"
-        second = subprocess.Popen(_stage_args(shared, acts_root), cwd=shared, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        said = []
-        for line in second.stdout:
-            said.append(line)
-            if "is being written by pid" in line:
-                break
-    finally:
-        first.send_signal(signal.SIGCONT)
-    said.extend(second.stdout)
-    second.wait(timeout=300)
-    first_out = first.communicate(timeout=300)[0]
-    said = "".join(said)
-    assert first.returncode == 0 and second.returncode == 0, first_out[-2000:] + said[-2000:]
-    assert "is being written by pid" in said and "already trained" in said and "training topk" not in said, said[-3000:]
-    assert "training topk" in first_out
+    first, second = run_overlapping(_stage_args(shared, acts_root), None, shared, ckpt.exists)
+    assert first.returncode == 0 and second.returncode == 0, first.stdout[-2000:] + second.stdout[-2000:]
+    assert WAITING in second.stdout and "already trained" in second.stdout, second.stdout[-3000:]
+    assert "training topk" not in second.stdout and "training topk" in first.stdout
     (folder,) = find_saes(shared / "saes", "resid_post", 0)
     (reference,) = find_saes(tmp_path / "alone" / "saes", "resid_post", 0)
     assert [(f.name, f.read_bytes()) for f in sorted(folder.iterdir())] == [(f.name, f.read_bytes()) for f in sorted(reference.iterdir())]
