@@ -34,9 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHUTDOWN = ["tests/test_harvest.py::test_two_processes_write_the_same_shards_as_one",
             "tests/test_sae_stage.py::test_stage_under_torchrun_trains_one_sae_like_one_process", "tests/test_shutdown.py"]
+# tests/test_preemption.py's own moments are fixed; it runs once with the rest of the group.
 PREEMPTION = ["tests/test_sae_resume.py::test_sigterm_checkpoints_the_step_under_way_and_resumes_exactly",
               "tests/test_sae_resume.py::test_sigterm_to_torchrun_stops_every_process_after_the_same_step",
-              "tests/test_harvest.py::test_sigterm_drops_the_shard_in_flight_and_the_rerun_completes_it"]
+              "tests/test_harvest.py::test_sigterm_drops_the_shard_in_flight_and_the_rerun_completes_it",
+              "tests/test_preemption.py"]
 GROUPS = {"shutdown": SHUTDOWN, "preemption": PREEMPTION, "disk": ["tests/test_disk_full.py"], "store": ["tests/test_storage.py"]}
 SUMMARY = re.compile(r"(\d+) (passed|failed|error|errors|skipped)")
 

@@ -10,7 +10,7 @@ from conftest import REPO
 
 from support.torchrun import failure_report, process_lines, run, torchrun_command
 
-STAGE = REPO / "tests/support/failing_stage.py"
+STAGE = REPO / "tests/support/probe_stage.py"
 
 
 def _launch(tmp_path, fail_rank: int, when: str = "early"):

@@ -41,7 +41,7 @@ def _stop(line: str, status: int, failure: str | None) -> None:
 def run_guarded(func: Callable[[Any], Any], cfg: Any) -> Any:
     """`func(cfg)` with the exits described above; a bug still shows its traceback (after leaving the group)."""
     try:
-        with stop_requests():
+        with stop_requests(listen=False):
             result = func(cfg)
         leave_processes()
         return result

@@ -1,7 +1,9 @@
-"""A stage for tests/test_shutdown.py: under a launcher, process $FAIL_RANK stops with a TokenJourneyError.
+"""A stage for the tests of how stages end (tests/test_shutdown.py, tests/test_preemption.py).
 
-`FAIL_WHEN=early`: it fails while the others wait for it in a collective; `late`: after the collective,
-while the others have finished and wait to leave together. `FAIL_RANK=-1`: nobody fails.
+Under a launcher, process $FAIL_RANK stops with a TokenJourneyError: `FAIL_WHEN=early` while the others
+wait for it in a collective, `late` after the collective, while the others have finished and wait to
+leave together; `FAIL_RANK=-1`: nobody fails. `SLEEP_S=N` instead prints "ready" and sleeps N seconds
+in code that looks at no stop flag (as loading a model does), for a signal to interrupt.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from token_journey.stage import stage
 
 @stage
 def main(cfg) -> None:
+    if "SLEEP_S" in os.environ:
+        print("ready", flush=True)
+        time.sleep(float(os.environ["SLEEP_S"]))
+        return
     procs = join_processes(torch.device("cpu"))
     fails = procs.index == int(os.environ["FAIL_RANK"])
     if fails and os.environ["FAIL_WHEN"] == "early":
