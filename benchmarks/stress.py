@@ -15,8 +15,9 @@ core), each run a fresh pytest process:
   a store that stays down (`tests/test_storage.py`).
 
     python benchmarks/stress.py [--runs 20] [--moments 10] [--burners N] [--groups shutdown,preemption,disk,store]
-Prints one line per pytest run, then ONE JSON object on the last line: per group the passed and failed
-test counts and whether the bar holds.
+        [--failures DIR]
+Prints one line per pytest run (the whole output of a run with a failure goes to DIR/<group>-<run>.txt),
+then ONE JSON object on the last line: per group the passed and failed test counts and whether the bar holds.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def burn() -> None:
         pass
 
 
-def pytest_run(tests: list[str], env: dict[str, str]) -> dict[str, int]:
-    """One pytest process over `tests`; its passed/failed/skipped counts (errors count as failed)."""
+def pytest_run(tests: list[str], env: dict[str, str], keep: Path) -> dict[str, int]:
+    """One pytest process over `tests`; its passed/failed/skipped counts (errors count as failed). The
+    whole output of a run with a failure is kept in the file `keep`."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO, env=env,
                           capture_output=True, text=True, check=False)
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
@@ -61,7 +63,9 @@ def pytest_run(tests: list[str], env: dict[str, str]) -> dict[str, int]:
         counts["failed"] = 1  # pytest itself broke (collection, usage): count it against the bar
     if counts["failed"]:
         failures = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        print("\n".join(failures[:10]), flush=True)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(done.stdout + "\n" + done.stderr)
+        print("\n".join(failures[:10]) + f"\n(the whole output: {keep})", flush=True)
     return counts
 
 
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--moments", type=int, default=10, help="SIGTERM moments per preemption test")
     parser.add_argument("--burners", type=int, default=os.cpu_count() or 1, help="CPU-burning processes beside the tests")
     parser.add_argument("--groups", default="shutdown,preemption,disk,store")
+    parser.add_argument("--failures", type=Path, default=Path("stress-failures"), help="where the output of failed runs goes")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(args.burners)]
@@ -84,7 +89,7 @@ def main() -> None:
             total = {"passed": 0, "failed": 0, "skipped": 0}
             start = time.perf_counter()
             for run in range(runs):
-                counts = pytest_run(GROUPS[group], group_env)
+                counts = pytest_run(GROUPS[group], group_env, args.failures / f"{group}-{run + 1}.txt")
                 total = {k: total[k] + counts[k] for k in total}
                 print(f"{group} run {run + 1}/{runs}: {counts['passed']} passed, {counts['failed']} failed, "
                       f"{counts['skipped']} skipped", flush=True)

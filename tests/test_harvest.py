@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,38 @@ def test_two_processes_write_the_same_shards_as_one(tiny_setup, tmp_path):
         a = json.loads((activations_folder(two, "attn_out", 2, split) / "manifest.json").read_text())
         b = json.loads((activations_folder(one, "attn_out", 2, split) / "manifest.json").read_text())
         assert a == b
+
+
+def _slow_second_process(rank: int, port: int, root: str, out: str) -> None:
+    """One of two gloo processes harvesting `out`; process 1 is slow wherever it would look at the folder
+    itself, so that process 0 has written shards by then (what a busy CPU does now and then)."""
+    import token_journey.data.harvest as harvest_module
+    from token_journey.lm import load_prepared
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    if rank == 1:
+        looks = harvest_module.complete_shards
+
+        def late_look(*args, **kwargs):
+            time.sleep(1.0)
+            return looks(*args, **kwargs)
+
+        harvest_module.complete_shards = late_look
+    lm = load_prepared(Path(root) / "base", device="cpu")
+    harvest(lm, _cfg(), Path(root) / "corpus", Path(out), torch.device("cpu"))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_process_splits_the_shards_as_process_0_found_them(tiny_setup, tmp_path):
+    """Process 1 must not decide from its own, later look at the folder which shards are left."""
+    root, lm = tiny_setup
+    harvest(lm, _cfg(), root / "corpus", tmp_path / "one", torch.device("cpu"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_slow_second_process, args=(port, str(root), str(tmp_path / "two")), nprocs=2, join=True)
+    assert len(_shards(tmp_path / "one")) > 4 and _shards(tmp_path / "two") == _shards(tmp_path / "one")
+    assert _manifests(tmp_path / "two") == _manifests(tmp_path / "one")
 
 
 def test_resume_drops_leftovers_and_foreign_shards(tiny_setup, tmp_path):

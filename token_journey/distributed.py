@@ -23,11 +23,14 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from token_journey.errors import TokenJourneyError
+
+T = TypeVar("T")
 
 DEFAULT_PORT = 29500
 """MASTER_PORT under srun when the job does not set one (torchrun's default too)."""
@@ -52,6 +55,17 @@ class Processes:
         """Wait until every process gets here (no-op for a single process)."""
         if self.count > 1:
             dist.barrier()
+
+    def share(self, value: T) -> T:
+        """Process 0's `value`, on every process (the others pass anything, e.g. None; they wait for it).
+
+        For decisions every process must take alike from state that changes under them, such as which
+        shards exist while process 0 is already writing the next ones."""
+        if self.count == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def first_host(nodelist: str) -> str:

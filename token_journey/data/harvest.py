@@ -94,10 +94,10 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
     }
     run_key = short_hash(identity)
     folders = {p: activations_folder(root, p[0], p[1], split) for p in points}
-    # The main process clears leftovers first, so no process deletes another's temp file.
-    done = {p: complete_shards(folders[p], run_key, n_shards) for p in points} if procs.is_main else {}
-    procs.barrier()
-    done = done or {p: complete_shards(folders[p], run_key, n_shards) for p in points}
+    # The main process alone looks (and clears leftovers, so no process deletes another's temp file), and
+    # every process takes its answer: a process that looked for itself could find shards the main process
+    # has written meanwhile, split the remaining shards differently and leave one unwritten.
+    done = procs.share({p: complete_shards(folders[p], run_key, n_shards) for p in points} if procs.is_main else None)
     todo = [k for k in range(n_shards) if any(k not in done[p] for p in points)]
     for p in points:  # a manifest must never describe shards that are about to change
         if todo and procs.is_main:
