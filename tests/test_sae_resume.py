@@ -219,7 +219,10 @@ def _terminated_run_resumes_exactly(tmp_path: Path, acts: Path, launcher: list[s
     assert said, report  # process 0 (the one that writes checkpoints) got the signal itself
     finished, after = int(said[1]), int(said[2])
     # Nothing finished is lost: the checkpoint holds every step finished at the signal and the one under way.
-    assert finished + 1 == after == _checkpoint_step(ckpt), report
+    # Under a launcher one more step may pass: a process waiting in the step's all-reduce when the signal came
+    # had already told the others it was not stopping, so all stop after the next step.
+    assert finished + 1 <= after <= finished + (1 if processes == 1 else 2), report
+    assert after == _checkpoint_step(ckpt), report
     assert not (layer / NAME).exists(), "the stop came after the SAE was saved"
     if processes == 1:
         assert done.returncode == PREEMPTED, report
