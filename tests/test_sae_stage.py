@@ -102,7 +102,6 @@ def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
 
 def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_path, acts_root):
     """`dvc exp run --queue -S sae.lr=...` rewrites params.yaml and names only the baseline commit."""
-    import os
 
     from token_journey.config import compose, dump_yaml
 
@@ -131,7 +130,6 @@ def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_pat
 
 def test_the_command_a_wandb_agent_builds_from_the_sweep_config_runs_the_stage(tmp_path, acts_root, monkeypatch):
     """wandb's own agent code turns conf/wandb-sweep.yaml and one grid point into the command line we run."""
-    import os
 
     import yaml
     from wandb import wandb_agent
@@ -166,7 +164,6 @@ def test_the_command_a_wandb_agent_builds_from_the_sweep_config_runs_the_stage(t
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """One process of a 2-process run: train uninterrupted, then killed after 10 steps and resumed."""
-    import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

@@ -149,11 +149,14 @@ def join_processes(device: torch.device) -> Processes:
     return current_processes()
 
 
-def _store() -> dist.Store | None:
-    """The key-value store the launcher's rendezvous made (None where torch hides it)."""
+def _store(procs: Processes) -> dist.Store | None:
+    """The key-value store the launcher's rendezvous made, for a run of several processes (None with
+    one process, or where torch hides it)."""
     getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if procs.count == 1 or getter is None:
+        return None
     try:
-        return getter() if getter else None
+        return getter()
     except (RuntimeError, ValueError):
         return None
 
@@ -192,7 +195,7 @@ def leave_processes(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     procs = current_processes()
-    store = _store() if procs.count > 1 else None
+    store = _store(procs)
     try:
         if store is not None:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -217,7 +220,7 @@ def abandon_processes(failure: str | None) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     procs = current_processes()
-    store = _store() if procs.count > 1 else None
+    store = _store(procs)
     try:
         if store is not None and failure is not None and not store.check([_FAILED]):
             store.set(_FAILED, f"process {procs.index} of {procs.count} failed: {failure}")
@@ -238,7 +241,7 @@ def peer_failure_line(exc: BaseException) -> str:
     """One line for a collective that failed under this process: the failed process's own line when it
     left one in the store, else the transport's first line."""
     procs = current_processes()
-    store = _store() if procs.count > 1 else None
+    store = _store(procs)
     if store is not None:
         try:
             failure = _peer_failure(store)

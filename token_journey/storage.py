@@ -44,7 +44,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from token_journey import diskspace
 from token_journey.diskspace import writing
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Location, atomic_write_bytes, is_uri, location, temp_sibling
@@ -379,9 +379,4 @@ def file_size(where: Location) -> int:
 def free_bytes(where: Location) -> int | None:
     """Free bytes of the local filesystem that `where` is (or will be) on: `shutil.disk_usage` of its
     nearest existing ancestor. None for object storage, which has no such figure."""
-    if not is_local(where):
-        return None
-    probe = Path(where).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return int(shutil.disk_usage(probe).free)
+    return diskspace.free_bytes(Path(where)) if is_local(where) else None
