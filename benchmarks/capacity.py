@@ -77,10 +77,18 @@ def measure(shape_name: str, args: argparse.Namespace, scratch: Path) -> dict[st
 
     shape = rehearsal_shape(shape_name)
     every_layer = ",".join(str(layer) for layer in range(shape.n_layers))
-    overrides = ["profile=gpu", f"model={CONFIGS[shape_name]}", "corpus=offline", "device=cpu",
-                 f"corpus.context_size={args.context}", f"corpus.max_tokens={args.tokens}",
-                 f"corpus.eval_tokens={args.eval_tokens}", "harvest.forward_dtype=float32",
-                 f"harvest.batch_size={args.batch}", f"harvest.layers=[{every_layer}]"]
+    overrides = [
+        "profile=gpu",
+        f"model={CONFIGS[shape_name]}",
+        "corpus=offline",
+        "device=cpu",
+        f"corpus.context_size={args.context}",
+        f"corpus.max_tokens={args.tokens}",
+        f"corpus.eval_tokens={args.eval_tokens}",
+        "harvest.forward_dtype=float32",
+        f"harvest.batch_size={args.batch}",
+        f"harvest.layers=[{every_layer}]",
+    ]
     cfg = compose(overrides)
     gguf = locate_packaged_file(cfg["model"]["package"], cfg["model"]["gguf_file"])
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -88,10 +96,8 @@ def measure(shape_name: str, args: argparse.Namespace, scratch: Path) -> dict[st
     model = build_rehearsal(shape, tokenizer, torch.float32)
     build_s = time.perf_counter() - start
     arch = architecture_facts(model.config)
-    lm = LoadedModel(model=model, tokenizer=tokenizer,
-                     manifest={"name": cfg["model"]["name"], "fingerprint": f"rehearsal-{shape_name}", "dtype": "float32"})
-    print(f"\n== {cfg['model']['name']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"built in {build_s:.0f} s (float32 on the CPU)", flush=True)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, manifest={"name": cfg["model"]["name"], "fingerprint": f"rehearsal-{shape_name}", "dtype": "float32"})
+    print(f"\n== {cfg['model']['name']}: {sum(p.numel() for p in model.parameters()):,} parameters, built in {build_s:.0f} s (float32 on the CPU)", flush=True)
 
     corpus_dir = scratch / shape_name / "corpus"
     collect_corpus(build(CorpusConfig, cfg["corpus"], "corpus"), tokenizer, None, corpus_dir, seed=0)
@@ -108,17 +114,21 @@ def measure(shape_name: str, args: argparse.Namespace, scratch: Path) -> dict[st
         per_layer.append(sum((folder / s["file"]).stat().st_size for s in m["shards"]) / tokens)
     bytes_per_token_layer = sum(per_layer) / len(per_layer)
     harvest_tps = tokens / harvest_s
-    print(f"harvest: {tokens} tokens x {len(hcfg.layers)} layers in {harvest_s:.1f} s = {harvest_tps:.1f} tokens/s; "
-          f"{bytes_per_token_layer:.0f} bytes per token per layer on disk ({hcfg.dtype}; "
-          f"raw values {arch['d_model'] * 2} bytes)", flush=True)
+    print(
+        f"harvest: {tokens} tokens x {len(hcfg.layers)} layers in {harvest_s:.1f} s = {harvest_tps:.1f} tokens/s; "
+        f"{bytes_per_token_layer:.0f} bytes per token per layer on disk ({hcfg.dtype}; "
+        f"raw values {arch['d_model'] * 2} bytes)",
+        flush=True,
+    )
 
     width = int(cfg["sae"]["width"])
     sae, sae_cfg = new_device_sae(cfg["sae"]["architecture"], width, arch["d_model"], args.sae_batch, device)
     x = torch.randn(args.sae_batch, arch["d_model"], generator=torch.Generator().manual_seed(0)) / arch["d_model"] ** 0.5
     step_s, _ = time_steps(step_fn(sae, sae_cfg, device, sae_cfg.lr), x, device, 1, args.sae_steps)
     sae_tps = args.sae_batch / step_s
-    print(f"SAE step ({sae_cfg.architecture}, width {width}, d_in {arch['d_model']}, batch {args.sae_batch}): "
-          f"{step_s:.2f} s = {sae_tps:.0f} tokens/s", flush=True)
+    print(
+        f"SAE step ({sae_cfg.architecture}, width {width}, d_in {arch['d_model']}, batch {args.sae_batch}): {step_s:.2f} s = {sae_tps:.0f} tokens/s", flush=True
+    )
 
     eval_ids = read_sequences(corpus_dir / "eval.parquet").input_ids
     rows = row_mask(eval_ids, special_ids(tokenizer), 1)
@@ -126,15 +136,29 @@ def measure(shape_name: str, args: argparse.Namespace, scratch: Path) -> dict[st
         sae.eval()
         sweep = evaluate_saes(model, eval_ids, rows, "resid_post", arch["n_layers"] // 2, {"sae": sae}, batch_size=args.batch)
     eval_tps = sweep.sweep["tokens_per_s"]
-    print(f"evaluate (3 forward passes, vocab {arch['vocab_size']:,}): {eval_ids.numel()} tokens in "
-          f"{sweep.sweep['seconds']:.1f} s = {eval_tps:.1f} tokens/s", flush=True)
-    result = {"model": cfg["model"]["name"], "architecture": arch, "n_params": sum(p.numel() for p in model.parameters()),
-              "build_s": round(build_s, 1), "context": args.context, "harvest_tokens": tokens,
-              "harvest_layers": len(hcfg.layers), "storage_dtype": hcfg.dtype,
-              "bytes_per_token_per_layer": round(bytes_per_token_layer, 1), "harvest_tokens_per_s": round(harvest_tps, 2),
-              "sae_width": width, "sae_batch": args.sae_batch, "sae_step_s": round(step_s, 3),
-              "sae_tokens_per_s": round(sae_tps, 1), "eval_tokens": eval_ids.numel(),
-              "eval_tokens_per_s": round(eval_tps, 2), "peak_rss_gb_so_far": round(peak_rss_gb(), 2)}
+    print(
+        f"evaluate (3 forward passes, vocab {arch['vocab_size']:,}): {eval_ids.numel()} tokens in {sweep.sweep['seconds']:.1f} s = {eval_tps:.1f} tokens/s",
+        flush=True,
+    )
+    result = {
+        "model": cfg["model"]["name"],
+        "architecture": arch,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "build_s": round(build_s, 1),
+        "context": args.context,
+        "harvest_tokens": tokens,
+        "harvest_layers": len(hcfg.layers),
+        "storage_dtype": hcfg.dtype,
+        "bytes_per_token_per_layer": round(bytes_per_token_layer, 1),
+        "harvest_tokens_per_s": round(harvest_tps, 2),
+        "sae_width": width,
+        "sae_batch": args.sae_batch,
+        "sae_step_s": round(step_s, 3),
+        "sae_tokens_per_s": round(sae_tps, 1),
+        "eval_tokens": eval_ids.numel(),
+        "eval_tokens_per_s": round(eval_tps, 2),
+        "peak_rss_gb_so_far": round(peak_rss_gb(), 2),
+    }
     del model, lm, sae
     return result
 
@@ -157,36 +181,56 @@ def extrapolate(m: dict[str, Any], gpu: dict[str, Any]) -> dict[str, Any]:
     sae_flops = f_sae * sae_tok * layers
     eval_flops = f_eval * sae_eval_tok * layers
     hours = {k: v / rate / 3600 for k, v in (("harvest", harvest_flops), ("train_sae", sae_flops), ("evaluate", eval_flops))}
-    cpu_hours = {"harvest": (train_tok + eval_tok) / m["harvest_tokens_per_s"] / 3600,
-                 "train_sae": sae_tok * layers / m["sae_tokens_per_s"] / 3600,
-                 "evaluate": sae_eval_tok * layers / m["eval_tokens_per_s"] / 3600}
+    cpu_hours = {
+        "harvest": (train_tok + eval_tok) / m["harvest_tokens_per_s"] / 3600,
+        "train_sae": sae_tok * layers / m["sae_tokens_per_s"] / 3600,
+        "evaluate": sae_eval_tok * layers / m["eval_tokens_per_s"] / 3600,
+    }
     buffer_gib = int(gpu["sae"]["buffer_rows"]) * arch["d_model"] * 2 / 2**30
     name = m["model"]
     print(f"\n== extrapolation for {name} to the GPU profile: {train_tok:,} + {eval_tok:,} eval tokens x {layers} layers")
     print(f"disk per layer : {bpt:.0f} B/token x {train_tok + eval_tok:,} tokens = {disk_layer / 2**30:,.1f} GiB")
-    print(f"disk in total  : {disk_layer / 2**30:,.1f} GiB x {layers} layers = {disk_total / 2**40:,.2f} TiB "
-          "(DVC's cache links the shards, it does not copy them)")
-    print(f"GPU rate (ASSUMED, not measured): {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense peak x MFU {GPU_MFU} "
-          f"= {rate / 1e12:.0f} TFLOP/s")
-    print(f"harvest  : {f_harvest / 1e9:.2f} GFLOP/token (forward to the last layer, context {context}) x "
-          f"{train_tok + eval_tok:,} tokens = {harvest_flops:.2e} FLOP -> {hours['harvest']:.2f} h")
-    print(f"train_sae: {f_sae / 1e9:.3f} GFLOP/token (12 x {arch['d_model']} x {width}) x {sae_tok:,} tokens x "
-          f"{layers} layers = {sae_flops:.2e} FLOP -> {hours['train_sae']:.2f} h")
-    print(f"evaluate : {f_eval / 1e9:.2f} GFLOP/token (3 full passes with the head) x {sae_eval_tok:,} tokens x "
-          f"{layers} layers = {eval_flops:.2e} FLOP -> {hours['evaluate']:.2f} h")
+    print(
+        f"disk in total  : {disk_layer / 2**30:,.1f} GiB x {layers} layers = {disk_total / 2**40:,.2f} TiB "
+        "(DVC's cache links the shards, it does not copy them)"
+    )
+    print(f"GPU rate (ASSUMED, not measured): {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense peak x MFU {GPU_MFU} = {rate / 1e12:.0f} TFLOP/s")
+    print(
+        f"harvest  : {f_harvest / 1e9:.2f} GFLOP/token (forward to the last layer, context {context}) x "
+        f"{train_tok + eval_tok:,} tokens = {harvest_flops:.2e} FLOP -> {hours['harvest']:.2f} h"
+    )
+    print(
+        f"train_sae: {f_sae / 1e9:.3f} GFLOP/token (12 x {arch['d_model']} x {width}) x {sae_tok:,} tokens x "
+        f"{layers} layers = {sae_flops:.2e} FLOP -> {hours['train_sae']:.2f} h"
+    )
+    print(
+        f"evaluate : {f_eval / 1e9:.2f} GFLOP/token (3 full passes with the head) x {sae_eval_tok:,} tokens x "
+        f"{layers} layers = {eval_flops:.2e} FLOP -> {hours['evaluate']:.2f} h"
+    )
     total_h = sum(hours.values())
-    print(f"total    : {total_h:.2f} h on one GPU at the assumed rate (compute only; SAE training also reads "
-          f"{disk_total / 1e12:.1f} TB of shards: at an ASSUMED 2 GB/s that is {disk_total / 2e9 / 3600:.1f} h)")
+    print(
+        f"total    : {total_h:.2f} h on one GPU at the assumed rate (compute only; SAE training also reads "
+        f"{disk_total / 1e12:.1f} TB of shards: at an ASSUMED 2 GB/s that is {disk_total / 2e9 / 3600:.1f} h)"
+    )
     measured_cpu_rate = f_harvest * m["harvest_tokens_per_s"]
-    print(f"this CPU (measured throughputs): harvest {cpu_hours['harvest']:,.0f} h, train_sae {cpu_hours['train_sae']:,.0f} h, "
-          f"evaluate {cpu_hours['evaluate']:,.0f} h; its harvest ran at {measured_cpu_rate / 1e9:.1f} GFLOP/s effective")
-    print(f"host RAM for the SAE shuffle buffer: {int(gpu['sae']['buffer_rows']):,} rows x {arch['d_model']} x 2 bytes "
-          f"= {buffer_gib:.1f} GiB (sae.buffer_rows)")
-    return {"layers": layers, "disk_per_layer_gib": round(disk_layer / 2**30, 1), "disk_total_tib": round(disk_total / 2**40, 2),
-            "assumed_gpu_flops": rate, "gpu_hours_assumed": {k: round(v, 3) for k, v in hours.items()},
-            "gpu_hours_total_assumed": round(total_h, 2), "cpu_hours_measured": {k: round(v) for k, v in cpu_hours.items()},
-            "flops_per_token": {"harvest": f_harvest, "train_sae": f_sae, "evaluate": f_eval},
-            "sae_buffer_gib": round(buffer_gib, 1)}
+    print(
+        f"this CPU (measured throughputs): harvest {cpu_hours['harvest']:,.0f} h, train_sae {cpu_hours['train_sae']:,.0f} h, "
+        f"evaluate {cpu_hours['evaluate']:,.0f} h; its harvest ran at {measured_cpu_rate / 1e9:.1f} GFLOP/s effective"
+    )
+    print(
+        f"host RAM for the SAE shuffle buffer: {int(gpu['sae']['buffer_rows']):,} rows x {arch['d_model']} x 2 bytes = {buffer_gib:.1f} GiB (sae.buffer_rows)"
+    )
+    return {
+        "layers": layers,
+        "disk_per_layer_gib": round(disk_layer / 2**30, 1),
+        "disk_total_tib": round(disk_total / 2**40, 2),
+        "assumed_gpu_flops": rate,
+        "gpu_hours_assumed": {k: round(v, 3) for k, v in hours.items()},
+        "gpu_hours_total_assumed": round(total_h, 2),
+        "cpu_hours_measured": {k: round(v) for k, v in cpu_hours.items()},
+        "flops_per_token": {"harvest": f_harvest, "train_sae": f_sae, "evaluate": f_eval},
+        "sae_buffer_gib": round(buffer_gib, 1),
+    }
 
 
 def main() -> None:
@@ -199,8 +243,7 @@ def main() -> None:
     ap.add_argument("--sae-batch", type=int, default=512, help="rows per timed SAE step (GPU profile: 4096)")
     ap.add_argument("--sae-steps", type=int, default=2, help="timed SAE steps (after one warm-up)")
     args = ap.parse_args()
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; figures are measured here unless "
-          "marked ASSUMED", flush=True)
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; figures are measured here unless marked ASSUMED", flush=True)
     gpu = compose(["profile=gpu"])
     start = time.perf_counter()
     results = []
@@ -210,9 +253,19 @@ def main() -> None:
             results.append({**measured, "extrapolation": extrapolate(measured, gpu)})
     total_s = time.perf_counter() - start
     print(f"\npeak RAM of this run: {peak_rss_gb():.2f} GB; wall time {total_s:.0f} s")
-    print(json.dumps({"benchmark": "capacity", "device": "cpu", "threads": torch.get_num_threads(),
-                      "peak_rss_gb": round(peak_rss_gb(), 2), "seconds": round(total_s, 1),
-                      "gpu_rate_assumed": {"peak_flops": GPU_PEAK_FLOPS, "mfu": GPU_MFU}, "shapes": results}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "capacity",
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+                "peak_rss_gb": round(peak_rss_gb(), 2),
+                "seconds": round(total_s, 1),
+                "gpu_rate_assumed": {"peak_flops": GPU_PEAK_FLOPS, "mfu": GPU_MFU},
+                "shapes": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,13 +70,27 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     save_s, load_s = min(saves), min(loads)
     share = save_s / (args.minutes * 60) if args.minutes > 0 else None
-    print(f"{args.architecture} {args.d_in} x {args.width} on {device}: checkpoint {size / 1e9:.3f} GB; "
-          f"write {save_s:.2f} s ({size / save_s / 1e9:.2f} GB/s), read back {load_s:.2f} s (best of {args.repeats})")
+    print(
+        f"{args.architecture} {args.d_in} x {args.width} on {device}: checkpoint {size / 1e9:.3f} GB; "
+        f"write {save_s:.2f} s ({size / save_s / 1e9:.2f} GB/s), read back {load_s:.2f} s (best of {args.repeats})"
+    )
     if share is not None:
         print(f"every {args.minutes:g} minutes that is {100 * share:.3f}% of the wall time")
-    print(json.dumps({"architecture": args.architecture, "d_in": args.d_in, "width": args.width, "device": str(device),
-                      "checkpoint_bytes": size, "save_s": round(save_s, 3), "load_s": round(load_s, 3),
-                      "checkpoint_minutes": args.minutes, "share_of_wall_time": share}))
+    print(
+        json.dumps(
+            {
+                "architecture": args.architecture,
+                "d_in": args.d_in,
+                "width": args.width,
+                "device": str(device),
+                "checkpoint_bytes": size,
+                "save_s": round(save_s, 3),
+                "load_s": round(load_s, 3),
+                "checkpoint_minutes": args.minutes,
+                "share_of_wall_time": share,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> None:
     with torch.inference_mode():
         start = time.perf_counter()
         for first in range(0, len(ids), args.batch_size):
-            lm.model(input_ids=ids[first:first + args.batch_size], use_cache=False)
+            lm.model(input_ids=ids[first : first + args.batch_size], use_cache=False)
         plain_s = time.perf_counter() - start
     result = evaluate_saes(lm.model, ids, rows, "resid_post", args.layer, saes, args.batch_size)
     n = ids.numel()
@@ -57,9 +57,19 @@ def main() -> None:
     print(f"plain forward: {n / plain_s:.0f} tokens/s")
     print(f"sweep: {result.sweep['tokens_per_s']:.0f} eval tokens/s ({result.sweep['forward_passes']} passes per batch)")
     print(f"per SAE: {per_sae_s:.2f} s = {ratio:.2f} plain forward passes (bar: 1 pass + encode/decode; ratio to bar {ratio:.2f})")
-    print(json.dumps({"tokens": n, "saes": len(saes), "plain_tokens_per_s": n / plain_s,
-                      "sweep_tokens_per_s": result.sweep["tokens_per_s"], "per_sae_passes": ratio,
-                      "ratio_to_bar": ratio, "passes_per_batch": result.sweep["forward_passes"]}))
+    print(
+        json.dumps(
+            {
+                "tokens": n,
+                "saes": len(saes),
+                "plain_tokens_per_s": n / plain_s,
+                "sweep_tokens_per_s": result.sweep["tokens_per_s"],
+                "per_sae_passes": ratio,
+                "ratio_to_bar": ratio,
+                "passes_per_batch": result.sweep["forward_passes"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

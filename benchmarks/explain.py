@@ -58,8 +58,7 @@ def main() -> None:
     stats_s = time.perf_counter() - start
     density = stats.density.numpy()
     readable = np.nonzero((density > 0) & (density <= 0.1))[0]
-    features = sorted(np.random.default_rng(args.seed).choice(readable, size=min(args.features, len(readable)),
-                                                               replace=False).tolist())
+    features = sorted(np.random.default_rng(args.seed).choice(readable, size=min(args.features, len(readable)), replace=False).tolist())
     chosen = selected_activations(sae, acts.iter_tables, acts.dtype, features, cfg.batch_size, args.max_tokens)
     studied = load_prepared(args.base_model, device="cpu")
     sequences = read_eval_tokens(args.corpus, stats.index.sequence_id)
@@ -74,26 +73,47 @@ def main() -> None:
     rows = []
     for j, feature in enumerate(features):
         top = [int(r) for v, r in zip(stats.top_values[:, feature], stats.top_rows[:, feature]) if v > 0]
-        e = explainer.explain(sae_identity(args.sae), feature, chosen[:, j].numpy(), top, stats.index, sequences,
-                              decode, args.seed)
+        e = explainer.explain(sae_identity(args.sae), feature, chosen[:, j].numpy(), top, stats.index, sequences, decode, args.seed)
         d = e.detection
-        score = (f"accuracy {d.accuracy:.2f}, balanced {d.balanced_accuracy:.2f}, AUROC {d.auroc:.2f} "
-                 f"({d.n_activating}+{d.n_non_activating})") if d else "no held-out contexts"
+        score = (
+            (f"accuracy {d.accuracy:.2f}, balanced {d.balanced_accuracy:.2f}, AUROC {d.auroc:.2f} ({d.n_activating}+{d.n_non_activating})")
+            if d
+            else "no held-out contexts"
+        )
         print(f"feature {feature} (density {density[feature]:.3%}): {e.text!r}: {score}; {e.seconds:.1f} s", flush=True)
-        rows.append({"feature": feature, "density": float(density[feature]), "explanation": e.text,
-                     "balanced_accuracy": d.balanced_accuracy if d else None, "auroc": d.auroc if d else None,
-                     "seconds": round(e.seconds, 2)})
+        rows.append(
+            {
+                "feature": feature,
+                "density": float(density[feature]),
+                "explanation": e.text,
+                "balanced_accuracy": d.balanced_accuracy if d else None,
+                "auroc": d.auroc if d else None,
+                "seconds": round(e.seconds, 2),
+            }
+        )
     explainer.cache.save()
     per_feature = float(np.mean([r["seconds"] for r in rows]))
     scored = [r for r in rows if r["auroc"] is not None]
-    print(f"{per_feature:.1f} s per feature (+{load_s:.1f} s to load the explainer once) = "
-          f"{per_feature / stats_s:.2f} x the page's feature-statistics pass ({stats_s:.1f} s over "
-          f"{stats.rows:,} tokens); mean balanced accuracy "
-          f"{np.mean([r['balanced_accuracy'] for r in scored]):.2f}, mean AUROC {np.mean([r['auroc'] for r in scored]):.2f}")
-    print(json.dumps({"sae": str(args.sae), "explainer": explainer.identity, "rows_streamed": stats.rows,
-                      "seconds_per_feature": round(per_feature, 2), "load_s": round(load_s, 2),
-                      "ratio_to_stats_pass": round(per_feature / stats_s, 2), "features": rows,
-                      "settings": dataclasses.asdict(ecfg)}))
+    print(
+        f"{per_feature:.1f} s per feature (+{load_s:.1f} s to load the explainer once) = "
+        f"{per_feature / stats_s:.2f} x the page's feature-statistics pass ({stats_s:.1f} s over "
+        f"{stats.rows:,} tokens); mean balanced accuracy "
+        f"{np.mean([r['balanced_accuracy'] for r in scored]):.2f}, mean AUROC {np.mean([r['auroc'] for r in scored]):.2f}"
+    )
+    print(
+        json.dumps(
+            {
+                "sae": str(args.sae),
+                "explainer": explainer.identity,
+                "rows_streamed": stats.rows,
+                "seconds_per_feature": round(per_feature, 2),
+                "load_s": round(load_s, 2),
+                "ratio_to_stats_pass": round(per_feature / stats_s, 2),
+                "features": rows,
+                "settings": dataclasses.asdict(ecfg),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

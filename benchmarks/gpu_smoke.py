@@ -50,6 +50,7 @@ FRACTIONS = (0.01, 0.03, 0.1, 0.2, 0.3, 0.5)
 
 # ---- measuring -------------------------------------------------------------------------------------
 
+
 def _mb(n_bytes: float) -> float:
     return round(n_bytes / 2**20, 1)
 
@@ -150,12 +151,17 @@ def watching(meter: Meter) -> Iterator[None]:
             meter.record("saved_sae", p.device)  # for information: saving may move it to the CPU first
         return save_sae(sae, *args, **kwargs)
 
-    with mock.patch.object(evaluate_mod, "load_prepared", loaded_model), mock.patch.object(io_mod, "load_sae", loaded_sae), \
-            mock.patch.object(train_layer_mod, "train", trained), mock.patch.object(train_layer_mod, "save_sae", saved_sae):
+    with (
+        mock.patch.object(evaluate_mod, "load_prepared", loaded_model),
+        mock.patch.object(io_mod, "load_sae", loaded_sae),
+        mock.patch.object(train_layer_mod, "train", trained),
+        mock.patch.object(train_layer_mod, "save_sae", saved_sae),
+    ):
         yield
 
 
 # ---- part 1: the pipeline ----------------------------------------------------------------------------
+
 
 def tiny_model_folder(folder: Path) -> Path:
     """A tiny random Llama (tests/support/tiny.py, which the package does not ship)."""
@@ -175,15 +181,32 @@ def pipeline_overrides(args: argparse.Namespace, scratch: Path) -> list[str]:
     batch = 256 if small else 1024
     steps = args.steps
     return [
-        *model, "corpus=offline", "tracking=disabled", f"device={args.device}", f"harvest.layers={layers}",
-        f"corpus.context_size={64 if small else 128}", f"corpus.max_tokens={8192 if small else 65536}",
-        f"corpus.eval_tokens={2048 if small else 8192}", f"harvest.batch_size={8 if small else 32}",
-        f"harvest.shard_rows={4096 if small else 16384}", f"harvest.row_group_rows={512 if small else 2048}",
-        f"sae.width={128 if small else 4096}", f"sae.batch_size={batch}", f"sae.train_tokens={batch * steps}",
-        f"sae.buffer_rows={batch * 8}", f"sae.eval_tokens={batch * 2}", f"sae.checkpoint_every={steps // 2}",
-        "sae.lr_warmup_steps=2", "sae.sparsity_warmup_steps=4", "sae.log_every=4",
-        f"eval.max_tokens={1024 if small else 4096}", "eval.batch_size=8",
-        f"report.max_tokens={1024 if small else 4096}", "report.n_strongest=2", "report.n_random=2", "report.top_k=5",
+        *model,
+        "corpus=offline",
+        "tracking=disabled",
+        f"device={args.device}",
+        f"harvest.layers={layers}",
+        f"corpus.context_size={64 if small else 128}",
+        f"corpus.max_tokens={8192 if small else 65536}",
+        f"corpus.eval_tokens={2048 if small else 8192}",
+        f"harvest.batch_size={8 if small else 32}",
+        f"harvest.shard_rows={4096 if small else 16384}",
+        f"harvest.row_group_rows={512 if small else 2048}",
+        f"sae.width={128 if small else 4096}",
+        f"sae.batch_size={batch}",
+        f"sae.train_tokens={batch * steps}",
+        f"sae.buffer_rows={batch * 8}",
+        f"sae.eval_tokens={batch * 2}",
+        f"sae.checkpoint_every={steps // 2}",
+        "sae.lr_warmup_steps=2",
+        "sae.sparsity_warmup_steps=4",
+        "sae.log_every=4",
+        f"eval.max_tokens={1024 if small else 4096}",
+        "eval.batch_size=8",
+        f"report.max_tokens={1024 if small else 4096}",
+        "report.n_strongest=2",
+        "report.n_random=2",
+        "report.top_k=5",
         "journey.generation.max_new_tokens=4",
     ]
 
@@ -218,8 +241,9 @@ def run_pipeline(args: argparse.Namespace, device: torch.device, scratch: Path, 
         from token_journey.data.corpus import collect_corpus
 
         tokenizer = AutoTokenizer.from_pretrained(layout.base_model)
-        stats = collect_corpus(build(CorpusConfig, cfg["corpus"], "corpus"), tokenizer,
-                               manifest["architecture"].get("max_position_embeddings"), layout.corpus, seed)
+        stats = collect_corpus(
+            build(CorpusConfig, cfg["corpus"], "corpus"), tokenizer, manifest["architecture"].get("max_position_embeddings"), layout.corpus, seed
+        )
         info["tokens"] = sum(stats["tokens"].values())
     with meter.stage("harvest") as info:
         from token_journey.data.harvest import harvest
@@ -236,9 +260,19 @@ def run_pipeline(args: argparse.Namespace, device: torch.device, scratch: Path, 
             from token_journey.sae.train_layer import train_layer
 
             with meter.stage(f"train_sae@{layer}:{arch}") as info:
-                train_layer(sae_cfg, activations=layout.activations, saes=layout.saes, timings=layout.timings, site=site,
-                            layer=layer, model=manifest["name"], seed=seed,
-                            tracking=build(TrackingConfig, cfg["tracking"], "tracking"), name=sae_cfg.name, device=dev)
+                train_layer(
+                    sae_cfg,
+                    activations=layout.activations,
+                    saes=layout.saes,
+                    timings=layout.timings,
+                    site=site,
+                    layer=layer,
+                    model=manifest["name"],
+                    seed=seed,
+                    tracking=build(TrackingConfig, cfg["tracking"], "tracking"),
+                    name=sae_cfg.name,
+                    device=dev,
+                )
                 timing = json.loads(train_timing_file(layout.timings, site, layer, sae_cfg.name).read_text())
                 info["tokens"] = sae_cfg.steps * sae_cfg.batch_size
                 info["tokens_per_s"] = round(timing["tokens_per_s"])  # the loop's own figure, without loading
@@ -262,18 +296,31 @@ def run_pipeline(args: argparse.Namespace, device: torch.device, scratch: Path, 
 
         loaded = load_prepared(layout.base_model, dtype="float32", device=dev)
         meter.record("model", loaded.device)
-        journey = run_journey(loaded.model, loaded.tokenizer, journey_config(cfg["journey"]), seed, loaded.name,
-                              layout.saes, progress=False, report_root=layout.journey_to_report())
+        journey = run_journey(
+            loaded.model,
+            loaded.tokenizer,
+            journey_config(cfg["journey"]),
+            seed,
+            loaded.name,
+            layout.saes,
+            progress=False,
+            report_root=layout.journey_to_report(),
+        )
         page = write_journey(journey, layout.journey)
         info["tokens"] = len(journey.run.token_ids) + len(journey.generated.token_ids)
         del loaded
-    outputs = {"corpus": corpus_file(layout.corpus, "train").is_file(), "html": (Path(layout.html) / "index.html").is_file(),
-               "summary": Path(layout.summary).is_file(), "journey": Path(page).is_file(),
-               "saes": len(list(Path(layout.saes).glob("*/layer_*/*/sae.safetensors"))) == len(layers) * len(ARCHS)}
+    outputs = {
+        "corpus": corpus_file(layout.corpus, "train").is_file(),
+        "html": (Path(layout.html) / "index.html").is_file(),
+        "summary": Path(layout.summary).is_file(),
+        "journey": Path(page).is_file(),
+        "saes": len(list(Path(layout.saes).glob("*/layer_*/*/sae.safetensors"))) == len(layers) * len(ARCHS),
+    }
     return {"model": manifest["name"], "layers": layers, "corpus_tokens": info_tokens, "outputs": outputs}
 
 
 # ---- part 2: SAE step speed ------------------------------------------------------------------------
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -288,8 +335,7 @@ def step_fn(sae: Any, cfg: Any, device: torch.device, lr: float) -> Callable[[to
     fused = device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused, foreach=not fused)
     dead = torch.zeros(cfg.width, dtype=torch.bool, device=device)
-    ctx = StepContext(cfg.sparsity_coefficient, dead, cfg.bandwidth, 0.01,
-                      {"auxk_alpha": cfg.auxk_alpha, "k_aux": float(cfg.k_aux)})
+    ctx = StepContext(cfg.sparsity_coefficient, dead, cfg.bandwidth, 0.01, {"auxk_alpha": cfg.auxk_alpha, "k_aux": float(cfg.k_aux)})
 
     def step(x: torch.Tensor) -> Any:
         out = sae.training_step(x, ctx)
@@ -301,11 +347,11 @@ def step_fn(sae: Any, cfg: Any, device: torch.device, lr: float) -> Callable[[to
         opt.step()
         _after_step(sae)
         return out
+
     return step
 
 
-def time_steps(step: Callable[[torch.Tensor], Any], x: torch.Tensor, device: torch.device, warmup: int, timed: int
-               ) -> tuple[float, float]:
+def time_steps(step: Callable[[torch.Tensor], Any], x: torch.Tensor, device: torch.device, warmup: int, timed: int) -> tuple[float, float]:
     """(median seconds per step over `timed` steps after `warmup`, each between synchronizations; mean L0)."""
     for _ in range(warmup):
         step(x)
@@ -339,10 +385,17 @@ def sae_step_speed(args: argparse.Namespace, device: torch.device) -> dict[str, 
         sae, cfg = new_device_sae(arch, width, d_in, batch, device)
         seconds, l0 = time_steps(step_fn(sae, cfg, device, cfg.lr), x, device, args.warmup_steps, args.timed_steps)
         on = sorted({str(p.device) for p in sae.parameters()})
-        results[arch] = {"step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(batch / seconds),
-                         "active_fraction": round(l0 / width, 4), "parameters_on": on}
-        print(f"SAE step {arch:8s} width {width} d_in {d_in} batch {batch}: {seconds * 1e3:8.2f} ms = "
-              f"{batch / seconds:12,.0f} tokens/s (active fraction {l0 / width:.3f}, parameters on {on})", flush=True)
+        results[arch] = {
+            "step_ms": round(seconds * 1e3, 2),
+            "tokens_per_s": round(batch / seconds),
+            "active_fraction": round(l0 / width, 4),
+            "parameters_on": on,
+        }
+        print(
+            f"SAE step {arch:8s} width {width} d_in {d_in} batch {batch}: {seconds * 1e3:8.2f} ms = "
+            f"{batch / seconds:12,.0f} tokens/s (active fraction {l0 / width:.3f}, parameters on {on})",
+            flush=True,
+        )
         del sae
     results["dense_vs_sparse"] = dense_vs_sparse(args, device, x)
     return results
@@ -368,25 +421,30 @@ def dense_vs_sparse(args: argparse.Namespace, device: torch.device, x: torch.Ten
             row["active_fraction"] = round(l0 / args.sae_width, 4)
         row["faster"] = "dense" if row["dense_ms"] < row["sparse_ms"] else "sparse"
         rows.append(row)
-        print(f"JumpReLU at {row['active_fraction']:.3f} active: sparse {row['sparse_ms']:8.2f} ms  "
-              f"dense {row['dense_ms']:8.2f} ms  -> {row['faster']}", flush=True)
+        print(
+            f"JumpReLU at {row['active_fraction']:.3f} active: sparse {row['sparse_ms']:8.2f} ms  dense {row['dense_ms']:8.2f} ms  -> {row['faster']}",
+            flush=True,
+        )
     # The dense path should win at every fraction above the crossover: it lies past the last sparse win.
     last_sparse = max((i for i, r in enumerate(rows) if r["faster"] == "sparse"), default=-1)
-    crossover = [rows[last_sparse]["active_fraction"] if last_sparse >= 0 else 0.0,
-                 rows[last_sparse + 1]["active_fraction"] if last_sparse + 1 < len(rows) else 1.0]
+    crossover = [
+        rows[last_sparse]["active_fraction"] if last_sparse >= 0 else 0.0,
+        rows[last_sparse + 1]["active_fraction"] if last_sparse + 1 < len(rows) else 1.0,
+    ]
     current = sparse.DENSE_ABOVE.get(device.type)
-    print(f"dense path wins above an active fraction between {crossover[0]} and {crossover[1]} "
-          f"(sparse.DENSE_ABOVE[{device.type!r}] is {current})")
+    print(f"dense path wins above an active fraction between {crossover[0]} and {crossover[1]} (sparse.DENSE_ABOVE[{device.type!r}] is {current})")
     return {"rows": rows, "crossover_between": crossover, "current_dense_above": current}
 
 
 # ---- main --------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
-    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
-                    help="the packaged SmolLM2-135M (default) or a tiny random Llama from tests/support/tiny.py")
+    ap.add_argument(
+        "--model", choices=("smollm2", "tiny"), default="smollm2", help="the packaged SmolLM2-135M (default) or a tiny random Llama from tests/support/tiny.py"
+    )
     ap.add_argument("--small", action="store_true", help="the smallest sizes (with --model tiny: a CPU check in ~1 min)")
     ap.add_argument("--steps", type=int, default=32, help="SAE training steps per architecture and layer")
     ap.add_argument("--sae-width", type=int, default=None, help="width of the timed SAE step (16384; --small: 1024)")
@@ -407,8 +465,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}, "
-                             f"built for CUDA {torch.version.cuda}); use --device cpu for the plumbing check")
+            raise SystemExit(
+                f"--device {args.device}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}); use --device cpu for the plumbing check"
+            )
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
@@ -428,10 +488,20 @@ def main() -> None:
     for arch in ARCHS:
         if any(torch.device(d).type != device.type for d in step[arch]["parameters_on"]):
             problems.append(f"SAE step {arch}: parameters on {step[arch]['parameters_on']}")
-    result = {"benchmark": "gpu_smoke", "device": str(device), "ok": not problems, "problems": problems,
-              "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "threads": torch.get_num_threads(), **pipeline, "stages": meter.stages, "sae_step": step,
-              "total_seconds": round(time.perf_counter() - start, 1), "args": {k: str(v) for k, v in vars(args).items()}}
+    result = {
+        "benchmark": "gpu_smoke",
+        "device": str(device),
+        "ok": not problems,
+        "problems": problems,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        **pipeline,
+        "stages": meter.stages,
+        "sae_step": step,
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
     print(json.dumps(result, default=str))

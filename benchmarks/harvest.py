@@ -68,15 +68,30 @@ def main() -> None:
             disk[f"{site}@{layer}"] = {"bytes_per_token": size / tokens, "bytes_per_row": size / m["rows"], "rows": m["rows"]}
     bare_tps, harvest_tps = tokens / min(bare_s), tokens / min(harvest_s)
     ratio = harvest_tps / bare_tps
-    print(f"model {lm.name} on {device}, forward {hcfg.forward_dtype}, storage {hcfg.dtype}, batch {hcfg.batch_size}, "
-          f"{n_seq} sequences = {tokens} tokens, layers {list(hcfg.layers)} x sites {list(hcfg.sites)}")
+    print(
+        f"model {lm.name} on {device}, forward {hcfg.forward_dtype}, storage {hcfg.dtype}, batch {hcfg.batch_size}, "
+        f"{n_seq} sequences = {tokens} tokens, layers {list(hcfg.layers)} x sites {list(hcfg.sites)}"
+    )
     print(f"bare forward to layer {deepest}: {bare_tps:,.0f} tokens/s (runs: {[round(s, 2) for s in bare_s]} s)")
     print(f"harvest (all points, written):  {harvest_tps:,.0f} tokens/s (runs: {[round(s, 2) for s in harvest_s]} s)")
     print(f"ratio harvest / bare = {ratio:.3f} (bar >= 0.9: {'PASS' if ratio >= 0.9 else 'FAIL'})")
     for key, d in disk.items():
         print(f"{key}: {d['bytes_per_token']:.0f} bytes per corpus token on disk ({d['bytes_per_row']:.0f} per stored row)")
-    print(json.dumps({"benchmark": "harvest", "device": str(device), "tokens": tokens, "bare_tokens_per_s": bare_tps,
-                      "harvest_tokens_per_s": harvest_tps, "ratio": ratio, "bar": 0.9, "pass": ratio >= 0.9, "disk": disk}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "harvest",
+                "device": str(device),
+                "tokens": tokens,
+                "bare_tokens_per_s": bare_tps,
+                "harvest_tokens_per_s": harvest_tps,
+                "ratio": ratio,
+                "bar": 0.9,
+                "pass": ratio >= 0.9,
+                "disk": disk,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -112,13 +112,28 @@ def main() -> None:
     rates = training_rates()
     how, train_tps = max(rates.items(), key=lambda kv: kv[1])  # the fastest consumer is the stricter bar
     ratio = load_tps / train_tps
-    print(f"loader: {load_tps:,.0f} tokens/s = {load_tps / BATCH:,.1f} batches/s of {BATCH} x {D_IN} "
-          f"({SHARDS} shards x {ROWS_PER_SHARD} rows, buffer {BUFFER})")
+    print(
+        f"loader: {load_tps:,.0f} tokens/s = {load_tps / BATCH:,.1f} batches/s of {BATCH} x {D_IN} ({SHARDS} shards x {ROWS_PER_SHARD} rows, buffer {BUFFER})"
+    )
     for name, rate in rates.items():
         print(f"training ({name}, width {WIDTH}): {rate:,.0f} tokens/s = {rate / BATCH:,.2f} batches/s")
     print(f"ratio loader / fastest training = {ratio:.1f} (bar >= 20: {'PASS' if ratio >= 20 else 'FAIL'})")
-    print(json.dumps({"benchmark": "loader", "loader_tokens_per_s": load_tps, "training_tokens_per_s": rates,
-                      "batch": BATCH, "d_in": D_IN, "width": WIDTH, "ratio": ratio, "bar": 20, "pass": ratio >= 20}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "loader",
+                "loader_tokens_per_s": load_tps,
+                "training_tokens_per_s": rates,
+                "batch": BATCH,
+                "d_in": D_IN,
+                "width": WIDTH,
+                "ratio": ratio,
+                "bar": 20,
+                "pass": ratio >= 20,
+            }
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -35,9 +35,11 @@ def importable(peer: str) -> str | None:
     try:
         __import__(module)
     except ImportError as err:
-        hint = {"sparsify": "pip install --no-deps --target .peers eai-sparsify==1.3.3 einops natsort schedulefree "
-                            "simple-parsing docstring_parser, then PYTHONPATH=.peers:.",
-                "saelens": "pip install sae-lens"}[peer]
+        hint = {
+            "sparsify": "pip install --no-deps --target .peers eai-sparsify==1.3.3 einops natsort schedulefree "
+            "simple-parsing docstring_parser, then PYTHONPATH=.peers:.",
+            "saelens": "pip install sae-lens",
+        }[peer]
         return f"{peer}: skipped, not importable ({err}); {hint}"
     if peer == "saelens":
         return "saelens: skipped, importable but its trainer is not wired into this benchmark yet"
@@ -117,8 +119,17 @@ def replay_order(rows: int, steps: int, batches: Callable[[torch.Tensor], Any]) 
     return torch.cat([next(stream) for _ in range(steps)]).view(-1, SEQ_ROWS)
 
 
-def run_sparsify(x_train: torch.Tensor, x_eval: torch.Tensor, *, k: int, width: int, batch_tokens: int, steps: int,
-                 batches: Callable[[torch.Tensor], Any], overrides: list[str]) -> dict[str, Any]:
+def run_sparsify(
+    x_train: torch.Tensor,
+    x_eval: torch.Tensor,
+    *,
+    k: int,
+    width: int,
+    batch_tokens: int,
+    steps: int,
+    batches: Callable[[torch.Tensor], Any],
+    overrides: list[str],
+) -> dict[str, Any]:
     """Train sparsify's TopK coder with its own Trainer on the rows `batches(arange(N))` yields (our order).
 
     `overrides` are `key=value` settings of sparsify's TrainConfig (JSON values), e.g. `optimizer="adam"`,
@@ -132,8 +143,15 @@ def run_sparsify(x_train: torch.Tensor, x_eval: torch.Tensor, *, k: int, width: 
     order = replay_order(x_train.shape[0], steps, batches)
     settings = {key: _value(v) for key, v in (o.split("=", 1) for o in overrides)}
     with tempfile.TemporaryDirectory() as save_dir:
-        cfg = TrainConfig(SaeConfig(k=k, num_latents=width), batch_size=batch_tokens // SEQ_ROWS, hookpoints=["layer"],
-                          log_to_wandb=False, save_dir=save_dir, save_every=10**9, **settings)
+        cfg = TrainConfig(
+            SaeConfig(k=k, num_latents=width),
+            batch_size=batch_tokens // SEQ_ROWS,
+            hookpoints=["layer"],
+            log_to_wandb=False,
+            save_dir=save_dir,
+            save_every=10**9,
+            **settings,
+        )
         trainer = Trainer(cfg, _Sequences(order), ReplayModel(x_train))
         coder = trainer.saes["layer"]
         train_fvu: list[float] = []
@@ -142,12 +160,14 @@ def run_sparsify(x_train: torch.Tensor, x_eval: torch.Tensor, *, k: int, width: 
 
         def started(*_: Any) -> None:  # a pre-hook's return value would replace the layer's input
             marks.setdefault("start", time.perf_counter())
+
         trainer.model.layer.register_forward_pre_hook(started)
         save = trainer.save
 
         def timed_save() -> None:  # fit() ends with one checkpoint: the training time stops there
             marks["end"] = time.perf_counter()
             save()
+
         trainer.save = timed_save
         precision = torch.get_float32_matmul_precision()
         try:
@@ -162,12 +182,19 @@ def run_sparsify(x_train: torch.Tensor, x_eval: torch.Tensor, *, k: int, width: 
     with torch.no_grad():
         ours = sae_reconstruction(_DenseView(coder), x_eval)
         own = [float(coder(chunk).fvu) for chunk in x_eval.split(batch_tokens) if chunk.shape[0] == batch_tokens]
-    full = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in
-            ("optimizer", "lr", "lr_warmup_steps", "k_decay_steps", "auxk_alpha", "dead_feature_threshold", "batch_size")}
+    full = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name in ("optimizer", "lr", "lr_warmup_steps", "k_decay_steps", "auxk_alpha", "dead_feature_threshold", "batch_size")
+    }
     lr = [g["lr"] for g in trainer.optimizers[0].param_groups][0]
-    return {"tokens_per_s": round(steps * batch_tokens / (marks["end"] - marks["start"])),
-            "fvu": round(ours["fvu"], 4), "l0": round(ours["l0"], 2), "dead_fraction": round(ours["dead_fraction"], 4),
-            "fvu_own_definition": round(sum(own) / max(len(own), 1), 4),
-            "train_fvu_last_10_steps": round(sum(train_fvu[-10:]) / max(len(train_fvu[-10:]), 1), 4),
-            "train_tokens": steps * batch_tokens, "config": {**full, "lr_used": lr, "k": k, "num_latents": width,
-                                                              "rows_per_sequence": SEQ_ROWS}}
+    return {
+        "tokens_per_s": round(steps * batch_tokens / (marks["end"] - marks["start"])),
+        "fvu": round(ours["fvu"], 4),
+        "l0": round(ours["l0"], 2),
+        "dead_fraction": round(ours["dead_fraction"], 4),
+        "fvu_own_definition": round(sum(own) / max(len(own), 1), 4),
+        "train_fvu_last_10_steps": round(sum(train_fvu[-10:]) / max(len(train_fvu[-10:]), 1), 4),
+        "train_tokens": steps * batch_tokens,
+        "config": {**full, "lr_used": lr, "k": k, "num_latents": width, "rows_per_sequence": SEQ_ROWS},
+    }

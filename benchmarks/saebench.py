@@ -24,8 +24,18 @@ from token_journey.lm import final_norm_gain, load_prepared
 from token_journey.sae.io import load_sae
 
 BUDGET_S = 20.0
-HEADLINE = ("absorption_rate", "split_fraction", "probe_llm", "probe_sae_top_1", "probe_sae_top_2", "probe_sae_top_5",
-            "decoder_max_cos", "duplicate_fraction", "token_max_cos", "token_feature_fraction")
+HEADLINE = (
+    "absorption_rate",
+    "split_fraction",
+    "probe_llm",
+    "probe_sae_top_1",
+    "probe_sae_top_2",
+    "probe_sae_top_5",
+    "decoder_max_cos",
+    "duplicate_fraction",
+    "token_max_cos",
+    "token_feature_fraction",
+)
 
 
 def main() -> None:
@@ -46,22 +56,24 @@ def main() -> None:
     read_s = time.perf_counter() - start
     saes = {folder.name: load_sae(folder).eval() for folder in args.saes}
     results = saebench_metrics(saes, x, token_ids, loaded.tokenizer, w_u)
-    print(f"{len(x):,} {args.split} rows of {args.site} layer {args.layer} read in {read_s:.1f} s "
-          f"({len(set(token_ids.tolist())):,} distinct tokens)")
+    print(f"{len(x):,} {args.split} rows of {args.site} layer {args.layer} read in {read_s:.1f} s ({len(set(token_ids.tolist())):,} distinct tokens)")
     summary = {}
     for name, m in results.items():
         seconds = m["saebench_seconds"]
         letters = m["saebench"]["first_letter"]
         print(f"{name}: " + "  ".join(f"{key} {m[key]:.3f}" if m[key] is not None else f"{key} n/a" for key in HEADLINE))
-        print(f"  first-letter task: {letters['word_tokens']} word tokens, {len(letters['letters'])} letters scored, "
-              f"raw probe accuracy {letters['probe_accuracy']:.3f}")
+        print(
+            f"  first-letter task: {letters['word_tokens']} word tokens, {len(letters['letters'])} letters scored, "
+            f"raw probe accuracy {letters['probe_accuracy']:.3f}"
+        )
         for task, acc in m["saebench"]["probing"].items():
-            print(f"  probe {task}: " + ("too few rows" if acc is None else
-                                         "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items())))
+            print(
+                f"  probe {task}: "
+                + ("too few rows" if acc is None else "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items()))
+            )
         print(f"  {seconds:.1f} s (ratio to the {BUDGET_S:.0f} s budget: {seconds / BUDGET_S:.2f})")
         summary[name] = {**{key: m[key] for key in HEADLINE}, "seconds": seconds, "budget_ratio": seconds / BUDGET_S}
-    print(json.dumps({"rows": len(x), "split": args.split, "layer": args.layer, "threads": torch.get_num_threads(),
-                      "saes": summary}))
+    print(json.dumps({"rows": len(x), "split": args.split, "layer": args.layer, "threads": torch.get_num_threads(), "saes": summary}))
 
 
 if __name__ == "__main__":

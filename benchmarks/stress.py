@@ -33,13 +33,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHUTDOWN = ["tests/test_harvest.py::test_two_processes_write_the_same_shards_as_one",
-            "tests/test_sae_stage.py::test_stage_under_torchrun_trains_one_sae_like_one_process", "tests/test_shutdown.py"]
+SHUTDOWN = [
+    "tests/test_harvest.py::test_two_processes_write_the_same_shards_as_one",
+    "tests/test_sae_stage.py::test_stage_under_torchrun_trains_one_sae_like_one_process",
+    "tests/test_shutdown.py",
+]
 # tests/test_preemption.py's own moments are fixed; it runs once with the rest of the group.
-PREEMPTION = ["tests/test_sae_resume.py::test_sigterm_checkpoints_the_step_under_way_and_resumes_exactly",
-              "tests/test_sae_resume.py::test_sigterm_to_torchrun_stops_every_process_after_the_same_step",
-              "tests/test_harvest.py::test_sigterm_drops_the_shard_in_flight_and_the_rerun_completes_it",
-              "tests/test_preemption.py"]
+PREEMPTION = [
+    "tests/test_sae_resume.py::test_sigterm_checkpoints_the_step_under_way_and_resumes_exactly",
+    "tests/test_sae_resume.py::test_sigterm_to_torchrun_stops_every_process_after_the_same_step",
+    "tests/test_harvest.py::test_sigterm_drops_the_shard_in_flight_and_the_rerun_completes_it",
+    "tests/test_preemption.py",
+]
 GROUPS = {"shutdown": SHUTDOWN, "preemption": PREEMPTION, "disk": ["tests/test_disk_full.py"], "store": ["tests/test_storage.py"]}
 SUMMARY = re.compile(r"(\d+) (passed|failed|error|errors|skipped)")
 
@@ -53,8 +58,9 @@ def burn() -> None:
 def pytest_run(tests: list[str], env: dict[str, str], keep: Path) -> dict[str, int]:
     """One pytest process over `tests`; its passed/failed/skipped counts (errors count as failed). The
     whole output of a run with a failure is kept in the file `keep`."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     for number, word in SUMMARY.findall(tail):
@@ -91,17 +97,17 @@ def main() -> None:
             for run in range(runs):
                 counts = pytest_run(GROUPS[group], group_env, args.failures / f"{group}-{run + 1}.txt")
                 total = {k: total[k] + counts[k] for k in total}
-                print(f"{group} run {run + 1}/{runs}: {counts['passed']} passed, {counts['failed']} failed, "
-                      f"{counts['skipped']} skipped", flush=True)
-            results[group] = {**total, "runs": runs, "bar_met": total["failed"] == 0 and total["passed"] > 0,
-                              "seconds": round(time.perf_counter() - start)}
+                print(f"{group} run {run + 1}/{runs}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped", flush=True)
+            results[group] = {**total, "runs": runs, "bar_met": total["failed"] == 0 and total["passed"] > 0, "seconds": round(time.perf_counter() - start)}
     finally:
         for b in burners:
             b.kill()
     print(f"with {args.burners} CPU-burning processes beside them:")
     for group, r in results.items():
-        print(f"  {group}: {r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped over {r['runs']} run(s) "
-              f"in {r['seconds']} s; bar {'met' if r['bar_met'] else 'NOT met'}")
+        print(
+            f"  {group}: {r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped over {r['runs']} run(s) "
+            f"in {r['seconds']} s; bar {'met' if r['bar_met'] else 'NOT met'}"
+        )
     print(json.dumps({"burners": args.burners, **results}))
 
 

@@ -35,8 +35,7 @@ L0_TOLERANCE = 0.10
 MAX_REFERENCE_RUNS = 5
 
 
-def run(preset: str, overrides: list[str], tokens: int, x_train: torch.Tensor, x_eval: torch.Tensor,
-        stats: DataStats) -> dict:
+def run(preset: str, overrides: list[str], tokens: int, x_train: torch.Tensor, x_eval: torch.Tensor, stats: DataStats) -> dict:
     """Train one JumpReLU on the first rows of the fixed shuffle; its held-out figures."""
     cfg = build(SAEConfig, compose([f"sae={preset}", *overrides])["sae"], "sae")
     cfg = dataclasses.replace(cfg, train_tokens=tokens, checkpoint_every=0)
@@ -44,8 +43,13 @@ def run(preset: str, overrides: list[str], tokens: int, x_train: torch.Tensor, x
     sae = new_sae(cfg, x_train.shape[1], stats, 0, next(batches(0)))
     info = train(sae, batches, stats, cfg)
     m = sae_reconstruction(sae, x_eval)
-    return {"fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "dead_fraction": round(m["dead_fraction"], 4),
-            "coefficient": info["final_sparsity_coefficient"], "threshold_scale": info.get("threshold_scale")}
+    return {
+        "fvu": round(m["fvu"], 4),
+        "l0": round(m["l0"], 2),
+        "dead_fraction": round(m["dead_fraction"], 4),
+        "coefficient": info["final_sparsity_coefficient"],
+        "threshold_scale": info.get("threshold_scale"),
+    }
 
 
 def reference(l0: float, start: float, tokens: int, extra: list[str], *data) -> dict:
@@ -95,22 +99,29 @@ def main() -> None:
     results = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for target in (float(t) for t in args.targets.split(",")):
-            ours = run("jumprelu-l0", [f"sae.target_l0={target:g}", *args.set, *args.controller_set], tokens,
-                       x_train, x_eval, stats)
-            print(f"{tokens:,} tokens, target {target:g}: L0 {ours['l0']}  FVU {ours['fvu']}  dead {ours['dead_fraction']}"
-                  f"  (coefficient ended at {ours['coefficient']:.3g}, thresholds x{ours['threshold_scale']:.3f})", flush=True)
+            ours = run("jumprelu-l0", [f"sae.target_l0={target:g}", *args.set, *args.controller_set], tokens, x_train, x_eval, stats)
+            print(
+                f"{tokens:,} tokens, target {target:g}: L0 {ours['l0']}  FVU {ours['fvu']}  dead {ours['dead_fraction']}"
+                f"  (coefficient ended at {ours['coefficient']:.3g}, thresholds x{ours['threshold_scale']:.3f})",
+                flush=True,
+            )
             if args.no_reference:
                 results.append({"tokens": tokens, "target_l0": target, **ours})
                 continue
             ref = reference(ours["l0"], ours["coefficient"], tokens, args.set, x_train, x_eval, stats)
             l0_met = abs(ours["l0"] / target - 1) <= L0_TOLERANCE
             fvu_met = ours["fvu"] <= ref["fvu_at_l0"]
-            print(f"  -> L0 {'within' if l0_met else 'OUTSIDE'} {L0_TOLERANCE:.0%} of {target:g}; FVU {ours['fvu']} vs "
-                  f"coefficient-tuned {ref['fvu_at_l0']} at L0 {ours['l0']}: {'met' if fvu_met else 'NOT met'}", flush=True)
-            results.append({"tokens": tokens, "target_l0": target, **ours, "reference": ref,
-                            "l0_bar_met": l0_met, "fvu_bar_met": fvu_met})
-    print(json.dumps({"benchmark": "target_l0", "results": results,
-                      "all_met": None if args.no_reference else all(r["l0_bar_met"] and r["fvu_bar_met"] for r in results)}))
+            print(
+                f"  -> L0 {'within' if l0_met else 'OUTSIDE'} {L0_TOLERANCE:.0%} of {target:g}; FVU {ours['fvu']} vs "
+                f"coefficient-tuned {ref['fvu_at_l0']} at L0 {ours['l0']}: {'met' if fvu_met else 'NOT met'}",
+                flush=True,
+            )
+            results.append({"tokens": tokens, "target_l0": target, **ours, "reference": ref, "l0_bar_met": l0_met, "fvu_bar_met": fvu_met})
+    print(
+        json.dumps(
+            {"benchmark": "target_l0", "results": results, "all_met": None if args.no_reference else all(r["l0_bar_met"] and r["fvu_bar_met"] for r in results)}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,7 @@ def quality_met(arch: str, fvu: float, l0: float, dead: float) -> bool | None:
     bar = QUALITY_BARS.get(arch)
     if bar is None:
         return None
-    return (fvu <= bar["fvu_max"] and dead < bar.get("dead_max", 1.0)
-            and bar.get("l0_min", 0) <= l0 <= bar.get("l0_max", float("inf")))
+    return fvu <= bar["fvu_max"] and dead < bar.get("dead_max", 1.0) and bar.get("l0_min", 0) <= l0 <= bar.get("l0_max", float("inf"))
 
 
 def jumprelu_against_topk(results: dict) -> dict | None:
@@ -68,8 +67,14 @@ def jumprelu_against_topk(results: dict) -> dict | None:
     if ours is None or topk is None:
         return None
     same_l0 = ours["target_l0"] == topk["k"]
-    return {"target_l0": ours["target_l0"], "topk_k": topk["k"], "fvu": ours["fvu"], "topk_fvu": topk["fvu"],
-            "fvu_ratio": round(ours["fvu"] / topk["fvu"], 4), "met": ours["fvu"] <= topk["fvu"] if same_l0 else None}
+    return {
+        "target_l0": ours["target_l0"],
+        "topk_k": topk["k"],
+        "fvu": ours["fvu"],
+        "topk_fvu": topk["fvu"],
+        "fvu_ratio": round(ours["fvu"] / topk["fvu"], 4),
+        "met": ours["fvu"] <= topk["fvu"] if same_l0 else None,
+    }
 
 
 def without_outliers(x: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -93,8 +98,10 @@ def load(path: Path, eval_path: Path | None, site: str, layer: int, ratio: float
 
 def _load_loose(path: Path, eval_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     if path.is_dir():
+
         def cat(prefix: str) -> torch.Tensor:
             return torch.cat([torch.load(p, weights_only=True) for p in sorted(path.glob(f"{prefix}-*.pt"))])
+
         return cat("train").float(), cat("eval").float()
     data = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
     data = data.float()
@@ -109,8 +116,7 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--eval", type=Path, default=None)
     ap.add_argument("--site", default="resid_post")
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--max-norm-ratio", type=float, default=10.0,
-                    help="loose tensors only: drop rows above this x the median norm (0 keeps all)")
+    ap.add_argument("--max-norm-ratio", type=float, default=10.0, help="loose tensors only: drop rows above this x the median norm (0 keeps all)")
 
 
 def in_memory(x: torch.Tensor, batch: int, seed: int):
@@ -128,8 +134,9 @@ def in_memory(x: torch.Tensor, batch: int, seed: int):
             if epoch != drawn_for:
                 perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
                 drawn_for = epoch
-            yield x[perm[i * batch:(i + 1) * batch]]
+            yield x[perm[i * batch : (i + 1) * batch]]
             step += 1
+
     return batches
 
 
@@ -197,8 +204,7 @@ def applies(override: str, arch: str) -> bool:
     return True
 
 
-def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval: torch.Tensor,
-            overrides: list[str], batch_sizes: list[int]) -> dict:
+def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval: torch.Tensor, overrides: list[str], batch_sizes: list[int]) -> dict:
     """Train `peer` on our rows, in our shuffler's order, at each batch size; ours as ratios to its best run.
 
     Each library gets the batch size that suits it: sparsify's signum optimiser loses fidelity at small
@@ -212,23 +218,39 @@ def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval
     runs = {}
     for batch in batch_sizes:
         steps = ours["train_tokens"] // batch
-        run = run_sparsify(x_train, x_eval, k=cfg.k, width=cfg.width, batch_tokens=batch, steps=steps,
-                           batches=lambda rows, b=batch: in_memory(rows, b, 0)(0), overrides=overrides)
-        run.update(tokens_per_s_ratio=round(ours["tokens_per_s"] / run["tokens_per_s"], 3),
-                   fvu_ratio=round(ours["fvu"] / run["fvu"], 3))
+        run = run_sparsify(
+            x_train,
+            x_eval,
+            k=cfg.k,
+            width=cfg.width,
+            batch_tokens=batch,
+            steps=steps,
+            batches=lambda rows, b=batch: in_memory(rows, b, 0)(0),
+            overrides=overrides,
+        )
+        run.update(tokens_per_s_ratio=round(ours["tokens_per_s"] / run["tokens_per_s"], 3), fvu_ratio=round(ours["fvu"] / run["fvu"], 3))
         c = run["config"]
-        print(f"{peer:9s} batch {batch:5d} {run['tokens_per_s']:8.0f} tok/s  FVU {run['fvu']} (its own definition "
-              f"{run['fvu_own_definition']})  L0 {run['l0']}  dead {run['dead_fraction']}  | ours/theirs: tokens/s "
-              f"x{run['tokens_per_s_ratio']:.3f}  FVU x{run['fvu_ratio']:.3f}  | {peer}: optimizer {c['optimizer']} "
-              f"lr {c['lr_used']:.2e} auxk_alpha {c['auxk_alpha']} k_decay_steps {c['k_decay_steps']}", flush=True)
+        print(
+            f"{peer:9s} batch {batch:5d} {run['tokens_per_s']:8.0f} tok/s  FVU {run['fvu']} (its own definition "
+            f"{run['fvu_own_definition']})  L0 {run['l0']}  dead {run['dead_fraction']}  | ours/theirs: tokens/s "
+            f"x{run['tokens_per_s_ratio']:.3f}  FVU x{run['fvu_ratio']:.3f}  | {peer}: optimizer {c['optimizer']} "
+            f"lr {c['lr_used']:.2e} auxk_alpha {c['auxk_alpha']} k_decay_steps {c['k_decay_steps']}",
+            flush=True,
+        )
         runs[batch] = run
     best = min(runs, key=lambda b: runs[b]["fvu"])
     theirs = runs[best]
-    met = (theirs["tokens_per_s_ratio"] >= PEER_BAR["tokens_per_s_ratio_min"] and theirs["fvu_ratio"] <= PEER_BAR["fvu_ratio_max"]
-           and ours["dead_fraction"] < PEER_BAR["dead_max"])
-    print(f"{peer:9s} best fidelity at batch {best}: ours (batch {cfg.batch_size}, adam lr {cfg.lr}, auxk_alpha "
-          f"{cfg.auxk_alpha}) tokens/s x{theirs['tokens_per_s_ratio']:.3f}  FVU x{theirs['fvu_ratio']:.3f}  "
-          f"dead {ours['dead_fraction']}  bar {'met' if met else 'NOT met'}", flush=True)
+    met = (
+        theirs["tokens_per_s_ratio"] >= PEER_BAR["tokens_per_s_ratio_min"]
+        and theirs["fvu_ratio"] <= PEER_BAR["fvu_ratio_max"]
+        and ours["dead_fraction"] < PEER_BAR["dead_max"]
+    )
+    print(
+        f"{peer:9s} best fidelity at batch {best}: ours (batch {cfg.batch_size}, adam lr {cfg.lr}, auxk_alpha "
+        f"{cfg.auxk_alpha}) tokens/s x{theirs['tokens_per_s_ratio']:.3f}  FVU x{theirs['fvu_ratio']:.3f}  "
+        f"dead {ours['dead_fraction']}  bar {'met' if met else 'NOT met'}",
+        flush=True,
+    )
     return {**theirs, "batch_size": best, "bar": PEER_BAR, "bar_met": met, "runs": runs}
 
 
@@ -239,11 +261,15 @@ def main() -> None:
     ap.add_argument("--archs", default="topk,jumprelu,batchtopk")
     ap.add_argument("--set", action="append", default=[], help="extra sae overrides, e.g. --set sae.lr=0.003")
     ap.add_argument("--peers", default="", help="comma-separated: sparsify, saelens (TopK only, same rows)")
-    ap.add_argument("--peer-batches", default="",
-                    help="comma-separated batch sizes (tokens) to train each peer at, e.g. 1024,4096 (default: ours); "
-                         "the bar is judged against the peer's run with the lowest FVU")
-    ap.add_argument("--peer-set", action="append", default=[],
-                    help="a sparsify TrainConfig setting (JSON value, else a string), e.g. --peer-set optimizer=adam")
+    ap.add_argument(
+        "--peer-batches",
+        default="",
+        help="comma-separated batch sizes (tokens) to train each peer at, e.g. 1024,4096 (default: ours); "
+        "the bar is judged against the peer's run with the lowest FVU",
+    )
+    ap.add_argument(
+        "--peer-set", action="append", default=[], help="a sparsify TrainConfig setting (JSON value, else a string), e.g. --peer-set optimizer=adam"
+    )
     args = ap.parse_args()
     peers = [p for p in args.peers.split(",") if p]
     unknown = sorted(set(peers) - set(PEERS))
@@ -269,23 +295,34 @@ def main() -> None:
         ceiling = max(peak, peak_after) / (2 * x_train.shape[1] * cfg.width)
         dense_tps = cfg.batch_size / min(dense_s, dense_after)
         tps = info["tokens_per_s"]
-        results[arch] = {"tokens_per_s": round(tps), "ceiling_tokens_per_s": round(ceiling),
-                         "ratio_to_ceiling": round(tps / ceiling, 3), "dense_tokens_per_s": round(dense_tps),
-                         "ratio_to_dense": round(tps / dense_tps, 2), "bar_ratio_to_dense": BARS[cfg.architecture],
-                         "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2),
-                         "dead_fraction": round(metrics["dead_fraction"], 4),
-                         "fvu_first_16th": round(first["fvu"], 4), "l0_first_16th": round(first["l0"], 2),
-                         "quality_bar": QUALITY_BARS.get(arch),
-                         "quality_met": quality_met(arch, metrics["fvu"], metrics["l0"], metrics["dead_fraction"]),
-                         "train_tokens": info["train_tokens"],
-                         "lr": cfg.lr, "sparsity_coefficient": cfg.sparsity_coefficient, "k": cfg.k,
-                         "target_l0": cfg.target_l0}
+        results[arch] = {
+            "tokens_per_s": round(tps),
+            "ceiling_tokens_per_s": round(ceiling),
+            "ratio_to_ceiling": round(tps / ceiling, 3),
+            "dense_tokens_per_s": round(dense_tps),
+            "ratio_to_dense": round(tps / dense_tps, 2),
+            "bar_ratio_to_dense": BARS[cfg.architecture],
+            "fvu": round(metrics["fvu"], 4),
+            "l0": round(metrics["l0"], 2),
+            "dead_fraction": round(metrics["dead_fraction"], 4),
+            "fvu_first_16th": round(first["fvu"], 4),
+            "l0_first_16th": round(first["l0"], 2),
+            "quality_bar": QUALITY_BARS.get(arch),
+            "quality_met": quality_met(arch, metrics["fvu"], metrics["l0"], metrics["dead_fraction"]),
+            "train_tokens": info["train_tokens"],
+            "lr": cfg.lr,
+            "sparsity_coefficient": cfg.sparsity_coefficient,
+            "k": cfg.k,
+            "target_l0": cfg.target_l0,
+        }
         r = results[arch]
-        print(f"{arch:9s} {tps:8.0f} tok/s  ceiling {ceiling:8.0f} (x{r['ratio_to_ceiling']})  dense {dense_tps:6.0f} "
-              f"(x{r['ratio_to_dense']}, bar x{BARS[cfg.architecture]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}"
-              f"  first 1/16: FVU {r['fvu_first_16th']} L0 {r['l0_first_16th']}"
-              f"  quality bar {'met' if r['quality_met'] else 'none' if r['quality_met'] is None else 'NOT met'}",
-              flush=True)
+        print(
+            f"{arch:9s} {tps:8.0f} tok/s  ceiling {ceiling:8.0f} (x{r['ratio_to_ceiling']})  dense {dense_tps:6.0f} "
+            f"(x{r['ratio_to_dense']}, bar x{BARS[cfg.architecture]})  FVU {r['fvu']}  L0 {r['l0']}  dead {r['dead_fraction']}"
+            f"  first 1/16: FVU {r['fvu_first_16th']} L0 {r['l0_first_16th']}"
+            f"  quality bar {'met' if r['quality_met'] else 'none' if r['quality_met'] is None else 'NOT met'}",
+            flush=True,
+        )
         if arch == "topk":
             for peer in peers:
                 sizes = [int(b) for b in args.peer_batches.split(",") if b] or [cfg.batch_size]
@@ -295,10 +332,22 @@ def main() -> None:
     versus = jumprelu_against_topk(results)
     if versus is not None:
         verdict = {True: "met", False: "NOT met", None: "not judged: target_l0 != k"}[versus["met"]]
-        print(f"jumprelu-l0 (target {versus['target_l0']:g}) FVU {versus['fvu']} against topk (k {versus['topk_k']}) "
-              f"{versus['topk_fvu']}: x{versus['fvu_ratio']} (bar <= x1: {verdict})")
-    print(json.dumps({"benchmark": "train_sae", "train_rows": x_train.shape[0], "eval_rows": x_eval.shape[0],
-                      "threads": torch.get_num_threads(), "results": results, "jumprelu_l0_vs_topk": versus}))
+        print(
+            f"jumprelu-l0 (target {versus['target_l0']:g}) FVU {versus['fvu']} against topk (k {versus['topk_k']}) "
+            f"{versus['topk_fvu']}: x{versus['fvu_ratio']} (bar <= x1: {verdict})"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_sae",
+                "train_rows": x_train.shape[0],
+                "eval_rows": x_eval.shape[0],
+                "threads": torch.get_num_threads(),
+                "results": results,
+                "jumprelu_l0_vs_topk": versus,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ def main(cfg) -> None:
     # float32 so every step can be checked to 1e-4 whatever dtype the weights are stored in.
     loaded = load_prepared(layout.base_model, dtype="float32", device=cfg.device)
     try:
-        journey = run_journey(loaded.model, loaded.tokenizer, journey_cfg, cfg.seed, loaded.name, layout.saes,
-                              report_root=layout.journey_to_report())
+        journey = run_journey(loaded.model, loaded.tokenizer, journey_cfg, cfg.seed, loaded.name, layout.saes, report_root=layout.journey_to_report())
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured)
         raise

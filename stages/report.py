@@ -19,12 +19,12 @@ from token_journey.tracking import start_run
 @stage
 def main(cfg) -> None:
     layout = Layout.from_config(cfg.paths)
-    result = build_report(build(ReportConfig, cfg.report, "report"), layout, seed=cfg.seed,
-                          device=str(select_device(cfg.device)))
-    print(f"report: {len(result.entries)} SAEs, {len(result.files)} files, {result.bytes / 1e6:.2f} MB "
-          f"in {result.seconds:.1f} s -> {layout.html}/index.html, {layout.summary}")
-    run = start_run(OmegaConf.to_container(cfg, resolve=True), build(TrackingConfig, cfg.tracking, "tracking"),
-                    job_type="report", group="report")
+    result = build_report(build(ReportConfig, cfg.report, "report"), layout, seed=cfg.seed, device=str(select_device(cfg.device)))
+    print(
+        f"report: {len(result.entries)} SAEs, {len(result.files)} files, {result.bytes / 1e6:.2f} MB "
+        f"in {result.seconds:.1f} s -> {layout.html}/index.html, {layout.summary}"
+    )
+    run = start_run(OmegaConf.to_container(cfg, resolve=True), build(TrackingConfig, cfg.tracking, "tracking"), job_type="report", group="report")
     if run is not None:
         log_to_run(run, result)
         run.finish()

@@ -28,15 +28,24 @@ def main(cfg) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     member = current_member(config)
     sae_cfg = build(SAEConfig, cfg.sae, "sae")
-    saes = layer_saes(sae_cfg, sweep_name(sae_cfg.name, member.overrides), config.get("family") or {},
-                      sweeps_sae(member.overrides))
+    saes = layer_saes(sae_cfg, sweep_name(sae_cfg.name, member.overrides), config.get("family") or {}, sweeps_sae(member.overrides))
     layout = Layout.from_config(cfg.paths)
     tracking = build(TrackingConfig, cfg.tracking, "tracking")
     for name, sae_cfg in saes:
         out = train_layer(
-            sae_cfg, activations=layout.activations, saes=layout.saes, timings=layout.timings, site=cfg.site,
-            layer=int(cfg.layer), model=cfg.model.name, seed=int(cfg.seed), tracking=tracking, name=name,
-            device=cfg.device, group=member.group, config={**config, "sae": asdict(sae_cfg)},
+            sae_cfg,
+            activations=layout.activations,
+            saes=layout.saes,
+            timings=layout.timings,
+            site=cfg.site,
+            layer=int(cfg.layer),
+            model=cfg.model.name,
+            seed=int(cfg.seed),
+            tracking=tracking,
+            name=name,
+            device=cfg.device,
+            group=member.group,
+            config={**config, "sae": asdict(sae_cfg)},
         )
         print(f"trained {sae_cfg.architecture} SAE -> {out}")
 

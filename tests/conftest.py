@@ -63,6 +63,5 @@ def report_built(report_inputs):
     from token_journey.config.report import ReportConfig
     from token_journey.report import build_report
 
-    cfg = make(ReportConfig, n_index=2, n_random=2, n_strongest=2, n_dense=2, top_k=6, n_quantile_contexts=4, window=3,
-               n_logit_tokens=5, search_features=4)
+    cfg = make(ReportConfig, n_index=2, n_random=2, n_strongest=2, n_dense=2, top_k=6, n_quantile_contexts=4, window=3, n_logit_tokens=5, search_features=4)
     return build_report(cfg, report_inputs, seed=0), cfg

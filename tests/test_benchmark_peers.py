@@ -27,7 +27,7 @@ def test_replay_order_is_our_training_order():
     ours = in_memory(x, 256, 0)(0)
     assert order.shape == (5 * 256 // SEQ_ROWS, SEQ_ROWS)
     for step in range(5):  # two epochs: 1000 // 256 = 3 batches each, reshuffled
-        assert torch.equal(x[order[step * 2:(step + 1) * 2].flatten()], next(ours))
+        assert torch.equal(x[order[step * 2 : (step + 1) * 2].flatten()], next(ours))
 
 
 def test_in_memory_batches_resume_mid_stream_and_cover_every_row_once_per_epoch():
@@ -37,7 +37,7 @@ def test_in_memory_batches_resume_mid_stream_and_cover_every_row_once_per_epoch(
     stream = in_memory(x, 3, 0)(0)
     batches = [next(stream).flatten().long() for _ in range(9)]  # 3 batches per epoch, 3 epochs
     for epoch in range(3):
-        rows = torch.cat(batches[3 * epoch:3 * epoch + 3])
+        rows = torch.cat(batches[3 * epoch : 3 * epoch + 3])
         assert len(set(rows.tolist())) == 9  # no row twice within an epoch
     assert not torch.equal(torch.cat(batches[:3]), torch.cat(batches[3:6]))  # reshuffled
     resumed = in_memory(x, 3, 0)(4)
@@ -50,8 +50,16 @@ def test_sparsify_trains_on_replayed_rows():
     basis = torch.randn(32, 16)
     codes = torch.rand(2048, 32) * (torch.rand(2048, 32) < 0.1)
     x = codes @ basis + 0.01 * torch.randn(2048, 16)
-    result = run_sparsify(x[:1536], x[1536:], k=4, width=64, batch_tokens=256, steps=30,
-                          batches=lambda idx: in_memory(idx, 256, 0)(0), overrides=["optimizer=adam", "lr_warmup_steps=0"])
+    result = run_sparsify(
+        x[:1536],
+        x[1536:],
+        k=4,
+        width=64,
+        batch_tokens=256,
+        steps=30,
+        batches=lambda idx: in_memory(idx, 256, 0)(0),
+        overrides=["optimizer=adam", "lr_warmup_steps=0"],
+    )
     assert result["train_tokens"] == 30 * 256 and result["l0"] == 4.0
     assert result["config"]["optimizer"] == "adam"
     assert 0 < result["fvu"] < 1  # learned something from the sparse structure

@@ -13,12 +13,13 @@ import target_l0  # noqa: E402
 
 def _fake_run(calls):
     """A JumpReLU whose held-out L0 is 0.03 / coefficient^0.8 and whose FVU falls linearly in log L0."""
+
     def run(preset, overrides, tokens, *data):
         coefficient = float(next(o for o in overrides if o.startswith("sae.sparsity_coefficient=")).split("=")[1])
         calls.append(coefficient)
-        l0 = 0.03 / coefficient ** 0.8
-        return {"fvu": 0.6 - 0.1 * math.log(l0), "l0": l0, "dead_fraction": 0.0, "coefficient": coefficient,
-                "threshold_scale": None}
+        l0 = 0.03 / coefficient**0.8
+        return {"fvu": 0.6 - 0.1 * math.log(l0), "l0": l0, "dead_fraction": 0.0, "coefficient": coefficient, "threshold_scale": None}
+
     return run
 
 

@@ -30,8 +30,7 @@ def _write_docs(folder, n_docs=40, seed=0):
 
 
 def _cfg(folder, **kw):
-    base = dict(name="t", source="local", path=str(folder / "*.txt"), context_size=16, max_tokens=100000,
-                eval_tokens=100000, eval_fraction=0.25)
+    base = dict(name="t", source="local", path=str(folder / "*.txt"), context_size=16, max_tokens=100000, eval_tokens=100000, eval_fraction=0.25)
     base.update(kw)
     return make(CorpusConfig, **base)
 
@@ -181,7 +180,7 @@ def test_norm_outliers_are_judged_within_each_sequence():
     kept = drop_norm_outliers(acts, rows, 10.0)
     assert not kept[0, 3] and int(kept[0].sum()) == 9
     assert torch.equal(kept[1:3], rows[1:3]) and not kept[3].any()
-    one_by_one = torch.cat([drop_norm_outliers(acts[b:b + 1], rows[b:b + 1], 10.0) for b in range(4)])
+    one_by_one = torch.cat([drop_norm_outliers(acts[b : b + 1], rows[b : b + 1], 10.0) for b in range(4)])
     assert torch.equal(kept, one_by_one)  # the same rows however sequences are batched
     assert torch.equal(drop_norm_outliers(acts, rows, 0.0), rows)
 

@@ -31,9 +31,22 @@ def _rows(seed: int, n: int) -> torch.Tensor:
 
 
 def _cfg(arch: str) -> SAEConfig:
-    return make_sae(arch, name=arch, width=WIDTH, k=4, batch_size=BATCH, train_tokens=BATCH * STEPS,
-                    lr=0.01, lr_warmup_steps=2, sparsity_warmup_steps=3, checkpoint_every=5, dead_window_tokens=BATCH * 4,
-                    log_every=4, coefficient=0.02 if arch.startswith("jumprelu") else 0.05, k_aux=16)
+    return make_sae(
+        arch,
+        name=arch,
+        width=WIDTH,
+        k=4,
+        batch_size=BATCH,
+        train_tokens=BATCH * STEPS,
+        lr=0.01,
+        lr_warmup_steps=2,
+        sparsity_warmup_steps=3,
+        checkpoint_every=5,
+        dead_window_tokens=BATCH * 4,
+        log_every=4,
+        coefficient=0.02 if arch.startswith("jumprelu") else 0.05,
+        k_aux=16,
+    )
 
 
 @pytest.fixture
@@ -101,8 +114,7 @@ def test_new_sae_starts_from_the_same_weights_whatever_the_default_device(meta_d
 
 def test_slurm_variables_become_torch_distributed_ones():
     env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[07-08]"}
-    assert slurm_environment(env) == {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
-                                      "MASTER_PORT": "29500"}
+    assert slurm_environment(env) == {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
     # A launcher inside srun (torchrun, accelerate) already describes the run; one task needs nothing.
     assert slurm_environment({**env, "WORLD_SIZE": "8"}) == {}
     assert slurm_environment({**env, "SLURM_NTASKS": "1"}) == {}
@@ -111,8 +123,7 @@ def test_slurm_variables_become_torch_distributed_ones():
         slurm_environment({"SLURM_NTASKS": "2"})
 
 
-@pytest.mark.parametrize("nodes,first", [("node1", "node1"), ("a,b", "a"), ("gpu[03-05,07],cpu1", "gpu03"),
-                                         ("x[9,2]", "x9"), ("n[001-004]", "n001")])
+@pytest.mark.parametrize("nodes,first", [("node1", "node1"), ("a,b", "a"), ("gpu[03-05,07],cpu1", "gpu03"), ("x[9,2]", "x9"), ("n[001-004]", "n001")])
 def test_first_host_of_a_slurm_node_list(nodes, first):
     assert first_host(nodes) == first
 

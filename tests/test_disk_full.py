@@ -81,14 +81,21 @@ class DiskFills:
         import token_journey.sae.checkpoint as checkpoint
         import token_journey.sae.io as sae_io
 
-        real = {"write_bytes": Path.write_bytes, "write_text": Path.write_text, "rename": Path.rename,
-                "replace": os.replace, "write_table": pq.write_table, "save_file": checkpoint.save_file}
+        real = {
+            "write_bytes": Path.write_bytes,
+            "write_text": Path.write_text,
+            "rename": Path.rename,
+            "replace": os.replace,
+            "write_table": pq.write_table,
+            "save_file": checkpoint.save_file,
+        }
 
         def file_writer(kind: str) -> Callable[..., Any]:
             def write(path: Path, data: Any, *args: Any, **kw: Any) -> Any:
                 if self._hit(kind, path):
                     self._partial(path, lambda: real[kind](path, data, *args, **kw))
                 return real[kind](path, data, *args, **kw)
+
             return write
 
         def write_table(table: Any, where: Any, *args: Any, **kw: Any) -> None:
@@ -106,6 +113,7 @@ class DiskFills:
                 if self._hit(kind, dst):
                     raise self._full()  # nothing moved
                 return real[kind](src, dst)
+
             return move
 
         mp.setattr(Path, "write_bytes", file_writer("write_bytes"))
@@ -119,8 +127,7 @@ class DiskFills:
 
 def _files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every file under `root` (relative name -> bytes), leaving out those under a `skip` folder name."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not set(p.relative_to(root).parts) & set(skip)}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not set(p.relative_to(root).parts) & set(skip)}
 
 
 def _final(path: Path) -> Path:
@@ -178,17 +185,39 @@ def _harvest_cfg() -> HarvestConfig:
 
 
 def _sae_cfg() -> SAEConfig:
-    return make(SAEConfig, architecture="topk", name=NAME, width=16, k=2, batch_size=BATCH, train_tokens=BATCH * STEPS,
-                checkpoint_every=EVERY, eval_tokens=64, buffer_rows=128, lr_warmup_steps=1, sparsity_warmup_steps=1,
-                log_every=2)
+    return make(
+        SAEConfig,
+        architecture="topk",
+        name=NAME,
+        width=16,
+        k=2,
+        batch_size=BATCH,
+        train_tokens=BATCH * STEPS,
+        checkpoint_every=EVERY,
+        eval_tokens=64,
+        buffer_rows=128,
+        lr_warmup_steps=1,
+        sparsity_warmup_steps=1,
+        log_every=2,
+    )
 
 
 def _train(acts: Path, out: Path) -> Path:
     from token_journey.sae.train_layer import train_layer
 
-    return train_layer(_sae_cfg(), activations=acts, saes=out / "saes", timings=out / "timings", site="resid_post",
-                       layer=LAYER, model="tiny", seed=0, tracking=make(TrackingConfig, mode="disabled"), name=NAME,
-                       device="cpu")
+    return train_layer(
+        _sae_cfg(),
+        activations=acts,
+        saes=out / "saes",
+        timings=out / "timings",
+        site="resid_post",
+        layer=LAYER,
+        model="tiny",
+        seed=0,
+        tracking=make(TrackingConfig, mode="disabled"),
+        name=NAME,
+        device="cpu",
+    )
 
 
 def test_harvest_stops_in_one_line_and_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch):
@@ -199,11 +228,13 @@ def test_harvest_stops_in_one_line_and_resumes_to_the_same_bytes(tiny, tmp_path,
         run(tmp_path / "whole")
     whole = _files(tmp_path / "whole")
     assert whole == _files(root / "acts") and sum(".parquet" in name for name in whole) > 6
-    points = _points(counted.calls,
-                     lambda kind, path: kind == "write_table",  # the first shard
-                     lambda kind, path: kind == "replace" and path.name == "shard-00003.parquet",
-                     lambda kind, path: kind == "write_bytes" and path.parent.name == f"layer_{LAYER}",  # the train manifest
-                     lambda kind, path: kind == "replace" and path.name == "manifest.json" and path.parent.name == "eval")
+    points = _points(
+        counted.calls,
+        lambda kind, path: kind == "write_table",  # the first shard
+        lambda kind, path: kind == "replace" and path.name == "shard-00003.parquet",
+        lambda kind, path: kind == "write_bytes" and path.parent.name == f"layer_{LAYER}",  # the train manifest
+        lambda kind, path: kind == "replace" and path.name == "manifest.json" and path.parent.name == "eval",
+    )
     for n, fail_at in enumerate(points):
         out = tmp_path / f"fault-{n}"
         with monkeypatch.context() as mp:
@@ -228,11 +259,15 @@ def test_training_stops_in_one_line_keeps_its_checkpoint_and_resumes_to_the_same
     in_ckpt = lambda path: ".ckpt" in str(path)  # noqa: E731
     states = [i for i, (kind, path) in enumerate(counted.calls, 1) if kind == "write_bytes" and path.name.startswith(".state.json")]
     assert len(states) == 3
-    points = [*_points(counted.calls, lambda kind, path: kind == "save_file" and in_ckpt(path)),  # the first checkpoint's tensors
-              states[1],  # the second checkpoint's state.json: the first checkpoint must stay whole
-              *_points(counted.calls,
-                       lambda kind, path: kind == "save_file" and not in_ckpt(path),  # the SAE folder's weights
-                       lambda kind, path: kind == "rename" and path.name == NAME)]  # the SAE folder moving into place
+    points = [
+        *_points(counted.calls, lambda kind, path: kind == "save_file" and in_ckpt(path)),  # the first checkpoint's tensors
+        states[1],  # the second checkpoint's state.json: the first checkpoint must stay whole
+        *_points(
+            counted.calls,
+            lambda kind, path: kind == "save_file" and not in_ckpt(path),  # the SAE folder's weights
+            lambda kind, path: kind == "rename" and path.name == NAME,
+        ),
+    ]  # the SAE folder moving into place
     for n, fail_at in enumerate(points):
         out = tmp_path / f"fault-{n}"
         with monkeypatch.context() as mp:
@@ -262,18 +297,19 @@ def _whole_checkpoint(ckpt: Path) -> int | None:
 def test_report_stops_in_one_line_and_rebuilds_the_same_pages(report_inputs, tmp_path, monkeypatch):
     from token_journey.report import build_report
 
-    cfg = make(ReportConfig, n_index=2, n_random=2, n_strongest=2, n_dense=2, top_k=6, n_quantile_contexts=4, window=3,
-               n_logit_tokens=5, search_features=4)
+    cfg = make(ReportConfig, n_index=2, n_random=2, n_strongest=2, n_dense=2, top_k=6, n_quantile_contexts=4, window=3, n_logit_tokens=5, search_features=4)
     run = lambda out: build_report(cfg, dataclasses.replace(report_inputs, html=out / "html", summary=out / "summary.md"))  # noqa: E731
     with monkeypatch.context() as mp:
         counted = DiskFills(mp)
         run(tmp_path / "whole")
     whole = _files(tmp_path / "whole")
     assert {"html/index.html", "summary.md", "html/resid_post/layer_1/relu-1.html"} <= set(whole)
-    points = _points(counted.calls,
-                     lambda kind, path: kind == "write_bytes" and path.name.startswith(".relu-1.html"),
-                     lambda kind, path: kind == "replace" and path.name == "index.html",
-                     lambda kind, path: kind == "write_bytes" and path.name.startswith(".summary.md"))
+    points = _points(
+        counted.calls,
+        lambda kind, path: kind == "write_bytes" and path.name.startswith(".relu-1.html"),
+        lambda kind, path: kind == "replace" and path.name == "index.html",
+        lambda kind, path: kind == "write_bytes" and path.name.startswith(".summary.md"),
+    )
     for n, fail_at in enumerate(points):
         out = tmp_path / f"fault-{n}"
         with monkeypatch.context() as mp:
@@ -366,9 +402,19 @@ def _one_line_exit_2(done: subprocess.CompletedProcess, mount: Path) -> str:
 
 def test_harvest_stage_on_a_tmpfs_out_of_inodes(tiny, tmp_path):
     root, _ = tiny
-    args = lambda out: [str(REPO / "stages/harvest.py"), f"paths.base_model={root / 'base'}", f"paths.corpus={root / 'corpus'}",  # noqa: E731
-                        f"paths.activations={out}", "harvest.layers=[0,2]", "harvest.sites=[resid_post,attn_out]",
-                        "harvest.shard_rows=64", "harvest.batch_size=4"]
+
+    def args(out: Path) -> list[str]:
+        return [
+            str(REPO / "stages/harvest.py"),
+            f"paths.base_model={root / 'base'}",
+            f"paths.corpus={root / 'corpus'}",
+            f"paths.activations={out}",
+            "harvest.layers=[0,2]",
+            "harvest.sites=[resid_post,attn_out]",
+            "harvest.shard_rows=64",
+            "harvest.batch_size=4",
+        ]
+
     whole = tmp_path / "whole"
     assert _stage(args(whole), tmp_path).returncode == 0
     reference = _files(whole)
@@ -390,11 +436,30 @@ def test_harvest_stage_on_a_tmpfs_out_of_inodes(tiny, tmp_path):
 
 def test_train_stage_on_a_tmpfs_too_small_for_its_second_checkpoint(tiny, tmp_path):
     root, _ = tiny
-    args = lambda out: [str(REPO / "stages/train_sae.py"), f"paths.activations={root / 'acts'}", f"paths.saes={out}",  # noqa: E731
-                        f"paths.timings={tmp_path / 'timings'}", f"layer={LAYER}", "site=resid_post", "model.name=tiny",
-                        "tracking=disabled", "family=none", "sae=topk", "sae.width=512", "sae.k=4", "sae.k_aux=16",
-                        f"sae.batch_size={BATCH}", f"sae.train_tokens={BATCH * STEPS}", "sae.eval_tokens=64",
-                        "sae.buffer_rows=128", "sae.lr_warmup_steps=1", f"sae.checkpoint_every={EVERY}"]
+
+    def args(out: Path) -> list[str]:
+        return [
+            str(REPO / "stages/train_sae.py"),
+            f"paths.activations={root / 'acts'}",
+            f"paths.saes={out}",
+            f"paths.timings={tmp_path / 'timings'}",
+            f"layer={LAYER}",
+            "site=resid_post",
+            "model.name=tiny",
+            "tracking=disabled",
+            "family=none",
+            "sae=topk",
+            "sae.width=512",
+            "sae.k=4",
+            "sae.k_aux=16",
+            f"sae.batch_size={BATCH}",
+            f"sae.train_tokens={BATCH * STEPS}",
+            "sae.eval_tokens=64",
+            "sae.buffer_rows=128",
+            "sae.lr_warmup_steps=1",
+            f"sae.checkpoint_every={EVERY}",
+        ]
+
     whole = tmp_path / "whole"
     done = _stage(args(whole), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

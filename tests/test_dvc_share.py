@@ -18,8 +18,7 @@ import pytest
 from conftest import REPO
 from test_pipeline import _run, _stages_run, project  # noqa: F401  (project: the scratch git + DVC copy)
 
-OUTPUTS = ("models/base", "data/corpus", "data/activations", "models/saes", "reports/metrics", "reports/html",
-           "reports/journey", "reports/summary.md")
+OUTPUTS = ("models/base", "data/corpus", "data/activations", "models/saes", "reports/metrics", "reports/html", "reports/journey", "reports/summary.md")
 
 
 def _status(root: Path) -> dict:
@@ -32,7 +31,7 @@ def _unique_bytes(paths: list[Path]) -> int:
     """`du`-style: the size of every file under `paths`, each inode counted once."""
     seen: dict[tuple[int, int], int] = {}
     for path in paths:
-        for file in ([path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())):
+        for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
             stat = file.stat()
             seen[(stat.st_dev, stat.st_ino)] = stat.st_size
     return sum(seen.values())
@@ -43,7 +42,7 @@ def _files(root: Path) -> dict[str, bytes]:
     found = {}
     for name in OUTPUTS:
         path = root / name
-        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
             found[str(file.relative_to(root))] = file.read_bytes()
     return found
 

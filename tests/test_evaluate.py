@@ -70,8 +70,7 @@ def test_identity_sae_costs_nothing_and_zero_sae_recovers_nothing(llama):
     ids = _sequences()
     rows = row_mask(ids, SPECIAL, exclude_first=1)
     d = llama.config.hidden_size
-    result = evaluate_saes(llama, ids, rows, "resid_post", 1,
-                           {"identity": identity_sae(d), "zero": zero_sae(d)}, batch_size=2)
+    result = evaluate_saes(llama, ids, rows, "resid_post", 1, {"identity": identity_sae(d), "zero": zero_sae(d)}, batch_size=2)
     ident, zero = result.saes["identity"], result.saes["zero"]
     assert abs(ident["delta_loss"]) < 1e-5
     assert ident["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
@@ -162,8 +161,7 @@ def test_several_saes_share_one_sweep(llama, site, resume_at):
             handle.remove()
     batches, passes = 2, 3 + 2
     assert result.sweep["forward_passes"] == passes
-    assert calls == {"norm": batches * passes,
-                     **{f"layer {i}": batches * (passes if i >= resume_at else 1) for i in range(len(decoder_layers(llama)))}}
+    assert calls == {"norm": batches * passes, **{f"layer {i}": batches * (passes if i >= resume_at else 1) for i in range(len(decoder_layers(llama)))}}
     assert set(result.saes) == set(saes)
     assert all(m["eval_tokens_per_s"] > 0 for m in result.saes.values())
 
@@ -183,8 +181,7 @@ def _write_corpus(folder, seed: int) -> None:
     ids[:, 0] = 0  # BOS
     ids[1, 9] = 1  # a document boundary inside a packed sequence
     seq = np.arange(N_SEQ, dtype=np.int64)
-    table = pa.table({"sequence_id": seq, "doc_id": seq,
-                      "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), CONTEXT)})
+    table = pa.table({"sequence_id": seq, "doc_id": seq, "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), CONTEXT)})
     pq.write_table(table, folder)
 
 
@@ -216,9 +213,17 @@ def artifacts(tmp_path_factory):
         save_sae(sae, root / place / "resid_post" / f"layer_{layer}" / name)
         if k:  # what train_layer records for an SAE it trained
             write_json(train_timing_file(root / "timings", "resid_post", layer, name), {"tokens_per_s": 1234.5})
-    return root, Layout(base_model=root / "base", corpus=root / "corpus", activations=root / "acts", saes=root / "saes",
-                        metrics=root / "metrics", html=root / "html", journey=root / "journey", summary=root / "summary.md",
-                        timings=root / "timings")
+    return root, Layout(
+        base_model=root / "base",
+        corpus=root / "corpus",
+        activations=root / "acts",
+        saes=root / "saes",
+        metrics=root / "metrics",
+        html=root / "html",
+        journey=root / "journey",
+        summary=root / "summary.md",
+        timings=root / "timings",
+    )
 
 
 def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
@@ -237,20 +242,48 @@ def test_evaluate_layer_writes_metrics_and_plot_rows(artifacts):
     assert json.loads(eval_timing_file(inputs.timings, "resid_post", 1).read_text()) == speeds
     assert (doc["model"], doc["site"], doc["layer"]) == ("tiny", "resid_post", 1)
     assert set(doc["saes"]) == {"relu-a", "topk-b"}
-    contract = {"architecture", "width", "l0", "fvu", "mse", "cosine", "relative_norm", "dead_fraction", "dense_fraction",
-                "ce_clean", "ce_sae", "ce_zero", "delta_loss", "loss_recovered", "kl", "eval_tokens",
-                "density_hist", "error_by_position", "absorption_rate", "split_fraction", "probe_llm", "probe_sae_top_1",
-                "probe_sae_top_2", "probe_sae_top_5", "decoder_max_cos", "duplicate_fraction", "token_max_cos",
-                "token_feature_fraction", "saebench"}
+    contract = {
+        "architecture",
+        "width",
+        "l0",
+        "fvu",
+        "mse",
+        "cosine",
+        "relative_norm",
+        "dead_fraction",
+        "dense_fraction",
+        "ce_clean",
+        "ce_sae",
+        "ce_zero",
+        "delta_loss",
+        "loss_recovered",
+        "kl",
+        "eval_tokens",
+        "density_hist",
+        "error_by_position",
+        "absorption_rate",
+        "split_fraction",
+        "probe_llm",
+        "probe_sae_top_1",
+        "probe_sae_top_2",
+        "probe_sae_top_5",
+        "decoder_max_cos",
+        "duplicate_fraction",
+        "token_max_cos",
+        "token_feature_fraction",
+        "saebench",
+    }
     for m in doc["saes"].values():
         assert contract <= set(m)
         assert len(m["error_by_position"]) == CONTEXT and m["error_by_position"][:3] == [None, None, None]
     # Run-to-run figures are kept out of the tracked metrics file and written beside it.
     assert not any("per_s" in key or "seconds" in key for key in [*doc["sweep"], *(k for m in doc["saes"].values() for k in m)])
     assert speeds["sweep"]["tokens_per_s"] > 0 and speeds["sweep"]["seconds"] > 0
-    assert speeds["saes"]["topk-b"] == {"eval_tokens_per_s": pytest.approx(speeds["saes"]["topk-b"]["eval_tokens_per_s"]),
-                                        "saebench_seconds": pytest.approx(speeds["saes"]["topk-b"]["saebench_seconds"]),
-                                        "train_tokens_per_s": 1234.5}
+    assert speeds["saes"]["topk-b"] == {
+        "eval_tokens_per_s": pytest.approx(speeds["saes"]["topk-b"]["eval_tokens_per_s"]),
+        "saebench_seconds": pytest.approx(speeds["saes"]["topk-b"]["saebench_seconds"]),
+        "train_tokens_per_s": 1234.5,
+    }
     assert speeds["saes"]["relu-a"]["train_tokens_per_s"] is None and speeds["saes"]["relu-a"]["eval_tokens_per_s"] > 0
     assert doc["saes"]["topk-b"]["l0"] <= 4
     # The same rows as the harvest: our FVU equals FVU over the harvested eval activations.
@@ -301,13 +334,14 @@ def test_identity_splice_on_smollm2(smollm2):
     """The packaged SmolLM2: an identity SAE at resid_post layer 15 changes nothing; zero ablation hurts."""
     from token_journey.data.corpus import special_ids
 
-    text = ["The capital of France is Paris, and the capital of Italy is Rome. Paris is known for",
-            "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5, the sum of two and three"]
+    text = [
+        "The capital of France is Paris, and the capital of Italy is Rome. Paris is known for",
+        "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5, the sum of two and three",
+    ]
     ids = smollm2.tokenizer(text, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
     rows = row_mask(ids, special_ids(smollm2.tokenizer), exclude_first=1)
     d = smollm2.model.config.hidden_size
-    result = evaluate_saes(smollm2.model, ids, rows, "resid_post", 15,
-                           {"identity": identity_sae(d), "zero": zero_sae(d)}, batch_size=2).saes
+    result = evaluate_saes(smollm2.model, ids, rows, "resid_post", 15, {"identity": identity_sae(d), "zero": zero_sae(d)}, batch_size=2).saes
     assert abs(result["identity"]["delta_loss"]) < 1e-4 and result["identity"]["kl"] < 1e-4
     assert result["identity"]["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert result["zero"]["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
@@ -324,13 +358,18 @@ def test_stage_runs_from_params_yaml(artifacts, tmp_path):
 
     root, inputs = artifacts
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["paths"].update(base_model=str(root / "base"), corpus=str(root / "corpus"), activations=str(root / "acts"),
-                           saes=str(root / "saes"), metrics=str(tmp_path / "metrics"))
+    params["paths"].update(
+        base_model=str(root / "base"), corpus=str(root / "corpus"), activations=str(root / "acts"), saes=str(root / "saes"), metrics=str(tmp_path / "metrics")
+    )
     params.update(site="resid_post", device="cpu")
     params["eval"].update(max_tokens=32, batch_size=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    run = subprocess.run([sys.executable, str(REPO / "stages/evaluate.py"), "--config-path", str(tmp_path),
-                          "--config-name", "params", "layer=1"], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "stages/evaluate.py"), "--config-path", str(tmp_path), "--config-name", "params", "layer=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "eval tokens/s" in run.stdout and "relu-a" in run.stdout and "topk-b" in run.stdout
     assert (tmp_path / "metrics/resid_post/layer_1.json").is_file()

@@ -33,7 +33,7 @@ from token_journey.report.explain import (
 )
 from token_journey.report.feature_stats import RowIndex
 
-WORDS = ["<bos>", "The", " capital", " is", " Paris", " a < b", " & \"c\"", "\n", " end", " of"]
+WORDS = ["<bos>", "The", " capital", " is", " Paris", " a < b", ' & "c"', "\n", " end", " of"]
 
 
 def _decode(ids) -> str:
@@ -48,7 +48,7 @@ def test_prompt_marks_the_activating_token_and_keeps_text_verbatim():
     assert context_text(tokens, 8, 1, _decode, mark=True) == "\u21b5<< end>> of"  # a newline stays on one line
     assert context_text(tokens, 0, 1, _decode, mark=True) == "<<<bos>>>The"  # clipped at the sequence start
     request = explainer_request([marked, "second"], [" Paris", " "])
-    assert f'\n1. {marked}\n2. second\n' in request  # no HTML escaping: the model reads the raw text
+    assert f"\n1. {marked}\n2. second\n" in request  # no HTML escaping: the model reads the raw text
     assert "\nMarked words: Paris, ' '\n" in request
     assert first_sentence("They are all cities, e.g. Paris. More\nstuff") == "They are all cities, e.g."
     assert first_sentence("They are all  3.5\tm long\nand") == "They are all 3.5 m long"
@@ -73,10 +73,8 @@ def _toy_rows(n_seq: int = 6, length: int = 40, seed: int = 0):
     seq, pos = np.meshgrid(np.arange(n_seq), np.arange(1, length), indexing="ij")
     rng = np.random.default_rng(seed)
     column = np.where(rng.random(seq.size) < 0.15, rng.random(seq.size) + 0.01, 0.0)
-    index = RowIndex(token_id=rng.integers(3, 9, seq.size), sequence_id=seq.reshape(-1) + 100,
-                     position=pos.reshape(-1))
-    sequences = {s + 100: np.concatenate([[0], index.token_id[s * (length - 1):(s + 1) * (length - 1)]])
-                 for s in range(n_seq)}
+    index = RowIndex(token_id=rng.integers(3, 9, seq.size), sequence_id=seq.reshape(-1) + 100, position=pos.reshape(-1))
+    sequences = {s + 100: np.concatenate([[0], index.token_id[s * (length - 1) : (s + 1) * (length - 1)]]) for s in range(n_seq)}
     return index, column, sequences
 
 
@@ -125,8 +123,7 @@ def test_reused_prompt_cache_gives_the_full_forward_logits(tiny_lm):
     got = lm.yes_probabilities("cities", texts)
     head, tail = lm.prompt(detection_request("cities", "\x00")).split("\x00")
     for text, p in zip(texts, got):
-        ids = torch.tensor([lm.tokenizer.encode(head, add_special_tokens=False)
-                            + lm.tokenizer.encode(text + tail, add_special_tokens=False)])
+        ids = torch.tensor([lm.tokenizer.encode(head, add_special_tokens=False) + lm.tokenizer.encode(text + tail, add_special_tokens=False)])
         with torch.no_grad():
             log_p = torch.log_softmax(lm.model(ids).logits[0, -1], -1)
         yes, no = log_p[lm.yes_ids].exp().sum(), log_p[lm.no_ids].exp().sum()
@@ -135,8 +132,15 @@ def test_reused_prompt_cache_gives_the_full_forward_logits(tiny_lm):
 
 def test_explainer_end_to_end_then_from_cache(tiny_lm, tiny_explainer, tmp_path):
     index, column, sequences = _toy_rows()
-    cfg = dataclasses.replace(make(ReportConfig).explainer, model=str(tiny_explainer), n_examples=3, n_heldout=4,
-                              window=2, max_new_tokens=6, cache=str(tmp_path / "cache" / "explanations.json"))
+    cfg = dataclasses.replace(
+        make(ReportConfig).explainer,
+        model=str(tiny_explainer),
+        n_examples=3,
+        n_heldout=4,
+        window=2,
+        max_new_tokens=6,
+        cache=str(tmp_path / "cache" / "explanations.json"),
+    )
     calls = {"load": 0, "explain": 0, "score": 0}
 
     class Counting(LocalLM):
@@ -184,8 +188,9 @@ def test_explanation_is_escaped_on_the_page():
     from token_journey.report.render import environment, render_sae
 
     hostile = '<img src=x onerror=alert(1)> & "q"'
-    dash = Dashboard(3, "most active", 0.01, 1.0, 2.0, [], [], Markup("<svg></svg>"),
-                     explanation=Explanation(hostile, "tiny@f00d", Detection(0.75, 0.625, 0.8, 4, 4), 1.5))
+    dash = Dashboard(
+        3, "most active", 0.01, 1.0, 2.0, [], [], Markup("<svg></svg>"), explanation=Explanation(hostile, "tiny@f00d", Detection(0.75, 0.625, 0.8, 4, 4), 1.5)
+    )
     html = render_sae(environment(), SaeEntry("resid_post", 1, "relu-1"), [dash], [], {}, 100, 0.1)
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34;" in html
     assert "8 held-out contexts: balanced accuracy 0.62, AUROC 0.80" in html

@@ -16,8 +16,7 @@ import torch
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs CUDA: torch.cuda.is_available() is False here (no GPU, or a CPU build of torch)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False here (no GPU, or a CPU build of torch)"),
 ]
 
 ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "matryoshka", "relu")
@@ -26,12 +25,14 @@ D_IN, WIDTH, BATCH, STEPS = 32, 128, 256, 6
 
 def _batches(data: torch.Tensor):
     """`batches(start)` over fixed CPU rows, as the shard loader gives them."""
+
     def batches(start: int):
         step = start
         while True:
             i = step % (data.shape[0] // BATCH)
-            yield data[i * BATCH:(i + 1) * BATCH]
+            yield data[i * BATCH : (i + 1) * BATCH]
             step += 1
+
     return batches
 
 
@@ -45,9 +46,20 @@ def _train(arch: str, device: str, data: torch.Tensor, checkpoints: Path, monkey
     from support.configs import make_sae
     from token_journey.sae.train import DataStats, new_sae, train
 
-    cfg = make_sae(arch, width=WIDTH, k=8, coefficient=0.0007, batch_size=BATCH, train_tokens=BATCH * STEPS,
-                   checkpoint_every=STEPS // 2, lr_warmup_steps=2, sparsity_warmup_steps=2, dead_window_tokens=BATCH * 2,
-                   b_dec_init="mean", log_every=1)
+    cfg = make_sae(
+        arch,
+        width=WIDTH,
+        k=8,
+        coefficient=0.0007,
+        batch_size=BATCH,
+        train_tokens=BATCH * STEPS,
+        checkpoint_every=STEPS // 2,
+        lr_warmup_steps=2,
+        sparsity_warmup_steps=2,
+        dead_window_tokens=BATCH * 2,
+        b_dec_init="mean",
+        log_every=1,
+    )
     stats = DataStats(data.mean(0), float(data.pow(2).sum(1).mean()))
     sae = new_sae(cfg, D_IN, stats, seed=0, device=device)
     seen: dict[str, set[str]] = {}
@@ -56,8 +68,7 @@ def _train(arch: str, device: str, data: torch.Tensor, checkpoints: Path, monkey
     def recording_save(folder, step, sae_, opt, since_fired, fingerprint):
         seen["parameters"] = _devices(sae_.parameters())
         seen["state"] = _devices(sae_.state_dict().values())  # buffers too (BatchTopK's threshold)
-        seen["adam"] = _devices(v for slot in opt.state.values() for v in slot.values()
-                                if isinstance(v, torch.Tensor) and v.dim() > 0)
+        seen["adam"] = _devices(v for slot in opt.state.values() for v in slot.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         seen["since_fired"] = {since_fired.device.type}
         return real_save(folder, step, sae_, opt, since_fired, fingerprint)
 
@@ -97,8 +108,7 @@ def test_dag_end_to_end_on_cuda(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("pipeline-cuda"), device="cuda")
     assert "\ndevice: cuda\n" in (project / "params.yaml").read_text()
     out = _run(["dvc", "repro"], project)
-    assert _stages_run(out) == {"prepare_model", "collect_corpus", "harvest", "train_sae@0", "train_sae@2",
-                                "evaluate@0", "evaluate@2", "report", "journey"}
+    assert _stages_run(out) == {"prepare_model", "collect_corpus", "harvest", "train_sae@0", "train_sae@2", "evaluate@0", "evaluate@2", "report", "journey"}
     for layer in (0, 2):
         metrics = json.loads((project / f"reports/metrics/tiny/resid_post/layer_{layer}.json").read_text())
         assert len(metrics["saes"]) == 3  # `sae` and the two family members

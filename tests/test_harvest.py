@@ -76,8 +76,7 @@ def test_rows_are_the_models_hidden_states(tiny_setup, tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_storage_dtype_and_norm_rule(tiny_setup, tmp_path, dtype):
     root, lm = tiny_setup
-    harvest(lm, _cfg(layers=(1,), sites=("resid_post",), dtype=dtype, exclude_first=0, max_norm_ratio=1.2),
-            root / "corpus", tmp_path, torch.device("cpu"))
+    harvest(lm, _cfg(layers=(1,), sites=("resid_post",), dtype=dtype, exclude_first=0, max_norm_ratio=1.2), root / "corpus", tmp_path, torch.device("cpu"))
     acts = open_activations(tmp_path, "resid_post", 1)
     counts = acts.manifest["excluded_counts"]
     assert acts.dtype == dtype and counts["first_positions"] == 0 and counts["max_norm"] > 0
@@ -100,10 +99,17 @@ def test_storage_dtype_and_norm_rule(tiny_setup, tmp_path, dtype):
 
 def _harvest_cmd(root: Path, out: Path) -> list[str]:
     return [
-        sys.executable, str(REPO / "stages/harvest.py"), f"paths.base_model={root / 'base'}",
-        f"paths.corpus={root / 'corpus'}", f"paths.activations={out}", "harvest.layers=[0,2]",
-        "harvest.sites=[resid_post,attn_out]", "harvest.shard_rows=32", "harvest.batch_size=2",
-        "device=cpu", f"hydra.run.dir={out.parent / 'hydra'}",
+        sys.executable,
+        str(REPO / "stages/harvest.py"),
+        f"paths.base_model={root / 'base'}",
+        f"paths.corpus={root / 'corpus'}",
+        f"paths.activations={out}",
+        "harvest.layers=[0,2]",
+        "harvest.sites=[resid_post,attn_out]",
+        "harvest.shard_rows=32",
+        "harvest.batch_size=2",
+        "device=cpu",
+        f"hydra.run.dir={out.parent / 'hydra'}",
     ]
 
 
@@ -279,9 +285,13 @@ def test_bad_input_errors(tiny_setup, tmp_path):
         harvest(lm, _cfg(), tmp_path / "nowhere", tmp_path, torch.device("cpu"))
     with pytest.raises(TokenJourneyError, match="harvest.dtype"):
         make(HarvestConfig, layers=(1,), dtype="int8")
-    result = subprocess.run(_harvest_cmd(root, tmp_path / "acts")[:2] + ["harvest.layers=[9]", f"paths.base_model={root / 'base'}",
-                            f"paths.corpus={root / 'corpus'}", f"hydra.run.dir={tmp_path / 'h'}"],
-                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    result = subprocess.run(
+        _harvest_cmd(root, tmp_path / "acts")[:2]
+        + ["harvest.layers=[9]", f"paths.base_model={root / 'base'}", f"paths.corpus={root / 'corpus'}", f"hydra.run.dir={tmp_path / 'h'}"],
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: layer 9 is out of range")
 
 

@@ -26,7 +26,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[node] = 2
@@ -66,10 +66,12 @@ def test_every_module_imports_on_its_own(module):
 
 def test_config_layout_and_registry_import_neither_torch_nor_wandb():
     """Reading and validating config stays cheap: no torch, no wandb behind it."""
-    code = ("import sys, token_journey.config, token_journey.layout, token_journey.sae.registry\n"
-            "import token_journey.config.model, token_journey.config.corpus, token_journey.config.harvest\n"
-            "import token_journey.config.sae, token_journey.config.eval, token_journey.config.report\n"
-            "import token_journey.config.journey, token_journey.config.tracking\n"
-            "print(sorted(m for m in ('torch', 'wandb') if m in sys.modules))")
+    code = (
+        "import sys, token_journey.config, token_journey.layout, token_journey.sae.registry\n"
+        "import token_journey.config.model, token_journey.config.corpus, token_journey.config.harvest\n"
+        "import token_journey.config.sae, token_journey.config.eval, token_journey.config.report\n"
+        "import token_journey.config.journey, token_journey.config.tracking\n"
+        "print(sorted(m for m in ('torch', 'wandb') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"

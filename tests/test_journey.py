@@ -65,8 +65,17 @@ def test_every_step_matches_rehearsal_shapes(tokenizer, name):
 
     real = SHAPES[name]
     heads = 8 if real.n_heads // real.n_kv_heads == 4 else 4
-    shape = dataclasses.replace(real, n_layers=2, d_model=64, n_heads=heads, n_kv_heads=heads * real.n_kv_heads // real.n_heads,
-                                head_dim=8, d_mlp=96, vocab_size=len(tokenizer) + 64, max_position_embeddings=256)
+    shape = dataclasses.replace(
+        real,
+        n_layers=2,
+        d_model=64,
+        n_heads=heads,
+        n_kv_heads=heads * real.n_kv_heads // real.n_heads,
+        head_dim=8,
+        d_mlp=96,
+        vocab_size=len(tokenizer) + 64,
+        max_position_embeddings=256,
+    )
     model = build_rehearsal(shape, tokenizer, torch.float32)
     run = recompute(model, tokenizer, TEXT, progress=False)
     checked = _checked(run)
@@ -98,8 +107,14 @@ def test_checks_can_fail(tokenizer):
 
 def test_llama3_rope_scaling_matches_formula():
     """Hand check of llama3 scaling on three frequencies: kept, divided by factor, blended."""
-    params = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     freqs = rope.inv_freq(params, 8)
     base = [10000.0 ** (-i / 8) for i in (0, 2, 4, 6)]
     for f, b in zip(freqs.tolist(), base, strict=True):

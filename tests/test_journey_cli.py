@@ -23,8 +23,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def test_cli_writes_page_and_focuses_layer(tiny_dir, tmp_path, capsys):
-    rc = main(["journey", "--model-dir", str(tiny_dir), "--layer", "1", "--html", "--out", str(tmp_path),
-               "--max-new-tokens", "2", "--saes", str(tmp_path / "none")])
+    rc = main(
+        ["journey", "--model-dir", str(tiny_dir), "--layer", "1", "--html", "--out", str(tmp_path), "--max-new-tokens", "2", "--saes", str(tmp_path / "none")]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "─ layer 1 ─" in out and "─ layer 0 ─" not in out
@@ -70,8 +71,22 @@ def test_cli_steers_ablates_and_attributes(tiny_dir, tmp_path, capsys):
     sae = build_sae(SAESpec(architecture="relu", d_in=32, d_sae=16, name="tiny-relu", site="resid_post", layer=1))
     sae.init_weights(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_1" / "tiny-relu")
-    args = ["journey", "--model-dir", str(tiny_dir), "--layer", "1", "--html", "--out", str(tmp_path / "out"),
-            "--max-new-tokens", "2", "--saes", str(tmp_path / "saes"), "--target", " of"]
+    args = [
+        "journey",
+        "--model-dir",
+        str(tiny_dir),
+        "--layer",
+        "1",
+        "--html",
+        "--out",
+        str(tmp_path / "out"),
+        "--max-new-tokens",
+        "2",
+        "--saes",
+        str(tmp_path / "saes"),
+        "--target",
+        " of",
+    ]
     assert main(args + ["--steer", "1:3=4", "--ablate", "1:5"]) == 0
     out = capsys.readouterr().out
     assert "steering: 1:3=4 (resid_post SAE tiny-relu), 1:5" in out and "attribution of the logit of ' of'" in out

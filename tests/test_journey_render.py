@@ -74,8 +74,9 @@ def test_features_from_trained_sae_folder(tmp_path):
     sae = build_sae(SAESpec(architecture="relu", d_in=32, d_sae=16, name="tiny-relu", site="resid_post", layer=1))
     sae.init_weights(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_1" / "tiny-relu")
-    journey = run_journey(model, tiny_tokenizer(), make(JourneyConfig, text="The capital", generation=GEN), saes_root=tmp_path / "saes",
-                          progress=False, report_root="../report")
+    journey = run_journey(
+        model, tiny_tokenizer(), make(JourneyConfig, text="The capital", generation=GEN), saes_root=tmp_path / "saes", progress=False, report_root="../report"
+    )
     assert [(h.site, h.layer, h.sae_name) for h in journey.features] == [("resid_post", 1, "tiny-relu")]
     hits = journey.features[0]
     expected = top_features(sae, journey.run.sites[1]["resid_post"], 5)
@@ -91,14 +92,22 @@ def test_page_in_headless_chromium(nasty_journey, tmp_path):
     from support.browser import require_browser
 
     page = write_journey(nasty_journey, tmp_path)
-    flags = [require_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        require_browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
     assert dom.count('class="step"') == len(nasty_journey.run.steps)
     assert dom.count("<svg") == 3 * 4 and "<rect" in dom
     assert "<script>alert" not in dom  # the token text stayed text
     shot = REPO / "reports" / "journey_screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(flags + ["--window-size=1400,1800", f"--screenshot={shot}", page.as_uri()], capture_output=True,
-                   timeout=120, check=True)
+    subprocess.run(flags + ["--window-size=1400,1800", f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000

@@ -60,8 +60,7 @@ def journeys(saes_root):
     out = {}
     for family in ("llama", "gemma2", "gemma3"):
         model = scaled_model(family)
-        out[family] = (model, run_journey(model, tiny_tokenizer(), cfg, saes_root=saes_root, progress=False,
-                                          report_root="../report"))
+        out[family] = (model, run_journey(model, tiny_tokenizer(), cfg, saes_root=saes_root, progress=False, report_root="../report"))
     return out
 
 
@@ -90,8 +89,7 @@ def test_attribution_adds_up_to_the_models_pre_cap_logit(journeys, family):
 def test_attribution_of_a_logit_difference(saes_root):
     model, tok = scaled_model("gemma2"), tiny_tokenizer()
     a_id, b_id = tok(" Paris", add_special_tokens=False).input_ids[:1] + tok(" of", add_special_tokens=False).input_ids[:1]
-    cfg = make(JourneyConfig, text=TEXT, generation=make(GenerationConfig, max_new_tokens=0),
-               target=tok.decode([a_id]), versus=tok.decode([b_id]))
+    cfg = make(JourneyConfig, text=TEXT, generation=make(GenerationConfig, max_new_tokens=0), target=tok.decode([a_id]), versus=tok.decode([b_id]))
     a = run_journey(model, tok, cfg, saes_root=saes_root, progress=False).attribution
     refs = capture_references(model, spec_of(model), tok(TEXT, return_tensors="pt").input_ids)
     expected = float(refs["lm_head"][-1, a_id] - refs["lm_head"][-1, b_id])

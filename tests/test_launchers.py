@@ -25,8 +25,7 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
     return dict(env, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="1", **extra)
 
 
@@ -43,10 +42,17 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> list[dict]:
 
 def _srun(env: dict[str, str], cwd: Path) -> list[dict]:
     """What `srun --ntasks 2 python worker.py` does on one node: two tasks told only SLURM_* variables."""
-    procs = [subprocess.Popen([sys.executable, str(WORKER)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
-                                       SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="77"))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER)],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(env, SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="77"),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     return _results(cwd)
@@ -66,13 +72,27 @@ LAUNCHERS = ["torchrun", "accelerate", "srun"]
 def test_launcher_splits_the_work_over_two_processes(launcher, alone, tmp_path):
     port = str(_free_port())
     if launcher == "torchrun":
-        results = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                        str(WORKER)], _env(), tmp_path)
+        results = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(WORKER)], _env(), tmp_path)
     elif launcher == "accelerate":
         # `--multi_gpu` is what makes accelerate start several processes (through torchrun); with
         # `--cpu` it starts exactly one, whatever --num_processes says. Without GPUs they run on gloo.
-        results = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--main_process_port", port, str(WORKER)], _env(), tmp_path)
+        results = _run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--main_process_port",
+                port,
+                str(WORKER),
+            ],
+            _env(),
+            tmp_path,
+        )
     else:
         results = _srun(_env(MASTER_PORT=port), tmp_path)
     assert [(r["rank"], r["world"], r["local_rank"]) for r in results] == [(0, 2, 0), (1, 2, 1)]

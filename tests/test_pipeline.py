@@ -74,8 +74,9 @@ def make_project(root: Path, device: str = "auto") -> Path:
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
     shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the project's DVC settings: Hydra, cache links
-    params = subprocess.run([shutil.which("python"), "-m", "token_journey.config"], cwd=root, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(root)), check=True).stdout
+    params = subprocess.run(
+        [shutil.which("python"), "-m", "token_journey.config"], cwd=root, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)), check=True
+    ).stdout
     (root / "params.yaml").write_text(params)
     return root
 
@@ -83,8 +84,7 @@ def make_project(root: Path, device: str = "auto") -> Path:
 @pytest.mark.slow
 def test_dag_end_to_end_then_noop_then_experiment(project):
     out = _run(["dvc", "repro"], project)
-    expected = {"prepare_model", "collect_corpus", "harvest", "train_sae@0", "train_sae@2", "evaluate@0",
-                "evaluate@2", "report", "journey"}
+    expected = {"prepare_model", "collect_corpus", "harvest", "train_sae@0", "train_sae@2", "evaluate@0", "evaluate@2", "report", "journey"}
     assert _stages_run(out) == expected
     params = yaml.safe_load((project / "params.yaml").read_text())
     for layer in (0, 2):

@@ -46,8 +46,13 @@ def test_where_nothing_listens_the_signal_stops_at_once():
 def test_a_stage_that_looks_at_no_flag_still_stops_on_sigterm_in_one_line(tmp_path):
     """What the scheduler sees from, say, a report stage: exit status 75 and one line, not a hang until SIGKILL."""
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", SLEEP_S="120")
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests/support/probe_stage.py"), f"hydra.run.dir={tmp_path}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests/support/probe_stage.py"), f"hydra.run.dir={tmp_path}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -18,12 +18,21 @@ from token_journey.rehearsal import SHAPES, build_rehearsal, rehearsal_shape
 
 # The two real shapes scaled down through the same code path: Llama (llama3 RoPE, tied) and Aitana (plain, untied).
 SMALL = {
-    "llama-3.2-1b": dataclasses.replace(SHAPES["llama-3.2-1b"], n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                                        head_dim=16, d_mlp=96, vocab_size=512, max_position_embeddings=512,
-                                        rope_scaling={**SHAPES["llama-3.2-1b"].rope_scaling,
-                                                      "original_max_position_embeddings": 64}),
-    "aitana-2b-s": dataclasses.replace(SHAPES["aitana-2b-s"], n_layers=3, d_model=48, n_heads=4, n_kv_heads=1,
-                                       head_dim=12, d_mlp=80, vocab_size=400, max_position_embeddings=128),
+    "llama-3.2-1b": dataclasses.replace(
+        SHAPES["llama-3.2-1b"],
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_mlp=96,
+        vocab_size=512,
+        max_position_embeddings=512,
+        rope_scaling={**SHAPES["llama-3.2-1b"].rope_scaling, "original_max_position_embeddings": 64},
+    ),
+    "aitana-2b-s": dataclasses.replace(
+        SHAPES["aitana-2b-s"], n_layers=3, d_model=48, n_heads=4, n_kv_heads=1, head_dim=12, d_mlp=80, vocab_size=400, max_position_embeddings=128
+    ),
 }
 
 
@@ -43,8 +52,7 @@ def _expected_inv_freq(shape) -> torch.Tensor:
         elif wavelen > low_wavelen:
             out.append(f / s["factor"])
         else:
-            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-                s["high_freq_factor"] - s["low_freq_factor"])
+            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
             out.append((1 - smooth) * f / s["factor"] + smooth * f)
     return torch.tensor(out)
 
@@ -94,14 +102,35 @@ def test_the_config_files_name_the_real_shapes():
     assert llama_cfg.name.endswith("-rehearsal") and "REHEARSAL" in llama_cfg.notes
     assert aitana_cfg.name.endswith("-rehearsal") and "REHEARSAL" in aitana_cfg.notes
     llama, aitana = rehearsal_shape(llama_cfg.id), rehearsal_shape(aitana_cfg.id)
-    assert (llama.n_layers, llama.d_model, llama.n_heads, llama.n_kv_heads, llama.head_dim, llama.d_mlp,
-            llama.vocab_size, llama.rope_theta, llama.tie_word_embeddings) == (16, 2048, 32, 8, 64, 8192, 128256,
-                                                                              500000.0, True)
-    assert llama.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    assert (aitana.n_layers, aitana.d_model, aitana.n_heads, aitana.n_kv_heads, aitana.d_mlp, aitana.vocab_size,
-            aitana.rope_theta, aitana.rope_scaling, aitana.tie_word_embeddings) == (24, 2048, 16, 4, 5440, 256000,
-                                                                                   10000.0, None, False)
+    assert (
+        llama.n_layers,
+        llama.d_model,
+        llama.n_heads,
+        llama.n_kv_heads,
+        llama.head_dim,
+        llama.d_mlp,
+        llama.vocab_size,
+        llama.rope_theta,
+        llama.tie_word_embeddings,
+    ) == (16, 2048, 32, 8, 64, 8192, 128256, 500000.0, True)
+    assert llama.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert (
+        aitana.n_layers,
+        aitana.d_model,
+        aitana.n_heads,
+        aitana.n_kv_heads,
+        aitana.d_mlp,
+        aitana.vocab_size,
+        aitana.rope_theta,
+        aitana.rope_scaling,
+        aitana.tie_word_embeddings,
+    ) == (24, 2048, 16, 4, 5440, 256000, 10000.0, None, False)
     with pytest.raises(TokenJourneyError, match="must end in -rehearsal"):
         build(ModelConfig, {**composed("model=llama-3.2-1b-rehearsal")["model"], "name": "llama-3.2-1b"}, "model")
     with pytest.raises(TokenJourneyError, match="not a rehearsal shape"):
@@ -115,8 +144,16 @@ def test_prepare_writes_the_shape_with_the_packaged_tokenizer(tmp_path, monkeypa
     cfg = make(ModelConfig, **{**composed("model=llama-3.2-1b-rehearsal")["model"], "id": "small"})
     manifest = prepare_model(cfg, tmp_path / "out")
     arch = manifest["architecture"]
-    assert (arch["n_layers"], arch["d_model"], arch["n_heads"], arch["n_kv_heads"], arch["head_dim"], arch["d_mlp"],
-            arch["vocab_size"], arch["tie_word_embeddings"]) == (2, 64, 4, 2, 16, 96, 49280, True)
+    assert (
+        arch["n_layers"],
+        arch["d_model"],
+        arch["n_heads"],
+        arch["n_kv_heads"],
+        arch["head_dim"],
+        arch["d_mlp"],
+        arch["vocab_size"],
+        arch["tie_word_embeddings"],
+    ) == (2, 64, 4, 2, 16, 96, 49280, True)
     assert arch["rope"]["rope_type"] == "llama3" and manifest["dtype"] == "bfloat16" and "rehearsal" in manifest
     loaded = load_prepared(tmp_path / "out", device="cpu")
     assert len(loaded.tokenizer) == 49152

@@ -56,8 +56,9 @@ def _stats(counts: list[int], maxima: list[float], rows: int = 100) -> FeatureSt
     """Feature statistics with the given firing counts and maxima (the rest is not used by the selection)."""
     n = len(counts)
     empty = np.zeros(0, dtype=np.int64)
-    return FeatureStats(rows, torch.tensor(counts), torch.zeros(n), torch.tensor(maxima), torch.zeros(1, n),
-                        torch.zeros(1, n, dtype=torch.long), RowIndex(empty, empty, empty))
+    return FeatureStats(
+        rows, torch.tensor(counts), torch.zeros(n), torch.tensor(maxima), torch.zeros(1, n), torch.zeros(1, n, dtype=torch.long), RowIndex(empty, empty, empty)
+    )
 
 
 def test_select_features_leads_with_readable_ones_and_puts_dense_apart():
@@ -80,8 +81,7 @@ def _reference_index(f: torch.Tensor, token_ids: np.ndarray, excluded: set[int],
     out = {}
     for token in np.unique(token_ids).tolist():
         best = f[torch.from_numpy(token_ids == token)].max(0).values
-        ranked = sorted((i for i in range(f.shape[1]) if best[i] > 0 and i not in excluded),
-                        key=lambda i: (-float(best[i]), i))
+        ranked = sorted((i for i in range(f.shape[1]) if best[i] > 0 and i not in excluded), key=lambda i: (-float(best[i]), i))
         if ranked:
             out[token] = ranked[:k]
     return out
@@ -105,8 +105,10 @@ def test_token_index_matches_a_full_pass(report_inputs):
 def test_labels_by_hand():
     assert frequent_tokens([5, 7, 5, 9, 7, 5]) == [5, 7, 9]
     assert frequent_tokens([9, 7, 7, 9, 4], n=2) == [9, 7]  # a tie goes to the token of the stronger context
-    assert feature_label([" Paris", " France"], [" city", " capital", " town", " village"]) == \
-        "fires on ' Paris', ' France'; promotes ' city', ' capital', ' town'"
+    assert (
+        feature_label([" Paris", " France"], [" city", " capital", " town", " village"])
+        == "fires on ' Paris', ' France'; promotes ' city', ' capital', ' town'"
+    )
     assert feature_label([], [" city"]) == "promotes ' city'"
 
 
@@ -211,8 +213,7 @@ def _full_pass(paths) -> tuple[torch.Tensor, np.ndarray]:
 
 def test_report_writes_every_page(report_built, report_inputs):
     result, _ = report_built
-    assert {p.relative_to(report_inputs.html).as_posix() for p in result.files if p.suffix == ".html"} == {
-        "index.html", PAGE}
+    assert {p.relative_to(report_inputs.html).as_posix() for p in result.files if p.suffix == ".html"} == {"index.html", PAGE}
     assert result.bytes == sum(p.stat().st_size for p in result.files)
     names = [(e.layer, e.name) for e in result.entries]
     assert names == sorted(names) and len(names) == 5
@@ -231,8 +232,10 @@ def test_overview_tables_and_pareto_plots(report_built, report_inputs):
     assert "\\<img src=x onerror=alert(1)\\>\\|x" in summary  # a name cannot break the table or become HTML
     manifest = json.loads((report_inputs.activations / "resid_post/layer_1/eval/manifest.json").read_text())
     dropped = manifest["excluded_counts"]
-    assert (f"eval {manifest['rows']:,} tokens (not rows: {dropped['special']:,} special, "
-            f"{dropped['first_positions']:,} first positions, {dropped['max_norm']:,} norm outliers)") in summary
+    assert (
+        f"eval {manifest['rows']:,} tokens (not rows: {dropped['special']:,} special, "
+        f"{dropped['first_positions']:,} first positions, {dropped['max_norm']:,} norm outliers)"
+    ) in summary
 
 
 def test_feature_dashboards_are_anchored_and_consistent(report_built, report_inputs):
@@ -266,7 +269,7 @@ def test_readable_features_lead_and_dense_ones_are_flagged_apart(report_built, r
     assert all(density[s] <= cfg.dense_threshold for s in readable)
     densest = sorted(dense, key=lambda i: (-float(density[i]), i))[: cfg.n_dense]
     assert [s for s, flagged in sections if flagged] == densest
-    assert sections[-len(densest):] == [(s, True) for s in densest]  # listed last, apart
+    assert sections[-len(densest) :] == [(s, True) for s in densest]  # listed last, apart
     rows = _FeatureRows((report_inputs.html / PAGE).read_text()).rows[1:]  # after the header row
     assert {int(first) for first, flagged in rows if flagged} == set(dense)  # exactly the dense latents are flagged
 
@@ -370,8 +373,7 @@ def test_indexed_features_by_hand():
 def test_a_capped_index_lists_the_most_frequent_features_and_says_so(report_inputs, tmp_path):
     import dataclasses
 
-    cfg = make(ReportConfig, n_index=1, n_random=0, n_strongest=1, n_dense=0, top_k=4, n_quantile_contexts=0, window=2,
-               n_logit_tokens=2, max_index_rows=5)
+    cfg = make(ReportConfig, n_index=1, n_random=0, n_strongest=1, n_dense=0, top_k=4, n_quantile_contexts=0, window=2, n_logit_tokens=2, max_index_rows=5)
     paths = dataclasses.replace(report_inputs, html=tmp_path / "html", summary=tmp_path / "summary.md")
     build_report(cfg, paths, seed=0)
     text = (paths.html / PAGE).read_text()
@@ -408,10 +410,17 @@ def test_explanations_appear_on_the_first_dashboards_and_are_cached(report_input
 
     explainer = save_tiny("llama", tmp_path / "explainer")
     (explainer / "manifest.json").write_text(json.dumps({"name": "tiny", "dtype": "float32", "fingerprint": "f00d"}))
-    settings = {**dataclasses.asdict(make(ReportConfig).explainer), "model": str(explainer), "n_features": 2,
-                "n_examples": 3, "n_heldout": 2, "window": 2, "max_new_tokens": 3, "cache": str(tmp_path / "e.json")}
-    cfg = make(ReportConfig, n_index=0, n_strongest=3, n_dense=0, n_random=0, top_k=6, n_quantile_contexts=0, window=3, n_logit_tokens=3,
-               explainer=settings)
+    settings = {
+        **dataclasses.asdict(make(ReportConfig).explainer),
+        "model": str(explainer),
+        "n_features": 2,
+        "n_examples": 3,
+        "n_heldout": 2,
+        "window": 2,
+        "max_new_tokens": 3,
+        "cache": str(tmp_path / "e.json"),
+    }
+    cfg = make(ReportConfig, n_index=0, n_strongest=3, n_dense=0, n_random=0, top_k=6, n_quantile_contexts=0, window=3, n_logit_tokens=3, explainer=settings)
     paths = dataclasses.replace(report_inputs, html=tmp_path / "html", summary=tmp_path / "summary.md")
     build_report(cfg, paths, seed=0)
     text = (paths.html / "resid_post/layer_1/relu-1.html").read_text()

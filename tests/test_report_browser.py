@@ -56,9 +56,11 @@ def test_console_check_catches_script_errors(browser, tmp_path):
 def test_overlap_probe_catches_overlapping_boxes(browser, tmp_path):
     """The probe sees the bug it is for: a wide table running under the chart beside it."""
     page = tmp_path / "overlap.html"
-    page.write_text('<html><body><div style="display:grid; grid-template-columns: 300px 200px">'
-                    '<div><table><tr><td style="white-space:nowrap">' + "wide " * 9 + "</td><td>where</td></tr></table></div>"
-                    '<svg width="200" height="100"></svg></div></body></html>')
+    page.write_text(
+        '<html><body><div style="display:grid; grid-template-columns: 300px 200px">'
+        '<div><table><tr><td style="white-space:nowrap">' + "wide " * 9 + "</td><td>where</td></tr></table></div>"
+        '<svg width="200" height="100"></svg></div></body></html>'
+    )
     found = measure(browser, page, 1366, 900, tmp_path / "profile")
     assert any("svg" in a + b and "where" in a + b for a, b, _ in found["overlaps"]), found
 

@@ -78,8 +78,7 @@ def test_training_step_equals_dense_loss_and_gradients(arch):
     sae = _sae(arch)
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(2))
     y = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(5)) + 0.5 if is_transcoder(arch) else None
-    ctx = StepContext(sparsity_coefficient=0.05, dead=torch.arange(D_SAE) % 3 == 0, bandwidth=0.05,
-                      extra={"auxk_alpha": 0.5, "k_aux": 2})
+    ctx = StepContext(sparsity_coefficient=0.05, dead=torch.arange(D_SAE) % 3 == 0, bandwidth=0.05, extra={"auxk_alpha": 0.5, "k_aux": 2})
     out = sae.training_step(x, ctx) if y is None else sae.training_step(x, ctx, y)
     grads = torch.autograd.grad(out.loss, list(sae.parameters()), allow_unused=True)
     ref = _dense_loss(sae, x, ctx, y)
@@ -119,8 +118,7 @@ def _dense_loss(sae, x, ctx, y=None):
     total_var = (y - y.mean(0)).pow(2).sum(-1).mean()
     fvu = (x_hat - y).pow(2).sum(-1).mean() / total_var
     if arch == "matryoshka":  # the mean FVU of the prefixes, each decoded from its own latents
-        fvu = sum((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() / total_var
-                  for m in PREFIXES) / len(PREFIXES)
+        fvu = sum((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() / total_var for m in PREFIXES) / len(PREFIXES)
     dead_pre = pre.masked_fill(~ctx.dead, float("-inf"))
     aux_keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, dead_pre.topk(2, dim=1).indices, True)
     residual = (y - x_hat).detach()
@@ -211,8 +209,7 @@ def _batches_for_kth_largest() -> dict[str, torch.Tensor]:
     # 1,024 sample): the sample overstates the top, so large k must take the fallback.
     sampled = normal.clone()
     sampled.view(-1)[::49] += 50.0
-    return {"normal": normal, "sampled": sampled, "ties": torch.randint(0, 4, (512, 96), generator=g).float(),
-            "tiny": torch.randn(3, 5, generator=g)}
+    return {"normal": normal, "sampled": sampled, "ties": torch.randint(0, 4, (512, 96), generator=g).float(), "tiny": torch.randn(3, 5, generator=g)}
 
 
 @pytest.mark.parametrize("name", ["normal", "sampled", "ties", "tiny"])

@@ -19,8 +19,7 @@ D_IN, D_SAE = 5, 12
 
 def _random(arch: str, k: int = 0):
     prefixes = (3, 6, D_SAE) if arch == "matryoshka" else ()
-    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k, prefixes=prefixes, name=f"{arch}-x", model="m", site="resid_post",
-                            layer=3))
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=k, prefixes=prefixes, name=f"{arch}-x", model="m", site="resid_post", layer=3))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in sae.parameters():
@@ -84,8 +83,7 @@ def test_matryoshka_folder_loads_in_saelens_itself(tmp_path):
 
 
 def _random_transcoder(arch: str):
-    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=3 if arch.startswith("topk") else 0, name=f"{arch}-x", model="m",
-                            site="mlp_out", layer=3))
+    sae = build_sae(SAESpec(arch, D_IN, D_SAE, k=3 if arch.startswith("topk") else 0, name=f"{arch}-x", model="m", site="mlp_out", layer=3))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in sae.parameters():
@@ -142,13 +140,26 @@ def test_topk_transcoders_round_trip_through_our_loader(tmp_path):
 
 def test_a_saelens_skip_transcoder_folder_loads_with_its_function(tmp_path):
     g = torch.Generator().manual_seed(6)
-    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "W_dec": torch.randn(D_SAE, D_IN, generator=g),
-         "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_IN, generator=g),
-         "threshold": torch.rand(D_SAE, generator=g), "W_skip": torch.randn(D_IN, D_IN, generator=g)}
+    t = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+        "threshold": torch.rand(D_SAE, generator=g),
+        "W_skip": torch.randn(D_IN, D_IN, generator=g),
+    }
     save_file(t, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": "jumprelu_skip_transcoder", "d_in": D_IN, "d_out": D_IN, "d_sae": D_SAE,
-           "apply_b_dec_to_input": False, "normalize_activations": "none", "model_name": "gemma-2-2b",
-           "hook_name": "blocks.7.ln2.hook_normalized", "hook_name_out": "blocks.7.hook_mlp_out"}
+    cfg = {
+        "architecture": "jumprelu_skip_transcoder",
+        "d_in": D_IN,
+        "d_out": D_IN,
+        "d_sae": D_SAE,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "model_name": "gemma-2-2b",
+        "hook_name": "blocks.7.ln2.hook_normalized",
+        "hook_name_out": "blocks.7.hook_mlp_out",
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     sae = load_sae(tmp_path)
     x = torch.randn(5, D_IN)
@@ -183,11 +194,21 @@ def test_saving_nan_weights_is_refused(tmp_path):
 
 def test_saelens_folder_loads_with_its_encoder(tmp_path):
     g = torch.Generator().manual_seed(1)
-    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "W_dec": torch.randn(D_SAE, D_IN, generator=g),
-         "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    t = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
     save_file(t, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": False,
-           "normalize_activations": "none", "metadata": {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"}}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     sae = load_sae(tmp_path)
     x = torch.randn(4, D_IN)
@@ -198,8 +219,13 @@ def test_saelens_folder_loads_with_its_encoder(tmp_path):
 
 def test_gemma_scope_params_npz(tmp_path):
     rng = np.random.default_rng(0)
-    p = {"W_enc": rng.normal(size=(D_IN, D_SAE)), "W_dec": rng.normal(size=(D_SAE, D_IN)),
-         "b_enc": rng.normal(size=D_SAE), "b_dec": rng.normal(size=D_IN), "threshold": rng.uniform(0, 1, D_SAE)}
+    p = {
+        "W_enc": rng.normal(size=(D_IN, D_SAE)),
+        "W_dec": rng.normal(size=(D_SAE, D_IN)),
+        "b_enc": rng.normal(size=D_SAE),
+        "b_dec": rng.normal(size=D_IN),
+        "threshold": rng.uniform(0, 1, D_SAE),
+    }
     np.savez(tmp_path / "params.npz", **p)
     sae = load_sae(tmp_path)
     x = rng.normal(size=(3, D_IN))
@@ -211,8 +237,12 @@ def test_gemma_scope_params_npz(tmp_path):
 
 def test_sparsify_folder(tmp_path):
     g = torch.Generator().manual_seed(2)
-    t = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g), "encoder.bias": torch.randn(D_SAE, generator=g),
-         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    t = {
+        "encoder.weight": torch.randn(D_SAE, D_IN, generator=g),
+        "encoder.bias": torch.randn(D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
     save_file(t, str(tmp_path / "sae.safetensors"))
     (tmp_path / "cfg.json").write_text(json.dumps({"k": 4, "num_latents": D_SAE, "d_in": D_IN}))
     sae = load_sae(tmp_path)

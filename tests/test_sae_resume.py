@@ -49,18 +49,42 @@ def acts_root(tmp_path_factory) -> Path:
     """resid_post of layer 1 of a tiny Llama, harvested by the project's code (64-row row groups)."""
     root = tmp_path_factory.mktemp("resume")
     lm = tiny_llama_with_corpus(root, n_docs=60, max_tokens=1024)
-    harvest(lm, make(HarvestConfig, layers=(LAYER,), sites=("resid_post",), batch_size=8, shard_rows=256, row_group_rows=64),
-            root / "corpus", root / "acts", torch.device("cpu"))
+    harvest(
+        lm,
+        make(HarvestConfig, layers=(LAYER,), sites=("resid_post",), batch_size=8, shard_rows=256, row_group_rows=64),
+        root / "corpus",
+        root / "acts",
+        torch.device("cpu"),
+    )
     return root / "acts"
 
 
 def _cmd(acts: Path, out: Path, launcher: list[str]) -> list[str]:
     # ~950 rows per epoch against 60 x 64: four epochs, each in 4+ buffer windows.
-    return [*launcher, str(REPO / "stages/train_sae.py"), f"paths.activations={acts}", f"paths.saes={out / 'saes'}",
-            f"layer={LAYER}", "site=resid_post", "model.name=tiny", "device=cpu", "tracking=disabled", "family=none", "sae=topk",
-            "sae.width=64", "sae.k=4", "sae.k_aux=16", f"sae.batch_size={BATCH}", f"sae.train_tokens={BATCH * STEPS}",
-            "sae.eval_tokens=256", "sae.buffer_rows=256", "sae.lr_warmup_steps=5", "sae.dead_window_tokens=1024",
-            f"sae.checkpoint_every={EVERY}", f"hydra.run.dir={out / 'hydra'}"]
+    return [
+        *launcher,
+        str(REPO / "stages/train_sae.py"),
+        f"paths.activations={acts}",
+        f"paths.saes={out / 'saes'}",
+        f"layer={LAYER}",
+        "site=resid_post",
+        "model.name=tiny",
+        "device=cpu",
+        "tracking=disabled",
+        "family=none",
+        "sae=topk",
+        "sae.width=64",
+        "sae.k=4",
+        "sae.k_aux=16",
+        f"sae.batch_size={BATCH}",
+        f"sae.train_tokens={BATCH * STEPS}",
+        "sae.eval_tokens=256",
+        "sae.buffer_rows=256",
+        "sae.lr_warmup_steps=5",
+        "sae.dead_window_tokens=1024",
+        f"sae.checkpoint_every={EVERY}",
+        f"hydra.run.dir={out / 'hydra'}",
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -190,8 +214,7 @@ def test_killed_torchrun_stage_resumes_to_the_uninterrupted_sae(tmp_path, acts_r
 def _terminate_after(cmd: list[str], cwd: Path, ckpt: Path, target: int, delay: float) -> subprocess.CompletedProcess:
     """Start `cmd`; once a checkpoint is past `target`, wait `delay` seconds and send SIGTERM to the command
     (torchrun forwards it to its workers); return how it ended."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     while proc.poll() is None and _checkpoint_step(ckpt) < target and time.monotonic() < deadline:
         time.sleep(0.001)

@@ -31,8 +31,7 @@ def _write_split(folder: Path, rows: int, seed: int) -> None:
         ids = torch.arange(rows)
         writer.add(acts.float(), ids, ids, ids, {})
         writer.finish(index)
-    write_manifest(folder, 2, {"model_fingerprint": "test", "site": "resid_post", "layer": 0, "d_model": D,
-                               "dtype": "float32"})
+    write_manifest(folder, 2, {"model_fingerprint": "test", "site": "resid_post", "layer": 0, "d_model": D, "dtype": "float32"})
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +44,32 @@ def acts_root(tmp_path_factory) -> Path:
 
 def _stage_args(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None, family: str = "none") -> list[str]:
     flags = [e for e in extra if e.startswith("-")]
-    return [*(launcher or [sys.executable]), str(REPO / "stages/train_sae.py"), *flags, f"paths.activations={acts}", f"paths.saes={tmp / 'saes'}",
-            "layer=0", "tracking=disabled", f"family={family}", "sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64",
-            "sae.train_tokens=640", "sae.eval_tokens=200", "sae.buffer_rows=256", "sae.checkpoint_every=4",
-            f"hydra.run.dir={tmp / 'hydra'}", f"hydra.sweep.dir={tmp / 'multirun'}", *(e for e in extra if not e.startswith("-"))]
+    return [
+        *(launcher or [sys.executable]),
+        str(REPO / "stages/train_sae.py"),
+        *flags,
+        f"paths.activations={acts}",
+        f"paths.saes={tmp / 'saes'}",
+        "layer=0",
+        "tracking=disabled",
+        f"family={family}",
+        "sae=topk",
+        "sae.width=16",
+        "sae.k=2",
+        "sae.batch_size=64",
+        "sae.train_tokens=640",
+        "sae.eval_tokens=200",
+        "sae.buffer_rows=256",
+        "sae.checkpoint_every=4",
+        f"hydra.run.dir={tmp / 'hydra'}",
+        f"hydra.sweep.dir={tmp / 'multirun'}",
+        *(e for e in extra if not e.startswith("-")),
+    ]
 
 
-def _run(tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None,
-         family: str = "none", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(
+    tmp: Path, acts: Path, *extra: str, launcher: list[str] | None = None, family: str = "none", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     args = _stage_args(tmp, acts, *extra, launcher=launcher, family=family)
     tmp.mkdir(parents=True, exist_ok=True)
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp, timeout=300, env={**os.environ, **(env or {})})
@@ -96,8 +113,7 @@ def test_stage_reports_a_missing_layer_in_one_line(tmp_path, acts_root):
     assert done.stderr.strip().startswith("error:") and "layer 5" in done.stderr
     bad_site = _run(tmp_path, acts_root, "site=resid_pots")
     assert bad_site.returncode == 2 and "Traceback" not in bad_site.stderr
-    assert bad_site.stderr.strip().splitlines()[-1] == (
-        "error: unknown site 'resid_pots'; valid sites: resid_post, attn_out, mlp_in, mlp_out")
+    assert bad_site.stderr.strip().splitlines()[-1] == ("error: unknown site 'resid_pots'; valid sites: resid_post, attn_out, mlp_in, mlp_out")
 
 
 def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_path, acts_root):
@@ -107,9 +123,21 @@ def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_pat
 
     project = tmp_path / "project"
     project.mkdir()
-    params = compose(["sae=topk", "sae.width=16", "sae.k=2", "sae.batch_size=64", "sae.train_tokens=640",
-                      "sae.eval_tokens=200", "sae.buffer_rows=256", "tracking=disabled", "layer=0",
-                      f"paths.activations={acts_root}", f"paths.saes={project / 'saes'}"])
+    params = compose(
+        [
+            "sae=topk",
+            "sae.width=16",
+            "sae.k=2",
+            "sae.batch_size=64",
+            "sae.train_tokens=640",
+            "sae.eval_tokens=200",
+            "sae.buffer_rows=256",
+            "tracking=disabled",
+            "layer=0",
+            f"paths.activations={acts_root}",
+            f"paths.saes={project / 'saes'}",
+        ]
+    )
     (project / "params.yaml").write_text(dump_yaml(params))
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -119,9 +147,14 @@ def test_a_dvc_experiment_member_gets_a_folder_named_for_what_it_changed(tmp_pat
     params["sae"]["lr"] = 0.003  # what `-S sae.lr=0.003` does to params.yaml
     (project / "params.yaml").write_text(dump_yaml(params))
     env = dict(os.environ, DVC_EXP_BASELINE_REV=rev, DVC_EXP_NAME="exp-a", DVC_ROOT=str(project))
-    done = subprocess.run([sys.executable, str(REPO / "stages/train_sae.py"), "--config-path", str(project),
-                           "--config-name", "params", f"hydra.run.dir={tmp_path / 'hydra'}"],
-                          capture_output=True, text=True, cwd=project, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages/train_sae.py"), "--config-path", str(project), "--config-name", "params", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        capture_output=True,
+        text=True,
+        cwd=project,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (folder,) = find_saes(project / "saes", "resid_post", 0)
     assert folder.name == "topk-w16-k2-lr0.003"
@@ -140,17 +173,24 @@ def test_the_command_a_wandb_agent_builds_from_the_sweep_config_runs_the_stage(t
     _write_split(acts_root / "resid_post" / f"layer_{layer}", 256, 3)
     _write_split(acts_root / "resid_post" / f"layer_{layer}" / "eval", 128, 4)
     # Sizes for this test only, passed the way the agent passes every parameter.
-    values.update({"paths.activations": str(acts_root), "paths.saes": str(tmp_path / "saes"), "sae.width": 64,
-                   "sae.batch_size": 64, "sae.train_tokens": 640, "sae.eval_tokens": 200, "sae.buffer_rows": 256,
-                   "hydra.run.dir": str(tmp_path / "hydra")})
+    values.update(
+        {
+            "paths.activations": str(acts_root),
+            "paths.saes": str(tmp_path / "saes"),
+            "sae.width": 64,
+            "sae.batch_size": 64,
+            "sae.train_tokens": 640,
+            "sae.eval_tokens": 200,
+            "sae.buffer_rows": 256,
+            "hydra.run.dir": str(tmp_path / "hydra"),
+        }
+    )
     built = []
     monkeypatch.setattr(wandb_agent, "AgentProcess", lambda command=None, **_: built.append(command) or SimpleNamespace())
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SWEEP_ID", "s")
-    agent = type("Agent", (), {"_sweep_command": sweep["command"], "_function": None, "_in_jupyter": False,
-                               "_forward_signals": False, "_run_processes": {}})()
-    wandb_agent.Agent._command_run(agent, {"run_id": "r1", "program": sweep["program"],
-                                           "args": {k: {"value": v} for k, v in values.items()}})
+    agent = type("Agent", (), {"_sweep_command": sweep["command"], "_function": None, "_in_jupyter": False, "_forward_signals": False, "_run_processes": {}})()
+    wandb_agent.Agent._command_run(agent, {"run_id": "r1", "program": sweep["program"], "args": {k: {"value": v} for k, v in values.items()}})
     (command,) = built
     assert command[:3] == ["/usr/bin/env", "python", "stages/train_sae.py"] and "sae.target_l0=16" in command
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SWEEP", "WANDB_RUN"))}
@@ -179,8 +219,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.barrier()  # the checkpoint (step 7) is on disk before anyone resumes
     resumed = new_sae(cfg, 8, STATS, seed=rank + 1)  # every process must take its weights from the checkpoint
     train(resumed, _batches(64), STATS, cfg, checkpoint_dir=ckpt)
-    state = {f"{run}.{k}": v.detach().contiguous() for run, sae in (("whole", whole), ("resumed", resumed))
-             for k, v in sae.state_dict().items()}
+    state = {f"{run}.{k}": v.detach().contiguous() for run, sae in (("whole", whole), ("resumed", resumed)) for k, v in sae.state_dict().items()}
     torch.save(state, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 

@@ -31,11 +31,13 @@ def _data(seed: int, n: int) -> torch.Tensor:
 
 def _batches_of(data, batch: int):
     """`batches(start)` of `data(seed, batch)`, one seed per step, so a resumed run reads the same batches."""
+
     def batches(start: int):
         step = start
         while True:
             yield data(1000 + step, batch)
             step += 1
+
     return batches
 
 
@@ -44,12 +46,21 @@ def _batches(batch: int):
 
 
 def _cfg(arch: str = "topk", **kw) -> SAEConfig:
-    base = dict(name=arch, width=32, batch_size=64, train_tokens=64 * 30, lr=0.01, lr_warmup_steps=3,
-                checkpoint_every=7, dead_window_tokens=640, log_every=5, sparsity_warmup_steps=5)
+    base = dict(
+        name=arch,
+        width=32,
+        batch_size=64,
+        train_tokens=64 * 30,
+        lr=0.01,
+        lr_warmup_steps=3,
+        checkpoint_every=7,
+        dead_window_tokens=640,
+        log_every=5,
+        sparsity_warmup_steps=5,
+    )
     base.update(kw)
     arch = base.pop("architecture", arch)
-    return make_sae(arch, k=base.pop("k", 3), coefficient=base.pop("sparsity_coefficient", 0.02 if arch == "jumprelu" else 0.05),
-                    **base)
+    return make_sae(arch, k=base.pop("k", 3), coefficient=base.pop("sparsity_coefficient", 0.02 if arch == "jumprelu" else 0.05), **base)
 
 
 STATS = DataStats(_data(7, 4096).mean(0), float(_data(7, 4096).pow(2).sum(1).mean()))
@@ -72,8 +83,9 @@ def test_training_reduces_fvu_below_the_mean_predictor(arch):
     assert 0 < metrics["l0"] < cfg.width
 
 
-@pytest.mark.parametrize("arch,stop", [("topk", 10), ("jumprelu", 10), ("relu", 10), ("batchtopk", 10),
-                                       ("batchtopk", 29)])  # 29: checkpoint 28 is inside the threshold's final quarter
+@pytest.mark.parametrize(
+    "arch,stop", [("topk", 10), ("jumprelu", 10), ("relu", 10), ("batchtopk", 10), ("batchtopk", 29)]
+)  # 29: checkpoint 28 is inside the threshold's final quarter
 def test_resumed_training_ends_with_the_same_weights(tmp_path, arch, stop):
     """Kill after `stop` steps (checkpoints every 7), resume: same weights as one uninterrupted run."""
     cfg = _cfg(arch)
@@ -113,8 +125,7 @@ def test_a_fixed_geometric_median_b_dec_keeps_latents_alive_beside_sink_rows():
     stats = DataStats.from_rows(_with_sink_rows(7, 4096))
     fired = {}
     for fixed in (False, True):
-        cfg = _cfg("topk", width=64, batch_size=256, train_tokens=256 * 120, b_dec_init="geometric_median", train_b_dec=not fixed,
-                   dead_window_tokens=100_000)
+        cfg = _cfg("topk", width=64, batch_size=256, train_tokens=256 * 120, b_dec_init="geometric_median", train_b_dec=not fixed, dead_window_tokens=100_000)
         sae = new_sae(cfg, D_IN, stats, seed=0, first_batch=next(batches(0)))
         start = sae.b_dec.detach().clone()
         train(sae, batches, stats, cfg)
@@ -153,8 +164,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
 
 
 def test_schedules():
-    cfg = _cfg("jumprelu", lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.5, train_tokens=64 * 40, sparsity_warmup_steps=20,
-               sparsity_coefficient=2.0)
+    cfg = _cfg("jumprelu", lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.5, train_tokens=64 * 40, sparsity_warmup_steps=20, sparsity_coefficient=2.0)
     assert lr_at(cfg, 0) == pytest.approx(0.1)
     assert lr_at(cfg, 10) == 1.0 and lr_at(cfg, 19) == 1.0
     assert lr_at(cfg, 30) == pytest.approx(0.5) and lr_at(cfg, 39) == pytest.approx(1 / 20)
@@ -216,12 +226,16 @@ def test_matryoshka_first_prefix_reconstructs_alone_where_batchtopks_does_not():
     assert info["final_loss"] < 0.6 * float(before.loss.detach()), info
 
 
-@pytest.mark.parametrize("prefixes,match", [
-    ((0.25, 0.5), "ending with 1"),
-    ((), "ending with 1"),
-    ((0.5, 0.25, 1.0), r"sizes \[16, 8, 32\] at width 32; they must be strictly increasing"),
-    ((0.01, 1.0), r"sizes \[0, 32\]"),
-    ((0.0, 1.0), "in \\(0, 1\\]")])
+@pytest.mark.parametrize(
+    "prefixes,match",
+    [
+        ((0.25, 0.5), "ending with 1"),
+        ((), "ending with 1"),
+        ((0.5, 0.25, 1.0), r"sizes \[16, 8, 32\] at width 32; they must be strictly increasing"),
+        ((0.01, 1.0), r"sizes \[0, 32\]"),
+        ((0.0, 1.0), "in \\(0, 1\\]"),
+    ],
+)
 def test_bad_matryoshka_prefixes_are_refused(prefixes, match):
     with pytest.raises(TokenJourneyError, match=match):
         _cfg("matryoshka", prefixes=prefixes)
@@ -241,8 +255,7 @@ def test_prefixes_from_a_stages_dictconfig_become_a_json_ready_tuple():
     json.dumps(dataclasses.asdict(cfg))
 
 
-@pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"),
-                                dict(train_tokens=10), dict(b_dec_init="median")])
+@pytest.mark.parametrize("kw", [dict(width=0), dict(k=33), dict(k=0), dict(architecture="gated"), dict(train_tokens=10), dict(b_dec_init="median")])
 def test_bad_config_is_rejected(kw):
     with pytest.raises(TokenJourneyError):
         _cfg(**kw)
@@ -257,8 +270,18 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
         d_in, width, rows = 32, 512, 1024
         data = torch.randn(rows * 4, d_in, generator=torch.Generator().manual_seed(5))
         stats = DataStats(data.mean(0), float(data.pow(2).sum(1).mean()))
-        cfg = make_sae(arch, name=arch, width=width, k=64, batch_size=rows, train_tokens=rows * 4,
-                       coefficient=1e-4, threshold_init=0.01, lr_warmup_steps=1, sparsity_warmup_steps=1)
+        cfg = make_sae(
+            arch,
+            name=arch,
+            width=width,
+            k=64,
+            batch_size=rows,
+            train_tokens=rows * 4,
+            coefficient=1e-4,
+            threshold_init=0.01,
+            lr_warmup_steps=1,
+            sparsity_warmup_steps=1,
+        )
         runs = []
         for _ in range(2):
             sae = new_sae(cfg, d_in, stats, seed=0)
@@ -273,8 +296,7 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
 @pytest.mark.parametrize("target", [3.0, 6.0])
 def test_jumprelu_trains_to_the_requested_l0(target, topk_warmup_fraction):
     """The same data and recipe end at either target on held-out rows, with no coefficient to tune."""
-    cfg = _cfg("jumprelu", target_l0=target, target_l0_gain=0.1, train_tokens=64 * 120, sparsity_warmup_steps=0,
-               topk_warmup_fraction=topk_warmup_fraction)
+    cfg = _cfg("jumprelu", target_l0=target, target_l0_gain=0.1, train_tokens=64 * 120, sparsity_warmup_steps=0, topk_warmup_fraction=topk_warmup_fraction)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     info = train(sae, _batches(64), STATS, cfg)
     held_out = sae_reconstruction(sae, _data(99, 4096))["l0"]
@@ -311,8 +333,15 @@ def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_
 
     With a warm start of 8 steps, the resumed part (from the checkpoint at step 7) crosses into the JumpReLU steps.
     """
-    cfg = _cfg("jumprelu", target_l0=6.0, target_l0_gain=0.2, train_tokens=64 * 20, sparsity_warmup_steps=0,
-               checkpoint_every=7, topk_warmup_fraction=topk_warmup_fraction)
+    cfg = _cfg(
+        "jumprelu",
+        target_l0=6.0,
+        target_l0_gain=0.2,
+        train_tokens=64 * 20,
+        sparsity_warmup_steps=0,
+        checkpoint_every=7,
+        topk_warmup_fraction=topk_warmup_fraction,
+    )
     straight = new_sae(cfg, D_IN, STATS, seed=0)
     train(straight, _batches(64), STATS, cfg)
     resumed = new_sae(cfg, D_IN, STATS, seed=0)
@@ -345,27 +374,34 @@ def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference():
         assert torch.allclose(grad, getattr(sae, name).grad, rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("kw,match", [(dict(architecture="jumprelu", topk_warmup_fraction=0.5), "applies only with sae.target_l0"),
-                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1,
-                                            topk_warmup_fraction=1.0), r"must be in \[0, 1\)"),
-                                      (dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
-                                      (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
-                                      (dict(architecture="jumprelu", target_l0=99.0), "between 0"),
-                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.0), "must be > 0"),
-                                      (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1,
-                                            sparsity_coefficient=0.0), "must be > 0")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(architecture="jumprelu", topk_warmup_fraction=0.5), "applies only with sae.target_l0"),
+        (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=1.0), r"must be in \[0, 1\)"),
+        (dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
+        (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
+        (dict(architecture="jumprelu", target_l0=99.0), "between 0"),
+        (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.0), "must be > 0"),
+        (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, sparsity_coefficient=0.0), "must be > 0"),
+    ],
+)
 def test_target_l0_where_it_does_not_apply_is_refused(kw, match):
     with pytest.raises(TokenJourneyError, match=match):
         _cfg(**kw)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(architecture="jumprelu", k=16), "sae.k=16 does not apply to jumprelu"),
-    (dict(architecture="relu", k=16), "sae.k=16 does not apply to relu"),
-    (dict(architecture="topk", sparsity_coefficient=0.001), "does not apply to topk"),
-    (dict(architecture="jumprelu", target_l0_gain=0.1), "applies only with sae.target_l0"),
-    (dict(architecture="batchtopk", prefixes=(0.5, 1.0)), r"sae.prefixes=\[0.5, 1.0\] does not apply to batchtopk"),
-    (dict(architecture="matryoshka", sparsity_coefficient=0.001), "does not apply to matryoshka")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(architecture="jumprelu", k=16), "sae.k=16 does not apply to jumprelu"),
+        (dict(architecture="relu", k=16), "sae.k=16 does not apply to relu"),
+        (dict(architecture="topk", sparsity_coefficient=0.001), "does not apply to topk"),
+        (dict(architecture="jumprelu", target_l0_gain=0.1), "applies only with sae.target_l0"),
+        (dict(architecture="batchtopk", prefixes=(0.5, 1.0)), r"sae.prefixes=\[0.5, 1.0\] does not apply to batchtopk"),
+        (dict(architecture="matryoshka", sparsity_coefficient=0.001), "does not apply to matryoshka"),
+    ],
+)
 def test_a_sparsity_key_the_architecture_ignores_is_refused(kw, match):
     """A sweep over such a key (`dvc exp run --queue -S 'sae.k=16,32'` on JumpReLU) would train identical SAEs."""
     with pytest.raises(TokenJourneyError, match=match):

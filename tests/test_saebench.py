@@ -150,9 +150,10 @@ def test_report_shows_the_saebench_figures() -> None:
     from token_journey.report.gather import HEADLINE, SaeEntry
 
     figures = [(8.0, 0.05, 0.4, 0.91), (16.0, 0.2, 0.3, 0.92), (32.0, 0.1, 0.2, 0.95)]  # l0, fvu, absorption, probe
-    entries = [SaeEntry("resid_post", 15, f"sae-{i}", metrics={"l0": l0, "fvu": fvu, "delta_loss": fvu, "absorption_rate": a,
-                                                                "probe_sae_top_1": p})
-               for i, (l0, fvu, a, p) in enumerate(figures)]
+    entries = [
+        SaeEntry("resid_post", 15, f"sae-{i}", metrics={"l0": l0, "fvu": fvu, "delta_loss": fvu, "absorption_rate": a, "probe_sae_top_1": p})
+        for i, (l0, fvu, a, p) in enumerate(figures)
+    ]
     charts = overview_charts(entries, {}, bins=10)
     absorption = str(charts["absorption_vs_l0"])
     assert absorption.count("<circle") == 3 and 'class="front"' in absorption  # all three are Pareto-optimal

@@ -86,9 +86,11 @@ def test_splice_changes_downstream_and_identity_does_not(tiny):
 
 @pytest.mark.parametrize(
     "site, layer, message",
-    [("resid_mid", 0, "unknown site 'resid_mid'; valid sites: resid_post, attn_out, mlp_in, mlp_out"),
-     ("resid_post", 3, "layer 3 is out of range; this model has layers 0..2"),
-     ("resid_post", -1, "layer -1 is out of range")],
+    [
+        ("resid_mid", 0, "unknown site 'resid_mid'; valid sites: resid_post, attn_out, mlp_in, mlp_out"),
+        ("resid_post", 3, "layer 3 is out of range; this model has layers 0..2"),
+        ("resid_post", -1, "layer -1 is out of range"),
+    ],
 )
 def test_bad_points_are_named(tiny, site, layer, message):
     with pytest.raises(TokenJourneyError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -101,8 +103,9 @@ def _perturb(act: torch.Tensor) -> torch.Tensor:
     return act + torch.randn(act.shape, generator=g) * act.abs().mean()
 
 
-@pytest.mark.parametrize("family, attention", [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"),
-                                               ("gemma3", "eager"), ("gemma3", "sdpa")])  # Gemma 2 has no sdpa
+@pytest.mark.parametrize(
+    "family, attention", [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager"), ("gemma3", "eager"), ("gemma3", "sdpa")]
+)  # Gemma 2 has no sdpa
 def test_resume_equals_the_full_spliced_pass(family, attention):
     """Resuming a recorded pass at the site gives the decoder output of a full pass with the splice.
 

@@ -83,8 +83,7 @@ def s3(store):
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{store.port}", scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir(BUCKET)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{store.port}", scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
         yield f"s3://{BUCKET}"
 
 
@@ -113,10 +112,34 @@ def harvested(s3, tiny_lm):
 
 def train_from(activations: Location | str, out: Path) -> Path:
     """Train a tiny TopK SAE (6 steps) on layer 1 of `activations` into `out/saes`; its folder."""
-    sae = make(SAEConfig, architecture="topk", name="topk", width=16, k=2, batch_size=32, train_tokens=32 * 6,
-               checkpoint_every=4, eval_tokens=64, buffer_rows=128, lr_warmup_steps=1, sparsity_warmup_steps=1, log_every=2)
-    return train_layer(sae, activations=location(activations), saes=out / "saes", timings=out / "timings", site="resid_post",
-                       layer=1, model="tiny", seed=0, tracking=make(TrackingConfig, mode="disabled"), name="topk", device="cpu")
+    sae = make(
+        SAEConfig,
+        architecture="topk",
+        name="topk",
+        width=16,
+        k=2,
+        batch_size=32,
+        train_tokens=32 * 6,
+        checkpoint_every=4,
+        eval_tokens=64,
+        buffer_rows=128,
+        lr_warmup_steps=1,
+        sparsity_warmup_steps=1,
+        log_every=2,
+    )
+    return train_layer(
+        sae,
+        activations=location(activations),
+        saes=out / "saes",
+        timings=out / "timings",
+        site="resid_post",
+        layer=1,
+        model="tiny",
+        seed=0,
+        tracking=make(TrackingConfig, mode="disabled"),
+        name="topk",
+        device="cpu",
+    )
 
 
 def test_a_harvest_on_s3_holds_the_same_bytes_and_trains(harvested):
@@ -173,8 +196,7 @@ FAST_RETRIES = {"TOKEN_JOURNEY_STORAGE_RETRIES": "10", "TOKEN_JOURNEY_STORAGE_BA
 POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 """Where in a run the store goes down: a fraction of the run's remote storage calls."""
 
-STORAGE_CALLS = ("file_names", "is_file", "is_dir", "file_size", "delete", "read_bytes", "write_bytes", "write_parquet",
-                 "read_with", "sha256")
+STORAGE_CALLS = ("file_names", "is_file", "is_dir", "file_size", "delete", "read_bytes", "write_bytes", "write_parquet", "read_with", "sha256")
 
 
 class Outage:
@@ -347,8 +369,7 @@ def test_training_rides_out_a_store_restart(point, harvested, trained, outage, c
 
 
 @pytest.mark.parametrize("point", (0.15, 0.6, 0.9))
-def test_a_harvest_cut_off_by_an_outage_lists_no_missing_shard_and_a_rerun_completes(point, harvested, tiny_lm,
-                                                                                     harvest_calls, outage, monkeypatch):
+def test_a_harvest_cut_off_by_an_outage_lists_no_missing_shard_and_a_rerun_completes(point, harvested, tiny_lm, harvest_calls, outage, monkeypatch):
     root, lm = tiny_lm
     at = at_point(point, harvest_calls)
     target = Uri(f"s3://{BUCKET}/acts-cut-{at}")
@@ -372,9 +393,14 @@ def test_a_harvest_cut_off_by_an_outage_lists_no_missing_shard_and_a_rerun_compl
 
 def dead_store_env(monkeypatch: pytest.MonkeyPatch, attempts: int) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    for key, value in {"TOKEN_JOURNEY_STORAGE_RETRIES": str(attempts), "TOKEN_JOURNEY_STORAGE_BACKOFF_S": "0.01",
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for key, value in {
+        "TOKEN_JOURNEY_STORAGE_RETRIES": str(attempts),
+        "TOKEN_JOURNEY_STORAGE_BACKOFF_S": "0.01",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(key, value)
 
 
@@ -391,8 +417,12 @@ def test_a_store_that_stays_down_ends_in_one_line_naming_it(monkeypatch, caplog)
     shard = root / "shard-00000.parquet"
     with pytest.raises(StorageError, match=r"^cannot read s3://no-bucket/acts/shard-00000\.parquet\?.*connection refused"):
         read_shard(shard)  # an unreachable shard is not a damaged one
-    calls = {"write": lambda: storage.write_bytes(shard, b"x"), "look up": lambda: storage.is_file(shard),
-             "read": lambda: storage.sha256(shard), "delete": lambda: storage.delete(shard)}
+    calls = {
+        "write": lambda: storage.write_bytes(shard, b"x"),
+        "look up": lambda: storage.is_file(shard),
+        "read": lambda: storage.sha256(shard),
+        "delete": lambda: storage.delete(shard),
+    }
     for action, call in calls.items():
         with pytest.raises(StorageError, match=f"^cannot {action} s3://no-bucket/acts/shard-00000.parquet"):
             call()
@@ -417,8 +447,14 @@ def test_a_shard_is_kept_when_the_store_fails_while_a_resumed_harvest_checks_it(
 def test_the_train_stage_on_a_store_that_stays_down_prints_one_error_line(tmp_path, monkeypatch):
     dead_store_env(monkeypatch, attempts=2)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "stages/train_sae.py", f'paths.activations="{DEAD}"', f"hydra.run.dir={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "stages/train_sae.py", f'paths.activations="{DEAD}"', f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert last.startswith("error: cannot list s3://no-bucket/acts/") and "connection refused after 2 attempts" in last
@@ -430,8 +466,9 @@ def test_a_missing_bucket_is_named_in_one_line(s3, tiny_lm, caplog):
         with pytest.raises(StorageError) as info:
             harvest(lm, harvest_config(), root / "corpus", "s3://no-such-bucket/acts", torch.device("cpu"))
     message = str(info.value)
-    assert "\n" not in message and message.startswith("s3://no-such-bucket/acts/resid_post/layer_1/shard-00000.parquet: "
-                                                      "bucket 'no-such-bucket' does not exist; create it")
+    assert "\n" not in message and message.startswith(
+        "s3://no-such-bucket/acts/resid_post/layer_1/shard-00000.parquet: bucket 'no-such-bucket' does not exist; create it"
+    )
     assert not retries(caplog)  # a permanent fault is not retried
 
 
@@ -477,11 +514,13 @@ class FakeS3Handler(BaseHTTPRequestHandler):
         fault = len(server.served) < server.faults
         status = server.status if fault else 200
         server.served.append(status)
-        body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{server.code}</Code><Message>try later</Message>"
-                "<RequestId>1</RequestId></Error>" if fault else
-                "<?xml version='1.0' encoding='UTF-8'?><ListBucketResult xmlns='http://s3.amazonaws.com/doc/2006-03-01/'>"
-                "<Name>bkt</Name><Prefix>x/</Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter>"
-                "<IsTruncated>false</IsTruncated></ListBucketResult>").encode()
+        body = (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{server.code}</Code><Message>try later</Message><RequestId>1</RequestId></Error>"
+            if fault
+            else "<?xml version='1.0' encoding='UTF-8'?><ListBucketResult xmlns='http://s3.amazonaws.com/doc/2006-03-01/'>"
+            "<Name>bkt</Name><Prefix>x/</Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter>"
+            "<IsTruncated>false</IsTruncated></ListBucketResult>"
+        ).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -495,8 +534,15 @@ class FakeS3Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("status, code, cause", [(503, "SlowDown", "throttled"), (429, "TooManyRequests", "throttled"),
-                                                 (500, "InternalError", "server error"), (503, "ServiceUnavailable", "server error")])
+@pytest.mark.parametrize(
+    "status, code, cause",
+    [
+        (503, "SlowDown", "throttled"),
+        (429, "TooManyRequests", "throttled"),
+        (500, "InternalError", "server error"),
+        (503, "ServiceUnavailable", "server error"),
+    ],
+)
 def test_throttling_and_5xx_are_retried_then_reported(status, code, cause, monkeypatch, caplog):
     dead_store_env(monkeypatch, attempts=3)
     passing = FakeS3(status, code, faults=2)
@@ -513,8 +559,9 @@ def test_throttling_and_5xx_are_retried_then_reported(status, code, cause, monke
         server.server_close()
 
 
-@pytest.mark.parametrize("status, code, start", [(403, "AccessDenied", "{where}: access denied ("),
-                                                 (404, "NoSuchBucket", "{where}: bucket 'bkt' does not exist; create it")])
+@pytest.mark.parametrize(
+    "status, code, start", [(403, "AccessDenied", "{where}: access denied ("), (404, "NoSuchBucket", "{where}: bucket 'bkt' does not exist; create it")]
+)
 def test_permanent_faults_are_not_retried(status, code, start, monkeypatch):
     """A listing of a missing bucket is an empty folder to pyarrow, so the bucket is missed by a write."""
     dead_store_env(monkeypatch, attempts=5)
@@ -532,43 +579,97 @@ def test_permanent_faults_are_not_retried(status, code, start, monkeypatch):
 
 
 CAPTURED = [  # what pyarrow 26 printed against moto, a stopped moto, and an endpoint answering S3 errors
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error NETWORK_CONNECTION during ListObjectsV2 operation: "
-     "curlCode: 7, Could not connect to server; Details: Failed to connect to 127.0.0.1:57591 after 0 ms: Could not connect to server",
-     "connection refused", True),
-    ("When uploading part for key 'a/x' in bucket 'bkt': AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 28, "
-     "Timeout was reached; Details: Operation too slow. Less than 1 bytes/sec transferred the last 3 seconds", "timed out", True),
-    ("When getting information for key 'a' in bucket 'bkt': AWS Error NETWORK_CONNECTION during HeadObject operation: "
-     "curlCode: 6, Could not resolve hostname; Details: Could not resolve host: no-such-host.invalid", "host name not resolved", True),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error SLOW_DOWN during ListObjectsV2 operation: "
-     "Please reduce your request rate. (Request ID: 1)", "throttled", True),
-    ("When getting information for key 'a/y' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 429) during HeadObject operation: "
-     "No response body.", "throttled", True),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 429) during ListObjectsV2 operation: "
-     "Unable to parse ExceptionName: TooManyRequests Message: Too many (Request ID: 1)", "throttled", True),
-    ("When getting information for key 'a/y' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: "
-     "No response body.", "server error", True),
-    ("When initiating multiple part upload for key 'a/z' in bucket 'bkt': AWS Error INTERNAL_FAILURE during CreateMultipartUpload "
-     "operation: We encountered an internal error. Please try again. (Request ID: 1)", "server error", True),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error SERVICE_UNAVAILABLE during ListObjectsV2 operation: "
-     "Service unavailable (Request ID: 1)", "server error", True),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 502) during ListObjectsV2 operation: "
-     "No response body.", "server error", True),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error REQUEST_TIMEOUT during ListObjectsV2 operation: timeout "
-     "(Request ID: 1)", "timed out", True),
-    ("When initiating multiple part upload for key 'a/x' in bucket 'nobkt': AWS Error NO_SUCH_BUCKET during CreateMultipartUpload "
-     "operation: The specified bucket does not exist (Request ID: QMGRpOuIoDUn7eMEAlhvVtSCMzSaxPDY2I04iwMC4EJZLC7nm7vQ)",
-     "bucket does not exist", False),
-    ("When getting information for key 'a/y' in bucket 'bkt': AWS Error ACCESS_DENIED during HeadObject operation: No response body.",
-     "access denied", False),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error INVALID_ACCESS_KEY_ID during ListObjectsV2 operation: The AWS "
-     "Access Key Id you provided does not exist in our records. (Request ID: dGXJ9EE6fzJtkIAmFnGzDFoQnLWlvzgO2arO1nk2q4SgBjEKNImo)",
-     "access denied", False),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error SIGNATURE_DOES_NOT_MATCH during ListObjectsV2 operation: sig "
-     "(Request ID: 1)", "access denied", False),
-    ("When listing objects under key 'a/' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 400) during ListObjectsV2 operation: "
-     "Unable to parse ExceptionName: ExpiredToken Message: expired (Request ID: 1)", "access denied", False),
-    ("When getting information for key 'a/y' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 400) during HeadObject operation: "
-     "No response body.", "store error", False),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error NETWORK_CONNECTION during ListObjectsV2 operation: "
+        "curlCode: 7, Could not connect to server; Details: Failed to connect to 127.0.0.1:57591 after 0 ms: Could not connect to server",
+        "connection refused",
+        True,
+    ),
+    (
+        "When uploading part for key 'a/x' in bucket 'bkt': AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 28, "
+        "Timeout was reached; Details: Operation too slow. Less than 1 bytes/sec transferred the last 3 seconds",
+        "timed out",
+        True,
+    ),
+    (
+        "When getting information for key 'a' in bucket 'bkt': AWS Error NETWORK_CONNECTION during HeadObject operation: "
+        "curlCode: 6, Could not resolve hostname; Details: Could not resolve host: no-such-host.invalid",
+        "host name not resolved",
+        True,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error SLOW_DOWN during ListObjectsV2 operation: "
+        "Please reduce your request rate. (Request ID: 1)",
+        "throttled",
+        True,
+    ),
+    (
+        "When getting information for key 'a/y' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 429) during HeadObject operation: No response body.",
+        "throttled",
+        True,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 429) during ListObjectsV2 operation: "
+        "Unable to parse ExceptionName: TooManyRequests Message: Too many (Request ID: 1)",
+        "throttled",
+        True,
+    ),
+    (
+        "When getting information for key 'a/y' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.",
+        "server error",
+        True,
+    ),
+    (
+        "When initiating multiple part upload for key 'a/z' in bucket 'bkt': AWS Error INTERNAL_FAILURE during CreateMultipartUpload "
+        "operation: We encountered an internal error. Please try again. (Request ID: 1)",
+        "server error",
+        True,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error SERVICE_UNAVAILABLE during ListObjectsV2 operation: "
+        "Service unavailable (Request ID: 1)",
+        "server error",
+        True,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 502) during ListObjectsV2 operation: No response body.",
+        "server error",
+        True,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error REQUEST_TIMEOUT during ListObjectsV2 operation: timeout (Request ID: 1)",
+        "timed out",
+        True,
+    ),
+    (
+        "When initiating multiple part upload for key 'a/x' in bucket 'nobkt': AWS Error NO_SUCH_BUCKET during CreateMultipartUpload "
+        "operation: The specified bucket does not exist (Request ID: QMGRpOuIoDUn7eMEAlhvVtSCMzSaxPDY2I04iwMC4EJZLC7nm7vQ)",
+        "bucket does not exist",
+        False,
+    ),
+    ("When getting information for key 'a/y' in bucket 'bkt': AWS Error ACCESS_DENIED during HeadObject operation: No response body.", "access denied", False),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error INVALID_ACCESS_KEY_ID during ListObjectsV2 operation: The AWS "
+        "Access Key Id you provided does not exist in our records. (Request ID: dGXJ9EE6fzJtkIAmFnGzDFoQnLWlvzgO2arO1nk2q4SgBjEKNImo)",
+        "access denied",
+        False,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error SIGNATURE_DOES_NOT_MATCH during ListObjectsV2 operation: sig (Request ID: 1)",
+        "access denied",
+        False,
+    ),
+    (
+        "When listing objects under key 'a/' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 400) during ListObjectsV2 operation: "
+        "Unable to parse ExceptionName: ExpiredToken Message: expired (Request ID: 1)",
+        "access denied",
+        False,
+    ),
+    (
+        "When getting information for key 'a/y' in bucket 'bkt': AWS Error UNKNOWN (HTTP status 400) during HeadObject operation: No response body.",
+        "store error",
+        False,
+    ),
     ("[Errno 2] Path does not exist 'bkt/a/zz'. Detail: [errno 2] No such file or directory", None, None),
     ("could not verify page integrity, CRC checksum verification failed for page_ordinal 0", None, None),
     ("Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet file.", None, None),

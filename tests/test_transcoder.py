@@ -60,8 +60,7 @@ def harvested(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("transcoder")
     lm = tiny_llama_with_corpus(root, n_docs=120, max_tokens=2048)
-    cfg = make(HarvestConfig, layers=(1,), sites=("mlp_in", "mlp_out"), batch_size=5, shard_rows=64,
-               row_group_rows=16, max_norm_ratio=1.3)
+    cfg = make(HarvestConfig, layers=(1,), sites=("mlp_in", "mlp_out"), batch_size=5, shard_rows=64, row_group_rows=16, max_norm_ratio=1.3)
     harvest(lm, cfg, root / "corpus", root / "acts", torch.device("cpu"))
     return root, lm
 
@@ -137,9 +136,22 @@ def _train_synthetic(arch: str, steps: int = 150, coefficient: float = 1e-3, bum
     x, y = held[:, :d], held[:, d:]
     stats = DataStats(y.mean(0), float(y.pow(2).sum(1).mean()))
     in_stats = DataStats(x.mean(0), float(x.pow(2).sum(1).mean()))
-    cfg = make_sae(arch, k=4, coefficient=coefficient, name=arch, width=32, batch_size=batch, train_tokens=batch * steps,
-                   lr=0.01, lr_warmup_steps=10, sparsity_warmup_steps=20, checkpoint_every=0, dead_window_tokens=batch * 20,
-                   log_every=50, k_aux=8)
+    cfg = make_sae(
+        arch,
+        k=4,
+        coefficient=coefficient,
+        name=arch,
+        width=32,
+        batch_size=batch,
+        train_tokens=batch * steps,
+        lr=0.01,
+        lr_warmup_steps=10,
+        sparsity_warmup_steps=20,
+        checkpoint_every=0,
+        dead_window_tokens=batch * 20,
+        log_every=50,
+        k_aux=8,
+    )
     sae = new_sae(cfg, d, stats, seed=0)
     sae.fold_scale(stats.scale, in_stats.scale)  # the untrained start, in raw units
     before = sae_reconstruction(sae, x, target=y)["fvu"]
@@ -211,8 +223,7 @@ def test_an_exact_affine_transcoder_costs_nothing_and_a_zero_one_is_the_zero_abl
             p.zero_()
     ids = _ids()
     rows = row_mask(ids, SPECIAL, 1)
-    result = evaluate_saes(model, ids, rows, "mlp_out", 1, {"exact": exact, "zero": zero}, batch_size=2,
-                           max_norm_ratio=3.0)
+    result = evaluate_saes(model, ids, rows, "mlp_out", 1, {"exact": exact, "zero": zero}, batch_size=2, max_norm_ratio=3.0)
     e, z = result.saes["exact"], result.saes["zero"]
     assert e["delta_loss"] == pytest.approx(0.0, abs=1e-5) and e["fvu"] < 1e-10 and e["l0"] == 0
     assert e["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and e["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -272,13 +283,31 @@ def test_pipeline_trains_evaluates_and_reports_a_skip_transcoder(harvested, tmp_
     from token_journey.sae.train_layer import train_layer
 
     root, _ = harvested
-    layout = Layout(base_model=root / "base", corpus=root / "corpus", activations=root / "acts", saes=tmp_path / "saes",
-                    metrics=tmp_path / "metrics", html=tmp_path / "html", journey=tmp_path / "journey",
-                    summary=tmp_path / "summary.md", timings=tmp_path / "timings")
-    cfg = make_sae("jumprelu_skip_transcoder", k=0, coefficient=1e-3, name="skip-tc", width=24, batch_size=32,
-                   train_tokens=32 * 30, checkpoint_every=0, eval_tokens=10_000)
-    common = dict(activations=layout.activations, saes=layout.saes, timings=layout.timings, layer=1, model="tiny",
-                  seed=0, tracking=make(TrackingConfig, mode="disabled"), name=cfg.name, device="cpu")
+    layout = Layout(
+        base_model=root / "base",
+        corpus=root / "corpus",
+        activations=root / "acts",
+        saes=tmp_path / "saes",
+        metrics=tmp_path / "metrics",
+        html=tmp_path / "html",
+        journey=tmp_path / "journey",
+        summary=tmp_path / "summary.md",
+        timings=tmp_path / "timings",
+    )
+    cfg = make_sae(
+        "jumprelu_skip_transcoder", k=0, coefficient=1e-3, name="skip-tc", width=24, batch_size=32, train_tokens=32 * 30, checkpoint_every=0, eval_tokens=10_000
+    )
+    common = dict(
+        activations=layout.activations,
+        saes=layout.saes,
+        timings=layout.timings,
+        layer=1,
+        model="tiny",
+        seed=0,
+        tracking=make(TrackingConfig, mode="disabled"),
+        name=cfg.name,
+        device="cpu",
+    )
     with pytest.raises(TokenJourneyError, match="site=mlp_out"):
         train_layer(cfg, site="resid_post", **common)
     with pytest.raises(TokenJourneyError, match=r"reads mlp_in at layer 1, which was not harvested; .*harvest.sites"):
@@ -314,8 +343,7 @@ def test_journey_shows_a_transcoders_features_on_the_mlp_input_and_never_steers_
         tc.threshold.fill_(0.05)
     save_sae(tc, tmp_path / "mlp_out" / "layer_1" / "tc")
     gen = make(GenerationConfig, temperature=1.0, max_new_tokens=2)
-    journey = run_journey(model, tokenizer, make(JourneyConfig, text="The word travelled", generation=gen),
-                          saes_root=tmp_path, progress=False)
+    journey = run_journey(model, tokenizer, make(JourneyConfig, text="The word travelled", generation=gen), saes_root=tmp_path, progress=False)
     [hits] = journey.features
     ids = tokenizer("The word travelled", return_tensors="pt").input_ids
     mlp_in = capture(model, ids, [("mlp_in", 1)])["mlp_in", 1][0]
@@ -323,5 +351,4 @@ def test_journey_shows_a_transcoders_features_on_the_mlp_input_and_never_steers_
     assert (hits.site, hits.layer) == ("mlp_out", 1) and any(want)
     assert [[i for i, _ in row] for row in hits.top] == [[i for i, _ in row] for row in want]
     with pytest.raises(TokenJourneyError, match="layer 1 has no SAE; layers with SAEs: none"):
-        run_journey(model, tokenizer, make(JourneyConfig, text="The word", generation=gen, steer=("1:3=6",)),
-                    saes_root=tmp_path, progress=False)
+        run_journey(model, tokenizer, make(JourneyConfig, text="The word", generation=gen, steer=("1:3=6",)), saes_root=tmp_path, progress=False)

@@ -45,10 +45,15 @@ def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
     j.add_argument("--top-k", type=int, default=g.top_k)
     j.add_argument("--top-p", type=float, default=g.top_p)
     j.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens)
-    j.add_argument("--steer", action="append", metavar="LAYER:LATENT=VALUE",
-                   help="set an SAE latent on every position and re-run the pass (repeatable; default: journey.steer)")
-    j.add_argument("--ablate", action="append", metavar="LAYER:LATENT",
-                   help="set an SAE latent to zero on every position (repeatable; default: journey.ablate)")
+    j.add_argument(
+        "--steer",
+        action="append",
+        metavar="LAYER:LATENT=VALUE",
+        help="set an SAE latent on every position and re-run the pass (repeatable; default: journey.steer)",
+    )
+    j.add_argument(
+        "--ablate", action="append", metavar="LAYER:LATENT", help="set an SAE latent to zero on every position (repeatable; default: journey.ablate)"
+    )
     j.add_argument("--target", default=journey.target, help="token whose logit is attributed (default: the prediction)")
     j.add_argument("--versus", default=journey.versus, help="attribute the logit difference target - versus")
     j.add_argument("--quiet", action="store_true", help="no terminal rendering (with --html)")
@@ -65,8 +70,7 @@ def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
     from token_journey.journey.render_terminal import render, render_captured
     from token_journey.lm import load_prepared
 
-    generation = GenerationConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  max_new_tokens=args.max_new_tokens)
+    generation = GenerationConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     given = {"text": args.text, "generation": generation, "target": args.target, "versus": args.versus}
     if args.steer is not None:
         given["steer"] = tuple(args.steer)
@@ -78,8 +82,7 @@ def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
     console = Console()
     report_root = Path(os.path.relpath(args.report, args.out)).as_posix()
     try:
-        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.saes),
-                              report_root=report_root)
+        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.saes), report_root=report_root)
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured, console)
         raise

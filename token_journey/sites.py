@@ -68,9 +68,7 @@ def family_of(model: nn.Module) -> Family:
     """The site family of a transformers causal LM, or a clear error naming the supported ones."""
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in FAMILIES:
-        raise TokenJourneyError(
-            f"architecture {model_type!r} has no activation-site map; supported: {', '.join(sorted(FAMILIES))}"
-        )
+        raise TokenJourneyError(f"architecture {model_type!r} has no activation-site map; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
 
 

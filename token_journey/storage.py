@@ -66,8 +66,16 @@ T = TypeVar("T")
 
 _LOCAL = pafs.LocalFileSystem()
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
-_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+_AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
 
 
 class StorageError(TokenJourneyError):
@@ -87,9 +95,12 @@ class Fault:
 
 _PERMANENT = (
     ("bucket does not exist", r"NO_SUCH_BUCKET|NoSuchBucket"),
-    ("access denied", r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|SIGNATURE_DOES_NOT_MATCH"
-                      r"|SignatureDoesNotMatch|Forbidden|HTTP status 403|EXPIRED_TOKEN|ExpiredToken|InvalidToken"
-                      r"|MISSING_AUTHENTICATION_TOKEN|InvalidClientTokenId|UNRECOGNIZED_CLIENT"),
+    (
+        "access denied",
+        r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|SIGNATURE_DOES_NOT_MATCH"
+        r"|SignatureDoesNotMatch|Forbidden|HTTP status 403|EXPIRED_TOKEN|ExpiredToken|InvalidToken"
+        r"|MISSING_AUTHENTICATION_TOKEN|InvalidClientTokenId|UNRECOGNIZED_CLIENT",
+    ),
 )
 _TRANSIENT = (  # first match names the cause: a curl timeout also says "Failed to connect"
     ("throttled", r"SLOW_DOWN|SlowDown|THROTTL|TooManyRequests|HTTP status 429|REQUEST_LIMIT_EXCEEDED"),
@@ -135,9 +146,11 @@ class RetryPolicy:
     @classmethod
     def from_env(cls) -> RetryPolicy:
         """Read at each operation, so a test or a job script can change it without a restart."""
-        return cls(attempts=max(1, int(_env_number("TOKEN_JOURNEY_STORAGE_RETRIES", cls.attempts))),
-                   backoff_s=max(0.0, _env_number("TOKEN_JOURNEY_STORAGE_BACKOFF_S", cls.backoff_s)),
-                   deadline_s=max(0.0, _env_number("TOKEN_JOURNEY_STORAGE_DEADLINE_S", cls.deadline_s)))
+        return cls(
+            attempts=max(1, int(_env_number("TOKEN_JOURNEY_STORAGE_RETRIES", cls.attempts))),
+            backoff_s=max(0.0, _env_number("TOKEN_JOURNEY_STORAGE_BACKOFF_S", cls.backoff_s)),
+            deadline_s=max(0.0, _env_number("TOKEN_JOURNEY_STORAGE_DEADLINE_S", cls.deadline_s)),
+        )
 
     def wait(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th failure: doubling, capped, jittered to [1/2, 1] of that."""
@@ -157,7 +170,7 @@ def _env_number(name: str, default: float) -> float:
 def _detail(message: str) -> str:
     """The informative part of a pyarrow S3 message, short: from "AWS Error" to before "; Details"."""
     first = message.splitlines()[0] if message else ""
-    first = first[first.find("AWS Error"):] if "AWS Error" in first else first
+    first = first[first.find("AWS Error") :] if "AWS Error" in first else first
     first = re.split(r"; Details:| \(Request ID:", first)[0]
     return first[:160]
 
@@ -172,13 +185,17 @@ def _fault_error(uri: str, action: str, fault: Fault, message: str, attempts: in
     if fault.cause == "bucket does not exist":
         return StorageError(f"{uri}: bucket {_bucket(uri)!r} does not exist; create it or fix paths.activations")
     if fault.cause == "access denied":
-        return StorageError(f"{uri}: access denied ({detail}); check the storage credentials (AWS_ACCESS_KEY_ID, "
-                            "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE) and the bucket's permissions")
+        return StorageError(
+            f"{uri}: access denied ({detail}); check the storage credentials (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE) and the bucket's permissions"
+        )
     if not fault.transient:
         return StorageError(f"cannot {action} {uri} ({detail}); check the URI in paths.activations and the store")
-    return StorageError(f"cannot {action} {uri} ({fault.cause} after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s: {detail}); "
-                        "check that the store is up and its endpoint (AWS_ENDPOINT_URL, or endpoint_override in the URI), "
-                        "or retry longer with TOKEN_JOURNEY_STORAGE_RETRIES / TOKEN_JOURNEY_STORAGE_BACKOFF_S")
+    return StorageError(
+        f"cannot {action} {uri} ({fault.cause} after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s: {detail}); "
+        "check that the store is up and its endpoint (AWS_ENDPOINT_URL, or endpoint_override in the URI), "
+        "or retry longer with TOKEN_JOURNEY_STORAGE_RETRIES / TOKEN_JOURNEY_STORAGE_BACKOFF_S"
+    )
 
 
 def _remote_call(where: Location | str, action: str, call: Callable[[], T]) -> T:
@@ -202,8 +219,7 @@ def _remote_call(where: Location | str, action: str, call: Callable[[], T]) -> T
             elapsed, pause = time.monotonic() - start, policy.wait(attempt)
             if not fault.transient or attempt >= policy.attempts or elapsed + pause > policy.deadline_s:
                 raise _fault_error(str(where), action, fault, str(exc), attempt, elapsed) from exc
-            log.warning("%s %s: %s (attempt %d of %d: %s); retrying in %.1f s", action, where, fault.cause, attempt,
-                        policy.attempts, _detail(str(exc)), pause)
+            log.warning("%s %s: %s (attempt %d of %d: %s); retrying in %.1f s", action, where, fault.cause, attempt, policy.attempts, _detail(str(exc)), pause)
         time.sleep(pause)
         attempt += 1
 
@@ -232,8 +248,9 @@ def _remote(prefix: str, env: tuple[str | None, ...]) -> pafs.FileSystem:
     try:
         return _one_sdk_attempt(_remote_call(prefix, "open", lambda: pafs.FileSystem.from_uri(prefix)[0]))
     except (pa.ArrowException, OSError) as exc:
-        raise TokenJourneyError(f"cannot open {prefix} ({str(exc).splitlines()[0][:160]}); check the URI in "
-                                "paths.activations and the storage credentials (AWS_* variables)") from exc
+        raise TokenJourneyError(
+            f"cannot open {prefix} ({str(exc).splitlines()[0][:160]}); check the URI in paths.activations and the storage credentials (AWS_* variables)"
+        ) from exc
 
 
 def is_local(where: Location) -> bool:

@@ -98,17 +98,14 @@ def dvc_member(current: dict[str, Any], section: str = "sae") -> SweepMember | N
     group = f"dvc-{rev[:8]}"
     root = os.environ.get("DVC_ROOT") or "."
     try:
-        text = subprocess.run(["git", "-C", root, "show", f"{rev}:params.yaml"], capture_output=True, text=True,
-                              check=True, timeout=60).stdout
+        text = subprocess.run(["git", "-C", root, "show", f"{rev}:params.yaml"], capture_output=True, text=True, check=True, timeout=60).stdout
         baseline = yaml.safe_load(text) or {}
     except (OSError, subprocess.SubprocessError, yaml.YAMLError) as exc:
-        log.warning("could not read the baseline params.yaml of DVC experiment %s (%s); the folder name shows no "
-                    "swept values", rev[:8], exc)
+        log.warning("could not read the baseline params.yaml of DVC experiment %s (%s); the folder name shows no swept values", rev[:8], exc)
         return SweepMember([], group)
     return SweepMember(changed_keys(baseline, current, section), group)
 
 
 def current_member(config: dict[str, Any], argv: list[str] | None = None) -> SweepMember:
     """This process's sweep membership: Hydra multirun, else DVC experiment, else a plain run."""
-    return (hydra_member(sys.argv[1:] if argv is None else argv) or dvc_member(config)
-            or SweepMember([], ""))
+    return hydra_member(sys.argv[1:] if argv is None else argv) or dvc_member(config) or SweepMember([], "")

@@ -101,9 +101,13 @@ def run_repro(args: list[str], record: Path = Path("reports/pipeline_timing.json
     if current:
         times[current], peaks[current] = end - since, peak
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB on Linux
-    summary = {"stages_s": {k: round(v, 1) for k, v in times.items()}, "total_s": round(end - start, 1),
-               "stages_peak_rss_gb": {k: round(v / 1024**3, 2) for k, v in peaks.items()},
-               "peak_rss_gb": round(peak_gb, 2), "exit_code": code}
+    summary = {
+        "stages_s": {k: round(v, 1) for k, v in times.items()},
+        "total_s": round(end - start, 1),
+        "stages_peak_rss_gb": {k: round(v / 1024**3, 2) for k, v in peaks.items()},
+        "peak_rss_gb": round(peak_gb, 2),
+        "exit_code": code,
+    }
     print("\nstage times (peak RSS of the process tree while the stage ran):")
     for name, seconds in summary["stages_s"].items():
         print(f"  {name:<24} {seconds:8.1f} s {summary['stages_peak_rss_gb'][name]:8.2f} GB")

@@ -36,8 +36,9 @@ def run_mode(cfg: TrackingConfig) -> str:
         del os.environ["WANDB_MODE"]
         return cfg.mode
     if mode not in MODES:
-        raise TokenJourneyError(f"WANDB_MODE={env!r} is not one of {', '.join(MODES)}; set one of those, or unset it "
-                                f"so that tracking.mode ({cfg.mode}) decides")
+        raise TokenJourneyError(
+            f"WANDB_MODE={env!r} is not one of {', '.join(MODES)}; set one of those, or unset it so that tracking.mode ({cfg.mode}) decides"
+        )
     os.environ["WANDB_MODE"] = mode  # what wandb reads, in the form it accepts
     return mode
 
@@ -55,8 +56,7 @@ def has_credentials() -> bool:
         return False
 
 
-def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: str, group: str = "",
-              name: str = "") -> Any:
+def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: str, group: str = "", name: str = "") -> Any:
     """Start a wandb run with the whole config, or return None when tracking is disabled.
 
     Group: `tracking.group`, else `group` (e.g. the Hydra sweep folder), else, under `dvc exp run`,
@@ -67,8 +67,11 @@ def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: 
     if mode == "disabled":
         return None
     if mode == "online" and not has_credentials():
-        log.warning("tracking=online but no wandb credentials (WANDB_API_KEY or `wandb login`); logging offline "
-                    "instead: upload later with `wandb sync %s/wandb/offline-run-*`", tracking_cfg.dir)
+        log.warning(
+            "tracking=online but no wandb credentials (WANDB_API_KEY or `wandb login`); logging offline "
+            "instead: upload later with `wandb sync %s/wandb/offline-run-*`",
+            tracking_cfg.dir,
+        )
         mode = "offline"
     import wandb
 
@@ -77,8 +80,14 @@ def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: 
     dvc_group = f"dvc-{baseline[:8]}" if baseline else ""
     run_name = "-".join(p for p in (exp, name) if p) or None
     run = wandb.init(
-        project=tracking_cfg.project, entity=tracking_cfg.entity or None, dir=tracking_cfg.dir, mode=mode,
-        config=cfg_dict, job_type=job_type, group=tracking_cfg.group or group or dvc_group or None, name=run_name,
+        project=tracking_cfg.project,
+        entity=tracking_cfg.entity or None,
+        dir=tracking_cfg.dir,
+        mode=mode,
+        config=cfg_dict,
+        job_type=job_type,
+        group=tracking_cfg.group or group or dvc_group or None,
+        name=run_name,
         reinit="finish_previous",
     )
     log.info("wandb run %s (%s) in %s", run.name, mode, tracking_cfg.dir)

@@ -16,11 +16,18 @@ from pathlib import Path
 
 import pytest
 
-NAMES = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "google-chrome-stable", "chrome",
-         "headless_shell", "chrome-headless-shell")
+NAMES = (
+    "chromium",
+    "chromium-browser",
+    "chromium-headless-shell",
+    "google-chrome",
+    "google-chrome-stable",
+    "chrome",
+    "headless_shell",
+    "chrome-headless-shell",
+)
 # Playwright's downloads: <root>/chromium-<rev>/chrome-linux*/chrome, <root>/chromium_headless_shell-<rev>/...
-PLAYWRIGHT_GLOBS = ("chromium_headless_shell-*/*/headless_shell", "chromium_headless_shell-*/*/chrome-headless-shell",
-                    "chromium-*/chrome-linux*/chrome")
+PLAYWRIGHT_GLOBS = ("chromium_headless_shell-*/*/headless_shell", "chromium_headless_shell-*/*/chrome-headless-shell", "chromium-*/chrome-linux*/chrome")
 PROBE = Path(__file__).with_name("layout_probe.js")
 
 
@@ -59,9 +66,20 @@ def require_browser() -> str:
 
 def run_browser(browser: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     """Headless Chromium on `url` with networking features off and console logging to stderr."""
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--hide-scrollbars"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=5000",
+        "--hide-scrollbars",
+    ]
     return subprocess.run([browser, *flags, *extra, url], capture_output=True, text=True, timeout=120)
 
 

@@ -36,8 +36,16 @@ def make(cls: type[T], **overrides: Any) -> T:
     from token_journey.config.sae import SAEConfig
     from token_journey.config.tracking import TrackingConfig
 
-    sections = {ModelConfig: "model", CorpusConfig: "corpus", HarvestConfig: "harvest", SAEConfig: "sae",
-                EvalConfig: "eval", ReportConfig: "report", TrackingConfig: "tracking", JourneyConfig: "journey"}
+    sections = {
+        ModelConfig: "model",
+        CorpusConfig: "corpus",
+        HarvestConfig: "harvest",
+        SAEConfig: "sae",
+        EvalConfig: "eval",
+        ReportConfig: "report",
+        TrackingConfig: "tracking",
+        JourneyConfig: "journey",
+    }
     if cls is GenerationConfig:
         section = composed()["journey"]["generation"]
     elif cls is SAEConfig and (CONF_DIR / "sae" / f"{overrides.get('architecture')}.yaml").is_file():
@@ -63,5 +71,4 @@ def make_sae(architecture: str, *, k: int, coefficient: float, **overrides: Any)
 
     uses_k = architecture in USES_K
     overrides.setdefault("b_dec_init", "mean")
-    return make(SAEConfig, architecture=architecture, k=k if uses_k else 0,
-                sparsity_coefficient=0.0 if uses_k else coefficient, **overrides)
+    return make(SAEConfig, architecture=architecture, k=k if uses_k else 0, sparsity_coefficient=0.0 if uses_k else coefficient, **overrides)

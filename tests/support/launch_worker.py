@@ -39,18 +39,40 @@ def main() -> None:
     stats = DataStats(x.mean(0), float(x.pow(2).sum(1).mean()))
     thresholds = []
     for steps in (1, STEPS):
-        cfg = make(SAEConfig, architecture="batchtopk", name="b", width=WIDTH, k=K, batch_size=BATCH,
-                   train_tokens=BATCH * steps, lr=0.01, lr_warmup_steps=1, checkpoint_every=0,
-                   dead_window_tokens=BATCH * 2, k_aux=8)
+        cfg = make(
+            SAEConfig,
+            architecture="batchtopk",
+            name="b",
+            width=WIDTH,
+            k=K,
+            batch_size=BATCH,
+            train_tokens=BATCH * steps,
+            lr=0.01,
+            lr_warmup_steps=1,
+            checkpoint_every=0,
+            dead_window_tokens=BATCH * 2,
+            k_aux=8,
+        )
         sae = new_sae(cfg, D_IN, stats, seed=0, device=device)
         train(sae, lambda start: (_batch(100 + s) for s in range(start, STEPS)), stats, cfg)
         thresholds.append(sae.threshold[0].item())
     # One file per process: several processes printing to one pipe can interleave their lines.
-    Path(f"result-{processes.index}.json").write_text(json.dumps({
-        "rank": processes.index, "world": processes.count, "local_rank": int(os.environ.get("LOCAL_RANK", -1)),
-        "device": str(device), "sum_of_ranks": float(total), "cut": float(cut), "exact_cut": float(kth_largest(pre, K * BATCH)),
-        "first_threshold": thresholds[0], "threshold": thresholds[1], "w_dec": sae.W_dec.detach().double().sum().item(),
-    }))
+    Path(f"result-{processes.index}.json").write_text(
+        json.dumps(
+            {
+                "rank": processes.index,
+                "world": processes.count,
+                "local_rank": int(os.environ.get("LOCAL_RANK", -1)),
+                "device": str(device),
+                "sum_of_ranks": float(total),
+                "cut": float(cut),
+                "exact_cut": float(kth_largest(pre, K * BATCH)),
+                "first_threshold": thresholds[0],
+                "threshold": thresholds[1],
+                "w_dec": sae.W_dec.detach().double().sum().item(),
+            }
+        )
+    )
     if processes.count > 1:
         dist.destroy_process_group()
 

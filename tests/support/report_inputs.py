@@ -49,9 +49,16 @@ def _tables(x: np.ndarray, meta: dict[str, np.ndarray], chunk: int) -> list[pa.T
     for start in range(0, len(x), chunk):
         part = x[start : start + chunk]
         act = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), D_MODEL)
-        out.append(pa.table({"activation": act, "token_id": pa.array(meta["token_id"][start : start + chunk], pa.int32()),
-                             "sequence_id": pa.array(meta["sequence_id"][start : start + chunk], pa.int64()),
-                             "position": pa.array(meta["position"][start : start + chunk], pa.int32())}))
+        out.append(
+            pa.table(
+                {
+                    "activation": act,
+                    "token_id": pa.array(meta["token_id"][start : start + chunk], pa.int32()),
+                    "sequence_id": pa.array(meta["sequence_id"][start : start + chunk], pa.int64()),
+                    "position": pa.array(meta["position"][start : start + chunk], pa.int32()),
+                }
+            )
+        )
     return out
 
 
@@ -63,22 +70,28 @@ def write_inputs(root: Path) -> Layout:
     tok = tiny_tokenizer()
     tok.add_tokens(HOSTILE)
     tok.save_pretrained(base)
-    (base / "manifest.json").write_text(json.dumps({"name": "tiny<b>", "source": "local", "dtype": "float32",
-                                                    "n_params": 1234, "n_layers": 3}))
+    (base / "manifest.json").write_text(json.dumps({"name": "tiny<b>", "source": "local", "dtype": "float32", "n_params": 1234, "n_layers": 3}))
     hostile_ids = tok.convert_tokens_to_ids(HOSTILE)
     multibyte = tok.encode(MULTIBYTE)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 300, size=(N_SEQ, CONTEXT)).astype(np.int32)
     ids[:, 0] = 0  # BOS: never an activation row
     ids[:, 5] = hostile_ids[0]
-    ids[::2, 7:7 + len(hostile_ids)] = hostile_ids
-    ids[1::2, 1:1 + len(multibyte)] = multibyte
+    ids[::2, 7 : 7 + len(hostile_ids)] = hostile_ids
+    ids[1::2, 1 : 1 + len(multibyte)] = multibyte
     corpus = root / "corpus"
     corpus.mkdir()
     seq_ids = np.arange(100, 100 + N_SEQ)
-    pq.write_table(pa.table({"sequence_id": pa.array(seq_ids, pa.int64()), "doc_id": pa.array(seq_ids, pa.int64()),
-                             "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), CONTEXT)}),
-                   corpus / "eval.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "sequence_id": pa.array(seq_ids, pa.int64()),
+                "doc_id": pa.array(seq_ids, pa.int64()),
+                "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), CONTEXT),
+            }
+        ),
+        corpus / "eval.parquet",
+    )
     (corpus / "stats.json").write_text(json.dumps({"eval_tokens": int(ids.size), "source": "fixture"}))
     seq, pos = np.meshgrid(np.arange(N_SEQ), np.arange(1, CONTEXT), indexing="ij")
     seq, pos = seq.reshape(-1), pos.reshape(-1)
@@ -89,29 +102,55 @@ def write_inputs(root: Path) -> Layout:
     shards = []
     for i, table in enumerate(_tables(x, meta, 64)):
         pq.write_table(table, layer_dir / f"shard-{i:05d}.parquet")
-        shards.append({"file": f"shard-{i:05d}.parquet", "rows": table.num_rows,
-                       "sha256": sha256_file(layer_dir / f"shard-{i:05d}.parquet")})
-    (layer_dir / "manifest.json").write_text(json.dumps({"rows": len(x), "d_model": D_MODEL, "dtype": "float32",
-                                                         "site": "resid_post", "layer": 1, "shards": shards,
-                                                         "excluded_counts": {"special": N_SEQ, "first_positions": 0,
-                                                                             "max_norm": 3}}))
+        shards.append({"file": f"shard-{i:05d}.parquet", "rows": table.num_rows, "sha256": sha256_file(layer_dir / f"shard-{i:05d}.parquet")})
+    (layer_dir / "manifest.json").write_text(
+        json.dumps(
+            {
+                "rows": len(x),
+                "d_model": D_MODEL,
+                "dtype": "float32",
+                "site": "resid_post",
+                "layer": 1,
+                "shards": shards,
+                "excluded_counts": {"special": N_SEQ, "first_positions": 0, "max_norm": 3},
+            }
+        )
+    )
     metrics = root / "metrics" / "resid_post"
     metrics.mkdir(parents=True)
     for layer in (1, 2):
-        saes = {f"relu-{k}": {"architecture": "relu", "width": D_SAE, "l0": 10.0 * k + layer, "fvu": 0.5 / k,
-                              "delta_loss": 0.3 / k + 0.01 * layer, "loss_recovered": 0.9, "dead_fraction": 0.1,
-                              "dense_fraction": 0.0, "train_tokens_per_s": 1e5,
-                              "error_by_position": [None] + [0.2 + 0.01 * p for p in range(1, CONTEXT)]}
-                for k in (1, 2)}
+        saes = {
+            f"relu-{k}": {
+                "architecture": "relu",
+                "width": D_SAE,
+                "l0": 10.0 * k + layer,
+                "fvu": 0.5 / k,
+                "delta_loss": 0.3 / k + 0.01 * layer,
+                "loss_recovered": 0.9,
+                "dead_fraction": 0.1,
+                "dense_fraction": 0.0,
+                "train_tokens_per_s": 1e5,
+                "error_by_position": [None] + [0.2 + 0.01 * p for p in range(1, CONTEXT)],
+            }
+            for k in (1, 2)
+        }
         if layer == 2:
             saes["<img src=x onerror=alert(1)>|x"] = {"l0": 3.0, "fvu": 0.9, "delta_loss": 1.0}
-        (metrics / f"layer_{layer}.json").write_text(json.dumps({"model": "tiny", "site": "resid_post", "layer": layer,
-                                                                  "saes": saes}))
+        (metrics / f"layer_{layer}.json").write_text(json.dumps({"model": "tiny", "site": "resid_post", "layer": layer, "saes": saes}))
     from token_journey.sae.io import save_sae
 
     save_sae(make_sae(), root / "saes" / "resid_post" / "layer_1" / "relu-1", {"tokens_per_s": 5e4, "tokens": 1000})
-    return Layout(base_model=base, corpus=corpus, activations=root / "acts", saes=root / "saes", metrics=root / "metrics",
-                  html=root / "html", journey=root / "journey", summary=root / "summary.md", timings=root / "timings")
+    return Layout(
+        base_model=base,
+        corpus=corpus,
+        activations=root / "acts",
+        saes=root / "saes",
+        metrics=root / "metrics",
+        html=root / "html",
+        journey=root / "journey",
+        summary=root / "summary.md",
+        timings=root / "timings",
+    )
 
 
 def all_rows(paths: Layout) -> tuple[torch.Tensor, pa.Table]:

@@ -30,7 +30,8 @@ def tiny_llama_with_corpus(root: Path, n_docs: int, max_tokens: int, eval_tokens
     for i in range(n_docs):
         picks = torch.randint(0, len(WORDS), (int(torch.randint(10, 80, (1,), generator=gen)),), generator=gen)
         (docs / f"{i:03d}.txt").write_text(" ".join(WORDS[int(j)] for j in picks))
-    cfg = make(CorpusConfig, name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=max_tokens,
-               eval_tokens=eval_tokens, eval_fraction=0.2)
+    cfg = make(
+        CorpusConfig, name="t", source="local", path=str(docs / "*.txt"), context_size=16, max_tokens=max_tokens, eval_tokens=eval_tokens, eval_fraction=0.2
+    )
     collect_corpus(cfg, lm.tokenizer, 256, root / "corpus", seed=0)
     return lm

@@ -15,8 +15,20 @@ from pathlib import Path
 
 def torchrun_command(log_dir: Path, nproc: int = 2) -> list[str]:
     """The launcher part of a command: torchrun with `nproc` processes, each one's output in files under `log_dir`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "--log-dir",
+        str(log_dir),
+        "--redirects",
+        "3",
+        "--tee",
+        "3",
+    ]
 
 
 def process_lines(log_dir: Path) -> dict[int, list[str]]:

@@ -14,8 +14,9 @@ WAITING = "is being written by pid"
 """What the second run logs while it waits (token_journey.locks)."""
 
 
-def run_overlapping(cmd: list[str], env: dict[str, str] | None, cwd: Path | None, started: Callable[[], bool],
-                    timeout: float = 300) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+def run_overlapping(
+    cmd: list[str], env: dict[str, str] | None, cwd: Path | None, started: Callable[[], bool], timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """Run `cmd` twice, the second while the first, frozen once `started()` holds, owns the lock; both to the end."""
     first = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
@@ -35,5 +36,4 @@ def run_overlapping(cmd: list[str], env: dict[str, str] | None, cwd: Path | None
     said.extend(second.stdout)
     second.wait(timeout=timeout)
     first_out = first.communicate(timeout=timeout)[0]
-    return (subprocess.CompletedProcess(cmd, first.returncode, first_out, ""),
-            subprocess.CompletedProcess(cmd, second.returncode, "".join(said), ""))
+    return (subprocess.CompletedProcess(cmd, first.returncode, first_out, ""), subprocess.CompletedProcess(cmd, second.returncode, "".join(said), ""))

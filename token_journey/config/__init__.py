@@ -40,9 +40,7 @@ def build(cls: type[T], section: Mapping[str, Any] | Any, where: str) -> T:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(section) - set(fields))
     if unknown:
-        raise TokenJourneyError(
-            f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid keys: {', '.join(sorted(fields))}"
-        )
+        raise TokenJourneyError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid keys: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, field in fields.items():
         if name in section:

@@ -58,8 +58,7 @@ class CorpusConfig:
             raise TokenJourneyError(f"corpus.context_size={self.context_size} is too small; use at least 2")
         if self.max_tokens < self.context_size or self.eval_tokens < self.context_size:
             raise TokenJourneyError(
-                f"corpus.max_tokens={self.max_tokens} and corpus.eval_tokens={self.eval_tokens} must each be "
-                f">= corpus.context_size={self.context_size}"
+                f"corpus.max_tokens={self.max_tokens} and corpus.eval_tokens={self.eval_tokens} must each be >= corpus.context_size={self.context_size}"
             )
         if self.max_doc_tokens < 0:
             raise TokenJourneyError(f"corpus.max_doc_tokens={self.max_doc_tokens} must be >= 0 (0 keeps whole documents)")

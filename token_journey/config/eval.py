@@ -28,9 +28,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.batch_size < 1:
-            raise TokenJourneyError(
-                f"eval.max_tokens={self.max_tokens} and eval.batch_size={self.batch_size} must each be at least 1"
-            )
+            raise TokenJourneyError(f"eval.max_tokens={self.max_tokens} and eval.batch_size={self.batch_size} must each be at least 1")
         if not 0.0 < self.dense_threshold < 1.0:
             raise TokenJourneyError(f"eval.dense_threshold={self.dense_threshold} must be between 0 and 1 (exclusive)")
         if self.saebench_rows < 100:

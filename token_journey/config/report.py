@@ -75,8 +75,7 @@ class ReportConfig:
     """Optional LLM-written explanations of the first features of each page (off when `explainer.model` is empty)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens", "search_features",
-                     "max_index_rows"):
+        for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens", "search_features", "max_index_rows"):
             if getattr(self, name) < 1:
                 raise TokenJourneyError(f"report.{name}={getattr(self, name)} must be at least 1")
         for name in ("n_index", "n_random", "n_strongest", "n_dense", "n_quantile_contexts", "window"):
@@ -85,5 +84,6 @@ class ReportConfig:
         if not 0.0 < self.dense_threshold < 1.0:
             raise TokenJourneyError(f"report.dense_threshold={self.dense_threshold} must be between 0 and 1 (exclusive)")
         if self.explainer.model and self.explainer.n_examples > self.top_k:
-            raise TokenJourneyError(f"report.explainer.n_examples={self.explainer.n_examples} exceeds "
-                                    f"report.top_k={self.top_k}, the top contexts kept per feature")
+            raise TokenJourneyError(
+                f"report.explainer.n_examples={self.explainer.n_examples} exceeds report.top_k={self.top_k}, the top contexts kept per feature"
+            )

@@ -85,9 +85,7 @@ class SAEConfig:
             raise TokenJourneyError(f"sae.width={self.width} must be >= 1")
         check_k(self.architecture, self.k, self.width)
         if self.batch_size < 1 or self.train_tokens < self.batch_size:
-            raise TokenJourneyError(
-                f"sae.train_tokens={self.train_tokens} must be >= sae.batch_size={self.batch_size} (>= 1)"
-            )
+            raise TokenJourneyError(f"sae.train_tokens={self.train_tokens} must be >= sae.batch_size={self.batch_size} (>= 1)")
         if self.lr <= 0 or self.bandwidth <= 0:
             raise TokenJourneyError(f"sae.lr={self.lr} and sae.bandwidth={self.bandwidth} must be > 0")
         if self.b_dec_init not in B_DEC_INITS:
@@ -98,12 +96,13 @@ class SAEConfig:
             fix = "set sae.k instead" if self.architecture in USES_K else "use sae=jumprelu-l0 or tune sae.sparsity_coefficient"
             raise TokenJourneyError(f"sae.target_l0={self.target_l0} applies to jumprelu only, not {self.architecture}; {fix}")
         if self.target_l0 and (self.target_l0_gain <= 0 or self.sparsity_coefficient <= 0):
-            raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} and sae.sparsity_coefficient="
-                                    f"{self.sparsity_coefficient} (where the controller starts) must be > 0 when "
-                                    "sae.target_l0 is set; use sae=jumprelu-l0")
+            raise TokenJourneyError(
+                f"sae.target_l0_gain={self.target_l0_gain} and sae.sparsity_coefficient="
+                f"{self.sparsity_coefficient} (where the controller starts) must be > 0 when "
+                "sae.target_l0 is set; use sae=jumprelu-l0"
+            )
         if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
-            raise TokenJourneyError(f"sae.checkpoint_every={self.checkpoint_every} and sae.checkpoint_minutes="
-                                    f"{self.checkpoint_minutes} must be >= 0 (0 = off)")
+            raise TokenJourneyError(f"sae.checkpoint_every={self.checkpoint_every} and sae.checkpoint_minutes={self.checkpoint_minutes} must be >= 0 (0 = off)")
         self._check_sparsity_keys_apply()
         if not self.name or "/" in self.name:
             raise TokenJourneyError(f"sae.name={self.name!r} must be a non-empty folder name without '/'")
@@ -116,22 +115,26 @@ class SAEConfig:
         """
         arch = self.architecture
         if arch not in USES_K and self.k:
-            raise TokenJourneyError(f"sae.k={self.k} does not apply to {arch} (its L0 follows "
-                                    "sae.sparsity_coefficient or sae.target_l0); leave sae.k=0 or use sae=topk / sae=batchtopk")
+            raise TokenJourneyError(
+                f"sae.k={self.k} does not apply to {arch} (its L0 follows "
+                "sae.sparsity_coefficient or sae.target_l0); leave sae.k=0 or use sae=topk / sae=batchtopk"
+            )
         if arch in USES_K and self.sparsity_coefficient:
-            raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} does not apply to {arch} "
-                                    "(k sets its L0); leave it 0 and set sae.k")
+            raise TokenJourneyError(f"sae.sparsity_coefficient={self.sparsity_coefficient} does not apply to {arch} (k sets its L0); leave it 0 and set sae.k")
         if not 0 <= self.topk_warmup_fraction < 1:
             raise TokenJourneyError(f"sae.topk_warmup_fraction={self.topk_warmup_fraction} must be in [0, 1)")
         if not self.target_l0 and self.topk_warmup_fraction:
-            raise TokenJourneyError(f"sae.topk_warmup_fraction={self.topk_warmup_fraction} applies only with "
-                                    "sae.target_l0 set (it is the warm start's k); use sae=jumprelu-l0 or leave it 0")
+            raise TokenJourneyError(
+                f"sae.topk_warmup_fraction={self.topk_warmup_fraction} applies only with "
+                "sae.target_l0 set (it is the warm start's k); use sae=jumprelu-l0 or leave it 0"
+            )
         if not self.target_l0 and self.target_l0_gain:
-            raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} applies only with sae.target_l0 set; "
-                                    "use sae=jumprelu-l0 or leave it 0")
+            raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} applies only with sae.target_l0 set; use sae=jumprelu-l0 or leave it 0")
         if arch not in USES_PREFIXES and self.prefixes:
-            raise TokenJourneyError(f"sae.prefixes={list(self.prefixes)} does not apply to {arch} (only matryoshka "
-                                    "trains nested prefixes); leave sae.prefixes=[] or use sae=matryoshka")
+            raise TokenJourneyError(
+                f"sae.prefixes={list(self.prefixes)} does not apply to {arch} (only matryoshka "
+                "trains nested prefixes); leave sae.prefixes=[] or use sae=matryoshka"
+            )
         if arch in USES_PREFIXES:
             prefix_sizes(self.prefixes, self.width)
 

@@ -183,9 +183,7 @@ def collect_corpus(cfg: CorpusConfig, tokenizer: Any, max_positions: int | None,
     disk stops with one line, see `token_journey.diskspace`).
     """
     if max_positions is not None and cfg.context_size > max_positions:
-        raise TokenJourneyError(
-            f"corpus.context_size={cfg.context_size} exceeds the model's maximum of {max_positions} positions; lower it"
-        )
+        raise TokenJourneyError(f"corpus.context_size={cfg.context_size} exceeds the model's maximum of {max_positions} positions; lower it")
     bos = tokenizer.bos_token_id if expects_bos(tokenizer) else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not cfg.packing == "pack" and pad is None:
@@ -247,8 +245,7 @@ def _flush(packer: _Packer, writer: pq.ParquetWriter, context_size: int) -> None
         writer.write_table(_sequence_table(ids, docs, first, context_size))
 
 
-def _stats(cfg: CorpusConfig, packers: dict[str, _Packer], bos: int | None, pad: int | None, seed: int,
-           truncated: dict[str, int]) -> dict[str, Any]:
+def _stats(cfg: CorpusConfig, packers: dict[str, _Packer], bos: int | None, pad: int | None, seed: int, truncated: dict[str, int]) -> dict[str, Any]:
     return {
         "name": cfg.name,
         "source": cfg.source,
@@ -285,8 +282,9 @@ def read_sequences(path: Path | str) -> Sequences:
         raise TokenJourneyError(f"no corpus split at {path}; run `python stages/collect_corpus.py` first")
     recorded = _recorded_sha256(path)
     if recorded is not None and sha256_file(path) != recorded:
-        raise TokenJourneyError(f"corpus file {path} is damaged (its sha256 differs from {path.parent / 'stats.json'}); "
-                                "rerun collect_corpus (`dvc repro -f collect_corpus`)")
+        raise TokenJourneyError(
+            f"corpus file {path} is damaged (its sha256 differs from {path.parent / 'stats.json'}); rerun collect_corpus (`dvc repro -f collect_corpus`)"
+        )
     try:
         table = pq.read_table(path, columns=["sequence_id", "doc_id", "input_ids"], page_checksum_verification=True)
     except (pa.ArrowException, OSError, KeyError) as exc:

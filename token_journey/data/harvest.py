@@ -68,8 +68,9 @@ def _rows_of(acts: torch.Tensor, mask: torch.Tensor, ratio: float, dtype: torch.
     return acts[keep].to(dtype), keep.cpu(), int(mask.sum() - keep.sum())
 
 
-def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Location, split: str, device: torch.device,
-                  procs: Processes = Processes()) -> dict[Point, dict]:
+def harvest_split(
+    lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, root: Location, split: str, device: torch.device, procs: Processes = Processes()
+) -> dict[Point, dict]:
     """Harvest one split of the corpus into `<root>/<site>/layer_<L>[/eval]`; returns the manifests.
 
     With several processes (torchrun, `accelerate launch`), process r writes the shards k with
@@ -117,12 +118,23 @@ def harvest_split(lm: LoadedModel, cfg: HarvestConfig, sequences_path: Path, roo
             lo, hi = shard * per_shard, min(n_seq, (shard + 1) * per_shard)
             for start in range(lo, hi, cfg.batch_size):
                 ids = seqs.input_ids[start : min(hi, start + cfg.batch_size)]  # [batch, seq]
-                _harvest_batch(lm, cfg, ids, seqs.sequence_ids[start : start + ids.shape[0]], special, points,
-                               {p: writers[p] for p in points if shard not in done[p]}, store, device)
+                _harvest_batch(
+                    lm,
+                    cfg,
+                    ids,
+                    seqs.sequence_ids[start : start + ids.shape[0]],
+                    special,
+                    points,
+                    {p: writers[p] for p in points if shard not in done[p]},
+                    store,
+                    device,
+                )
                 bar.update(ids.numel())
                 if stop.requested:  # the rows of this shard so far are dropped with the writers
-                    raise Preempted(f"harvest {split}: {stop.signal} during shard {shard} of {n_shards}; the complete shards "
-                                    "are kept and this one is dropped; rerun the same command to resume")
+                    raise Preempted(
+                        f"harvest {split}: {stop.signal} during shard {shard} of {n_shards}; the complete shards "
+                        "are kept and this one is dropped; rerun the same command to resume"
+                    )
             for p in points:
                 if shard not in done[p]:
                     writers[p].finish(shard)
@@ -155,8 +167,17 @@ def _manifest(folder: Location, n_shards: int, info: dict[str, Any], fresh: bool
     return write_manifest(folder, n_shards, info)
 
 
-def _harvest_batch(lm: LoadedModel, cfg: HarvestConfig, ids: torch.Tensor, seq_ids: torch.Tensor, special: set[int],
-                   points: list[Point], writers: dict[Point, ShardWriter], store: torch.dtype, device: torch.device) -> None:
+def _harvest_batch(
+    lm: LoadedModel,
+    cfg: HarvestConfig,
+    ids: torch.Tensor,
+    seq_ids: torch.Tensor,
+    special: set[int],
+    points: list[Point],
+    writers: dict[Point, ShardWriter],
+    store: torch.dtype,
+    device: torch.device,
+) -> None:
     """One forward pass for every point; append the kept rows of each point to its writer."""
     if not writers:
         return
@@ -224,8 +245,10 @@ def check_space(cfg: HarvestConfig, d_model: int, corpus_dir: Path, root: Locati
     needed, tokens = planned_bytes(cfg, d_model, corpus_dir)
     free = storage.free_bytes(root)
     kept = _kept_shard_bytes(root, cfg)
-    what = (f"{needed:,} bytes ({needed / 1e9:.2f} GB) for {tokens:,} tokens x {len(cfg.layers)} layers x "
-            f"{len(cfg.sites)} sites in {cfg.dtype}, an upper bound (exclusions only remove rows)")
+    what = (
+        f"{needed:,} bytes ({needed / 1e9:.2f} GB) for {tokens:,} tokens x {len(cfg.layers)} layers x "
+        f"{len(cfg.sites)} sites in {cfg.dtype}, an upper bound (exclusions only remove rows)"
+    )
     if needed > free + kept:
         raise TokenJourneyError(
             f"harvest needs up to {what}, but {root} has {free:,} bytes ({free / 1e9:.2f} GB) free"
@@ -235,8 +258,7 @@ def check_space(cfg: HarvestConfig, d_model: int, corpus_dir: Path, root: Locati
     log.info("harvest will write up to %s; %s bytes free at %s", what, f"{free:,}", root)
 
 
-def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Location | str,
-            device: torch.device) -> dict[str, dict[Point, dict]]:
+def harvest(lm: LoadedModel, cfg: HarvestConfig, corpus_dir: Path, root: Location | str, device: torch.device) -> dict[str, dict[Point, dict]]:
     """Harvest the train then the eval split; a complete (site, layer, split) is skipped cheaply.
 
     `root` is a local folder or an object-store URI (`s3://bucket/prefix`). Before any forward pass

@@ -129,8 +129,10 @@ def _check_pairable(acts_in: Activations, acts_out: Activations) -> None:
     """Both sites must come from one harvest run (same shards of the same sequences, same dtype)."""
     a, b = acts_in.manifest, acts_out.manifest
     if a.get("run_key") != b.get("run_key") or len(a["shards"]) != len(b["shards"]) or acts_in.dtype != acts_out.dtype:
-        raise TokenJourneyError(f"{acts_in.folder} and {acts_out.folder} were not harvested by the same run; harvest both "
-                                "sites together (harvest.sites lists both) and rerun harvest")
+        raise TokenJourneyError(
+            f"{acts_in.folder} and {acts_out.folder} were not harvested by the same run; harvest both "
+            "sites together (harvest.sites lists both) and rerun harvest"
+        )
 
 
 def _paired_values(table: pa.Table, rows: np.ndarray) -> np.ndarray:
@@ -148,8 +150,7 @@ class PairedLoader(ShuffledLoader):
     Resume (`batches(start_batch=n)`) works as there: the pair counts come from the id columns alone.
     """
 
-    def __init__(self, acts_in: Activations, acts_out: Activations, batch_size: int, seed: int,
-                 buffer_rows: int = 262144) -> None:
+    def __init__(self, acts_in: Activations, acts_out: Activations, batch_size: int, seed: int, buffer_rows: int = 262144) -> None:
         if batch_size < 1 or buffer_rows < 1:
             raise TokenJourneyError(f"batch_size={batch_size} and buffer_rows={buffer_rows} must be at least 1")
         _check_pairable(acts_in, acts_out)
@@ -170,8 +171,7 @@ class PairedLoader(ShuffledLoader):
             shard = self.groups[index][0]
             table_in, table_out = read_shard(self.acts_in.paths[shard], columns), read_shard(self.acts.paths[shard], columns)
             rows_in, rows_out = pair_rows(table_in, table_out)
-            parts.append(np.concatenate([_paired_values(table_in, rows_in),
-                                         _paired_values(table_out, rows_out)], axis=1))
+            parts.append(np.concatenate([_paired_values(table_in, rows_in), _paired_values(table_out, rows_out)], axis=1))
         return np.concatenate(parts)
 
 

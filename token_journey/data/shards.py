@@ -98,8 +98,7 @@ class ShardWriter:
         self.sum_sq_norm = 0.0
         self.excluded: dict[str, int] = {}
 
-    def add(self, acts: torch.Tensor, token_ids: torch.Tensor, sequence_ids: torch.Tensor, positions: torch.Tensor,
-            excluded: dict[str, int]) -> None:
+    def add(self, acts: torch.Tensor, token_ids: torch.Tensor, sequence_ids: torch.Tensor, positions: torch.Tensor, excluded: dict[str, int]) -> None:
         """Append rows: `acts` [rows, d_model] in the storage dtype, ids/positions [rows] (CPU).
 
         The float64 sums are taken where `acts` lives (on a GPU they would otherwise be the
@@ -141,8 +140,7 @@ class ShardWriter:
 
 def _damaged(path: Location, what: str) -> TokenJourneyError:
     """The one-line error for a shard whose bytes are not what the harvest wrote."""
-    return TokenJourneyError(f"shard {path} is damaged ({what}); delete it and rerun harvest (`dvc repro harvest`), "
-                             "which rewrites only the missing shards")
+    return TokenJourneyError(f"shard {path} is damaged ({what}); delete it and rerun harvest (`dvc repro harvest`), which rewrites only the missing shards")
 
 
 def read_shard(path: Location, columns: list[str] | None = None, row_group: int | None = None) -> pa.Table:
@@ -221,8 +219,7 @@ def write_manifest(folder: Location | str, n_shards: int, info: dict[str, Any]) 
     rows = sum(s["rows"] for s in shards)
     if rows == 0:
         raise TokenJourneyError(f"harvest wrote no rows to {folder}; the corpus has no tokens left after exclusions")
-    manifest = dict(info, rows=rows, shards=shards, mean=(total / rows).tolist(), mean_sq_norm=sum_sq / rows,
-                    excluded_counts=excluded)
+    manifest = dict(info, rows=rows, shards=shards, mean=(total / rows).tolist(), mean_sq_norm=sum_sq / rows, excluded_counts=excluded)
     storage.write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     return manifest
 
@@ -301,9 +298,7 @@ def open_activations(root: Location | str, site: str, layer: int, split: str = "
     names = storage.file_names(folder)
     if MANIFEST not in names:
         what = "was not harvested" if not storage.is_dir(folder) else "has no manifest (harvest incomplete)"
-        raise TokenJourneyError(
-            f"{site} layer {layer} ({split}) {what} at {folder}; add {layer} to harvest.layers and run `python stages/harvest.py`"
-        )
+        raise TokenJourneyError(f"{site} layer {layer} ({split}) {what} at {folder}; add {layer} to harvest.layers and run `python stages/harvest.py`")
     try:
         manifest = json.loads(storage.read_bytes(manifest_path))
     except ValueError as exc:
@@ -312,8 +307,7 @@ def open_activations(root: Location | str, site: str, layer: int, split: str = "
     on_disk = {name for name in names if _SHARD.match(name)}
     if listed != on_disk:
         raise TokenJourneyError(
-            f"{manifest_path} does not match the files: missing {sorted(listed - on_disk)[:3]}, "
-            f"unlisted {sorted(on_disk - listed)[:3]}; rerun harvest"
+            f"{manifest_path} does not match the files: missing {sorted(listed - on_disk)[:3]}, unlisted {sorted(on_disk - listed)[:3]}; rerun harvest"
         )
     for shard in manifest["shards"]:
         path = folder / shard["file"]
@@ -329,4 +323,3 @@ def open_activations(root: Location | str, site: str, layer: int, split: str = "
     if sum(s["rows"] for s in manifest["shards"]) != manifest["rows"]:
         raise TokenJourneyError(f"{manifest_path}: shard rows do not add up to rows={manifest['rows']}; rerun harvest")
     return Activations(folder, manifest)
-

@@ -46,9 +46,7 @@ def kjv_chapters() -> Iterator[str]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         books = dict(((t, b), name) for t, b, name in con.execute("SELECT TestamentID, BookID, ShortName FROM Books"))
-        rows = con.execute(
-            "SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID"
-        )
+        rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID")
         chapter, verses = None, []
         for testament, book, chap, first, second in rows:
             if (testament, book, chap) != chapter and verses:
@@ -152,8 +150,9 @@ def _text_files(files: list[str], cfg: CorpusConfig) -> list[str]:
                     pass
         except UnicodeDecodeError as exc:
             if cfg.bad_files == "stop":
-                raise TokenJourneyError(f"corpus file {file} is not UTF-8 text (byte {exc.start}); remove it, convert it, "
-                                        "or set corpus.bad_files=skip") from exc
+                raise TokenJourneyError(
+                    f"corpus file {file} is not UTF-8 text (byte {exc.start}); remove it, convert it, or set corpus.bad_files=skip"
+                ) from exc
             log.warning("skipping corpus file %s: not UTF-8 text (byte %d)", file, exc.start)
             continue
         good.append(file)

@@ -116,8 +116,7 @@ LOGIT_CHUNK_BYTES = 128 * 2**20
 """Most float32 logits held at once by the loss computation (128 MiB: 261 rows at vocab 128,256)."""
 
 
-def _final_hidden(model: nn.Module, input_ids: torch.Tensor, site: str, layer: int,
-                  replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _final_hidden(model: nn.Module, input_ids: torch.Tensor, site: str, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The decoder's final (normed) hidden state [batch, seq, d_model], the site's activation passed through `replace`."""
     with splice(model, site, layer, replace):
         return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -146,9 +145,14 @@ CLEAN_KEEP_BYTES = 512 * 2**20
 this each SAE recomputes them chunk by chunk from the clean hidden states."""
 
 
-def chunked_losses(model: nn.Module, hidden: torch.Tensor | None, targets: torch.Tensor,
-                   clean_hidden: torch.Tensor | None = None, chunk_bytes: int = LOGIT_CHUNK_BYTES,
-                   kept: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def chunked_losses(
+    model: nn.Module,
+    hidden: torch.Tensor | None,
+    targets: torch.Tensor,
+    clean_hidden: torch.Tensor | None = None,
+    chunk_bytes: int = LOGIT_CHUNK_BYTES,
+    kept: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-prediction CE [M] at `targets` [M] from hidden states [M, d_model], and KL(clean || this) [M].
 
     KL is computed when `clean_hidden` [M, d_model] is given; `hidden=None` means the clean pass
@@ -161,15 +165,15 @@ def chunked_losses(model: nn.Module, hidden: torch.Tensor | None, targets: torch
     def clean_at(start: int) -> torch.Tensor:
         if kept is not None and start in kept:
             return kept[start]
-        log_p = head_log_probs(model, clean_hidden[start:start + step])
+        log_p = head_log_probs(model, clean_hidden[start : start + step])
         if kept is not None:
             kept[start] = log_p
         return log_p
 
     ce, kl = [], []
     for start in range(0, len(targets), step):
-        log_q = clean_at(start) if hidden is None else head_log_probs(model, hidden[start:start + step])
-        ce.append(metrics.token_cross_entropy(log_q, targets[start:start + step]))
+        log_q = clean_at(start) if hidden is None else head_log_probs(model, hidden[start : start + step])
+        ce.append(metrics.token_cross_entropy(log_q, targets[start : start + step]))
         if hidden is not None and clean_hidden is not None:
             kl.append(metrics.token_kl(clean_at(start), log_q))
         del log_q
@@ -200,9 +204,19 @@ def _sae_dtype(sae: nn.Module) -> torch.dtype:
 
 
 @torch.inference_mode()
-def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
-                saes: Mapping[str, nn.Module], states: dict[str, _SaeState], clean: LossTally, zero: LossTally,
-                max_norm_ratio: float = 0.0, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> int:
+def _eval_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    site: str,
+    layer: int,
+    saes: Mapping[str, nn.Module],
+    states: dict[str, _SaeState],
+    clean: LossTally,
+    zero: LossTally,
+    max_norm_ratio: float = 0.0,
+    chunk_bytes: int = LOGIT_CHUNK_BYTES,
+) -> int:
     """Run the clean, zero-ablation and spliced passes for one batch and add to every tally.
 
     `input_ids` [batch, seq], `rows` [batch, seq] bool (positions the row rule admits; norm
@@ -221,8 +235,7 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
     # The zero-ablated and spliced passes differ from the clean one only from the site on, so they
     # resume from the clean pass's state there: after layer L for resid_post, else at layer L's input.
     resume_at = layer + 1 if site == "resid_post" else layer
-    with (record_layer_inputs(model, resume_at) as inputs,
-          splice(model, TRANSCODER_INPUT_SITE, layer, recorder("in")) if paired else contextlib.nullcontext()):
+    with record_layer_inputs(model, resume_at) as inputs, splice(model, TRANSCODER_INPUT_SITE, layer, recorder("in")) if paired else contextlib.nullcontext():
         clean_hidden = _final_hidden(model, input_ids, site, layer, recorder("act"))
     rows = drop_norm_outliers(recorded["act"], rows, max_norm_ratio)
     if paired:  # training pairs only tokens that are rows at both sites
@@ -257,18 +270,25 @@ def _eval_batch(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, s
         else:
             f = sae.encode(x.to(_sae_dtype(sae)))  # (R, F)
             x_hat = sae.decode(f)  # (R, D)
-        states[name].loss.add(*chunked_losses(model, hidden_at(_replace_rows(rows, x_hat)), targets, clean_hidden,
-                                              chunk_bytes, kept))
+        states[name].loss.add(*chunked_losses(model, hidden_at(_replace_rows(rows, x_hat)), targets, clean_hidden, chunk_bytes, kept))
         states[name].recon.update(x.float(), x_hat.float(), f, positions)
         _sync(device)
         states[name].seconds += time.perf_counter() - start
     return int(rows.sum())
 
 
-def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor, site: str, layer: int,
-                  saes: Mapping[str, nn.Module], batch_size: int,
-                  dense_threshold: float = metrics.DENSE_THRESHOLD, max_norm_ratio: float = 0.0,
-                  chunk_bytes: int = LOGIT_CHUNK_BYTES) -> SweepResult:
+def evaluate_saes(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    rows: torch.Tensor,
+    site: str,
+    layer: int,
+    saes: Mapping[str, nn.Module],
+    batch_size: int,
+    dense_threshold: float = metrics.DENSE_THRESHOLD,
+    max_norm_ratio: float = 0.0,
+    chunk_bytes: int = LOGIT_CHUNK_BYTES,
+) -> SweepResult:
     """Evaluate every SAE in `saes` (name -> module with encode/decode) at (site, layer).
 
     `sequences` [n_seq, seq] token ids and `rows` [n_seq, seq] bool positions the row rule
@@ -282,9 +302,8 @@ def evaluate_saes(model: nn.Module, sequences: torch.Tensor, rows: torch.Tensor,
     start = time.perf_counter()
     eval_rows = 0
     for first in tqdm(range(0, len(sequences), batch_size), desc=f"evaluate {site} layer {layer}", unit="batch"):
-        ids = sequences[first:first + batch_size].to(device)
-        eval_rows += _eval_batch(model, ids, rows[first:first + batch_size].to(device), site, layer, saes, states,
-                                 clean, zero, max_norm_ratio, chunk_bytes)
+        ids = sequences[first : first + batch_size].to(device)
+        eval_rows += _eval_batch(model, ids, rows[first : first + batch_size].to(device), site, layer, saes, states, clean, zero, max_norm_ratio, chunk_bytes)
     _sync(device)
     seconds = time.perf_counter() - start
     n_tokens = sequences.numel()
@@ -328,8 +347,7 @@ def _sae_metrics(state: _SaeState, clean: LossTally, zero: LossTally, n_tokens: 
 # --- the evaluate stage: inputs, checks and outputs around `evaluate_saes` -------------------
 
 
-def load_subjects(layout: Layout, site: str, layer: int, extra: tuple[str, ...], d_model: int,
-                  device: torch.device) -> dict[str, tuple[Path, nn.Module]]:
+def load_subjects(layout: Layout, site: str, layer: int, extra: tuple[str, ...], d_model: int, device: torch.device) -> dict[str, tuple[Path, nn.Module]]:
     """The SAEs to evaluate: the pipeline's own for (site, layer) plus `extra` folders, checked.
 
     Raises a `TokenJourneyError` naming both sides when there is no SAE, when an SAE's d_in is not
@@ -354,9 +372,7 @@ def load_subjects(layout: Layout, site: str, layer: int, extra: tuple[str, ...],
                 "evaluate it against the model and layer it was trained on"
             )
         if spec.layer >= 0 and (spec.site, spec.layer) != (site, layer):  # layer -1: unknown (Gemma Scope)
-            raise TokenJourneyError(
-                f"SAE {folder} was trained on {spec.site} layer {spec.layer} but this evaluation is for {site} layer {layer}"
-            )
+            raise TokenJourneyError(f"SAE {folder} was trained on {spec.site} layer {spec.layer} but this evaluation is for {site} layer {layer}")
         if spec.name in subjects:
             raise TokenJourneyError(f"two SAEs are named {spec.name!r}: {subjects[spec.name][0]} and {folder}; rename one")
         subjects[spec.name] = (folder, sae)
@@ -416,9 +432,19 @@ def pareto_rows(saes: Mapping[str, dict], layer: int) -> list[dict]:
     l0s = [saes[n]["l0"] for n in names]
     on_fvu = metrics.pareto_front(l0s, [saes[n]["fvu"] for n in names])
     on_loss = metrics.pareto_front(l0s, [saes[n]["delta_loss"] for n in names])
-    return [{"sae": n, "layer": layer, "l0": saes[n]["l0"], "fvu": saes[n]["fvu"], "delta_loss": saes[n]["delta_loss"],
-             "fvu_frontier": a, "delta_loss_frontier": b, **{key: saes[n].get(key) for key in PLOTTED_SAEBENCH}}
-            for n, a, b in zip(names, on_fvu, on_loss)]
+    return [
+        {
+            "sae": n,
+            "layer": layer,
+            "l0": saes[n]["l0"],
+            "fvu": saes[n]["fvu"],
+            "delta_loss": saes[n]["delta_loss"],
+            "fvu_frontier": a,
+            "delta_loss_frontier": b,
+            **{key: saes[n].get(key) for key in PLOTTED_SAEBENCH},
+        }
+        for n, a, b in zip(names, on_fvu, on_loss)
+    ]
 
 
 def saebench_rows(activations: Path, site: str, layer: int, max_rows: int, split: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,8 +465,7 @@ def saebench_rows(activations: Path, site: str, layer: int, max_rows: int, split
     return torch.cat(xs)[:max_rows], torch.cat(ids)[:max_rows]
 
 
-def saebench_metrics(saes: Mapping[str, nn.Module], x: torch.Tensor, token_ids: torch.Tensor, tokenizer: object,
-                     w_u: torch.Tensor) -> dict[str, dict]:
+def saebench_metrics(saes: Mapping[str, nn.Module], x: torch.Tensor, token_ids: torch.Tensor, tokenizer: object, w_u: torch.Tensor) -> dict[str, dict]:
     """`saebench.sae_metrics` of every SAE on rows `x` with tokens `token_ids`, each with its `saebench_seconds`.
 
     Token texts are decoded one id at a time (a token's own text, as the labelled tasks need). The
@@ -485,9 +510,9 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
             f"(all special or among the first {exclude_first}); raise eval.max_tokens or corpus.eval_tokens"
         )
     log.info("evaluating %d SAE(s) on %d eval sequences (%d tokens, %d rows)", len(subjects), len(sequences), sequences.numel(), int(rows.sum()))
-    result = evaluate_saes(model, sequences, rows, site, layer,
-                           {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold,
-                           max_norm_ratio)
+    result = evaluate_saes(
+        model, sequences, rows, site, layer, {name: sae for name, (_, sae) in subjects.items()}, cfg.batch_size, cfg.dense_threshold, max_norm_ratio
+    )
     bench: dict[str, dict] = {}
     if cfg.saebench:
         x, token_ids = saebench_rows(layout.activations, site, layer, cfg.saebench_rows)
@@ -503,10 +528,8 @@ def evaluate_layer(cfg: EvalConfig, layout: Layout, site: str, layer: int, devic
     saes = {}
     for name, entry in result.saes.items():
         folder, sae = subjects[name]
-        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder), **entry,
-                      **bench.get(name, {})}
-    document, speeds = split_timings({"model": manifest["name"], "site": site, "layer": layer, "saes": saes,
-                                      "sweep": result.sweep})
+        saes[name] = {"architecture": sae.cfg.architecture, "width": int(sae.cfg.d_sae), "folder": str(folder), **entry, **bench.get(name, {})}
+    document, speeds = split_timings({"model": manifest["name"], "site": site, "layer": layer, "saes": saes, "sweep": result.sweep})
     for name, speed in speeds["saes"].items():
         speed["train_tokens_per_s"] = _train_tokens_per_s(layout.timings, site, layer, name)
     write_json(pareto_file(layout.metrics, site, layer), pareto_rows(document["saes"], layer))

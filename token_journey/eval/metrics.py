@@ -216,8 +216,7 @@ class ReconstructionTally:
 
 
 @torch.no_grad()
-def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: int = 0,
-                       target: torch.Tensor | None = None) -> dict[str, float]:
+def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: int = 0, target: torch.Tensor | None = None) -> dict[str, float]:
     """FVU, MSE, L0 and dead fraction of `sae` (anything with `encode`/`decode` and `W_dec`
     [d_sae, d_in]) on held-out rows `x` [N, d_in], moved to the SAE's device chunk by chunk and
     streamed through `ReconstructionTally` so the figures are the ones the evaluate stage defines.
@@ -238,7 +237,6 @@ def sae_reconstruction(sae: Any, x: torch.Tensor, chunk: int = 4096, latents: in
         if kept < width:
             f[:, kept:] = 0
         out = sae.decode(f) if target is None else sae.output(f, part)
-        tally.update(want.to(part.device).float(), out, f[:, :kept],
-                     torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
+        tally.update(want.to(part.device).float(), out, f[:, :kept], torch.zeros(part.shape[0], dtype=torch.long, device=part.device))
     result = tally.result()
     return {**{key: result[key] for key in ("fvu", "mse", "l0", "dead_fraction")}, "eval_tokens": tally.n}

@@ -257,8 +257,12 @@ def raw_probe_accuracy(x: torch.Tensor, y: torch.Tensor, split: tuple[torch.Tens
 
 
 def sparse_probe_accuracies(
-    x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor] | None,
-    ks: Sequence[int] = PROBE_KS, llm: float | None = None,
+    x: torch.Tensor,
+    f: torch.Tensor,
+    y: torch.Tensor,
+    split: tuple[torch.Tensor, torch.Tensor] | None,
+    ks: Sequence[int] = PROBE_KS,
+    llm: float | None = None,
 ) -> dict[str, float] | None:
     """Held-out accuracy of a probe on all of `x` ("llm") and of k-sparse probes on `f` ("sae_top_<k>").
 
@@ -279,16 +283,16 @@ def sparse_probe_accuracies(
     return out
 
 
-def sparse_probing(x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Tensor], seed: int = 0, ks: Sequence[int] = PROBE_KS,
-                   raw: RawProbes | None = None) -> dict[str, Any]:
+def sparse_probing(
+    x: torch.Tensor, f: torch.Tensor, labels: dict[str, torch.Tensor], seed: int = 0, ks: Sequence[int] = PROBE_KS, raw: RawProbes | None = None
+) -> dict[str, Any]:
     """`sparse_probe_accuracies` of every task in `labels` (name -> [N] 0/1) and their means over the tasks run.
 
     `raw`: the splits and raw-probe accuracies of these rows and labels, when already fitted (`raw_probes`).
     Returns {"tasks": {name: accuracies or None}, "llm": mean, "sae_top_<k>": mean, ...} (means None when no task ran).
     """
     splits = task_splits(labels, seed) if raw is None else raw.splits
-    tasks = {name: sparse_probe_accuracies(x, f, y, splits[name], ks, None if raw is None else raw.llm[name])
-             for name, y in labels.items()}
+    tasks = {name: sparse_probe_accuracies(x, f, y, splits[name], ks, None if raw is None else raw.llm[name]) for name, y in labels.items()}
     done = [t for t in tasks.values() if t is not None]
     keys = ["llm", *(f"sae_top_{k}" for k in ks)]
     return {"tasks": tasks, **{key: sum(t[key] for t in done) / len(done) if done else None for key in keys}}
@@ -354,7 +358,12 @@ def word_split(letters: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def absorption(
-    x: torch.Tensor, f: torch.Tensor, letters: torch.Tensor, w_dec: torch.Tensor, seed: int = 0, min_tokens: int = MIN_LETTER_TOKENS,
+    x: torch.Tensor,
+    f: torch.Tensor,
+    letters: torch.Tensor,
+    w_dec: torch.Tensor,
+    seed: int = 0,
+    min_tokens: int = MIN_LETTER_TOKENS,
     probe: Probe | None = None,
 ) -> dict[str, Any]:
     """Feature absorption on the first-letter task (rows with `letters` >= 0, one per vocabulary token).
@@ -480,7 +489,13 @@ def one_thread() -> Iterator[None]:
 
 @torch.no_grad()
 def sae_metrics(
-    sae: Any, x: torch.Tensor, token_ids: torch.Tensor, texts: Sequence[str], w_u: torch.Tensor | None, seed: int = 0, chunk: int = 4096,
+    sae: Any,
+    x: torch.Tensor,
+    token_ids: torch.Tensor,
+    texts: Sequence[str],
+    w_u: torch.Tensor | None,
+    seed: int = 0,
+    chunk: int = 4096,
     raw: RawProbes | None = None,
 ) -> dict[str, Any]:
     """Absorption, sparse probing and decoder geometry of `sae` (with `encode` and `W_dec`) on rows

@@ -105,16 +105,18 @@ def readout(model: nn.Module, spec: Spec, x: torch.Tensor, target: int, versus: 
     return scale * gain * row, b
 
 
-def _layer_parts(layer_sae: LayerSAE, sites: list[dict[str, torch.Tensor]], position: int, u: torch.Tensor, b: float,
-                 top: int, report_root: str) -> LayerAttribution:
+def _layer_parts(
+    layer_sae: LayerSAE, sites: list[dict[str, torch.Tensor]], position: int, u: torch.Tensor, b: float, top: int, report_root: str
+) -> LayerAttribution:
     sae, layer = layer_sae.sae, layer_sae.layer
     x = sites[layer]["resid_post"][position].float()
     f = sae.encode(x[None])[0]  # (d_sae,)
     direct = f * (sae.W_dec.float() @ u)  # (d_sae,): f_j · (W_dec[j] · u)
     error = x - sae.decode(f[None])[0]
     order = direct.abs().argsort(descending=True)[: min(top, int((f != 0).sum()))]
-    chosen = [Part(f"latent {int(j)}", float(direct[j]), int(j), float(f[j]),
-                   feature_link(report_root, layer_sae.site, layer, layer_sae.name, int(j))) for j in order]
+    chosen = [
+        Part(f"latent {int(j)}", float(direct[j]), int(j), float(f[j]), feature_link(report_root, layer_sae.site, layer, layer_sae.name, int(j))) for j in order
+    ]
     rest = direct.clone()
     rest[order] = 0
     later_attn = sum((float(sites[lay]["attn_out"][position].float() @ u) for lay in range(layer + 1, len(sites))), 0.0)
@@ -132,8 +134,9 @@ def _layer_parts(layer_sae: LayerSAE, sites: list[dict[str, torch.Tensor]], posi
 
 
 @torch.inference_mode()
-def attribute(model: nn.Module, spec: Spec, sites: list[dict[str, torch.Tensor]], saes: list[LayerSAE], target: int,
-              versus: int | None, top: int, report_root: str) -> Attribution:
+def attribute(
+    model: nn.Module, spec: Spec, sites: list[dict[str, torch.Tensor]], saes: list[LayerSAE], target: int, versus: int | None, top: int, report_root: str
+) -> Attribution:
     """Decompose the last position's pre-cap logit of `target` (minus `versus`) through every resid_post SAE.
 
     `sites[L]` holds the recomputed resid_post, attn_out and mlp_out `[T, d_model]` of layer L.
@@ -142,8 +145,9 @@ def attribute(model: nn.Module, spec: Spec, sites: list[dict[str, torch.Tensor]]
     x = sites[-1]["resid_post"][position]
     u, b = readout(model, spec, x, target, versus)
     head = model.get_output_embeddings()
-    logits = ops.linear(ops.rms_norm(x.float()[None], text_base(model).norm.weight.float(), spec.eps, spec.gemma),
-                        head.weight.float(), getattr(head, "bias", None))[0]  # (V,) the ordinary way
+    logits = ops.linear(
+        ops.rms_norm(x.float()[None], text_base(model).norm.weight.float(), spec.eps, spec.gemma), head.weight.float(), getattr(head, "bias", None)
+    )[0]  # (V,) the ordinary way
     logit = float(logits[target] - (logits[versus] if versus is not None else 0.0))
     capped = float(ops.softcap(logits[target], spec.final_softcap)) if spec.final_softcap else None
     layers = [_layer_parts(s, sites, position, u, b, top, report_root) for s in saes if s.site == "resid_post"]

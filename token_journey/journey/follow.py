@@ -156,6 +156,4 @@ def run_journey(
         mentioned |= {attribution.target} | ({attribution.versus} if attribution.versus is not None else set())
     vocab = dict(zip(sorted(mentioned), token_strings(tokenizer, sorted(mentioned)), strict=True))
     model_params = sum(p.numel() for p in model.parameters())
-    return Journey(model_name, cfg.text, run, next_tokens, lens, features, note, generated, vocab, model_params,
-                   cfg.generation, seed, attribution, steering)
-
+    return Journey(model_name, cfg.text, run, next_tokens, lens, features, note, generated, vocab, model_params, cfg.generation, seed, attribution, steering)

@@ -64,13 +64,12 @@ def tokenize(tokenizer: Any, text: str, spec: Spec) -> tuple[torch.Tensor, list[
     if ids.shape[1] == 0:
         raise TokenJourneyError(f"text {text[:40]!r} produced no tokens; pass ordinary text")
     if int(ids.max()) >= spec.vocab_size:
-        raise TokenJourneyError(f"the tokenizer gave id {int(ids.max())} but the model's vocabulary has {spec.vocab_size} "
-                                "entries; use the tokenizer that belongs to this model")
+        raise TokenJourneyError(
+            f"the tokenizer gave id {int(ids.max())} but the model's vocabulary has {spec.vocab_size} entries; use the tokenizer that belongs to this model"
+        )
     limit = spec.max_positions
     if limit and ids.shape[1] > limit:
-        raise TokenJourneyError(
-            f"text has {ids.shape[1]} tokens but the model's context is {limit}; shorten the text to at most {limit} tokens"
-        )
+        raise TokenJourneyError(f"text has {ids.shape[1]} tokens but the model's context is {limit}; shorten the text to at most {limit} tokens")
     return ids, token_strings(tokenizer, ids[0].tolist())
 
 
@@ -114,16 +113,21 @@ def _head(rec: Recorder, spec: Spec, model: nn.Module, x: torch.Tensor) -> torch
     base, head = text_base(model), model.get_output_embeddings()
     T, d, V = x.shape[0], spec.d_model, spec.vocab_size
     formula = "x / sqrt(mean(x²) + ε) · (1 + w)" if spec.gemma else "x / sqrt(mean(x²) + ε) · w"
-    x = rec.add("final RMSNorm", formula, ops.rms_norm(x, base.norm.weight, spec.eps, spec.gemma), "final_norm", None,
-                base.norm.weight.numel(), rms_norm(T, d))
+    x = rec.add("final RMSNorm", formula, ops.rms_norm(x, base.norm.weight, spec.eps, spec.gemma), "final_norm", None, base.norm.weight.numel(), rms_norm(T, d))
     tied = head.weight is base.embed_tokens.weight
-    logits = rec.add("LM head", "logits = x · W_Uᵀ" + ("   (W_U = W_E, tied)" if tied else ""),
-                     ops.linear(x, head.weight, getattr(head, "bias", None)), "lm_head", None,
-                     0 if tied else sum(p.numel() for p in head.parameters()), linear(T, d, V), "matmul")
+    logits = rec.add(
+        "LM head",
+        "logits = x · W_Uᵀ" + ("   (W_U = W_E, tied)" if tied else ""),
+        ops.linear(x, head.weight, getattr(head, "bias", None)),
+        "lm_head",
+        None,
+        0 if tied else sum(p.numel() for p in head.parameters()),
+        linear(T, d, V),
+        "matmul",
+    )
     if spec.final_softcap:
         cap = spec.final_softcap
-        logits = rec.add("logit soft-capping", f"logits = {cap:g}·tanh(logits/{cap:g})", ops.softcap(logits, cap),
-                         "logits", None, 0, 3 * T * V)
+        logits = rec.add("logit soft-capping", f"logits = {cap:g}·tanh(logits/{cap:g})", ops.softcap(logits, cap), "logits", None, 0, 3 * T * V)
     return logits
 
 
@@ -135,8 +139,13 @@ def _run(model: nn.Module, spec: Spec, ids: torch.Tensor, refs: dict[str, torch.
     x = _embed(rec, spec, model, ids)
     tables = _rope_tables(spec, text_config(model), T, x.dtype, x.device)
     for layer_type, (params, (cos, _sin)) in tables.items():
-        rec.add(f"RoPE table ({layer_type})", f"cos(p · θ_i), θ_i = inv_freq ({params.get('rope_type')}, "
-                f"base {params['rope_theta']:g})", cos, _rope_ref(refs, layer_type), None)
+        rec.add(
+            f"RoPE table ({layer_type})",
+            f"cos(p · θ_i), θ_i = inv_freq ({params.get('rope_type')}, base {params['rope_theta']:g})",
+            cos,
+            _rope_ref(refs, layer_type),
+            None,
+        )
     sites, attention = [], []
     layers = decoder_layers(model)
     desc = "journey layers (local checks)" if local else "journey layers"
@@ -150,8 +159,7 @@ def _run(model: nn.Module, spec: Spec, ids: torch.Tensor, refs: dict[str, torch.
     # The model never applies softmax: compare with torch.softmax of the model's own logits.
     rec.refs["probs"] = torch.softmax(refs["logits"][-1:].float(), dim=-1)
     rec.add("softmax", "p = exp(logits) / Σ exp(logits)   (last position)", probs, "probs", None, 0, 3 * spec.vocab_size)
-    return {"steps": rec.steps, "sites": sites, "attention": attention, "logits": logits.float(),
-            "rope": {k: v[0] for k, v in tables.items()}}
+    return {"steps": rec.steps, "sites": sites, "attention": attention, "logits": logits.float(), "rope": {k: v[0] for k, v in tables.items()}}
 
 
 @torch.inference_mode()
@@ -169,9 +177,21 @@ def recompute(model: nn.Module, tokenizer: Any, text: str, progress: bool = True
     refs = capture_references(model, spec, ids)
     chained = _run(model, spec, ids, refs, local=False, progress=progress)
     local = _run(model, spec, ids, refs, local=True, progress=progress)
-    steps = [replace(ours, max_abs_diff=check.max_abs_diff, drift=ours.max_abs_diff)
-             for ours, check in zip(chained["steps"], local["steps"], strict=True)]
-    log.info("recomputed %d steps over %d tokens; worst step difference %.3g, worst drift %.3g", len(steps),
-             len(tokens), max((s.max_abs_diff or 0.0) for s in steps), max((s.drift or 0.0) for s in steps))
-    return Pass(spec=spec, token_ids=ids[0].tolist(), tokens=tokens, steps=steps, sites=chained["sites"],
-                attention=chained["attention"], logits=chained["logits"], rope_types=chained["rope"])
+    steps = [replace(ours, max_abs_diff=check.max_abs_diff, drift=ours.max_abs_diff) for ours, check in zip(chained["steps"], local["steps"], strict=True)]
+    log.info(
+        "recomputed %d steps over %d tokens; worst step difference %.3g, worst drift %.3g",
+        len(steps),
+        len(tokens),
+        max((s.max_abs_diff or 0.0) for s in steps),
+        max((s.drift or 0.0) for s in steps),
+    )
+    return Pass(
+        spec=spec,
+        token_ids=ids[0].tolist(),
+        tokens=tokens,
+        steps=steps,
+        sites=chained["sites"],
+        attention=chained["attention"],
+        logits=chained["logits"],
+        rope_types=chained["rope"],
+    )

@@ -48,9 +48,7 @@ class Generated:
 
 
 @torch.inference_mode()
-def generate(
-    model: nn.Module, input_ids: torch.Tensor, cfg: GenerationConfig, seed: int, eos_id: int | None, max_len: int | None = None
-) -> Generated:
+def generate(model: nn.Module, input_ids: torch.Tensor, cfg: GenerationConfig, seed: int, eos_id: int | None, max_len: int | None = None) -> Generated:
     """Sample up to `cfg.max_new_tokens` tokens after `input_ids [1, T]`, reproducibly for a `seed`.
 
     Stops early at `eos_id` or when the sequence reaches the context length `max_len`.

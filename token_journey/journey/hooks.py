@@ -181,9 +181,7 @@ def capture_modules(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[str
         if name and not list(module.children()):
             handles.append(
                 module.register_forward_hook(
-                    lambda _m, _i, out, name=name: seen.append((name, _first(out)[0].detach()))
-                    if isinstance(_first(out), torch.Tensor)
-                    else None
+                    lambda _m, _i, out, name=name: seen.append((name, _first(out)[0].detach())) if isinstance(_first(out), torch.Tensor) else None
                 )
             )
     try:

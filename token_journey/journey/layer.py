@@ -31,29 +31,30 @@ def attention(
     attn, T = block.self_attn, x.shape[0]
     H, K, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
     L = f"L{layer}."
-    q = rec.add("q_proj", "q = x · W_qᵀ", ops.linear(x, attn.q_proj.weight, _bias(attn.q_proj)), L + "q", layer,
-                _n(attn.q_proj), linear(T, d, H * hd), "matmul")
-    k = rec.add("k_proj", "k = x · W_kᵀ", ops.linear(x, attn.k_proj.weight, _bias(attn.k_proj)), L + "k", layer,
-                _n(attn.k_proj), linear(T, d, K * hd), "matmul")
-    v = rec.add("v_proj", "v = x · W_vᵀ", ops.linear(x, attn.v_proj.weight, _bias(attn.v_proj)), L + "v", layer,
-                _n(attn.v_proj), linear(T, d, K * hd), "matmul")
+    q = rec.add(
+        "q_proj", "q = x · W_qᵀ", ops.linear(x, attn.q_proj.weight, _bias(attn.q_proj)), L + "q", layer, _n(attn.q_proj), linear(T, d, H * hd), "matmul"
+    )
+    k = rec.add(
+        "k_proj", "k = x · W_kᵀ", ops.linear(x, attn.k_proj.weight, _bias(attn.k_proj)), L + "k", layer, _n(attn.k_proj), linear(T, d, K * hd), "matmul"
+    )
+    v = rec.add(
+        "v_proj", "v = x · W_vᵀ", ops.linear(x, attn.v_proj.weight, _bias(attn.v_proj)), L + "v", layer, _n(attn.v_proj), linear(T, d, K * hd), "matmul"
+    )
     q = q.view(T, H, hd).transpose(0, 1)  # (H, T, hd)
     k = k.view(T, K, hd).transpose(0, 1)  # (K, T, hd)
     v = v.view(T, K, hd).transpose(0, 1)  # (K, T, hd)
     if spec.qk_norm:
-        q = rec.add("q_norm", "q = q / rms(q) · (1 + w)   per head", ops.rms_norm(q, attn.q_norm.weight, spec.eps, True),
-                    L + "q_norm", layer, hd, rms_norm(T * H, hd))
-        k = rec.add("k_norm", "k = k / rms(k) · (1 + w)   per head", ops.rms_norm(k, attn.k_norm.weight, spec.eps, True),
-                    L + "k_norm", layer, hd, rms_norm(T * K, hd))
+        q = rec.add(
+            "q_norm", "q = q / rms(q) · (1 + w)   per head", ops.rms_norm(q, attn.q_norm.weight, spec.eps, True), L + "q_norm", layer, hd, rms_norm(T * H, hd)
+        )
+        k = rec.add(
+            "k_norm", "k = k / rms(k) · (1 + w)   per head", ops.rms_norm(k, attn.k_norm.weight, spec.eps, True), L + "k_norm", layer, hd, rms_norm(T * K, hd)
+        )
     cos, sin = cos_sin
-    q = rec.add("RoPE q", "q' = q·cos(pθ) + rotate_half(q)·sin(pθ)", rope.rotate(q, cos, sin), L + "q_rope", layer,
-                0, 3 * T * H * hd)
-    k = rec.add("RoPE k", "k' = k·cos(pθ) + rotate_half(k)·sin(pθ)", rope.rotate(k, cos, sin), L + "k_rope", layer,
-                0, 3 * T * K * hd)
-    k = rec.add("GQA expand K", f"each of {K} K heads serves {spec.n_rep} query heads",
-                k.repeat_interleave(spec.n_rep, dim=0), L + "k_expanded", layer)
-    v = rec.add("GQA expand V", f"each of {K} V heads serves {spec.n_rep} query heads",
-                v.repeat_interleave(spec.n_rep, dim=0), L + "v_expanded", layer)
+    q = rec.add("RoPE q", "q' = q·cos(pθ) + rotate_half(q)·sin(pθ)", rope.rotate(q, cos, sin), L + "q_rope", layer, 0, 3 * T * H * hd)
+    k = rec.add("RoPE k", "k' = k·cos(pθ) + rotate_half(k)·sin(pθ)", rope.rotate(k, cos, sin), L + "k_rope", layer, 0, 3 * T * K * hd)
+    k = rec.add("GQA expand K", f"each of {K} K heads serves {spec.n_rep} query heads", k.repeat_interleave(spec.n_rep, dim=0), L + "k_expanded", layer)
+    v = rec.add("GQA expand V", f"each of {K} V heads serves {spec.n_rep} query heads", v.repeat_interleave(spec.n_rep, dim=0), L + "v_expanded", layer)
     qk = rec.add("q·kᵀ", "s_ij = q_i · k_j", q @ k.transpose(-1, -2), L + "qk", layer, 0, 2 * H * T * T * hd, "matmul")
     scores, formula, flops = qk * spec.scaling, f"s · {spec.scaling:.4g}", H * T * T
     if spec.attn_softcap:
@@ -68,8 +69,16 @@ def attention(
     probs = rec.add("softmax", "a_ij = exp(s_ij) / Σ_j exp(s_ij)", ops.softmax(scores), L + "probs", layer, 0, 3 * H * T * T)
     out = rec.add("weighted sum", "z_i = Σ_j a_ij · v_j", probs @ v, L + "weighted", layer, 0, 2 * H * T * T * hd, "matmul")
     out = rec.add("concat heads", "z = [z_1 … z_H]", out.transpose(0, 1).reshape(T, H * hd), L + "heads_concat", layer)
-    out = rec.add("o_proj", "attn = z · W_oᵀ", ops.linear(out, attn.o_proj.weight, _bias(attn.o_proj)), L + "o_proj",
-                  layer, _n(attn.o_proj), linear(T, H * hd, d), "matmul")
+    out = rec.add(
+        "o_proj",
+        "attn = z · W_oᵀ",
+        ops.linear(out, attn.o_proj.weight, _bias(attn.o_proj)),
+        L + "o_proj",
+        layer,
+        _n(attn.o_proj),
+        linear(T, H * hd, d),
+        "matmul",
+    )
     return out, probs
 
 
@@ -77,21 +86,27 @@ def mlp(rec: Recorder, spec: Spec, block: nn.Module, x: torch.Tensor, layer: int
     """Gated MLP of `x [T, d_model]` (already normed): down(act(gate(x)) · up(x)) -> [T, d_model]."""
     m, T, d, F, L = block.mlp, x.shape[0], spec.d_model, spec.d_mlp, f"L{layer}."
     act_name = {"silu": "SiLU", "gelu_tanh": "GELU(tanh)", "gelu": "GELU"}[spec.activation]
-    gate = rec.add("gate_proj", "g = x · W_gateᵀ", ops.linear(x, m.gate_proj.weight, _bias(m.gate_proj)), L + "gate",
-                   layer, _n(m.gate_proj), linear(T, d, F), "matmul")
-    up = rec.add("up_proj", "u = x · W_upᵀ", ops.linear(x, m.up_proj.weight, _bias(m.up_proj)), L + "up", layer,
-                 _n(m.up_proj), linear(T, d, F), "matmul")
-    act = rec.add(act_name, f"{act_name}(g)", ops.activation(gate, spec.activation), L + "act", layer, 0,
-                  ACT_FLOPS[spec.activation] * T * F)
+    gate = rec.add(
+        "gate_proj", "g = x · W_gateᵀ", ops.linear(x, m.gate_proj.weight, _bias(m.gate_proj)), L + "gate", layer, _n(m.gate_proj), linear(T, d, F), "matmul"
+    )
+    up = rec.add("up_proj", "u = x · W_upᵀ", ops.linear(x, m.up_proj.weight, _bias(m.up_proj)), L + "up", layer, _n(m.up_proj), linear(T, d, F), "matmul")
+    act = rec.add(act_name, f"{act_name}(g)", ops.activation(gate, spec.activation), L + "act", layer, 0, ACT_FLOPS[spec.activation] * T * F)
     prod = rec.add("gate · up", f"h = {act_name}(g) ⊙ u", act * up, L + "product", layer, 0, T * F)
-    return rec.add("down_proj", "mlp = h · W_downᵀ", ops.linear(prod, m.down_proj.weight, _bias(m.down_proj)),
-                   L + "down", layer, _n(m.down_proj), linear(T, F, d), "matmul")
+    return rec.add(
+        "down_proj",
+        "mlp = h · W_downᵀ",
+        ops.linear(prod, m.down_proj.weight, _bias(m.down_proj)),
+        L + "down",
+        layer,
+        _n(m.down_proj),
+        linear(T, F, d),
+        "matmul",
+    )
 
 
 def _norm(rec: Recorder, spec: Spec, name: str, module: nn.Module, x: torch.Tensor, ref: str, layer: int) -> torch.Tensor:
     formula = "x / sqrt(mean(x²) + ε) · (1 + w)" if spec.gemma else "x / sqrt(mean(x²) + ε) · w"
-    return rec.add(name, formula, ops.rms_norm(x, module.weight, spec.eps, spec.gemma), ref, layer,
-                   module.weight.numel(), rms_norm(x.shape[0], x.shape[-1]))
+    return rec.add(name, formula, ops.rms_norm(x, module.weight, spec.eps, spec.gemma), ref, layer, module.weight.numel(), rms_norm(x.shape[0], x.shape[-1]))
 
 
 def decoder_layer(
@@ -102,8 +117,7 @@ def decoder_layer(
     normed = _norm(rec, spec, "input RMSNorm", block.input_layernorm, x, L + "norm_attn", layer)
     attn_out, probs = attention(rec, spec, block, normed, layer, cos_sin)
     if spec.gemma:
-        attn_out = _norm(rec, spec, "post-attention RMSNorm", block.post_attention_layernorm, attn_out,
-                         L + "attn_post_norm", layer)
+        attn_out = _norm(rec, spec, "post-attention RMSNorm", block.post_attention_layernorm, attn_out, L + "attn_post_norm", layer)
         mlp_norm = block.pre_feedforward_layernorm
     else:
         mlp_norm = block.post_attention_layernorm
@@ -112,7 +126,6 @@ def decoder_layer(
     mlp_in = _norm(rec, spec, name, mlp_norm, mid, L + "norm_mlp", layer)
     mlp_out = mlp(rec, spec, block, mlp_in, layer)
     if spec.gemma:
-        mlp_out = _norm(rec, spec, "post-feedforward RMSNorm", block.post_feedforward_layernorm, mlp_out,
-                        L + "mlp_post_norm", layer)
+        mlp_out = _norm(rec, spec, "post-feedforward RMSNorm", block.post_feedforward_layernorm, mlp_out, L + "mlp_post_norm", layer)
     out = rec.add("residual add", "out = h + mlp", mid + mlp_out, L + "resid_post", layer, 0, T * d)
     return {"attn_out": attn_out, "mlp_in": mlp_in, "mlp_out": mlp_out, "resid_post": out}, probs

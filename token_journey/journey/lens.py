@@ -33,8 +33,7 @@ def logit_lens(model: nn.Module, spec: Spec, resid: list[torch.Tensor], k: int =
     rows = []
     for layer, x in enumerate(resid):
         x = x.to(head.weight.dtype)
-        logits = ops.linear(ops.rms_norm(x, base.norm.weight, spec.eps, spec.gemma), head.weight,
-                            getattr(head, "bias", None)).float()  # (T, V)
+        logits = ops.linear(ops.rms_norm(x, base.norm.weight, spec.eps, spec.gemma), head.weight, getattr(head, "bias", None)).float()  # (T, V)
         if spec.final_softcap:
             logits = ops.softcap(logits, spec.final_softcap)
         probs, ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)

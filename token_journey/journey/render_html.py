@@ -58,8 +58,7 @@ def _timelines(journey: Journey) -> list[dict[str, Any]]:
     """Per token: its path through the layers (SAE latents with links, logit-lens tokens)."""
     out = []
     for pos, token in enumerate(journey.run.tokens):
-        rows = [{"layer": r.layer, "features": r.features, "lens": [(_token(journey, i), p) for i, p in r.lens]}
-                for r in journey.timeline(pos)]
+        rows = [{"layer": r.layer, "features": r.features, "lens": [(_token(journey, i), p) for i, p in r.lens]} for r in journey.timeline(pos)]
         out.append({"pos": pos, "token": token, "rows": rows})
     return out
 

@@ -38,8 +38,9 @@ def steps_table(steps: Iterable[Step], title: str) -> Table:
     for column in ("step", "formula", "shape", "values (first … last)", "Δ step", "Δ chain", "params", "FLOPs"):
         table.add_column(column, overflow="fold")
     for s in steps:
-        table.add_row(Text(s.name), Text(s.formula), Text(str(list(s.shape))), Text(_values(s)), _diff(s.max_abs_diff),
-                      _diff(s.drift), human(s.params), human(s.flops))
+        table.add_row(
+            Text(s.name), Text(s.formula), Text(str(list(s.shape))), Text(_values(s)), _diff(s.max_abs_diff), _diff(s.drift), human(s.params), human(s.flops)
+        )
     return table
 
 
@@ -100,15 +101,13 @@ def attribution_table(journey: Journey) -> Table | None:
         return None
     what = repr(journey.vocab[a.target]) + (f" - {journey.vocab[a.versus]!r}" if a.versus is not None else "")
     capped = f", after soft-cap {a.capped:.4f}" if a.capped is not None else ""
-    table = Table(title=f"attribution of the logit of {what} (pre-cap {a.logit:.4f}{capped}; direct contributions, "
-                        "final norm scale frozen at this token)")
+    table = Table(title=f"attribution of the logit of {what} (pre-cap {a.logit:.4f}{capped}; direct contributions, final norm scale frozen at this token)")
     for column in ("layer", "SAE", "top latents (activation → contribution)", "other parts", "Σ parts", "check"):
         table.add_column(column, overflow="fold")
     for layer in a.layers:
         latents = "  ".join(f"#{p.latent} ({p.activation:.2f}→{p.value:+.3f})" for p in layer.top)
         others = "  ".join(f"{p.name} {p.value:+.3f}" for p in layer.parts if p.latent is None)
-        table.add_row(str(layer.layer), Text(layer.sae_name), latents, others, f"{layer.total:.4f}",
-                      _diff(abs(layer.total - a.logit) / max(1.0, abs(a.logit))))
+        table.add_row(str(layer.layer), Text(layer.sae_name), latents, others, f"{layer.total:.4f}", _diff(abs(layer.total - a.logit) / max(1.0, abs(a.logit))))
     return table
 
 
@@ -155,8 +154,7 @@ def layer_panel(journey: Journey, layer: int) -> Panel:
     """Everything about one layer on one screen."""
     steps = [s for s in journey.run.steps if s.layer == layer]
     sums = journey.per_layer[layer]
-    parts = [steps_table(steps, f"layer {layer} ({journey.run.spec.layer_types[layer]})"),
-             _attention_text(journey, layer), _lens_text(journey, layer)]
+    parts = [steps_table(steps, f"layer {layer} ({journey.run.spec.layer_types[layer]})"), _attention_text(journey, layer), _lens_text(journey, layer)]
     features = _features_text(journey, layer)
     if features is not None:
         parts.append(features)
@@ -171,14 +169,17 @@ def render(journey: Journey, console: Console | None = None, layer: int | None =
     if layer is not None and not 0 <= layer < n_layers:
         raise TokenJourneyError(f"--layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
     run = journey.run
-    console.print(Panel(Group(Text(f"model {journey.model_name} ({run.spec.family}), text: "), Text(repr(journey.text)),
-                              _tokens_table(journey)), title="the token journey"))
-    console.print(steps_table([s for s in run.steps if s.layer is None and s.reference not in ("final_norm", "lm_head", "logits", "probs")],
-                              "tokens to vectors"))
+    console.print(
+        Panel(
+            Group(Text(f"model {journey.model_name} ({run.spec.family}), text: "), Text(repr(journey.text)), _tokens_table(journey)), title="the token journey"
+        )
+    )
+    console.print(
+        steps_table([s for s in run.steps if s.layer is None and s.reference not in ("final_norm", "lm_head", "logits", "probs")], "tokens to vectors")
+    )
     for current in range(n_layers) if layer is None else [layer]:
         console.print(layer_panel(journey, current))
-    console.print(steps_table([s for s in run.steps if s.reference in ("final_norm", "lm_head", "logits", "probs")],
-                              "vectors to the next token"))
+    console.print(steps_table([s for s in run.steps if s.reference in ("final_norm", "lm_head", "logits", "probs")], "vectors to the next token"))
     table = Table(title="most likely next tokens")
     table.add_column("token")
     table.add_column("probability", justify="right")
@@ -193,10 +194,14 @@ def render(journey: Journey, console: Console | None = None, layer: int | None =
     cont.append(journey.continuation, style="bold green")
     console.print(cont)
     totals = journey.totals
-    console.print(Text(f"whole pass: {human(totals['params'])} parameters (model: {human(journey.model_params)}), "
-                       f"{human(totals['flops'])} FLOPs ({human(totals['matmul_flops'])} in matrix products) for "
-                       f"{len(run.tokens)} tokens; worst step difference {run.max_abs_diff:.1e}, worst chained drift "
-                       f"{run.max_drift:.1e}; {journey.features_note}"))
+    console.print(
+        Text(
+            f"whole pass: {human(totals['params'])} parameters (model: {human(journey.model_params)}), "
+            f"{human(totals['flops'])} FLOPs ({human(totals['matmul_flops'])} in matrix products) for "
+            f"{len(run.tokens)} tokens; worst step difference {run.max_abs_diff:.1e}, worst chained drift "
+            f"{run.max_drift:.1e}; {journey.features_note}"
+        )
+    )
 
 
 def render_captured(captured: list[tuple[str, torch.Tensor]], console: Console | None = None) -> None:

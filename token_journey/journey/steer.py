@@ -48,8 +48,9 @@ def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[t
             raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} has no SAE; layers with SAEs: {have}")
         d_sae = sae.sae.cfg.d_sae
         if not 0 <= edit.latent < d_sae:
-            raise TokenJourneyError(f"edit {edit.spec!r}: latent {edit.latent} is out of range; SAE {sae.name} at layer "
-                                    f"{edit.layer} has latents 0..{d_sae - 1}")
+            raise TokenJourneyError(
+                f"edit {edit.spec!r}: latent {edit.latent} is out of range; SAE {sae.name} at layer {edit.layer} has latents 0..{d_sae - 1}"
+            )
         plan.setdefault(edit.layer, (sae, []))[1].append(edit)
     return [plan[layer] for layer in sorted(plan)]
 
@@ -132,8 +133,17 @@ def kl_divergence(before: torch.Tensor, after: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum())
 
 
-def run_steering(model: nn.Module, input_ids: torch.Tensor, edits: list[Edit], saes: list[LayerSAE], top: int,
-                 generation: GenerationConfig, seed: int, eos_id: int | None, max_len: int | None) -> Steering:
+def run_steering(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    edits: list[Edit],
+    saes: list[LayerSAE],
+    top: int,
+    generation: GenerationConfig,
+    seed: int,
+    eos_id: int | None,
+    max_len: int | None,
+) -> Steering:
     """Re-run `input_ids [1, T]` with `edits` and compare with the clean pass; sample the steered continuation."""
     plan = plan_edits(edits, saes, len(decoder_layers(model)))
     clean_logits, clean_resid = last_position(model, input_ids)
@@ -141,8 +151,10 @@ def run_steering(model: nn.Module, input_ids: torch.Tensor, edits: list[Edit], s
         logits, resid = last_position(model, input_ids)
         generated = generate(model, input_ids, generation, seed, eos_id, max_len)
     first = plan[0][0].layer if plan else len(clean_resid)
-    norms = [(layer, float(clean_resid[layer].norm()), float(resid[layer].norm()), float((resid[layer] - clean_resid[layer]).norm()))
-             for layer in range(first, len(clean_resid))]
+    norms = [
+        (layer, float(clean_resid[layer].norm()), float(resid[layer].norm()), float((resid[layer] - clean_resid[layer]).norm()))
+        for layer in range(first, len(clean_resid))
+    ]
     p_before, i_before = torch.softmax(clean_logits.float(), -1).topk(top)
     p_after, i_after = torch.softmax(logits.float(), -1).topk(top)
     return Steering(

@@ -80,8 +80,9 @@ def build_report(cfg: ReportConfig, paths: Layout, seed: int = 0, device: str = 
     return result
 
 
-def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env: Any, seed: int,
-             device: str, explainer: Explainer | None = None) -> tuple[str, np.ndarray | None]:
+def sae_page(
+    entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env: Any, seed: int, device: str, explainer: Explainer | None = None
+) -> tuple[str, np.ndarray | None]:
     """The HTML of one SAE's page and its features' firing densities `[d_sae]` (None without eval data).
 
     With an `explainer`, the first `report.explainer.n_features` dashboards get an explanation.
@@ -99,15 +100,12 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     except TokenJourneyError as exc:
         log.warning("no feature browser for %s: %s", entry.page, exc)
         charts = {"error": position_chart([entry])} if entry.metrics.get("error_by_position") else {}
-        return render_sae(env, entry, [], [], charts, 0, cfg.dense_threshold,
-                          note=f"No feature browser: {exc}"), None
+        return render_sae(env, entry, [], [], charts, 0, cfg.dense_threshold, note=f"No feature browser: {exc}"), None
     stats = feature_stats(sae, acts.iter_tables, acts.dtype, cfg.batch_size, cfg.max_tokens, cfg.top_k, device)
-    features = select_features(stats, cfg.n_index, cfg.n_random, cfg.n_strongest, cfg.n_dense, cfg.dense_threshold,
-                               seed)
+    features = select_features(stats, cfg.n_index, cfg.n_random, cfg.n_strongest, cfg.n_dense, cfg.dense_threshold, seed)
     dense = torch.nonzero(stats.density > cfg.dense_threshold).flatten().tolist()
     search = TokenFeatureIndex(int(stats.counts.shape[0]), cfg.search_features, excluded=dense)
-    chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size,
-                                  cfg.max_tokens, device, search)
+    chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size, cfg.max_tokens, device, search)
     strings = TokenStrings(loaded.tokenizer)
     contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id), strings, cfg.window)
     dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, sae, cfg, seed)
@@ -119,12 +117,22 @@ def sae_page(entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env
     charts = {"density": density_chart({entry.name: density}, cfg.hist_bins)}
     if entry.metrics.get("error_by_position"):
         charts["error"] = position_chart([entry])
-    return render_sae(env, entry, dashboards, index_rows, charts, stats.rows, cfg.dense_threshold,
-                      Markup(search_json(search, strings)), len(dense), n_alive=n_alive), density
+    return render_sae(
+        env, entry, dashboards, index_rows, charts, stats.rows, cfg.dense_threshold, Markup(search_json(search, strings)), len(dense), n_alive=n_alive
+    ), density
 
 
-def explain_dashboards(explainer: Explainer, dashboards: list[Dashboard], features: list[int], chosen: torch.Tensor,
-                       stats: FeatureStats, contexts: ContextBuilder, entry: SaeEntry, loaded: Any, seed: int) -> None:
+def explain_dashboards(
+    explainer: Explainer,
+    dashboards: list[Dashboard],
+    features: list[int],
+    chosen: torch.Tensor,
+    stats: FeatureStats,
+    contexts: ContextBuilder,
+    entry: SaeEntry,
+    loaded: Any,
+    seed: int,
+) -> None:
     """Attach an explanation to the first dashboards; `chosen` `[rows, len(features)]` holds their activations."""
     sae = sae_identity(entry.folder)
     column_of = {f: j for j, f in enumerate(features)}
@@ -134,8 +142,7 @@ def explain_dashboards(explainer: Explainer, dashboards: list[Dashboard], featur
 
     for d in dashboards[: explainer.cfg.n_features]:
         top = [int(r) for v, r in zip(stats.top_values[:, d.feature], stats.top_rows[:, d.feature]) if v > 0]
-        d.explanation = explainer.explain(sae, d.feature, chosen[:, column_of[d.feature]].numpy(), top,
-                                          stats.index, contexts.sequences, decode, seed)
+        d.explanation = explainer.explain(sae, d.feature, chosen[:, column_of[d.feature]].numpy(), top, stats.index, contexts.sequences, decode, seed)
         log.info("feature %d explained in %.1f s: %s", d.feature, d.explanation.seconds, d.explanation.text)
     explainer.cache.save()
 
@@ -187,8 +194,7 @@ def density_chart(densities: dict[str, np.ndarray], bins: int) -> Markup:
         counts, _ = np.histogram(np.log10(next(iter(alive.values()))), bins=edges)
         return plots.histogram(edges.tolist(), counts.tolist(), "log10 firing density", title, "features")
     centres = ((edges[:-1] + edges[1:]) / 2).tolist()
-    series = [plots.Series(k, centres, np.histogram(np.log10(a), bins=edges)[0].astype(float).tolist())
-              for k, a in alive.items()]
+    series = [plots.Series(k, centres, np.histogram(np.log10(a), bins=edges)[0].astype(float).tolist()) for k, a in alive.items()]
     return plots.lines(series, "log10 firing density", "features", title)
 
 
@@ -199,8 +205,10 @@ def overview_charts(entries: list[SaeEntry], densities: dict[str, np.ndarray], b
         "delta_loss_vs_l0": pareto_chart(entries, "delta_loss", "delta LM loss"),
         "fvu_vs_l0": pareto_chart(entries, "fvu", "FVU"),
     }
-    for key, chart, label, lower_better in (("absorption_rate", "absorption_vs_l0", "absorption rate", True),
-                                            ("probe_sae_top_1", "probe_vs_l0", "1-sparse probe accuracy", False)):
+    for key, chart, label, lower_better in (
+        ("absorption_rate", "absorption_vs_l0", "absorption rate", True),
+        ("probe_sae_top_1", "probe_vs_l0", "1-sparse probe accuracy", False),
+    ):
         if any(_finite(e.value(key)) for e in entries):
             charts[chart] = pareto_chart(entries, key, label, lower_better)
     if any(e.metrics.get("error_by_position") for e in entries):

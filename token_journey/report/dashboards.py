@@ -140,20 +140,25 @@ def quantile_rows(column: torch.Tensor, n: int, rng: np.random.Generator) -> lis
     return picks
 
 
-def build_dashboards(stats: FeatureStats, features: list[tuple[int, str]], acts: torch.Tensor,
-                     contexts: ContextBuilder, model: Any, sae: torch.nn.Module, cfg: ReportConfig,
-                     seed: int) -> list[Dashboard]:
+def build_dashboards(
+    stats: FeatureStats,
+    features: list[tuple[int, str]],
+    acts: torch.Tensor,
+    contexts: ContextBuilder,
+    model: Any,
+    sae: torch.nn.Module,
+    cfg: ReportConfig,
+    seed: int,
+) -> list[Dashboard]:
     """One dashboard per (feature, kind); `acts` `[rows, len(features)]` from `selected_activations`."""
     directions = sae.W_dec.detach().float().cpu()[[f for f, _ in features]]  # [n, d_model]
     lens = promoted_and_suppressed(model, directions, contexts.strings, cfg.n_logit_tokens) if model is not None else []
     out = []
     for j, (feature, kind) in enumerate(features):
         column, scale = acts[:, j], float(stats.maxima[feature])
-        top = [contexts.build(int(r), column, float(v), scale)
-               for v, r in zip(stats.top_values[:, feature], stats.top_rows[:, feature]) if v > 0]
+        top = [contexts.build(int(r), column, float(v), scale) for v, r in zip(stats.top_values[:, feature], stats.top_rows[:, feature]) if v > 0]
         rng = np.random.default_rng([seed, feature])
-        quantiles = [contexts.build(r, column, float(column[r]), scale, label)
-                     for r, label in quantile_rows(column, cfg.n_quantile_contexts, rng)]
+        quantiles = [contexts.build(r, column, float(column[r]), scale, label) for r, label in quantile_rows(column, cfg.n_quantile_contexts, rng)]
         firing = column[column > 0].numpy()
         counts, edges = np.histogram(firing, bins=cfg.hist_bins) if len(firing) else (np.zeros(1), np.array([0.0, 1.0]))
         hist = plots.histogram(edges.tolist(), counts.tolist(), "activation (firing tokens)", f"feature {feature}")
@@ -161,10 +166,21 @@ def build_dashboards(stats: FeatureStats, features: list[tuple[int, str]], acts:
         promoted, suppressed = lens[j] if lens else ([], [])
         top_tokens = stats.index.token_id[stats.top_rows[:, feature][stats.top_values[:, feature] > 0].numpy()]
         label = feature_label(contexts.strings.many(frequent_tokens(top_tokens.tolist())), [t for t, _ in promoted])
-        out.append(Dashboard(
-            feature, kind, float(stats.density[feature]), float(stats.sums[feature]) / max(count, 1), scale,
-            top, quantiles, hist, promoted, suppressed, label,
-        ))
+        out.append(
+            Dashboard(
+                feature,
+                kind,
+                float(stats.density[feature]),
+                float(stats.sums[feature]) / max(count, 1),
+                scale,
+                top,
+                quantiles,
+                hist,
+                promoted,
+                suppressed,
+                label,
+            )
+        )
     return out
 
 
@@ -178,8 +194,7 @@ def indexed_features(counts: torch.Tensor, limit: int) -> list[int]:
     return alive.tolist()
 
 
-def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int], dense_threshold: float,
-                  limit: int, width: int = 4) -> list[dict[str, Any]]:
+def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int], dense_threshold: float, limit: int, width: int = 4) -> list[dict[str, Any]]:
     """A compact row for each alive feature (density, mean, max, best context), at most `limit` of them
     (`indexed_features`), so any listed id is linkable; dense latents are flagged."""
     narrow = ContextBuilder(contexts.index, contexts.sequences, contexts.strings, width)
@@ -188,12 +203,17 @@ def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int]
         best_row, best = int(stats.top_rows[0, feature]), float(stats.top_values[0, feature])
         ctx = narrow.build(best_row, None, best, best)
         anchor = next(i for i, c in enumerate(ctx.cells) if c.anchor)
-        rows.append({
-            "feature": feature, "shown": feature in shown, "density": float(stats.density[feature]),
-            "dense": float(stats.density[feature]) > dense_threshold,
-            "mean": float(stats.sums[feature]) / int(stats.counts[feature]), "max": float(stats.maxima[feature]),
-            "before": "".join(c.text for c in ctx.cells[:anchor]),
-            "token": ctx.cells[anchor].text,
-            "after": "".join(c.text for c in ctx.cells[anchor + 1:]),
-        })
+        rows.append(
+            {
+                "feature": feature,
+                "shown": feature in shown,
+                "density": float(stats.density[feature]),
+                "dense": float(stats.density[feature]) > dense_threshold,
+                "mean": float(stats.sums[feature]) / int(stats.counts[feature]),
+                "max": float(stats.maxima[feature]),
+                "before": "".join(c.text for c in ctx.cells[:anchor]),
+                "token": ctx.cells[anchor].text,
+                "after": "".join(c.text for c in ctx.cells[anchor + 1 :]),
+            }
+        )
     return rows

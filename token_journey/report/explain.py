@@ -87,12 +87,10 @@ def detection_scores(p_yes: Sequence[float], activating: Sequence[bool]) -> Dete
     recall, specificity = said_yes[y].mean(), (~said_yes[~y]).mean()
     pos, neg = p[y][:, None], p[~y][None, :]
     auroc = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
-    return Detection(float((said_yes == y).mean()), float((recall + specificity) / 2), float(auroc),
-                     int(y.sum()), int((~y).sum()))
+    return Detection(float((said_yes == y).mean()), float((recall + specificity) / 2), float(auroc), int(y.sum()), int((~y).sum()))
 
 
-def context_text(tokens: np.ndarray, position: int, window: int, decode: Callable[[Sequence[int]], str],
-                 mark: bool) -> str:
+def context_text(tokens: np.ndarray, position: int, window: int, decode: Callable[[Sequence[int]], str], mark: bool) -> str:
     """The text of `tokens[position - window : position + window + 1]`, the token at `position` marked if `mark`.
 
     Pieces are decoded whole (so characters split across tokens come out joined), then newlines and
@@ -113,16 +111,14 @@ def _positions(index: RowIndex, rows: Sequence[int]) -> dict[int, list[int]]:
     return out
 
 
-def heldout_rows(column: np.ndarray, index: RowIndex, shown: Sequence[int], n: int, window: int,
-                 rng: np.random.Generator) -> list[int]:
+def heldout_rows(column: np.ndarray, index: RowIndex, shown: Sequence[int], n: int, window: int, rng: np.random.Generator) -> list[int]:
     """Up to `n` firing rows, one drawn per activation-quantile bin, none sharing a token with a shown context.
 
     Two windows of `window` tokens either side share no token when their centres are more than
     `2 * window` apart in the same sequence.
     """
     taken = _positions(index, shown)
-    firing = [int(r) for r in np.nonzero(column > 0)[0]
-              if all(abs(int(index.position[r]) - p) > 2 * window for p in taken.get(int(index.sequence_id[r]), []))]
+    firing = [int(r) for r in np.nonzero(column > 0)[0] if all(abs(int(index.position[r]) - p) > 2 * window for p in taken.get(int(index.sequence_id[r]), []))]
     if not firing or n == 0:
         return []
     order = np.array(firing)[np.argsort(column[firing], kind="stable")]
@@ -149,16 +145,20 @@ def explainer_request(examples: Sequence[str], marked: Sequence[str]) -> str:
     them (asked what the excerpts "have in common", SmolLM2-135M echoed the question or the excerpts).
     """
     numbered = "\n".join(f"{i}. {text}" for i, text in enumerate(examples, 1))
-    return (f"Excerpts of text, with the part of each where one hidden feature of a language model is most "
-            f"active marked between {MARK_OPEN} and {MARK_CLOSE}:\n\n{numbered}\n\n"
-            f"Marked words: {', '.join(m.strip() or repr(m) for m in marked)}\n"
-            f"In a few words, what kind of words are the marked words?")
+    return (
+        f"Excerpts of text, with the part of each where one hidden feature of a language model is most "
+        f"active marked between {MARK_OPEN} and {MARK_CLOSE}:\n\n{numbered}\n\n"
+        f"Marked words: {', '.join(m.strip() or repr(m) for m in marked)}\n"
+        f"In a few words, what kind of words are the marked words?"
+    )
 
 
 def detection_request(explanation: str, text: str) -> str:
     """The scorer's question about one unmarked context."""
-    return (f"A hidden feature of a language model fires on some words of a text. Those words: {explanation}\n\n"
-            f"Text:\n{text}\n\nDoes this text contain the described feature? Answer Yes or No.")
+    return (
+        f"A hidden feature of a language model fires on some words of a text. Those words: {explanation}\n\n"
+        f"Text:\n{text}\n\nDoes this text contain the described feature? Answer Yes or No."
+    )
 
 
 class LocalLM:
@@ -171,8 +171,7 @@ class LocalLM:
     def prompt(self, request: str) -> str:
         """`request` as the user's turn, through the tokenizer's chat template when it has one."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
         return f"User: {request}\nAssistant: "
 
     def _ids(self, text: str) -> torch.Tensor:
@@ -184,10 +183,19 @@ class LocalLM:
         """`ANSWER_START` and the first sentence the model continues it with (greedy) after `explainer_request`."""
         ids = self._ids(self.prompt(explainer_request(examples, marked)) + ANSWER_START)
         eos = self.tokenizer.eos_token_id
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=eos,
-                                  temperature=None, top_p=None, top_k=None)
-        text = self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        text = self.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         return first_sentence(ANSWER_START + text)
 
     @torch.no_grad()
@@ -222,6 +230,7 @@ def first_sentence(text: str) -> str:
 
 def answer_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     """First token ids of the spellings of Yes and of No; one token may not stand for both answers."""
+
     def first(words: Sequence[str]) -> list[int]:
         return sorted({tokenizer.encode(w, add_special_tokens=False)[0] for w in words})
 
@@ -245,8 +254,7 @@ def explainer_folder(spec: str, base_model: Path) -> Path:
         raise TokenJourneyError(f"report.explainer.model={spec!r} is neither a folder nor a model option ({options})")
     folder = Path(base_model).parent / str(OmegaConf.load(option).name)
     if not folder.is_dir():
-        raise TokenJourneyError(f"report.explainer.model={spec!r}: no prepared model at {folder}; "
-                                f"run `python stages/prepare_model.py model={spec}`")
+        raise TokenJourneyError(f"report.explainer.model={spec!r}: no prepared model at {folder}; run `python stages/prepare_model.py model={spec}`")
     return folder
 
 
@@ -254,8 +262,7 @@ def model_identity(folder: Path) -> str:
     """The prepared model's name and fingerprint (from its manifest.json), which change with its weights."""
     manifest_path = Path(folder) / "manifest.json"
     if not manifest_path.is_file():
-        raise TokenJourneyError(f"no prepared model at {folder} (missing manifest.json); "
-                                "report.explainer.model needs a folder written by prepare_model")
+        raise TokenJourneyError(f"no prepared model at {folder} (missing manifest.json); report.explainer.model needs a folder written by prepare_model")
     manifest = json.loads(manifest_path.read_text())
     return f"{manifest.get('name', Path(folder).name)}@{manifest.get('fingerprint') or short_hash(manifest)}"
 
@@ -317,11 +324,19 @@ class Explainer:
 
     def key(self, sae: str, feature: int, settings: dict[str, Any]) -> str:
         """The cache key of one feature's result."""
-        return (f"sae={sae} feature={feature} model={self.identity} prompt=v{PROMPT_VERSION} "
-                f"settings={short_hash(settings)}")
+        return f"sae={sae} feature={feature} model={self.identity} prompt=v{PROMPT_VERSION} settings={short_hash(settings)}"
 
-    def explain(self, sae: str, feature: int, column: np.ndarray, top_rows: Sequence[int], index: RowIndex,
-                sequences: dict[int, np.ndarray], decode: Callable[[Sequence[int]], str], seed: int) -> Explanation:
+    def explain(
+        self,
+        sae: str,
+        feature: int,
+        column: np.ndarray,
+        top_rows: Sequence[int],
+        index: RowIndex,
+        sequences: dict[int, np.ndarray],
+        decode: Callable[[Sequence[int]], str],
+        seed: int,
+    ) -> Explanation:
         """One feature's explanation and detection score, from the cache when it holds them (see the module docstring).
 
         `column` `[rows]` holds the feature's activation on every streamed row, `top_rows` its
@@ -330,8 +345,15 @@ class Explainer:
         """
         cfg = self.cfg
         shown = [int(r) for r in top_rows[: cfg.n_examples]]
-        settings = {"n_examples": cfg.n_examples, "n_heldout": cfg.n_heldout, "window": cfg.window,
-                    "max_new_tokens": cfg.max_new_tokens, "seed": seed, "rows": len(column), "shown": shown}
+        settings = {
+            "n_examples": cfg.n_examples,
+            "n_heldout": cfg.n_heldout,
+            "window": cfg.window,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": seed,
+            "rows": len(column),
+            "shown": shown,
+        }
         key = self.key(sae, feature, settings)
         cached = self.cache.get(key)
         if cached is not None:

@@ -63,8 +63,7 @@ class FeatureStats:
         return self.counts.double() / max(self.rows, 1)
 
 
-def batches(tables: Iterable[pa.Table], batch_size: int, max_tokens: int, dtype: str = "float32"
-            ) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
+def batches(tables: Iterable[pa.Table], batch_size: int, max_tokens: int, dtype: str = "float32") -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
     """(float32 activations `[B, d_model]`, metadata columns `[B]`) in file order, at most `max_tokens` rows.
 
     `dtype` is the manifest's storage dtype (bfloat16 is stored as raw bits; `activation_tensor` undoes it).
@@ -81,8 +80,7 @@ def batches(tables: Iterable[pa.Table], batch_size: int, max_tokens: int, dtype:
             yield activation_tensor(part.column("activation"), dtype), meta
 
 
-def merge_topk(values: torch.Tensor, rows: torch.Tensor, new_values: torch.Tensor, new_rows: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_topk(values: torch.Tensor, rows: torch.Tensor, new_values: torch.Tensor, new_rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest of two `[*, d_sae]` candidate sets per column, with their row ids."""
     all_values = torch.cat([values, new_values])
     all_rows = torch.cat([rows, new_rows])
@@ -91,8 +89,15 @@ def merge_topk(values: torch.Tensor, rows: torch.Tensor, new_values: torch.Tenso
 
 
 @torch.no_grad()
-def feature_stats(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Table]], dtype: str, batch_size: int,
-                  max_tokens: int, top_k: int, device: torch.device | str = "cpu") -> FeatureStats:
+def feature_stats(
+    sae: torch.nn.Module,
+    open_tables: Callable[[], Iterable[pa.Table]],
+    dtype: str,
+    batch_size: int,
+    max_tokens: int,
+    top_k: int,
+    device: torch.device | str = "cpu",
+) -> FeatureStats:
     """Pass 1: counts, sums, maxima and top-k rows of every feature (see the module docstring).
 
     `open_tables()` yields the eval shards as Arrow tables (e.g. `Activations.iter_tables`);
@@ -121,8 +126,9 @@ def feature_stats(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Ta
     return FeatureStats(offset, counts, sums.float(), maxima, top_values, top_rows, index)
 
 
-def select_features(stats: FeatureStats, n_index: int, n_random: int, n_strongest: int, n_dense: int,
-                    dense_threshold: float, seed: int) -> list[tuple[int, str]]:
+def select_features(
+    stats: FeatureStats, n_index: int, n_random: int, n_strongest: int, n_dense: int, dense_threshold: float, seed: int
+) -> list[tuple[int, str]]:
     """The features that get a dashboard, each with its group, in page order; no feature twice.
 
     Readable ones lead, all drawn from the alive features that are not dense (firing density at
@@ -147,9 +153,16 @@ def select_features(stats: FeatureStats, n_index: int, n_random: int, n_stronges
 
 
 @torch.no_grad()
-def selected_activations(sae: torch.nn.Module, open_tables: Callable[[], Iterable[pa.Table]], dtype: str,
-                         features: list[int], batch_size: int, max_tokens: int,
-                         device: torch.device | str = "cpu", search: TokenFeatureIndex | None = None) -> torch.Tensor:
+def selected_activations(
+    sae: torch.nn.Module,
+    open_tables: Callable[[], Iterable[pa.Table]],
+    dtype: str,
+    features: list[int],
+    batch_size: int,
+    max_tokens: int,
+    device: torch.device | str = "cpu",
+    search: TokenFeatureIndex | None = None,
+) -> torch.Tensor:
     """Pass 2: the activations of `features` on every streamed row, `[rows, len(features)]`.
 
     Every row's full activations also go to `search`, the page's token index, which needs the

@@ -108,8 +108,13 @@ def facts(base_model: Path, corpus: Path, activations: Location, entries: list[S
     manifest = Path(base_model) / "manifest.json"
     if manifest.is_file():
         model = read_json(manifest)
-        out.append(("model", f"{model.get('name', '?')} ({model.get('source', '?')}, {model.get('n_params', 0):,} "
-                             f"parameters, {model.get('dtype', '?')}, fingerprint {model.get('fingerprint', '?')})"))
+        out.append(
+            (
+                "model",
+                f"{model.get('name', '?')} ({model.get('source', '?')}, {model.get('n_params', 0):,} "
+                f"parameters, {model.get('dtype', '?')}, fingerprint {model.get('fingerprint', '?')})",
+            )
+        )
     stats = Path(corpus) / "stats.json"
     if stats.is_file():
         scalars = {k: v for k, v in read_json(stats).items() if isinstance(v, (int, float, str))}
@@ -121,9 +126,15 @@ def facts(base_model: Path, corpus: Path, activations: Location, entries: list[S
             if storage.is_file(path):
                 layer_manifest = read_json(path)
                 dropped = layer_manifest.get("excluded_counts", {})
-                rows.append(f"{split} {layer_manifest.get('rows', 0):,} tokens" + (
-                    f" (not rows: {dropped.get('special', 0):,} special, {dropped.get('first_positions', 0):,} first "
-                    f"positions, {dropped.get('max_norm', 0):,} norm outliers)" if dropped else ""))
+                rows.append(
+                    f"{split} {layer_manifest.get('rows', 0):,} tokens"
+                    + (
+                        f" (not rows: {dropped.get('special', 0):,} special, {dropped.get('first_positions', 0):,} first "
+                        f"positions, {dropped.get('max_norm', 0):,} norm outliers)"
+                        if dropped
+                        else ""
+                    )
+                )
         if rows:
             out.append((f"activations {site} layer {layer}", ", ".join(rows)))
     for e in entries:

@@ -29,7 +29,7 @@ def frequent_tokens(token_ids: Sequence[int], n: int = LABEL_TOKENS) -> list[int
 
 
 def feature_label(fires_on: Sequence[str], promotes: Sequence[str], n: int = LABEL_TOKENS) -> str:
-    """"fires on 'a', 'b'; promotes 'c', 'd'" from display strings; a part without tokens is left out."""
+    """ "fires on 'a', 'b'; promotes 'c', 'd'" from display strings; a part without tokens is left out."""
     parts = []
     if fires_on:
         parts.append("fires on " + ", ".join(f"'{t}'" for t in fires_on[:n]))

@@ -85,8 +85,7 @@ class _Frame:
             parts.append(f'<text x="{LEFT - 6}" y="{py + 4:.1f}" text-anchor="end">{_fmt(tick)}</text>')
         parts.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 8}" text-anchor="middle">{x_label}</text>')
         parts.append(
-            f'<text x="14" y="{(TOP + HEIGHT - BOTTOM) / 2}" text-anchor="middle" '
-            f'transform="rotate(-90 14 {(TOP + HEIGHT - BOTTOM) / 2})">{y_label}</text>'
+            f'<text x="14" y="{(TOP + HEIGHT - BOTTOM) / 2}" text-anchor="middle" transform="rotate(-90 14 {(TOP + HEIGHT - BOTTOM) / 2})">{y_label}</text>'
         )
         return parts
 
@@ -100,9 +99,7 @@ def _svg(parts: list[str], legend: Sequence[str] = ()) -> Markup:
             f'<text x="{WIDTH - RIGHT - 115}" y="{y + 1}">{escape(name)}</text>'
         )
     body = "".join(parts + items)
-    return Markup(
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" xmlns="http://www.w3.org/2000/svg" role="img">{body}</svg>'
-    )
+    return Markup(f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" xmlns="http://www.w3.org/2000/svg" role="img">{body}</svg>')
 
 
 def front_path(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
@@ -117,17 +114,14 @@ def scatter(series: Sequence[Series], x_label: str, y_label: str, title: str, fr
     parts = frame.axes()
     for i, s in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
-        points = [(x, y, lab) for x, y, lab in zip(s.xs, s.ys, s.labels or [""] * len(s.xs))
-                  if math.isfinite(x) and math.isfinite(y)]
+        points = [(x, y, lab) for x, y, lab in zip(s.xs, s.ys, s.labels or [""] * len(s.xs)) if math.isfinite(x) and math.isfinite(y)]
         if frontier and len(points) > 1:
             front = front_path([p[0] for p in points], [p[1] for p in points])
             path = " ".join(f"{frame.x(points[j][0]):.1f},{frame.y(points[j][1]):.1f}" for j in front)
             parts.append(f'<polyline class="front" points="{path}" stroke="{color}"/>')
         for x, y, label in points:
             tip = escape(f"{s.name} {label}: {x_label}={_fmt(x)}, {y_label}={_fmt(y)}")
-            parts.append(
-                f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="5" fill="{color}"><title>{tip}</title></circle>'
-            )
+            parts.append(f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="5" fill="{color}"><title>{tip}</title></circle>')
     return _svg(parts, [s.name for s in series])
 
 
@@ -146,8 +140,7 @@ def lines(series: Sequence[Series], x_label: str, y_label: str, title: str) -> M
     return _svg(parts, [s.name for s in series] if len(series) > 1 else ())
 
 
-def histogram(edges: Sequence[float], counts: Sequence[float], x_label: str, title: str,
-              y_label: str = "count") -> Markup:
+def histogram(edges: Sequence[float], counts: Sequence[float], x_label: str, title: str, y_label: str = "count") -> Markup:
     """Bars for `len(edges) - 1` bins; hover shows the bin range and its count."""
     frame = _Frame(list(edges), [0.0, *counts], x_label, y_label, title)
     parts = frame.axes()

@@ -19,8 +19,9 @@ from token_journey.report.gather import HEADLINE, SaeEntry
 
 def environment() -> Environment:
     """The template environment: autoescape always on, undefined names are errors."""
-    env = Environment(loader=PackageLoader("token_journey.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("token_journey.report", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True
+    )
     env.filters["num"] = _num
     env.filters["pct"] = lambda v: f"{v:.3%}" if v is not None else ""
     return env
@@ -40,17 +41,25 @@ def headline_rows(entries: Sequence[SaeEntry]) -> list[list[str]]:
     return [[e.site, str(e.layer), e.name, *e.cells()] for e in entries]
 
 
-def render_index(env: Environment, entries: Sequence[SaeEntry], facts: list[tuple[str, str]],
-                 charts: dict[str, Any], pages: set[str]) -> str:
+def render_index(env: Environment, entries: Sequence[SaeEntry], facts: list[tuple[str, str]], charts: dict[str, Any], pages: set[str]) -> str:
     """The overview page `index.html`."""
     rows = [(e, row, e.page in pages) for e, row in zip(entries, headline_rows(entries))]
-    return env.get_template("index.html").render(
-        title="token-journey report", root="", columns=headline_columns(), rows=rows, facts=facts, charts=charts)
+    return env.get_template("index.html").render(title="token-journey report", root="", columns=headline_columns(), rows=rows, facts=facts, charts=charts)
 
 
-def render_sae(env: Environment, entry: SaeEntry, dashboards: list[Any], index_rows: list[dict[str, Any]],
-               charts: dict[str, Any], rows_streamed: int, dense_threshold: float, search: Markup = Markup("{}"),
-               n_dense: int = 0, note: str = "", n_alive: int = 0) -> str:
+def render_sae(
+    env: Environment,
+    entry: SaeEntry,
+    dashboards: list[Any],
+    index_rows: list[dict[str, Any]],
+    charts: dict[str, Any],
+    rows_streamed: int,
+    dense_threshold: float,
+    search: Markup = Markup("{}"),
+    n_dense: int = 0,
+    note: str = "",
+    n_alive: int = 0,
+) -> str:
     """One SAE's page with its feature browser; `root` is the relative way back to `index.html`.
 
     `search` is the token index as JSON (`search.search_json`, already safe inside a script
@@ -58,10 +67,21 @@ def render_sae(env: Environment, entry: SaeEntry, dashboards: list[Any], index_r
     list fewer).
     """
     return env.get_template("sae.html").render(
-        title=f"{entry.site} layer {entry.layer} {entry.name}", root="../../", entry=entry,
-        columns=headline_columns(), row=headline_rows([entry])[0], dashboards=dashboards,
-        index_rows=index_rows, charts=charts, rows_streamed=rows_streamed, dense_threshold=dense_threshold,
-        search=search, n_dense=n_dense, note=note, n_alive=n_alive)
+        title=f"{entry.site} layer {entry.layer} {entry.name}",
+        root="../../",
+        entry=entry,
+        columns=headline_columns(),
+        row=headline_rows([entry])[0],
+        dashboards=dashboards,
+        index_rows=index_rows,
+        charts=charts,
+        rows_streamed=rows_streamed,
+        dense_threshold=dense_threshold,
+        search=search,
+        n_dense=n_dense,
+        note=note,
+        n_alive=n_alive,
+    )
 
 
 def _md_cell(text: str) -> str:

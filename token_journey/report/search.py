@@ -86,6 +86,5 @@ def search_json(index: TokenFeatureIndex, strings: TokenStrings) -> str:
         best = merged.setdefault(strings(token_id), {})
         for feature, value in pairs:
             best[feature] = max(best.get(feature, 0.0), value)
-    table = {text: [[f, float(f"{v:.3g}")] for f, v in sorted(best.items(), key=lambda p: (-p[1], p[0]))[: index.k]]
-             for text, best in sorted(merged.items())}
+    table = {text: [[f, float(f"{v:.3g}")] for f, v in sorted(best.items(), key=lambda p: (-p[1], p[0]))[: index.k]] for text, best in sorted(merged.items())}
     return json.dumps(table, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")

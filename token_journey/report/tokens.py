@@ -143,8 +143,7 @@ def promoted_and_suppressed(
         top = logits.topk(n, dim=1)
         bottom = logits.topk(n, dim=1, largest=False)
         for row in range(logits.shape[0]):
-            result.append((_pairs(strings, top.indices[row], top.values[row]),
-                           _pairs(strings, bottom.indices[row], bottom.values[row])))
+            result.append((_pairs(strings, top.indices[row], top.values[row]), _pairs(strings, bottom.indices[row], bottom.values[row])))
     return result
 
 

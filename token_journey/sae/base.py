@@ -217,7 +217,5 @@ class SAE(nn.Module):
             raise TokenJourneyError(f"SAE weights lack {', '.join(missing)} for architecture {self.architecture}")
         for name, param in own.items():
             if tuple(tensors[name].shape) != tuple(param.shape):
-                raise TokenJourneyError(
-                    f"SAE weight {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
-                )
+                raise TokenJourneyError(f"SAE weight {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
             param.copy_(tensors[name])

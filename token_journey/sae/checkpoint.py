@@ -34,8 +34,9 @@ TENSORS = "state.safetensors"  # the tensors file of checkpoints whose state.jso
 STATE = "state.json"
 
 
-def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
-                    fingerprint: dict[str, Any], loop: dict[str, float] | None = None) -> None:
+def save_checkpoint(
+    folder: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, fingerprint: dict[str, Any], loop: dict[str, float] | None = None
+) -> None:
     """Write the full training state after `step` steps to `folder` (replacing the previous one).
 
     `loop`: scalars the training loop carries from step to step (the target_l0 controller's coefficient).
@@ -63,8 +64,7 @@ def save_checkpoint(folder: Path, step: int, sae: SAE, opt: torch.optim.Optimize
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(part))
         os.replace(part, folder / name)
-    meta = {"step": step, "tensors": name, "opt_scalars": scalars, "param_groups": state["param_groups"],
-            "fingerprint": fingerprint, "loop": loop or {}}
+    meta = {"step": step, "tensors": name, "opt_scalars": scalars, "param_groups": state["param_groups"], "fingerprint": fingerprint, "loop": loop or {}}
     # A failed state.json leaves the previous one, naming the previous (kept) tensors: drop the new ones.
     uncommitted = () if _committed(folder) == name else (folder / name,)
     with writing(folder / STATE, 0, *uncommitted):
@@ -92,17 +92,16 @@ def _committed(folder: Path) -> str | None:
         return None
 
 
-def load_checkpoint(folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
-                    fingerprint: dict[str, Any], loop: dict[str, float] | None = None) -> int | None:
+def load_checkpoint(
+    folder: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, fingerprint: dict[str, Any], loop: dict[str, float] | None = None
+) -> int | None:
     """Restore the state saved in `folder` into `sae`, `opt`, `since_fired` and `loop`; the step, or None if none."""
     folder = Path(folder)
     if not (folder / STATE).is_file():
         return None
     meta = json.loads((folder / STATE).read_text())
     if meta["fingerprint"] != json.loads(json.dumps(fingerprint)):
-        raise TokenJourneyError(
-            f"checkpoint {folder} was made with a different config; delete it to start over or restore that config"
-        )
+        raise TokenJourneyError(f"checkpoint {folder} was made with a different config; delete it to start over or restore that config")
     tensors = load_file(str(folder / meta.get("tensors", TENSORS)))
     sae.load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
     since_fired.copy_(tensors["since_fired"])

@@ -49,5 +49,6 @@ def layer_saes(sae: SAEConfig, name: str, family: Mapping[str, Any], sweep: bool
         elif asdict(same) != asdict(cfg):
             raise TokenJourneyError(
                 f"family.{member} would write the SAE folder {cfg.name!r}, which another SAE of the layer writes with "
-                "other settings; change the member's sae option or keys (its folder name comes from them)")
+                "other settings; change the member's sae option or keys (its folder name comes from them)"
+            )
     return saes

@@ -43,14 +43,26 @@ GEMMA_SCOPE = "params.npz"
 # Matryoshka encode with one global threshold; the prefixes matter only to training and stay in our block).
 # Transcoders: SAELens 6.x has JumpReLU transcoders (its `jumprelu_transcoder`, `jumprelu_skip_transcoder`) but no
 # TopK one, so a TopK transcoder's folder keeps our architecture name and only `load_sae` reads it.
-TO_SAELENS = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "topk": "topk",
-              "relu": "standard", "jumprelu_transcoder": "jumprelu_transcoder",
-              "jumprelu_skip_transcoder": "jumprelu_skip_transcoder", "topk_transcoder": "topk_transcoder",
-              "topk_skip_transcoder": "topk_skip_transcoder"}
-FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "batchtopk",
-                "jumprelu_transcoder": "jumprelu_transcoder", "jumprelu_skip_transcoder": "jumprelu_skip_transcoder"}
-HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-         "mlp_in": "ln2.hook_normalized"}
+TO_SAELENS = {
+    "jumprelu": "jumprelu",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "topk": "topk",
+    "relu": "standard",
+    "jumprelu_transcoder": "jumprelu_transcoder",
+    "jumprelu_skip_transcoder": "jumprelu_skip_transcoder",
+    "topk_transcoder": "topk_transcoder",
+    "topk_skip_transcoder": "topk_skip_transcoder",
+}
+FROM_SAELENS = {
+    "jumprelu": "jumprelu",
+    "topk": "topk",
+    "standard": "relu",
+    "batchtopk": "batchtopk",
+    "jumprelu_transcoder": "jumprelu_transcoder",
+    "jumprelu_skip_transcoder": "jumprelu_skip_transcoder",
+}
+HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "mlp_in": "ln2.hook_normalized"}
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -160,8 +172,10 @@ def _check_weights(folder: Path) -> None:
         return  # saved before checksums were recorded
     recorded = json.loads(checksums.read_text()).get(WEIGHTS)
     if not (folder / WEIGHTS).is_file() or sha256_file(folder / WEIGHTS) != recorded:
-        raise TokenJourneyError(f"SAE weights {folder / WEIGHTS} are damaged or missing (sha256 differs from {checksums}); "
-                                "retrain the SAE (delete its folder and run train_sae) or restore it with `dvc checkout`")
+        raise TokenJourneyError(
+            f"SAE weights {folder / WEIGHTS} are damaged or missing (sha256 differs from {checksums}); "
+            "retrain the SAE (delete its folder and run train_sae) or restore it with `dvc checkout`"
+        )
 
 
 def _built(cfg: SAESpec, tensors: dict[str, torch.Tensor]) -> SAE:
@@ -183,20 +197,26 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
     if arch not in FROM_SAELENS:
         raise TokenJourneyError(f"SAELens architecture {arch!r} in {path} is not supported; use one of {list(FROM_SAELENS)}")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise TokenJourneyError(
-            f"{path}: normalize_activations={cfg['normalize_activations']!r}; re-save it with the scale folded in"
-        )
+        raise TokenJourneyError(f"{path}: normalize_activations={cfg['normalize_activations']!r}; re-save it with the scale folded in")
     meta = cfg.get("metadata") or {}
     out_hook = "hook_name_out" if is_transcoder(FROM_SAELENS[arch]) else "hook_name"  # we file a transcoder by its output
     site, layer = _parse_hook(cfg.get(out_hook) or meta.get(out_hook, ""))
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 0
     extra = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", arch != "jumprelu")), "source": "saelens"}
     if int(cfg.get("d_out", cfg["d_in"])) != int(cfg["d_in"]):
-        raise TokenJourneyError(f"{path}: d_out={cfg['d_out']} differs from d_in={cfg['d_in']}; only MLP transcoders "
-                                "(input and output of the model's width) are supported")
+        raise TokenJourneyError(
+            f"{path}: d_out={cfg['d_out']} differs from d_in={cfg['d_in']}; only MLP transcoders (input and output of the model's width) are supported"
+        )
     sae_cfg = SAESpec(
-        FROM_SAELENS[arch], int(cfg["d_in"]), int(cfg["d_sae"]), k=int(k), name=path.name,
-        model=cfg.get("model_name") or meta.get("model_name", ""), site=site, layer=layer, extra=extra,
+        FROM_SAELENS[arch],
+        int(cfg["d_in"]),
+        int(cfg["d_sae"]),
+        k=int(k),
+        name=path.name,
+        model=cfg.get("model_name") or meta.get("model_name", ""),
+        site=site,
+        layer=layer,
+        extra=extra,
     )
     return _built(sae_cfg, load_file(str(path / SAELENS_WEIGHTS)))
 

@@ -13,8 +13,7 @@ from token_journey.errors import TokenJourneyError
 if TYPE_CHECKING:
     from token_journey.sae.base import SAE, SAESpec
 
-TRANSCODERS = {"jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu",
-               "topk_transcoder": "topk", "topk_skip_transcoder": "topk"}
+TRANSCODERS = {"jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu", "topk_transcoder": "topk", "topk_skip_transcoder": "topk"}
 """Transcoder architectures (named as SAELens names its JumpReLU ones) -> the SAE architecture of their encoder.
 
 A transcoder reads the MLP's input (`TRANSCODER_INPUT_SITE`) and predicts its output (`TRANSCODER_SITE`);
@@ -54,9 +53,11 @@ def is_transcoder(architecture: str) -> bool:
 def check_site(architecture: str, site: str) -> None:
     """A one-line error when a transcoder is asked to predict anything but the MLP output."""
     if is_transcoder(architecture) and site != TRANSCODER_SITE:
-        raise TokenJourneyError(f"sae.architecture={architecture} predicts the MLP output from its input: run it with "
-                                f"site={TRANSCODER_SITE} (and harvest.sites including {TRANSCODER_INPUT_SITE} and "
-                                f"{TRANSCODER_SITE}), not site={site}")
+        raise TokenJourneyError(
+            f"sae.architecture={architecture} predicts the MLP output from its input: run it with "
+            f"site={TRANSCODER_SITE} (and harvest.sites including {TRANSCODER_INPUT_SITE} and "
+            f"{TRANSCODER_SITE}), not site={site}"
+        )
 
 
 def check_k(architecture: str, k: int, width: int) -> None:
@@ -75,8 +76,7 @@ def prefix_sizes(fractions: tuple[float, ...], width: int) -> tuple[int, ...]:
         raise TokenJourneyError(f"sae.prefixes={list(fractions)} must be fractions of the width in (0, 1] ending with 1")
     sizes = tuple(round(f * width) for f in fractions)
     if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise TokenJourneyError(f"sae.prefixes={list(fractions)} give prefix sizes {list(sizes)} at width {width}; "
-                                "they must be strictly increasing and >= 1")
+        raise TokenJourneyError(f"sae.prefixes={list(fractions)} give prefix sizes {list(sizes)} at width {width}; they must be strictly increasing and >= 1")
     return sizes
 
 

@@ -32,7 +32,6 @@ fractions on the first GPU run, and that figure should replace this one. Both pa
 """
 
 
-
 def count(ids: torch.Tensor, size: int) -> torch.Tensor:
     """[size] occurrences of each id in `ids` [n]; `torch.bincount` is ~100x slower on CPU (min/max passes)."""
     return torch.zeros(size, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
@@ -124,8 +123,7 @@ class Active:
         crow = torch.cat([self.row_offsets, self.row_offsets.new_tensor([self.nnz])])
         with warnings.catch_warnings():  # "CSR support is in beta": the op used here is tested
             warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(crow, self.cols, left.new_zeros(self.nnz), (self.n_tokens, self.d_sae),
-                                              check_invariants=False)
+            pattern = torch.sparse_csr_tensor(crow, self.cols, left.new_zeros(self.nnz), (self.n_tokens, self.d_sae), check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, left, table.t()).values()
 
 
@@ -181,8 +179,9 @@ class _DecodeAt(torch.autograd.Function):
         return grad_f, grad_w, None
 
 
-def encode_at(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, values: torch.Tensor, active: Active,
-              b_dec: torch.Tensor | None = None) -> torch.Tensor:
+def encode_at(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, values: torch.Tensor, active: Active, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
     """Differentiable pre-activations [nnz] at `active` of the encoder input `x - b_dec` (or `x`).
 
     `values` come from a no-grad dense matmul; `x` [tokens, d_in] is the raw batch.

@@ -72,14 +72,12 @@ def calibrate_thresholds(sae: SAE, rows: Iterable[torch.Tensor], target: float, 
         kept = torch.cat(gathered)
         kept = kept[kept > 0]
     if kept.numel() <= m:
-        log.warning("only %d of %d rows x target %.1f latent activations are positive: thresholds left as trained",
-                    kept.numel(), n, target)
+        log.warning("only %d of %d rows x target %.1f latent activations are positive: thresholds left as trained", kept.numel(), n, target)
         return 1.0
     top = kept.topk(m + 1).values
     scale = float((top[m - 1] + top[m]) / 2) if m > 0 else float(top[0]) * 2
     if not math.isfinite(scale) or scale <= 0:
-        log.warning("threshold scale %s is not a positive number (latents with threshold 0 fire too often): "
-                    "thresholds left as trained", scale)
+        log.warning("threshold scale %s is not a positive number (latents with threshold 0 fire too often): thresholds left as trained", scale)
         return 1.0
     sae.threshold.mul_(scale)
     return scale

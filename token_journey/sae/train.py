@@ -112,16 +112,18 @@ def geometric_median(x: torch.Tensor, iterations: int = 50) -> torch.Tensor:
     return median
 
 
-def new_sae(cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch: torch.Tensor | None = None,
-            device: torch.device | str = "cpu", **meta: Any) -> SAE:
+def new_sae(
+    cfg: SAEConfig, d_in: int, stats: DataStats, seed: int, first_batch: torch.Tensor | None = None, device: torch.device | str = "cpu", **meta: Any
+) -> SAE:
     """An initialised SAE for normalised inputs on `device` (meta: name, model, site, layer).
 
     The initial weights are drawn on the CPU, so they do not depend on the device. For a transcoder
     `stats` and `first_batch` [N, d_in] describe its target (the MLP output), where b_dec lives.
     """
     prefixes = prefix_sizes(cfg.prefixes, cfg.width) if cfg.architecture in USES_PREFIXES else ()
-    sae_cfg = SAESpec(cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in USES_K else 0,
-                     prefixes=prefixes, name=meta.pop("name", cfg.name), **meta)
+    sae_cfg = SAESpec(
+        cfg.architecture, d_in, cfg.width, k=cfg.k if cfg.architecture in USES_K else 0, prefixes=prefixes, name=meta.pop("name", cfg.name), **meta
+    )
     sae = build_sae(sae_cfg, device)
     scale = stats.scale
     if cfg.b_dec_init == "mean":
@@ -204,8 +206,17 @@ def to_device(batches: Iterator[torch.Tensor], device: torch.device, rank: int, 
         yield current
 
 
-def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_stats: DataStats | None = None,
-          checkpoint_dir: Path | None = None, tracker: Any = None, stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    sae: SAE,
+    batches: Batches,
+    stats: DataStats,
+    cfg: SAEConfig,
+    *,
+    in_stats: DataStats | None = None,
+    checkpoint_dir: Path | None = None,
+    tracker: Any = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train `sae` (already initialised for normalised inputs) for `cfg.steps` steps, then fold the scale in.
 
     A transcoder needs `in_stats`, the statistics of its input, besides `stats` of its target.
@@ -219,8 +230,17 @@ def train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, *, in_st
         return _train(sae, batches, stats, cfg, in_stats, checkpoint_dir, tracker, stop_after, stop)
 
 
-def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stats: DataStats | None, checkpoint_dir: Path | None,
-           tracker: Any, stop_after: int | None, stop: StopRequest) -> dict[str, Any]:
+def _train(
+    sae: SAE,
+    batches: Batches,
+    stats: DataStats,
+    cfg: SAEConfig,
+    in_stats: DataStats | None,
+    checkpoint_dir: Path | None,
+    tracker: Any,
+    stop_after: int | None,
+    stop: StopRequest,
+) -> dict[str, Any]:
     """`train`'s loop, under the stop request `stop`."""
     processes = current_processes()
     rank, world = processes.index, processes.count
@@ -234,8 +254,7 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
     d_in = sae.cfg.d_in
     # The fused Adam kernel is ~5x faster than the foreach one on CPU (one pass per tensor).
     fused = sae.W_enc.device.type in ("cpu", "cuda")
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused,
-                           foreach=not fused)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused, foreach=not fused)
     device = sae.W_enc.device
     since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     start, resumed_from = 0, None
@@ -258,9 +277,14 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
         x = next(data).float()
         if x.shape[0] * world != cfg.batch_size:
             raise TokenJourneyError(f"data gave a batch of {x.shape[0] * world} rows, expected sae.batch_size={cfg.batch_size}")
-        ctx = StepContext(sparsity_at(cfg, step, loop["coefficient"]), since_fired >= cfg.dead_window_tokens,
-                          cfg.bandwidth, threshold_weight_at(cfg, step), extra,
-                          cfg.target_l0 if step < cfg.topk_warmup_steps else 0.0)
+        ctx = StepContext(
+            sparsity_at(cfg, step, loop["coefficient"]),
+            since_fired >= cfg.dead_window_tokens,
+            cfg.bandwidth,
+            threshold_weight_at(cfg, step),
+            extra,
+            cfg.target_l0 if step < cfg.topk_warmup_steps else 0.0,
+        )
         if paired:  # [input | target]
             out = sae.training_step(x[:, :d_in] * in_scale, ctx, x[:, d_in:] * scale)
         else:
@@ -286,16 +310,21 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
         fired, stopping = _agree(out.fired, stop.requested, world)
         stop.at(step + 1)  # a signal from here on is seen after the next step
         if cfg.target_l0:
-            loop["coefficient"] = next_coefficient(loop["coefficient"], _mean_over(out.l0, world, device),
-                                                   cfg.target_l0, cfg.target_l0_gain)
+            loop["coefficient"] = next_coefficient(loop["coefficient"], _mean_over(out.l0, world, device), cfg.target_l0, cfg.target_l0_gain)
         since_fired += cfg.batch_size
         since_fired[fired.bool()] = 0
         seconds += time.perf_counter() - t0
         tokens += cfg.batch_size
-        last = {"loss": float(out.loss.detach()), "mse": float(out.mse), "aux": float(out.aux), "l0": out.l0, "lr": lr,
-                "dead_fraction": float((since_fired >= cfg.dead_window_tokens).float().mean()),
-                "sparsity_coefficient": ctx.sparsity_coefficient,
-                "tokens_per_s": tokens / max(seconds, 1e-9)}
+        last = {
+            "loss": float(out.loss.detach()),
+            "mse": float(out.mse),
+            "aux": float(out.aux),
+            "l0": out.l0,
+            "lr": lr,
+            "dead_fraction": float((since_fired >= cfg.dead_window_tokens).float().mean()),
+            "sparsity_coefficient": ctx.sparsity_coefficient,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+        }
         if step % cfg.log_every == 0 or step == end - 1:
             bar.set_postfix(loss=f"{last['loss']:.4f}", l0=f"{out.l0:.1f}")
             if tracker is not None and rank == 0:
@@ -309,15 +338,22 @@ def _train(sae: SAE, batches: Batches, stats: DataStats, cfg: SAEConfig, in_stat
     if stop_after is None and cfg.target_l0:
         rows = [next(data).float()[:, :d_in] * in_scale for _ in range(-(-CALIBRATION_ROWS // cfg.batch_size))]
         calibration = {"threshold_scale": calibrate_thresholds(sae, rows, cfg.target_l0, world)}
-        log.info("%s: thresholds x%.4f so that L0 = %g on %d training rows", sae.cfg.name,
-                 calibration["threshold_scale"], cfg.target_l0, len(rows) * cfg.batch_size)
+        log.info(
+            "%s: thresholds x%.4f so that L0 = %g on %d training rows", sae.cfg.name, calibration["threshold_scale"], cfg.target_l0, len(rows) * cfg.batch_size
+        )
     if stop_after is None:
         if paired:
             sae.fold_scale(scale, in_scale)
         else:
             sae.fold_scale(scale)
-    return {"steps": end, "train_tokens": end * cfg.batch_size, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "processes": world, **calibration, **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"}}
+    return {
+        "steps": end,
+        "train_tokens": end * cfg.batch_size,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "processes": world,
+        **calibration,
+        **{f"final_{k}": v for k, v in last.items() if k != "tokens_per_s"},
+    }
 
 
 class Checkpoints:
@@ -336,8 +372,7 @@ class Checkpoints:
         by_time = self.cfg.checkpoint_minutes > 0 and time.monotonic() - self.saved_at >= 60 * self.cfg.checkpoint_minutes
         return by_steps or by_time
 
-    def save(self, done: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, fingerprint: dict[str, Any],
-             loop: dict[str, float]) -> None:
+    def save(self, done: int, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, fingerprint: dict[str, Any], loop: dict[str, float]) -> None:
         if self.folder is None:
             return
         if self.rank == 0:

@@ -69,8 +69,7 @@ def code_key() -> str:
     """A short hash of the code that decides an SAE folder's bytes: the `sae` package, the shard reader
     and loader, and the metrics written to train.json."""
     package = Path(__file__).resolve().parents[1]
-    files = [*sorted((package / "sae").glob("*.py")), package / "data/shards.py", package / "data/loader.py",
-             package / "eval/metrics.py"]
+    files = [*sorted((package / "sae").glob("*.py")), package / "data/shards.py", package / "data/loader.py", package / "eval/metrics.py"]
     return short_hash({str(f.relative_to(package)): sha256_file(f) for f in files})
 
 
@@ -86,13 +85,25 @@ def _already_trained(out_dir: Path, cfg: SAEConfig, key: str) -> bool:
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
-    return (info.get("config") == dataclass_json(cfg) and info.get("activations_key") == key
-            and info.get("code_key") == code_key())
+    return info.get("config") == dataclass_json(cfg) and info.get("activations_key") == key and info.get("code_key") == code_key()
 
 
-def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: Path, site: str, layer: int, model: str,
-                seed: int, tracking: TrackingConfig, name: str, device: str, group: str = "",
-                config: dict[str, Any] | None = None) -> Path:
+def train_layer(
+    cfg: SAEConfig,
+    *,
+    activations: Location,
+    saes: Path,
+    timings: Path,
+    site: str,
+    layer: int,
+    model: str,
+    seed: int,
+    tracking: TrackingConfig,
+    name: str,
+    device: str,
+    group: str = "",
+    config: dict[str, Any] | None = None,
+) -> Path:
     """Train `cfg` on (site, layer) on `device` (auto | cpu | cuda | cuda:N | mps) and write the SAE folder.
 
     Returns the folder's path. `activations` is the harvest root: a local folder or an object-store
@@ -109,8 +120,10 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
     check_site(cfg.architecture, site)
     paired = is_transcoder(cfg.architecture)
     if paired and not storage.is_file(activations_folder(activations, TRANSCODER_INPUT_SITE, layer) / MANIFEST):
-        raise TokenJourneyError(f"{cfg.architecture} reads {TRANSCODER_INPUT_SITE} at layer {layer}, which was not "
-                                f"harvested; run harvest with 'harvest.sites=[{TRANSCODER_INPUT_SITE},{site}]'")
+        raise TokenJourneyError(
+            f"{cfg.architecture} reads {TRANSCODER_INPUT_SITE} at layer {layer}, which was not "
+            f"harvested; run harvest with 'harvest.sites=[{TRANSCODER_INPUT_SITE},{site}]'"
+        )
     target = select_device(device)
     rank = join_processes(target).index
     acts = open_activations(activations, site, layer, "train")
@@ -128,7 +141,7 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
         loader = ShuffledLoader(acts, cfg.batch_size, seed, cfg.buffer_rows)
     first = next(loader.batches()) if cfg.b_dec_init == "geometric_median" else None
     if first is not None and paired:
-        first = first[:, acts.d_model:]  # b_dec lives in the target's space
+        first = first[:, acts.d_model :]  # b_dec lives in the target's space
     sae = new_sae(cfg, acts.d_model, stats, seed, first, device=target, name=name, model=model, site=site, layer=layer)
     out_dir = sae_folder(saes, site, layer, name)
     key = activations_key(acts.manifest) if not paired else short_hash([activations_key(acts_in.manifest), activations_key(acts.manifest)])
@@ -144,8 +157,7 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
         log.info("training %s on %s layer %d: %d rows, %d steps on %s", name, site, layer, acts.rows, cfg.steps, target)
         # Every process resumes from the checkpoint (process 0 alone writes it), so a killed
         # multi-process run restarts with all processes at the same step and weights.
-        info = train(sae, lambda start: prefetched(loader.batches(start)), stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt,
-                     tracker=run)
+        info = train(sae, lambda start: prefetched(loader.batches(start)), stats, cfg, in_stats=in_stats, checkpoint_dir=ckpt, tracker=run)
         if rank == 0:
             if paired:
                 x_in, y = paired_tensors(held_in, held_out, cfg.eval_tokens)
@@ -154,10 +166,19 @@ def train_layer(cfg: SAEConfig, *, activations: Location, saes: Path, timings: P
                 metrics = sae_reconstruction(sae, held_out.tensor(cfg.eval_tokens))
             speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
             write_json(train_timing_file(timings, site, layer, name), speed)
-            train_info = {**metrics, **info, "architecture": cfg.architecture, "width": cfg.width, "site": site,
-                          "layer": layer, "model": model, "model_fingerprint": acts.manifest.get("model_fingerprint"),
-                          "activations_key": key, "code_key": code_key(),
-                          "config": asdict(cfg)}
+            train_info = {
+                **metrics,
+                **info,
+                "architecture": cfg.architecture,
+                "width": cfg.width,
+                "site": site,
+                "layer": layer,
+                "model": model,
+                "model_fingerprint": acts.manifest.get("model_fingerprint"),
+                "activations_key": key,
+                "code_key": code_key(),
+                "config": asdict(cfg),
+            }
             save_sae(sae, out_dir, train_info)
             shutil.rmtree(ckpt, ignore_errors=True)
             if run is not None:
