@@ -38,7 +38,8 @@ from token_journey.config.sae import SAEConfig
 from token_journey.data.corpus import drop_norm_outliers
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.jumprelu import heaviside, jumprelu
-from token_journey.sae.train import DataStats, lr_at, new_sae, sparsity_at, train
+from token_journey.sae.schedules import lr_at, sparsity_at
+from token_journey.sae.train import DataStats, new_sae, train
 
 try:
     from peers import PEERS, importable, run_sparsify  # run as a script: benchmarks/ is on sys.path
