@@ -200,7 +200,7 @@ def applies(override: str, arch: str) -> bool:
     key = override.split("=", 1)[0]
     if key == "sae.k":
         return arch in USES_K
-    if key == "sae.sparsity_coefficient":
+    if key in ("sae.sparsity_coefficient", "sae.target_l0", "sae.pre_act_coefficient"):
         return arch not in USES_K
     return True
 
