@@ -203,6 +203,8 @@ def check_overrides(overrides: list[str], sweep: bool) -> None:
     members = [_split_sweep(o) if sweep else [o] for o in overrides]
     for combination in itertools.islice(itertools.product(*members), 12):
         cfg = compose(list(combination))
+        if cfg["model"]["source"] == "rehearsal":  # the issue's drift: profile=gpu's hub corpus stops an offline rehearsal
+            assert cfg["corpus"]["source"] != "hub", f"{' '.join(combination)}: a rehearsal model runs offline; add corpus=offline"
         for group, name in GROUPS.items():
             build(getattr(__import__(f"token_journey.config.{group}", fromlist=[name]), name), cfg[group], group)
         journey_config(cfg["journey"])
@@ -321,6 +323,7 @@ def test_runnable_block_runs(where, marker, block, sandbox):
         "dvc repro trian_sae",  # a misspelt stage
         "make docz",  # a missing target
         "frobnicate --all",  # a program nothing checks
+        "python -m token_journey.config profile=gpu model=llama-3.2-1b-rehearsal",  # a rehearsal reading the hub
     ],
 )
 def test_a_wrong_command_is_caught(block, tmp_path):
@@ -330,3 +333,18 @@ def test_a_wrong_command_is_caught(block, tmp_path):
     with pytest.raises((Exception, Failed)):
         for argv in recorded_commands(block, tmp_path):
             check_command(argv)
+
+
+def test_version_is_one_number_everywhere(capsys):
+    """`token-journey --version` prints the package version, which pyproject.toml and CHANGELOG.md state too."""
+    import tomllib
+
+    from token_journey import __version__
+    from token_journey.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"token-journey {__version__}"
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == __version__
+    assert re.search(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M)[1] == __version__
