@@ -300,7 +300,7 @@ def _docstring(node: ast.AST) -> str:
 def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     args = ast.unparse(node.args)
     returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-    return f"{node.name}({args}){returns}"
+    return f"{'async ' if isinstance(node, ast.AsyncFunctionDef) else ''}def {node.name}({args}){returns}"
 
 
 def _public(name: str) -> bool:
@@ -309,8 +309,9 @@ def _public(name: str) -> bool:
 
 def _class_doc(node: ast.ClassDef) -> str:
     out = io.StringIO()
+    out.write(f"### `{node.name}`\n\n")
     bases = f"({', '.join(ast.unparse(b) for b in node.bases)})" if node.bases else ""
-    out.write(f"### `{node.name}{bases}`\n\n")
+    out.write(f"```python\nclass {node.name}{bases}\n```\n\n")
     if doc := _docstring(node):
         out.write(doc + "\n\n")
     body = node.body
@@ -324,7 +325,7 @@ def _class_doc(node: ast.ClassDef) -> str:
         out.write("\n".join(fields) + "\n\n")
     for item in body:
         if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
-            out.write(f"#### `{node.name}.{_signature(item)}`\n\n")
+            out.write(f"#### `{node.name}.{item.name}`\n\n```python\n{_signature(item)}\n```\n\n")
             if doc := _docstring(item):
                 out.write(doc + "\n\n")
     return out.getvalue()
@@ -342,7 +343,7 @@ def module_doc(path: Path) -> str:
         if isinstance(node, ast.ClassDef) and _public(node.name):
             out.write(_class_doc(node))
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
-            out.write(f"### `{_signature(node)}`\n\n")
+            out.write(f"### `{node.name}`\n\n```python\n{_signature(node)}\n```\n\n")
             if doc := _docstring(node):
                 out.write(doc + "\n\n")
     return out.getvalue()

@@ -6,9 +6,10 @@ REPORTS is the pipeline's `reports/` folder: the report index (`html/index.html`
 under `html/<site>/layer_<L>/` (layer 15 when there is one, the default SAE's page first) and the first
 journey page (`journey/*.html`). Each page is opened from disk in a headless Chromium (found as the browser
 tests find it, `tests/support/browser.py`; `apt-get install chromium-headless-shell` if there is none) and
-its top `--height` pixels saved as PNG, never edited by hand. The report is framed on its Pareto plots, the feature page on one dashboard (`--feature`, by default the page's first): a copy
-of the page, in a temporary folder, hides what comes before them except the page's title bar. A PNG above `--max-kb` is an error: lower the window (`--width`,
-`--height`) rather than commit a heavy image.
+its top `--height` pixels saved as PNG, never edited by hand. The report is framed on its Pareto plots, the
+feature page on one dashboard (`--feature`, by default the page's first): a copy of the page, in a temporary
+folder, hides what comes before them except the page's title bar. A PNG above `--max-kb` is an error: lower
+the window (`--width`, `--height`) rather than commit a heavy image.
 """
 
 from __future__ import annotations
