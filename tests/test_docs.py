@@ -346,3 +346,25 @@ def test_version_is_one_number_everywhere(capsys):
     assert capsys.readouterr().out.strip() == f"token-journey {__version__}"
     assert re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1] == __version__
     assert re.search(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M)[1] == __version__
+
+
+@pytest.mark.browser
+def test_screenshot_script_renders_the_three_pages(report_built, report_inputs, sandbox, tmp_path, capsys):
+    """docs/gen/screenshots.py on a tiny report and a tiny journey: three PNGs, each framed and small."""
+    import shutil
+
+    from support.browser import require_browser
+    from token_journey.cli import main as cli
+
+    require_browser()
+    import screenshots
+
+    reports = tmp_path / "reports"
+    shutil.copytree(report_inputs.html, reports / "html")
+    model = sandbox / "models/base" / os.listdir(sandbox / "models/base")[0]
+    args = ["journey", "--model-dir", str(model), "--html", "--quiet", "--out", str(reports / "journey"), "--saes", str(tmp_path / "none")]
+    assert cli([*args, "--max-new-tokens", "1"]) == 0
+    assert screenshots.main([str(reports), "--out", str(tmp_path / "images")]) == 0
+    for name in ("report", "feature", "journey"):
+        png = (tmp_path / "images" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 300_000, name
