@@ -282,6 +282,10 @@ class Activations:
                 break
         return torch.cat(parts)[:max_rows]
 
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest (what `open_activations(verify=True)` does on opening)."""
+        _check_sha256(self.folder, self.manifest["shards"], self.folder / MANIFEST)
+
     def row_groups(self) -> list[tuple[int, int, int]]:
         """(shard index, row group index, rows) of every row group, from the footers only."""
         groups = []

@@ -189,19 +189,29 @@ class LayerData:
                 f"a transcoder reads {TRANSCODER_INPUT_SITE} at layer {layer}, which was not "
                 f"harvested; run harvest with 'harvest.sites=[{TRANSCODER_INPUT_SITE},{site}]'"
             )
-        self.train = open_activations(activations, site, layer, "train")
-        self.held_out = open_activations(activations, site, layer, "eval")
+        # Opened unverified: the sha256 of every shard is checked once, and only if some SAE is to be trained (`verify`).
+        self.train = open_activations(activations, site, layer, "train", verify=False)
+        self.held_out = open_activations(activations, site, layer, "eval", verify=False)
         if self.held_out.d_model != self.train.d_model:
             raise TokenJourneyError(f"eval split d_model {self.held_out.d_model} != train {self.train.d_model}; rerun harvest")
         self.stats = data_stats(self.train.manifest, self.train.d_model)
         self.train_in = self.held_in = self.in_stats = None
         if paired:
-            self.train_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "train")
-            self.held_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "eval")
+            self.train_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "train", verify=False)
+            self.held_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "eval", verify=False)
             self.in_stats = data_stats(self.train_in.manifest, self.train_in.d_model)
         splits = [self.train] + ([self.train_in] if paired else [])
         self.shard_bytes = sum(shard["bytes"] for split in splits for shard in _sized(split))
         self._held: dict[bool, tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.verified = False
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against its manifest, once, before the first SAE trains on them."""
+        if not self.verified:
+            for split in (self.train, self.held_out, self.train_in, self.held_in):
+                if split is not None:
+                    split.verify()
+            self.verified = True
 
     def key(self, paired: bool) -> str:
         """What an SAE folder records about the rows it was trained on (changes with any row)."""
@@ -274,6 +284,7 @@ def _train_pass(
                 todo.append((name, cfg))
         if not todo:
             return []
+        data.verify()
         cfg0 = todo[0][1]
         loader = data.loader(cfg0, seed, paired)
         first = None
