@@ -18,6 +18,7 @@ import torch
 from test_sae_resume import _checkpoint_step, _env, _kill_after, _same_sae, acts_root  # noqa: F401 (a fixture)
 from test_sae_train import STATS, _batches, _cfg
 
+from support import torchrun
 from token_journey.preemption import stop_requests
 from token_journey.sae.member import Member
 from token_journey.sae.train import new_sae, train, train_members
@@ -29,9 +30,9 @@ TARGETS = {"sae": 8, "small": 4, "big": 16}  # the family's members and their ta
 NAMES = [f"jumprelu-w64-target{t}" for t in TARGETS.values()]
 
 
-def _cmd(acts: Path, out: Path, *overrides: str) -> list[str]:
+def _cmd(acts: Path, out: Path, *overrides: str, launcher: tuple[str, ...] = ("python",)) -> list[str]:
     return [
-        "python",
+        *launcher,
         str(REPO / "stages/train_sae.py"),
         f"paths.activations={acts}",
         f"paths.saes={out / 'saes'}",
@@ -55,8 +56,9 @@ def _cmd(acts: Path, out: Path, *overrides: str) -> list[str]:
     ]
 
 
-def _family(acts: Path, out: Path) -> list[str]:
-    return _cmd(acts, out, f"sae.target_l0={TARGETS['sae']}", f"family.small.target_l0={TARGETS['small']}", f"family.big.target_l0={TARGETS['big']}")
+def _family(acts: Path, out: Path, launcher: tuple[str, ...] = ("python",)) -> list[str]:
+    targets = [f"sae.target_l0={TARGETS['sae']}", f"family.small.target_l0={TARGETS['small']}", f"family.big.target_l0={TARGETS['big']}"]
+    return _cmd(acts, out, *targets, launcher=launcher)
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -112,6 +114,24 @@ def test_a_killed_family_run_resumes_every_member_to_the_same_folders(acts_root,
     for name in NAMES:
         _same_sae(_layer(family_run) / name, _layer(killed) / name)
     assert sorted(p.name for p in _layer(killed).iterdir()) == sorted(NAMES), "a checkpoint (or a temp folder) was left behind"
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_reads_the_shards_once_and_trains_every_member_on_its_slice(acts_root, family_run, tmp_path):  # noqa: F811
+    """Two gloo processes: the members are not split between processes; each process reads every batch of the one
+    stream and trains every member on its half of the batch (data parallel, gradients averaged)."""
+    launcher = tuple(torchrun.torchrun_command(tmp_path / "logs"))
+    both = tmp_path / "both"
+    done = torchrun.run(_family(acts_root, both, launcher), _env(), cwd=tmp_path)
+    assert done.returncode == 0, torchrun.failure_report(done, tmp_path / "logs")
+    reads = _reads(both)
+    assert (reads["trained"], reads["passes"], reads["processes"]) == (NAMES, 1, 2)
+    assert reads["bytes_read"] <= 1.05 * _reads(family_run)["bytes_read"]  # process 0 reads what one process alone reads
+    small = tmp_path / "small"
+    done = torchrun.run(_cmd(acts_root, small, f"sae.target_l0={TARGETS['small']}", "family=none", launcher=launcher), _env(), cwd=tmp_path)
+    assert done.returncode == 0, torchrun.failure_report(done, tmp_path / "logs")
+    _same_sae(_layer(both) / NAMES[1], _layer(small) / NAMES[1])
+    assert json.loads((_layer(both) / NAMES[1] / "train.json").read_text())["processes"] == 2
 
 
 def _alone(cfg, tmp: Path | None = None, stop_after: int | None = None):
