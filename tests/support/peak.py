@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+_STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+"""glibc: large blocks always mapped and free memory returned, so the peak does not depend on which earlier
+blocks the allocator happened to keep (its adaptive threshold otherwise makes it vary by megabytes)."""
+
 _PRELUDE = """
 import json
 
@@ -44,7 +48,9 @@ def grown_bytes(setup: str, code: str, cwd: Path | None = None) -> int:
     source = _PRELUDE + textwrap.dedent(setup) + _MEASURE.format(code=textwrap.dedent(code))
     root = Path(__file__).resolve().parents[2]
     env_path = f"{root}:{root / 'tests'}"
-    done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, cwd=cwd or root, env={**os.environ, "PYTHONPATH": env_path})
+    done = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, cwd=cwd or root, env={**os.environ, "PYTHONPATH": env_path, **_STEADY_MALLOC}
+    )
     if done.returncode != 0:
         raise AssertionError(f"measured code failed:\n{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("PEAK "))
