@@ -146,12 +146,12 @@ def build_dashboards(
     acts: torch.Tensor,
     contexts: ContextBuilder,
     model: Any,
-    sae: torch.nn.Module,
+    directions: torch.Tensor,
     cfg: ReportConfig,
     seed: int,
 ) -> list[Dashboard]:
-    """One dashboard per (feature, kind); `acts` `[rows, len(features)]` from `selected_activations`."""
-    directions = sae.W_dec.detach().float().cpu()[[f for f, _ in features]]  # [n, d_model]
+    """One dashboard per (feature, kind); `acts` `[rows, len(features)]` from `selected_activations`,
+    `directions` `[len(features), d_model]` the features' decoder rows."""
     lens = promoted_and_suppressed(model, directions, contexts.strings, cfg.n_logit_tokens) if model is not None else []
     out = []
     for j, (feature, kind) in enumerate(features):
