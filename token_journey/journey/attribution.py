@@ -158,10 +158,14 @@ def attribute(
     x = sites[-1]["resid_post"][position]
     u, b = readout(model, spec, x, target, versus)
     head = model.get_output_embeddings()
+    rows = [target] + ([versus] if versus is not None else [])  # the head's rows of the explained logits, not a copy of all of them
+    bias = getattr(head, "bias", None)
     logits = ops.linear(
-        ops.rms_norm(x.float()[None], text_base(model).norm.weight.float(), spec.eps, spec.gemma), head.weight.float(), getattr(head, "bias", None)
-    )[0]  # (V,) the ordinary way
-    logit = float(logits[target] - (logits[versus] if versus is not None else 0.0))
-    capped = float(ops.softcap(logits[target], spec.final_softcap)) if spec.final_softcap else None
+        ops.rms_norm(x.float()[None], text_base(model).norm.weight.float(), spec.eps, spec.gemma),
+        head.weight[rows].float(),
+        bias[rows].float() if bias is not None else None,
+    )[0]  # (1 or 2,) the ordinary way: final norm, then the LM head
+    logit = float(logits[0] - (logits[1] if versus is not None else 0.0))
+    capped = float(ops.softcap(logits[0], spec.final_softcap)) if spec.final_softcap else None
     layers = [_layer_parts(s, sites, position, u, b, top, report_root) for s in saes if s.site == "resid_post"]
     return Attribution(target, versus, position, logit, capped, sorted(layers, key=lambda a: (a.layer, a.sae_name)))
