@@ -244,14 +244,18 @@ def load_prepared(path: Path | str, dtype: str | None = None, device: str = "aut
     return LoadedModel(model=model, tokenizer=tokenizer, manifest=manifest)
 
 
+CONVERT_CHUNK_BYTES = 1 << 26
+"""Stored bytes read through one mapping while converting: bounds the scratch at 64 MiB whatever the tensor."""
+
+
 @torch.no_grad()
 def convert_from_files(model: Any, files: list[Path], dtype: torch.dtype) -> None:
-    """Give every parameter of `model` the `dtype` copy of its tensor in `files`, one tensor at a time.
+    """Give every parameter of `model` the `dtype` copy of its tensor in `files`, read in bounded pieces.
 
-    Each tensor is read through its own short-lived mapping of the file, so once it is converted its
-    pages leave the process: the peak is the converted model plus one stored tensor, never the
-    converted model plus the whole file. Tied parameters are one object and are converted once;
-    parameters the files lack (none for a prepared folder) are cast in place.
+    Each piece (rows of at most `CONVERT_CHUNK_BYTES`) is read through its own short-lived mapping of the
+    file, so its pages leave the process as soon as it is converted: the peak is the converted model plus
+    one piece, never the converted model plus the file (or plus a 1 GB embedding). Tied parameters are one
+    object and are converted once; parameters the files lack (none for a prepared folder) are cast in place.
     """
     from safetensors import safe_open
 
@@ -261,10 +265,16 @@ def convert_from_files(model: Any, files: list[Path], dtype: torch.dtype) -> Non
         with safe_open(str(file), framework="pt") as handle:
             names = [name for name in handle.keys() if name in params]  # noqa: SIM118 (safe_open is no mapping)
         for name in names:
-            with safe_open(str(file), framework="pt") as handle:
-                stored = handle.get_tensor(name)
-            params[name].data = stored.to(dtype)
-            del stored
+            param = params[name]
+            out = torch.empty(param.shape, dtype=dtype)
+            row_bytes = max(1, param[0].numel() * param.element_size()) if param.dim() else 1
+            step = max(1, CONVERT_CHUNK_BYTES // row_bytes)
+            for start in range(0, max(1, param.shape[0] if param.dim() else 1), step):
+                with safe_open(str(file), framework="pt") as handle:
+                    piece = handle.get_slice(name)[start : start + step] if param.dim() else handle.get_tensor(name)
+                out[start : start + step].copy_(piece) if param.dim() else out.copy_(piece)
+                del piece
+            param.data = out
             done.add(name)
     for name, param in params.items():
         if name not in done:
