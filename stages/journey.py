@@ -4,7 +4,7 @@ Output: <paths.journey>/<model>-<text slug>.html and .json; the terminal renderi
 Reads the SAEs under <paths.saes> when the pipeline has trained them (features with report links).
 """
 
-from token_journey.config.journey import journey_config
+from token_journey.config.journey import journey_config, shown_saes
 from token_journey.journey import UnsupportedArchitecture, run_journey
 from token_journey.journey.render_html import write_journey
 from token_journey.journey.render_terminal import render, render_captured
@@ -20,7 +20,16 @@ def main(cfg) -> None:
     # float32 so every step can be checked to 1e-4 whatever dtype the weights are stored in.
     loaded = load_prepared(layout.base_model, dtype="float32", device=cfg.device)
     try:
-        journey = run_journey(loaded.model, loaded.tokenizer, journey_cfg, cfg.seed, loaded.name, layout.saes, report_root=layout.journey_to_report())
+        journey = run_journey(
+            loaded.model,
+            loaded.tokenizer,
+            journey_cfg,
+            cfg.seed,
+            loaded.name,
+            layout.saes,
+            report_root=layout.journey_to_report(),
+            sae_names=shown_saes(journey_cfg.saes, cfg.sae, cfg.get("family")),
+        )
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured)
         raise

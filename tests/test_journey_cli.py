@@ -24,7 +24,20 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def test_cli_writes_page_and_focuses_layer(tiny_dir, tmp_path, capsys):
     rc = main(
-        ["journey", "--model-dir", str(tiny_dir), "--layer", "1", "--html", "--out", str(tmp_path), "--max-new-tokens", "2", "--saes", str(tmp_path / "none")]
+        [
+            "journey",
+            "--model-dir",
+            str(tiny_dir),
+            "--layer",
+            "1",
+            "--html",
+            "--out",
+            str(tmp_path),
+            "--max-new-tokens",
+            "2",
+            "--sae-root",
+            str(tmp_path / "none"),
+        ]
     )
     out = capsys.readouterr().out
     assert rc == 0
@@ -82,11 +95,14 @@ def test_cli_steers_ablates_and_attributes(tiny_dir, tmp_path, capsys):
         str(tmp_path / "out"),
         "--max-new-tokens",
         "2",
-        "--saes",
+        "--sae-root",
         str(tmp_path / "saes"),
         "--target",
         " of",
     ]
+    assert main(args + ["--steer", "1:3=4"]) == 2  # by default only the run's `sae` is shown, and this folder is another
+    assert "error: edit '1:3=4': layer 1 has no SAE" in capsys.readouterr().err
+    args += ["--saes", "tiny-relu"]
     assert main(args + ["--steer", "1:3=4", "--ablate", "1:5"]) == 0
     out = capsys.readouterr().out
     assert "steering: 1:3=4 (resid_post SAE tiny-relu), 1:5" in out and "attribution of the logit of ' of'" in out

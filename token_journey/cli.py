@@ -3,6 +3,7 @@
     token-journey journey --text "The capital of France is" --layer 3 --html
     token-journey journey --text "The capital of France is" --steer 15:1234=8 --ablate 5:77 --target " Paris"
     token-journey --version
+    token-journey journey --saes jumprelu-w4608-target16 --saes jumprelu-w4608-target120     # the family's other members beside `sae`
 
 loads a prepared model folder, follows the text through it (every step recomputed and checked),
 prints the rich terminal rendering and, with --html, writes <paths.journey>/<slug>.html.
@@ -39,7 +40,13 @@ def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
     j.add_argument("--layer", type=int, default=None, help="show only this layer in the terminal")
     j.add_argument("--html", action="store_true", help="also write the HTML page")
     j.add_argument("--out", default=str(layout.journey), help="folder for the HTML/JSON (default: %(default)s)")
-    j.add_argument("--saes", default=str(layout.saes), help="SAE root (default: %(default)s)")
+    j.add_argument("--sae-root", default=str(layout.saes), help="folder of the trained SAEs (default: %(default)s)")
+    j.add_argument(
+        "--saes",
+        action="append",
+        metavar="NAME",
+        help=f"also show this SAE beside {conf['sae']['name']} (a family member id or an SAE folder name; `all`: every SAE; repeatable; default: journey.saes)",
+    )
     j.add_argument("--report", default=str(layout.html), help="report folder the feature links point to (default: %(default)s)")
     j.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: %(default)s)")
     j.add_argument("--dtype", default="float32", help="compute dtype (default: %(default)s; checks assume float32)")
@@ -68,7 +75,7 @@ def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
     """Run the `journey` subcommand (settings not on the command line from `conf`); returns the exit status."""
     from rich.console import Console
 
-    from token_journey.config.journey import GenerationConfig, JourneyConfig
+    from token_journey.config.journey import GenerationConfig, JourneyConfig, shown_saes
     from token_journey.journey import UnsupportedArchitecture, run_journey
     from token_journey.journey.render_html import write_journey
     from token_journey.journey.render_terminal import render, render_captured
@@ -80,13 +87,16 @@ def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
         given["steer"] = tuple(args.steer)
     if args.ablate is not None:
         given["ablate"] = tuple(args.ablate)
+    if args.saes is not None:
+        given["saes"] = tuple(args.saes)
     defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in conf["journey"].items() if k not in given}
     cfg = JourneyConfig(**defaults, **given)
     loaded = load_prepared(args.model_dir, dtype=args.dtype, device=args.device)
     console = Console()
     report_root = Path(os.path.relpath(args.report, args.out)).as_posix()
     try:
-        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.saes), report_root=report_root)
+        names = shown_saes(cfg.saes, conf["sae"], conf.get("family"))
+        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.sae_root), report_root=report_root, sae_names=names)
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured, console)
         raise

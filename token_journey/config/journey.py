@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,8 @@ class JourneyConfig:
     """When set, the logit difference target - versus is attributed instead of the target's logit."""
     attribution_top: int
     """Latents listed per SAE in the attribution of the prediction."""
+    saes: tuple[str, ...]
+    """SAEs shown beside the run's `sae` (family member ids or SAE folder names; `all`: every SAE found)."""
 
     def __post_init__(self) -> None:
         if not self.text or not self.text.strip():
@@ -99,6 +101,13 @@ class JourneyConfig:
     def edits(self) -> list[Edit]:
         """The steering and ablation specs, parsed, in the order given."""
         return [parse_edit(s, False) for s in self.steer] + [parse_edit(s, True) for s in self.ablate]
+
+
+def shown_saes(extra: Sequence[str], sae: Mapping[str, Any], family: Mapping[str, Any] | None) -> list[str]:
+    """The SAE folder names the journey shows: the run's `sae`, then each of `extra` (a member id of `family`
+    stands for its folder name; anything else is a folder name, or `all` for every SAE found)."""
+    family = family or {}
+    return [str(sae["name"]), *(str(family[x]["name"]) if x in family else str(x) for x in extra)]
 
 
 def journey_config(section: Mapping[str, Any] | Any) -> JourneyConfig:

@@ -73,8 +73,13 @@ class ReportConfig:
     """Bins of the activation and firing-density histograms."""
     explainer: ExplainerConfig
     """Optional LLM-written explanations of the first features of each page (off when `explainer.model` is empty)."""
+    workers: int
+    """Processes rendering pages at once (pages are independent); 0 = one per CPU core. One with the
+    explainer or on a GPU, which each page would otherwise load or share."""
 
     def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise TokenJourneyError(f"report.workers={self.workers} must be >= 0 (0 = one per CPU core)")
         for name in ("max_tokens", "batch_size", "top_k", "hist_bins", "n_logit_tokens", "search_features", "max_index_rows"):
             if getattr(self, name) < 1:
                 raise TokenJourneyError(f"report.{name}={getattr(self, name)} must be at least 1")

@@ -108,14 +108,27 @@ def readout(model: nn.Module, spec: Spec, x: torch.Tensor, target: int, versus: 
 def _layer_parts(
     layer_sae: LayerSAE, sites: list[dict[str, torch.Tensor]], position: int, u: torch.Tensor, b: float, top: int, report_root: str
 ) -> LayerAttribution:
+    """The parts through one SAE. A latent that is off contributes exactly 0, so only the decoder rows of the
+    active latents are read: `x = Σ_active f_j W_dec[j] + b_dec + error` needs no other row."""
     sae, layer = layer_sae.sae, layer_sae.layer
     x = sites[layer]["resid_post"][position].float()
-    f = sae.encode(x[None])[0]  # (d_sae,)
-    direct = f * (sae.W_dec.float() @ u)  # (d_sae,): f_j · (W_dec[j] · u)
-    error = x - sae.decode(f[None])[0]
-    order = direct.abs().argsort(descending=True)[: min(top, int((f != 0).sum()))]
+    f = sae.encoder(x.device).encode(x[None])[0]  # (d_sae,); the encoder is dropped at once
+    active = torch.nonzero(f).flatten()  # (n,)
+    rows = sae.decoder_rows(active, x.device)  # (n, d_in)
+    values = f[active]
+    direct = values * (rows @ u)  # (n,): f_j · (W_dec[j] · u)
+    b_dec = sae.tensor("b_dec", x.device)
+    error = x - (values @ rows + b_dec)
+    order = direct.abs().argsort(descending=True)[:top]
     chosen = [
-        Part(f"latent {int(j)}", float(direct[j]), int(j), float(f[j]), feature_link(report_root, layer_sae.site, layer, layer_sae.name, int(j))) for j in order
+        Part(
+            f"latent {int(active[i])}",
+            float(direct[i]),
+            int(active[i]),
+            float(values[i]),
+            feature_link(report_root, layer_sae.site, layer, layer_sae.name, int(active[i])),
+        )
+        for i in order
     ]
     rest = direct.clone()
     rest[order] = 0
@@ -123,7 +136,7 @@ def _layer_parts(
     later_mlp = sum((float(sites[lay]["mlp_out"][position].float() @ u) for lay in range(layer + 1, len(sites))), 0.0)
     parts = chosen + [
         Part("other latents", float(rest.sum())),
-        Part("SAE b_dec", float(sae.b_dec.float() @ u)),
+        Part("SAE b_dec", float(b_dec @ u)),
         Part("SAE error", float(error @ u)),
         Part(f"attention of layers {layer + 1}+", later_attn),
         Part(f"MLPs of layers {layer + 1}+", later_mlp),
@@ -145,10 +158,14 @@ def attribute(
     x = sites[-1]["resid_post"][position]
     u, b = readout(model, spec, x, target, versus)
     head = model.get_output_embeddings()
+    rows = [target] + ([versus] if versus is not None else [])  # the head's rows of the explained logits, not a copy of all of them
+    bias = getattr(head, "bias", None)
     logits = ops.linear(
-        ops.rms_norm(x.float()[None], text_base(model).norm.weight.float(), spec.eps, spec.gemma), head.weight.float(), getattr(head, "bias", None)
-    )[0]  # (V,) the ordinary way
-    logit = float(logits[target] - (logits[versus] if versus is not None else 0.0))
-    capped = float(ops.softcap(logits[target], spec.final_softcap)) if spec.final_softcap else None
+        ops.rms_norm(x.float()[None], text_base(model).norm.weight.float(), spec.eps, spec.gemma),
+        head.weight[rows].float(),
+        bias[rows].float() if bias is not None else None,
+    )[0]  # (1 or 2,) the ordinary way: final norm, then the LM head
+    logit = float(logits[0] - (logits[1] if versus is not None else 0.0))
+    capped = float(ops.softcap(logits[0], spec.final_softcap)) if spec.final_softcap else None
     layers = [_layer_parts(s, sites, position, u, b, top, report_root) for s in saes if s.site == "resid_post"]
     return Attribution(target, versus, position, logit, capped, sorted(layers, key=lambda a: (a.layer, a.sae_name)))

@@ -7,6 +7,7 @@ continuation + parameter/FLOP sums. Renderers (terminal, HTML) read only the `Jo
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,11 +124,13 @@ def run_journey(
     saes_root: Path | None = None,
     progress: bool = True,
     report_root: str = "",
+    sae_names: Sequence[str] | None = None,
 ) -> Journey:
     """Follow `cfg.text` through `model`: every step recomputed and checked, then lens, features, sampling.
 
     `report_root`: the report folder relative to where the journey page is written, for feature
-    links (`Layout.journey_to_report`).
+    links (`Layout.journey_to_report`). `sae_names`: the SAE folders shown (`shown_saes`: the run's `sae`
+    and `journey.saes`); None shows every SAE under `saes_root`.
     """
     _check_supported(model, tokenizer, cfg.text)
     run = recompute(model, tokenizer, cfg.text, progress=progress)
@@ -135,7 +138,7 @@ def run_journey(
     top_p, top_i = probs.topk(cfg.top_next)
     next_tokens = list(zip(top_i.tolist(), top_p.tolist(), strict=True))
     lens = logit_lens(model, run.spec, [s["resid_post"] for s in run.sites], cfg.lens_top)
-    saes, note = load_saes(saes_root, run.sites)
+    saes, note = load_saes(saes_root, run.sites, sae_names)
     features = sae_features(saes, run.sites, cfg.feature_top, report_root)
     target = token_id(tokenizer, cfg.target, run.spec.vocab_size, "target") if cfg.target is not None else int(top_i[0])
     versus = token_id(tokenizer, cfg.versus, run.spec.vocab_size, "versus") if cfg.versus is not None else None

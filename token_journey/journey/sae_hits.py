@@ -1,16 +1,19 @@
 """SAE features active on each token at each layer, when the pipeline has trained SAEs.
 
-`load_saes` finds every SAE folder under `<paths.saes>` whose (site, layer) the model has and
-loads it once; `sae_features` encodes the recomputed activation `[T, d_model]` with each (a transcoder
-at mlp_out: the recomputed MLP input) and keeps
-the strongest latents per token, each with the link to its dashboard in the report
-(`layout.report_page`, relative to the journey page's folder). Steering and attribution reuse the
-same loaded SAEs.
+`load_saes` opens the SAE folders under `<paths.saes>` whose (site, layer) the model has and whose
+name is asked for (the stage asks for the run's `sae`, plus `journey.saes`), reading no weights:
+each is a `LazySAE`. `sae_features` encodes the recomputed activation `[T, d_model]` with one SAE at a
+time (a transcoder at mlp_out: the recomputed MLP input), its encoder mapped only while it runs, and
+keeps the strongest latents per token, each with the link to its dashboard in the report
+(`layout.report_page`, relative to the journey page's folder). Steering and attribution read the same
+SAEs' encoders and only the decoder rows of the latents they use, so the journey's memory is the
+model plus one encoder, whatever the family's size or the SAEs' width.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from token_journey.layout import report_page
+from token_journey.sae.io import LazySAE, find_saes
 from token_journey.sae.registry import TRANSCODER_INPUT_SITE, is_transcoder
 
 log = logging.getLogger(__name__)
@@ -30,18 +34,17 @@ def feature_link(report_root: str, site: str, layer: int, sae_name: str, feature
 
 @dataclass(frozen=True)
 class LayerSAE:
-    """One SAE found for the model: where it reads and the loaded module."""
+    """One SAE found for the model: where it reads, and its weights, read when used."""
 
     site: str
     layer: int
     name: str
-    sae: Any
-    """A `token_journey.sae.base.SAE` (encode/decode, `W_dec [d_sae, d_in]`, `b_dec [d_in]`)."""
+    sae: LazySAE
 
     @property
     def reads(self) -> str:
         """The site its latents are computed from: `site`, or for a transcoder (at mlp_out) the MLP's input."""
-        return TRANSCODER_INPUT_SITE if is_transcoder(getattr(self.sae, "architecture", "")) else self.site
+        return TRANSCODER_INPUT_SITE if is_transcoder(self.sae.spec.architecture) else self.site
 
 
 @dataclass(frozen=True)
@@ -69,29 +72,43 @@ def top_features(encoder: Any, acts: torch.Tensor, k: int) -> list[list[tuple[in
     return [[(int(i), float(v)) for i, v in zip(row_i, row_v, strict=True) if v > 0] for row_i, row_v in zip(ids, values, strict=True)]
 
 
-def load_saes(saes_root: Path | None, sites: list[dict[str, torch.Tensor]]) -> tuple[list[LayerSAE], str]:
-    """Every SAE under `saes_root` that fits these activations, and a note saying what was (not) found.
+def load_saes(saes_root: Path | None, sites: list[dict[str, torch.Tensor]], names: Sequence[str] | None = None) -> tuple[list[LayerSAE], str]:
+    """The SAEs under `saes_root` called `names` (None or `"all"` among them: every one) that fit these
+    activations, opened without reading their weights, and a note saying what was (not) found.
 
     `sites[L]` maps a site name to its `[T, d_model]` activation at layer L (for the layer count,
-    the site names, the width and the device).
+    the site names and the width).
     """
     if saes_root is None or not Path(saes_root).is_dir():
         return [], f"no SAEs at {saes_root}; run the pipeline (dvc repro) to train them and see features here"
-    from token_journey.sae.io import find_saes, load_sae
-
-    found = []
+    every = names is None or "all" in names
+    found, skipped = [], set()
     for layer, acts in enumerate(sites):
         for site, tensor in acts.items():
             for folder in find_saes(Path(saes_root), site, layer):
-                sae = load_sae(folder, device=tensor.device)
-                if sae.cfg.d_in != tensor.shape[-1]:
-                    log.warning("skipping %s: d_in %d != d_model %d", folder, sae.cfg.d_in, tensor.shape[-1])
+                if not every and folder.name not in names:
+                    skipped.add(folder.name)
+                    continue
+                sae = LazySAE.open(folder)
+                if sae.spec.d_in != tensor.shape[-1]:
+                    log.warning("skipping %s: d_in %d != d_model %d", folder, sae.spec.d_in, tensor.shape[-1])
                     continue
                 found.append(LayerSAE(site, layer, folder.name, sae))
-    note = f"{len(found)} SAE(s) found under {saes_root}" if found else f"no SAE folders under {saes_root} yet"
-    return found, note
+    if found:
+        note = f"{len(found)} SAE(s) found under {saes_root}"
+        return found, note + (f"; also there, not shown: {', '.join(sorted(skipped))} (journey.saes / --saes)" if skipped else "")
+    if skipped:
+        return [], f"no SAE named {', '.join(names)} under {saes_root}; there are {', '.join(sorted(skipped))} (show them with journey.saes / --saes)"
+    return [], f"no SAE folders under {saes_root} yet"
 
 
 def sae_features(saes: list[LayerSAE], sites: list[dict[str, torch.Tensor]], k: int, report_root: str) -> list[FeatureHits]:
-    """The `k` strongest latents of each SAE on each token of the activation it reads (a transcoder: mlp_in)."""
-    return [FeatureHits(s.site, s.layer, s.name, top_features(s.sae, sites[s.layer][s.reads], k), report_root) for s in saes]
+    """The `k` strongest latents of each SAE on each token of the activation it reads (a transcoder: mlp_in).
+
+    One encoder is mapped at a time and dropped before the next, so the peak holds a single encoder.
+    """
+    hits = []
+    for s in saes:
+        acts = sites[s.layer][s.reads]
+        hits.append(FeatureHits(s.site, s.layer, s.name, top_features(s.sae.encoder(acts.device), acts, k), report_root))
+    return hits

@@ -46,7 +46,7 @@ def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[t
         if sae is None:
             have = ", ".join(map(str, with_saes)) or "none (train SAEs first: dvc repro)"
             raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} has no SAE; layers with SAEs: {have}")
-        d_sae = sae.sae.cfg.d_sae
+        d_sae = sae.sae.spec.d_sae
         if not 0 <= edit.latent < d_sae:
             raise TokenJourneyError(
                 f"edit {edit.spec!r}: latent {edit.latent} is out of range; SAE {sae.name} at layer {edit.layer} has latents 0..{d_sae - 1}"
@@ -55,19 +55,24 @@ def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[t
     return [plan[layer] for layer in sorted(plan)]
 
 
-def _replacement(sae: LayerSAE, edits: list[Edit]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [B, T, d] -> x + (f' - f) · W_dec, or x itself (the same tensor) when no latent changes."""
+def _replacement(sae: LayerSAE, edits: list[Edit], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [B, T, d] -> x + (f' - f) · W_dec, or x itself (the same tensor) when no latent changes.
+
+    `f' - f` is zero outside the edited latents, so only their decoder rows are read; the encoder is
+    held for as long as the edit is spliced in."""
+    encoder = sae.sae.encoder(device)
+    values = {edit.latent: edit.value for edit in edits}  # a latent edited twice takes its last value
+    latents = list(values)
+    rows = sae.sae.decoder_rows(latents, device)  # (n, d)
+    target = torch.tensor([values[j] for j in latents], device=device)
 
     @torch.inference_mode()
     def replace(x: torch.Tensor) -> torch.Tensor:
-        f = sae.sae.encode(x.reshape(-1, x.shape[-1]).float())  # (B·T, d_sae)
-        edited = f.clone()
-        for edit in edits:
-            edited[:, edit.latent] = edit.value
-        change = edited - f
+        f = encoder.encode(x.reshape(-1, x.shape[-1]).float())  # (B·T, d_sae)
+        change = target - f[:, latents]  # (B·T, n)
         if not change.any():
             return x
-        return x + (change @ sae.sae.W_dec).reshape(x.shape).to(x.dtype)
+        return x + (change @ rows).reshape(x.shape).to(x.dtype)
 
     return replace
 
@@ -75,9 +80,10 @@ def _replacement(sae: LayerSAE, edits: list[Edit]) -> Callable[[torch.Tensor], t
 @contextlib.contextmanager
 def edited(model: nn.Module, plan: list[tuple[LayerSAE, list[Edit]]]) -> Iterator[None]:
     """Within the block, every forward pass of `model` runs with the planned latents set."""
+    device = next(model.parameters()).device
     with contextlib.ExitStack() as stack:
         for sae, edits in plan:
-            stack.enter_context(splice(model, sae.site, sae.layer, _replacement(sae, edits)))
+            stack.enter_context(splice(model, sae.site, sae.layer, _replacement(sae, edits, device)))
         yield
 
 

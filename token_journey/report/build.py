@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from markupsafe import Markup
+from tqdm import tqdm
 
 from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
@@ -65,10 +69,10 @@ def build_report(cfg: ReportConfig, paths: Layout, seed: int = 0, device: str = 
     loaded = load_prepared(paths.base_model, device="cpu") if with_folder else None
     explainer = Explainer(cfg.explainer, paths.base_model, device) if (cfg.explainer.model and with_folder) else None
     densities: dict[str, np.ndarray] = {}
-    for entry in with_folder:
-        log.info("feature pages for %s layer %d %s", entry.site, entry.layer, entry.name)
-        html, density = sae_page(entry, cfg, paths, loaded, env, seed, device, explainer)
-        result.write(Path(paths.html) / entry.page, html)
+    job = _PageJob(cfg, paths, loaded, env, seed, device, explainer)
+    for entry, (path, size, density) in zip(with_folder, _pages(job, with_folder, page_workers(cfg.workers, device, explainer is not None))):
+        result.files.append(path)
+        result.bytes += size
         if density is not None:
             densities[f"L{entry.layer} {entry.name}"] = density
     result.charts = overview_charts(result.entries, densities, cfg.hist_bins)
@@ -80,6 +84,65 @@ def build_report(cfg: ReportConfig, paths: Layout, seed: int = 0, device: str = 
     return result
 
 
+def page_workers(workers: int, device: str, explainer: bool) -> int:
+    """Processes for the pages: `report.workers` (0 = the CPU cores this process may use), 1 on a GPU or with the explainer."""
+    if explainer or not str(device).startswith("cpu"):
+        return 1
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class _PageJob:
+    """What every page reads; forked workers inherit it (the model's mapped weights stay shared)."""
+
+    cfg: ReportConfig
+    paths: Layout
+    loaded: Any
+    env: Any
+    seed: int
+    device: str
+    explainer: Explainer | None
+
+    def __call__(self, entry: SaeEntry) -> tuple[Path, int, np.ndarray | None]:
+        """Render and write one page: (its path, its bytes, its features' firing densities)."""
+        log.info("feature pages for %s layer %d %s", entry.site, entry.layer, entry.name)
+        html, density = sae_page(entry, self.cfg, self.paths, self.loaded, self.env, self.seed, self.device, self.explainer)
+        path = Path(self.paths.html) / entry.page
+        return path, atomic_write_text(path, html), density
+
+
+_JOB: _PageJob | None = None
+"""The job a forked page worker runs (set before the fork, so nothing is pickled but the entries)."""
+
+
+def _run_page(entry: SaeEntry) -> tuple[Path, int, np.ndarray | None]:
+    assert _JOB is not None
+    return _JOB(entry)
+
+
+def _pages(job: _PageJob, entries: list[SaeEntry], workers: int) -> Iterator[tuple[Path, int, np.ndarray | None]]:
+    """Each entry's page, in order: here, or across `workers` forked processes when there are several pages.
+
+    Pages are independent and mostly Python (contexts, HTML), which one process runs on one core; each
+    worker gets an equal share of the cores for torch. Forking shares the loaded model's pages instead
+    of loading it again.
+    """
+    global _JOB
+    workers = min(workers, len(entries))
+    if workers <= 1:
+        yield from (job(entry) for entry in entries)
+        return
+    _JOB = job
+    threads = max(1, torch.get_num_threads() // workers)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            yield from tqdm(pool.imap(_run_page, entries), total=len(entries), desc=f"report pages ({workers} processes)", unit="page")
+    finally:
+        _JOB = None
+
+
 def sae_page(
     entry: SaeEntry, cfg: ReportConfig, paths: Layout, loaded: Any, env: Any, seed: int, device: str, explainer: Explainer | None = None
 ) -> tuple[str, np.ndarray | None]:
@@ -88,13 +151,14 @@ def sae_page(
     With an `explainer`, the first `report.explainer.n_features` dashboards get an explanation.
     """
     from token_journey.data.shards import open_activations
-    from token_journey.sae.io import load_sae
+    from token_journey.sae.io import LazySAE
     from token_journey.sae.registry import TRANSCODER_INPUT_SITE, is_transcoder
 
-    sae = load_sae(entry.folder, device=device)
-    sae.eval()
+    # The page needs the encoder and the decoder rows of its dashboards' features, not the whole SAE.
+    lazy = LazySAE.open(entry.folder)
+    sae = lazy.encoder(device)
     # A transcoder's latents read the MLP's input: its features fire on those rows.
-    reads = TRANSCODER_INPUT_SITE if is_transcoder(sae.architecture) else entry.site
+    reads = TRANSCODER_INPUT_SITE if is_transcoder(lazy.spec.architecture) else entry.site
     try:
         acts = open_activations(paths.activations, reads, entry.layer, split="eval")
     except TokenJourneyError as exc:
@@ -108,7 +172,7 @@ def sae_page(
     chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size, cfg.max_tokens, device, search)
     strings = TokenStrings(loaded.tokenizer)
     contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id), strings, cfg.window)
-    dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, sae, cfg, seed)
+    dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, lazy.decoder_rows([f for f, _ in features]), cfg, seed)
     if explainer is not None:
         explain_dashboards(explainer, dashboards, [f for f, _ in features], chosen, stats, contexts, entry, loaded, seed)
     index_rows = feature_index(stats, contexts, {f for f, _ in features}, cfg.dense_threshold, cfg.max_index_rows)

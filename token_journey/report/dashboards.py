@@ -146,12 +146,12 @@ def build_dashboards(
     acts: torch.Tensor,
     contexts: ContextBuilder,
     model: Any,
-    sae: torch.nn.Module,
+    directions: torch.Tensor,
     cfg: ReportConfig,
     seed: int,
 ) -> list[Dashboard]:
-    """One dashboard per (feature, kind); `acts` `[rows, len(features)]` from `selected_activations`."""
-    directions = sae.W_dec.detach().float().cpu()[[f for f, _ in features]]  # [n, d_model]
+    """One dashboard per (feature, kind); `acts` `[rows, len(features)]` from `selected_activations`,
+    `directions` `[len(features), d_model]` the features' decoder rows."""
     lens = promoted_and_suppressed(model, directions, contexts.strings, cfg.n_logit_tokens) if model is not None else []
     out = []
     for j, (feature, kind) in enumerate(features):
@@ -198,19 +198,23 @@ def feature_index(stats: FeatureStats, contexts: ContextBuilder, shown: set[int]
     """A compact row for each alive feature (density, mean, max, best context), at most `limit` of them
     (`indexed_features`), so any listed id is linkable; dense latents are flagged."""
     narrow = ContextBuilder(contexts.index, contexts.sequences, contexts.strings, width)
+    listed = indexed_features(stats.counts, limit)
+    # The listed features' numbers as Python lists at once: indexing [d_sae] tensors per row costs more than the rows.
+    ids = torch.tensor(listed, dtype=torch.long)
+    density, sums, counts = stats.density[ids].tolist(), stats.sums[ids].tolist(), stats.counts[ids].tolist()
+    maxima, best_rows, best_values = stats.maxima[ids].tolist(), stats.top_rows[0, ids].tolist(), stats.top_values[0, ids].tolist()
     rows = []
-    for feature in indexed_features(stats.counts, limit):
-        best_row, best = int(stats.top_rows[0, feature]), float(stats.top_values[0, feature])
-        ctx = narrow.build(best_row, None, best, best)
+    for n, feature in enumerate(listed):
+        ctx = narrow.build(int(best_rows[n]), None, float(best_values[n]), float(best_values[n]))
         anchor = next(i for i, c in enumerate(ctx.cells) if c.anchor)
         rows.append(
             {
                 "feature": feature,
                 "shown": feature in shown,
-                "density": float(stats.density[feature]),
-                "dense": float(stats.density[feature]) > dense_threshold,
-                "mean": float(stats.sums[feature]) / int(stats.counts[feature]),
-                "max": float(stats.maxima[feature]),
+                "density": float(density[n]),
+                "dense": float(density[n]) > dense_threshold,
+                "mean": float(sums[n]) / int(counts[n]),
+                "max": float(maxima[n]),
                 "before": "".join(c.text for c in ctx.cells[:anchor]),
                 "token": ctx.cells[anchor].text,
                 "after": "".join(c.text for c in ctx.cells[anchor + 1 :]),

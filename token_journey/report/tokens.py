@@ -121,17 +121,20 @@ class TokenStrings:
 
 
 def logit_effects(model: Any, directions: torch.Tensor, chunk: int = 256) -> Iterable[torch.Tensor]:
-    """Direct effect of each direction `[n, d_model]` on the logits, yielded in chunks `[chunk, vocab]`.
+    """Direct effect of each direction `[n, d_model]` on the logits, yielded in chunks `[chunk, vocab]` (float32).
 
     Approximation, stated once: logits ~= (d * g) @ W_U.T, where g is the final norm's gain.
     We ignore the RMS denominator of the final norm (a positive per-token scale, so the
     ranking of tokens for one feature is unchanged) and the rest of the residual stream the
     direction is added to; Gemma 2's final logit soft-capping is monotonic and also ignored.
+    The product runs in the unembedding's own dtype, as the model computes its logits: a float32
+    copy of a bfloat16 W_U would cost 1 GB per page at a 128k vocabulary, for no change a page shows.
     """
-    W_U = model.get_output_embeddings().weight.detach().float().cpu()  # [vocab, d_model]
-    gain = final_norm_gain(model)
+    W_U = model.get_output_embeddings().weight.detach()  # [vocab, d_model], the model's own tensor
+    gain = final_norm_gain(model).to(W_U.device)
     for start in range(0, directions.shape[0], chunk):
-        yield (directions[start : start + chunk].float() * gain) @ W_U.T
+        scaled = (directions[start : start + chunk].to(W_U.device).float() * gain).to(W_U.dtype)
+        yield (scaled @ W_U.T).float().cpu()
 
 
 def promoted_and_suppressed(

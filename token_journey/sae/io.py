@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from token_journey.diskspace import writing
@@ -192,7 +193,8 @@ def _parse_hook(hook: str) -> tuple[str, int]:
     return m.group(2), int(m.group(1))
 
 
-def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
+def _saelens_spec(path: Path, cfg: dict[str, Any]) -> SAESpec:
+    """Our SAESpec of a SAELens folder's cfg.json (its weights use our names and orientation)."""
     arch = cfg.get("architecture", "standard")
     if arch not in FROM_SAELENS:
         raise TokenJourneyError(f"SAELens architecture {arch!r} in {path} is not supported; use one of {list(FROM_SAELENS)}")
@@ -207,7 +209,7 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
         raise TokenJourneyError(
             f"{path}: d_out={cfg['d_out']} differs from d_in={cfg['d_in']}; only MLP transcoders (input and output of the model's width) are supported"
         )
-    sae_cfg = SAESpec(
+    return SAESpec(
         FROM_SAELENS[arch],
         int(cfg["d_in"]),
         int(cfg["d_sae"]),
@@ -218,7 +220,10 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
         layer=layer,
         extra=extra,
     )
-    return _built(sae_cfg, load_file(str(path / SAELENS_WEIGHTS)))
+
+
+def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
+    return _built(_saelens_spec(path, cfg), load_file(str(path / SAELENS_WEIGHTS)))
 
 
 def _load_gemma_scope(path: Path) -> SAE:
@@ -243,3 +248,67 @@ def _load_sparsify(path: Path, cfg: dict[str, Any]) -> SAE:
     tensors = {"W_enc": raw["encoder.weight"].t(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
     extra = {"source": "sparsify", "apply_b_dec_to_input": True}
     return _built(SAESpec("topk", d_in, d_sae, k=k, name=path.name, extra=extra), tensors)
+
+
+class LazySAE:
+    """An SAE whose weights stay in their file until a computation needs them, and only those it needs.
+
+    `open` reads cfg.json (and checks our checksum) but no tensor. safetensors maps the file, so
+    `encoder()` costs no memory until its matmul touches the pages, and gives them back when the
+    returned module is dropped; `decoder_rows(ids)` reads those rows of `W_dec` and no other;
+    `tensor(name)` one small tensor. Reading one SAE of a family of three, or a few of its 16k-1M
+    latents, then costs what is read, not what the folder holds. Formats whose file is not in our
+    names and orientation (Gemma Scope's params.npz, sparsify) are read whole once, as `load_sae`
+    does, and so is an SAE handed over in memory (`holding`).
+    """
+
+    def __init__(self, spec: SAESpec, weights: Path | None = None, loaded: SAE | None = None) -> None:
+        self.spec, self.weights, self.loaded = spec, weights, loaded
+
+    @classmethod
+    def open(cls, folder: Path) -> LazySAE:
+        """The SAE at `folder` (any layout `load_sae` reads), its tensors not read yet."""
+        path = Path(folder)
+        cfg = json.loads((path / CFG).read_text()) if (path / CFG).is_file() else {}
+        if "token_journey" in cfg:
+            _check_weights(path)
+            return cls(SAESpec(**cfg["token_journey"]), weights=path / WEIGHTS)
+        if cfg and (path / SAELENS_WEIGHTS).is_file():
+            return cls(_saelens_spec(path, cfg), weights=path / SAELENS_WEIGHTS)
+        return cls.holding(load_sae(path))
+
+    @classmethod
+    def holding(cls, sae: SAE) -> LazySAE:
+        """An SAE already in memory, behind the same interface."""
+        return cls(sae.cfg, loaded=sae.eval())
+
+    def _mapped(self, name: str) -> torch.Tensor:
+        """Tensor `name` as float32, backed by the file's mapping (or the in-memory SAE's own tensor)."""
+        if self.loaded is not None:
+            return getattr(self.loaded, name).detach()
+        with safe_open(str(self.weights), framework="pt") as handle:
+            if name not in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
+                raise TokenJourneyError(f"SAE weights {self.weights} lack {name} for architecture {self.spec.architecture}")
+            return handle.get_tensor(name).float()
+
+    def encoder(self, device: str | torch.device = "cpu") -> SAE:
+        """A module whose `encode` works: the encoder's tensors mapped; the decoder left unread (on the meta device)."""
+        if self.loaded is not None:
+            return self.loaded.to(device)
+        sae = build_sae(self.spec, device="meta")
+        names = ["W_enc", "b_enc"] + (["threshold"] if sae.has_threshold else []) + (["b_dec"] if sae.apply_b_dec_to_input else [])
+        for name in names:
+            tensor = self._mapped(name)
+            if tuple(tensor.shape) != tuple(getattr(sae, name).shape):
+                raise TokenJourneyError(f"SAE weight {name} in {self.weights} has shape {tuple(tensor.shape)}, expected {tuple(getattr(sae, name).shape)}")
+            setattr(sae, name, torch.nn.Parameter(tensor.to(device), requires_grad=False))
+        return sae.eval()
+
+    def decoder_rows(self, ids: list[int] | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+        """`W_dec[ids]` `[len(ids), d_out]`: only these rows are read from the file."""
+        mapped = self._mapped("W_dec")
+        return mapped.index_select(0, torch.as_tensor(ids, dtype=torch.long, device=mapped.device).flatten()).to(device)
+
+    def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One whole tensor (e.g. `b_dec`), copied out of the mapping."""
+        return self._mapped(name).to(device, copy=True)
