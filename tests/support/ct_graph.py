@@ -1,0 +1,60 @@
+"""Build circuit-tracer's attribution graph of a prompt; run with the Python of a venv that has circuit-tracer 0.5.0.
+
+    python ct_graph.py MODEL_FOLDER TRANSCODER_FOLDER TOKEN_IDS_JSON OUT.safetensors
+
+Loads the exported transcoders (`layer_{i}.safetensors`, hooked at mlp.hook_in / mlp.hook_out) into a
+`TranscoderSet`, the model folder with the nnsight backend on the CPU in float32, and writes the
+unpruned graph's tensors (adjacency, active features, activations, logit targets and their
+probabilities) plus its scores, for `tests/test_circuits_tracer.py` to compare with ours.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def main() -> None:
+    model_dir, tc_dir, ids_json, out = sys.argv[1:5]
+    from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.graph import compute_graph_scores
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+
+    config = json.loads((Path(tc_dir) / "config.yaml").read_text())
+    paths = {i: str(Path(tc_dir) / name) for i, name in enumerate(config["transcoders"])}
+    transcoders = load_transcoder_set(
+        paths,
+        scan=config["scan"],
+        feature_input_hook=config["feature_input_hook"],
+        feature_output_hook=config["feature_output_hook"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        lazy_encoder=False,
+        lazy_decoder=False,
+    )
+    model = ReplacementModel.from_pretrained_and_transcoders(model_dir, transcoders, backend="nnsight", device=torch.device("cpu"), dtype=torch.float32)
+    start = time.perf_counter()
+    graph = attribute(torch.tensor(json.loads(ids_json)), model, batch_size=256)
+    seconds = time.perf_counter() - start
+    replacement, completeness = compute_graph_scores(graph)
+    save_file(
+        {
+            "adjacency": graph.adjacency_matrix.float().contiguous(),
+            "active_features": graph.active_features.long().contiguous(),
+            "selected_features": graph.selected_features.long().contiguous(),
+            "activation_values": graph.activation_values.float().contiguous(),
+            "logit_ids": graph.logit_token_ids.long().contiguous(),
+            "logit_probabilities": graph.logit_probabilities.float().contiguous(),
+        },
+        out,
+        metadata={"seconds": f"{seconds:.4f}", "replacement": f"{float(replacement):.6f}", "completeness": f"{float(completeness):.6f}"},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Our attribution graph against circuit-tracer 0.5.0's on the same tiny Llama, prompt and transcoders.
+
+circuit-tracer 0.5.0 needs transformers <= 4.57.3, so it lives in a venv of its own (the
+`circuit-tracer` extra of pyproject.toml, installed beside the project's transformers 5): point
+TOKEN_JOURNEY_CIRCUIT_TRACER_PYTHON at that venv's python. The test is skipped where neither that
+nor the current interpreter can import circuit_tracer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from support.tiny import save_tiny, tiny_model, tiny_tokenizer
+from support.transcoders import random_transcoders
+from token_journey.circuits.graph import build_graph, scores
+from token_journey.circuits.interop import export_transcoders
+
+SCRIPT = Path(__file__).parent / "support" / "ct_graph.py"
+TEXT = "The capital of France is Paris, and"
+
+
+def _tracer_python() -> str | None:
+    for python in (os.environ.get("TOKEN_JOURNEY_CIRCUIT_TRACER_PYTHON"), sys.executable):
+        if python and subprocess.run([python, "-c", "import circuit_tracer"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+PYTHON = _tracer_python()
+
+
+def legacy_folder(folder: Path) -> Path:
+    """A tiny Llama folder that transformers 4.57 reads as transformers 5 wrote it.
+
+    Our transformers 5 names the RoPE settings `rope_parameters` and the tokenizer class
+    `TokenizersBackend`; 4.57 reads `rope_scaling`/`rope_theta` (without them it silently runs plain
+    RoPE with base 10,000, and every attention pattern differs) and `PreTrainedTokenizerFast`.
+    """
+    save_tiny("llama", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = dict(config["rope_parameters"])
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    return folder
+
+
+@pytest.mark.skipif(PYTHON is None, reason="circuit-tracer not installed (set TOKEN_JOURNEY_CIRCUIT_TRACER_PYTHON to a venv with circuit-tracer==0.5.0)")
+def test_same_graph_as_circuit_tracer(tmp_path):
+    ids = [0] + tiny_tokenizer()(TEXT, add_special_tokens=False).input_ids
+    transcoders = random_transcoders(3)
+    export_transcoders(transcoders, tmp_path / "transcoders", "tiny-llama", "tiny-llama-random")
+    out = tmp_path / "ct.safetensors"
+    run = subprocess.run(
+        [PYTHON, str(SCRIPT), str(legacy_folder(tmp_path / "model")), str(tmp_path / "transcoders"), json.dumps(ids), str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    theirs = load_file(out)
+    with safe_open(out, "pt") as f:
+        their_scores = f.metadata()
+    ours = build_graph(tiny_model("llama"), ids, transcoders, progress=False)
+
+    assert torch.equal(theirs["active_features"], ours.features)
+    assert torch.equal(theirs["selected_features"], torch.arange(ours.n_features))
+    assert theirs["logit_ids"].tolist() == ours.logit_ids
+    torch.testing.assert_close(theirs["logit_probabilities"], ours.logit_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs["activation_values"], ours.activations, atol=1e-4, rtol=0)
+    assert theirs["adjacency"].shape == ours.adjacency.shape
+    largest = float(ours.adjacency.abs().max())
+    assert float((theirs["adjacency"] - ours.adjacency).abs().max()) <= 1e-3 * largest
+    mine = scores(ours)
+    assert float(their_scores["replacement"]) == pytest.approx(mine["replacement"], abs=1e-4)
+    assert float(their_scores["completeness"]) == pytest.approx(mine["completeness"], abs=1e-4)
