@@ -1,11 +1,13 @@
 """Build circuit-tracer's attribution graph of a prompt; run with the Python of a venv that has circuit-tracer 0.5.0.
 
-    python ct_graph.py MODEL_FOLDER TRANSCODER_FOLDER TOKEN_IDS_JSON OUT.safetensors
+    python ct_graph.py MODEL_FOLDER TRANSCODER_FOLDER TOKEN_IDS_JSON OUT.safetensors [OUR_GRAPH.json]
 
 Loads the exported transcoders (`layer_{i}.safetensors`, hooked at mlp.hook_in / mlp.hook_out) into a
 `TranscoderSet`, the model folder with the nnsight backend on the CPU in float32, and writes the
 unpruned graph's tensors (adjacency, active features, activations, logit targets and their
-probabilities) plus its scores, for `tests/test_circuits_tracer.py` to compare with ours.
+probabilities) plus its scores, and its viewer JSON (`create_graph_files`, default thresholds) beside
+OUT as `ct-graph.json`, for `tests/test_circuits_tracer.py` to compare with ours. Given OUR_GRAPH.json,
+it also validates that file against circuit-tracer's pydantic model of the viewer schema.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from safetensors.torch import save_file
 def main() -> None:
     model_dir, tc_dir, ids_json, out = sys.argv[1:5]
     from circuit_tracer import ReplacementModel, attribute
+    from circuit_tracer.frontend.graph_models import Model
     from circuit_tracer.graph import compute_graph_scores
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+    from circuit_tracer.utils.create_graph_files import create_graph_files
 
     config = json.loads((Path(tc_dir) / "config.yaml").read_text())
     paths = {i: str(Path(tc_dir) / name) for i, name in enumerate(config["transcoders"])}
@@ -54,6 +58,9 @@ def main() -> None:
         out,
         metadata={"seconds": f"{seconds:.4f}", "replacement": f"{float(replacement):.6f}", "completeness": f"{float(completeness):.6f}"},
     )
+    create_graph_files(graph, slug="ct-graph", output_path=str(Path(out).parent), scan=config["scan"])
+    if len(sys.argv) > 5:
+        Model.model_validate_json(Path(sys.argv[5]).read_text())
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ JumpReLU transcoders are exported.
 
 Graph JSON: the schema of circuit-tracer's `create_graph_files` (its pydantic `Model`: `metadata`,
 `qParams`, `nodes`, `links`), which its local server and Neuronpedia's graph viewer open. Node ids
-follow its conventions: latent `"{layer}_{index}_{pos}"`, error `"0_{layer}_{pos}"`, embedding
-`"E_{token}_{pos}"`, logit `"{n_layers + 1}_{token}_{pos}"`.
+follow its conventions: latent `"{layer}_{index}_{pos}"`, embedding `"E_{token}_{pos}"`, logit
+`"{n_layers + 1}_{token}_{pos}"`, and error `"{layer}_-1_{pos}"` (jsNodeId `"{layer}_-1-{pos}"`): the form
+circuit-tracer adopted after 0.5.0 (its issue #78), because 0.5.0's `"0_{layer}_{pos}"` collides with the
+latent `index = layer` of layer 0 at the same position.
 """
 
 from __future__ import annotations
@@ -119,12 +121,12 @@ def graph_json(
         elif i < graph.token_slice.start:
             layer, pos = divmod(i - F, T)
             node = {
-                "node_id": f"0_{layer}_{pos}",
+                "node_id": f"{layer}_-1_{pos}",
                 "feature": -1,
                 "layer": str(layer),
                 "ctx_idx": pos,
                 "feature_type": "mlp reconstruction error",
-                "jsNodeId": f"{layer}_{pos}-0",
+                "jsNodeId": f"{layer}_-1-{pos}",
             }
         elif i < graph.logit_slice.start:
             pos = i - graph.token_slice.start

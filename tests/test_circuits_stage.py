@@ -1,0 +1,104 @@
+"""The traced prompt's files: viewer JSON in circuit-tracer's schema, a self-contained page, metrics; hostile text stays text."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from support.configs import make
+from support.tiny import tiny_model, tiny_tokenizer
+from support.transcoders import random_transcoders
+from token_journey.circuits.trace import load_transcoders, prompt_ids, trace, write_outputs
+from token_journey.config.circuits import CircuitsConfig
+from token_journey.config.sae import SAEConfig
+from token_journey.errors import TokenJourneyError
+from token_journey.layout import sae_folder
+from token_journey.sae.io import save_sae
+
+HOSTILE = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
+
+NODE_KEYS = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp"}
+
+
+def _config(**overrides):
+    return make(CircuitsConfig, **{"max_prompt_tokens": 64, **overrides})
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("graphs")
+    traced = trace(tiny_model("llama"), tiny_tokenizer(), random_transcoders(3), _config(text=HOSTILE), "tiny-llama", progress=False)
+    return traced, write_outputs(traced, folder, scan="tiny/random")
+
+
+def test_graph_json_follows_the_viewer_schema(written):
+    traced, paths = written
+    payload = json.loads(paths["graph"].read_text())
+    meta = payload["metadata"]
+    assert meta["prompt"] == HOSTILE and meta["scan"] == "tiny/random" and meta["node_threshold"] == 0.8 and meta["schema_version"] == 1
+    assert meta["prompt_tokens"] == traced.tokens and "".join(traced.tokens[1:]) == HOSTILE  # BOS, then the text
+    assert set(payload["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
+    ids = {n["node_id"] for n in payload["nodes"]}
+    assert len(ids) == len(payload["nodes"])
+    assert all(NODE_KEYS <= set(n) for n in payload["nodes"])
+    assert all(link["source"] in ids and link["target"] in ids for link in payload["links"])
+    kinds = {n["feature_type"] for n in payload["nodes"]}
+    assert {"embedding", "logit", "cross layer transcoder"} <= kinds
+    logits = [n for n in payload["nodes"] if n["feature_type"] == "logit"]
+    assert len(logits) == len(traced.graph.logit_ids) and sum(n["is_target_logit"] for n in logits) == 1
+    assert sum(1 for n in payload["nodes"] if n["feature_type"] == "embedding") == len(traced.tokens)
+    # A link's weight is the graph's edge between those nodes.
+    g = traced.graph
+    for n in payload["nodes"]:
+        if n["feature_type"] == "cross layer transcoder":
+            layer, index, pos = map(int, n["node_id"].split("_"))
+            assert n["feature"] == (layer + index) * (layer + index + 1) // 2 + index
+            assert (g.features == g.features.new_tensor([layer, pos, index])).all(1).any()
+
+
+def test_metrics_state_the_checks_and_scores(written):
+    traced, paths = written
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["logits_max_abs_diff"] <= 1e-4 and metrics["completeness_error"] <= 1e-4
+    assert 0 <= metrics["replacement_score"] <= 1 and 0 <= metrics["completeness_score"] <= 1
+    assert metrics["kept_nodes"] == int(traced.pruned.node_mask.sum())
+    assert "seconds" not in metrics  # run-to-run figures stay out of tracked outputs
+
+
+def test_page_is_self_contained_and_hostile_text_is_inert(written):
+    _, paths = written
+    page = paths["page"].read_text()
+    lowered = page.lower()
+    assert "<script" not in lowered and "<img" not in lowered  # the text's tags arrive as text
+    assert "&lt;script&gt;" in page and "&lt;img" in page
+    assert "http://" not in page and "https://" not in page and not re.search(r"<[^>]*\s(src|href)=", lowered)  # nothing to fetch
+    assert page.count("<svg") == 1 and page.count("<line") == len(json.loads(paths["graph"].read_text())["links"])
+
+
+def test_prompt_ids_prepend_bos_and_refuse_long_prompts():
+    tok = tiny_tokenizer()
+    ids = prompt_ids(tok, "The capital", True, 16)
+    assert ids[0] == tok.bos_token_id and ids[1:] == tok("The capital", add_special_tokens=False).input_ids
+    assert prompt_ids(tok, "The capital", False, 16) == ids[1:]
+    assert prompt_ids(tok, "<bos>The capital", True, 16)[0] == tok.bos_token_id  # already there: not twice
+    assert prompt_ids(tok, "<bos>The capital", True, 16).count(tok.bos_token_id) == 1
+    with pytest.raises(TokenJourneyError, match="max_prompt_tokens=3"):
+        prompt_ids(tok, "The capital of France is", True, 3)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(TokenJourneyError, match="circuits.node_threshold=1.5"):
+        _config(node_threshold=1.5)
+    with pytest.raises(TokenJourneyError, match="'topk' is not a transcoder"):
+        _config(transcoder=make(SAEConfig, architecture="topk"))
+
+
+def test_transcoders_load_for_every_layer_or_say_which_is_missing(tmp_path):
+    for layer, tc in enumerate(random_transcoders(3)):
+        if layer != 2:
+            save_sae(tc, sae_folder(tmp_path, "mlp_out", layer, "tc"))
+    with pytest.raises(TokenJourneyError, match="no transcoder 'tc' for layer 2"):
+        load_transcoders(tmp_path, "tc", 3)
+    assert len(load_transcoders(tmp_path, "tc", 2)) == 2
