@@ -17,6 +17,7 @@ def _ran(output: str) -> set[str]:
     """Stages run, without the `circuits/dvc.yaml:` prefix DVC gives the branch's."""
     return {name.split(":")[-1] for name in _stages_run(output)}
 
+
 CIRCUITS = """circuits:
   layers: [0, 1, 2]
   train_tokens: 4096
