@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from support.ct_graph import legacy_model_folder
 from support.tiny import save_tiny, tiny_model, tiny_tokenizer
 from support.transcoders import random_transcoders
 from token_journey.circuits.graph import NODE_THRESHOLD, build_graph, prune, scores
@@ -39,24 +40,6 @@ def _tracer_python() -> str | None:
 PYTHON = _tracer_python()
 
 
-def legacy_folder(folder: Path) -> Path:
-    """A tiny Llama folder that transformers 4.57 reads as transformers 5 wrote it.
-
-    Our transformers 5 names the RoPE settings `rope_parameters` and the tokenizer class
-    `TokenizersBackend`; 4.57 reads `rope_scaling`/`rope_theta` (without them it silently runs plain
-    RoPE with base 10,000, and every attention pattern differs) and `PreTrainedTokenizerFast`.
-    """
-    save_tiny("llama", folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["rope_scaling"] = dict(config["rope_parameters"])
-    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
-    (folder / "config.json").write_text(json.dumps(config))
-    tok = json.loads((folder / "tokenizer_config.json").read_text())
-    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
-    return folder
-
-
 @pytest.mark.skipif(PYTHON is None, reason="circuit-tracer not installed (set TOKEN_JOURNEY_CIRCUIT_TRACER_PYTHON to a venv with circuit-tracer==0.5.0)")
 def test_same_graph_as_circuit_tracer(tmp_path):
     ids = [0] + tiny_tokenizer()(TEXT, add_special_tokens=False).input_ids
@@ -67,7 +50,7 @@ def test_same_graph_as_circuit_tracer(tmp_path):
     ours_json = graph_json(ours, pruned, [str(i) for i in ids], [str(i) for i in ours.logit_ids], "ours", "tiny-llama-random", TEXT, NODE_THRESHOLD)
     write_graph_json(tmp_path / "ours.json", ours_json)
     out = tmp_path / "ct.safetensors"
-    folder = legacy_folder(tmp_path / "model")
+    folder = legacy_model_folder(save_tiny("llama", tmp_path / "tiny"), tmp_path / "model")
     args = [str(folder), str(tmp_path / "transcoders"), json.dumps(ids), str(out), str(tmp_path / "ours.json")]
     run = subprocess.run([PYTHON, str(SCRIPT), *args], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -21,6 +21,30 @@ import torch
 from safetensors.torch import save_file
 
 
+def legacy_model_folder(source: Path, folder: Path) -> Path:
+    """A copy of the model folder `source` (weights linked, not copied) that transformers 4.57 reads as 5.x wrote it.
+
+    Transformers 5 names the RoPE settings `rope_parameters` and the tokenizer class `TokenizersBackend`;
+    4.57 reads `rope_theta`/`rope_scaling` (without them it silently runs RoPE with base 10,000, and
+    every attention pattern differs) and `PreTrainedTokenizerFast`.
+    """
+    folder.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file():
+            (folder / path.name).symlink_to(path.resolve()) if path.suffix == ".safetensors" else (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = dict(rope)
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    return folder
+
+
 def main() -> None:
     model_dir, tc_dir, ids_json, out = sys.argv[1:5]
     from circuit_tracer import ReplacementModel, attribute

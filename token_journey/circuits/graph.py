@@ -113,12 +113,16 @@ def _active(clean: CleanPass, constant_positions: int) -> tuple[torch.Tensor, to
     return torch.cat(coords), torch.cat(values)
 
 
-def _batched_grads(outputs: replacement.Outputs, leaves: list[torch.Tensor], seeds: list[torch.Tensor]) -> list[torch.Tensor]:
+def _batched_grads(outputs: replacement.Outputs, leaves: list[torch.Tensor], seeds: torch.Tensor) -> list[torch.Tensor]:
     """Gradients `[B, T, d]` of Σ⟨seed, output⟩ with respect to each leaf, for B seeds at once.
 
-    `seeds` holds one `[B, T, d]` cotangent per output (every mlp_in, then the final hidden state).
+    `seeds` `[n_layers + 1, B, T, d]` holds one cotangent per output (every mlp_in, then the final
+    hidden state); outputs whose seeds are all zero are left out, so the backward pass starts at the
+    deepest layer the batch reads (targets come sorted by layer) and leaves above it get no work.
     """
-    grads = torch.autograd.grad([*outputs.mlp_in, outputs.final], leaves, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True)
+    reads = [*outputs.mlp_in, outputs.final]
+    used = [i for i in range(len(reads)) if seeds[i].any()]
+    grads = torch.autograd.grad([reads[i] for i in used], leaves, [seeds[i] for i in used], retain_graph=True, is_grads_batched=True, allow_unused=True)
     return [torch.zeros_like(seeds[0]) if g is None else g for g in grads]
 
 
@@ -199,7 +203,7 @@ def build_graph(
             seeds = torch.zeros(spec.n_layers + 1, len(batch), T, spec.d_model)
             for b, (L, p, vec) in enumerate(batch):
                 seeds[L, b, p] = vec
-            grads = _batched_grads(outputs, [x0, *leaves], list(seeds))
+            grads = _batched_grads(outputs, [x0, *leaves], seeds)
             g_tok, g_write = grads[0], grads[1:]
             block = torch.zeros(len(batch), N)
             for layer in range(spec.n_layers):
