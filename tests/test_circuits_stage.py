@@ -65,6 +65,7 @@ def test_metrics_state_the_checks_and_scores(written):
     assert 0 <= metrics["replacement_score"] <= 1 and 0 <= metrics["completeness_score"] <= 1
     assert metrics["kept_nodes"] == int(traced.pruned.node_mask.sum())
     assert "seconds" not in metrics  # run-to-run figures stay out of tracked outputs
+    assert len(metrics["interventions"]) == 10 and set(metrics["intervention_agreement"]) >= {"direct_correlation", "total_correlation"}
 
 
 def test_page_is_self_contained_and_hostile_text_is_inert(written):
@@ -74,6 +75,7 @@ def test_page_is_self_contained_and_hostile_text_is_inert(written):
     assert "<script" not in lowered and "<img" not in lowered  # the text's tags arrive as text
     assert "&lt;script&gt;" in page and "&lt;img" in page
     assert "http://" not in page and "https://" not in page and not re.search(r"<[^>]*\s(src|href)=", lowered)  # nothing to fetch
+    assert "<h2>Interventions</h2>" in page
     assert page.count("<svg") == 1 and page.count("<line") == len(json.loads(paths["graph"].read_text())["links"])
 
 

@@ -183,8 +183,9 @@ def build_graph(
     bias, values = torch.zeros(N), torch.zeros(N)
 
     # Targets: the value each reads, its bias, and the seed its backward pass starts from.
-    pre_clean = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, clean.mlp_in, strict=True)]
-    pre_zero = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, zero.mlp_in, strict=True)]
+    with torch.no_grad():
+        pre_clean = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, clean.mlp_in, strict=True)]
+        pre_zero = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, zero.mlp_in, strict=True)]
     for i, (L, p, k) in enumerate(features.tolist()):
         values[i], bias[i] = pre_clean[L][p, k], pre_zero[L][p, k]
     logit_rows = torch.arange(N - K, N)

@@ -148,6 +148,27 @@ def render_page(traced: Any, payload: dict[str, Any]) -> str:
         f"<td>{n['activation']:.4g}</td><td>{n['influence']:.3f}</td></tr>"
         for n in top
     )
+    tests = "".join(
+        f"<tr><td>{x['layer']}</td><td>{x['position']} ({_e(repr(tokens[x['position']]))})</td><td>{x['latent']}</td><td>{x['activation']:.4g}</td>"
+        f"<td>{x['direct']:+.4g}</td><td>{x['total']:+.4g}</td><td>{x['measured']:+.4g}</td></tr>"
+        for x in s["interventions"]
+    )
+    agree = s.get("intervention_agreement")
+    agree_text = (
+        f"Correlation with the measured changes: direct edge {agree['direct_correlation']:.3f}, all paths {agree['total_correlation']:.3f}; "
+        f"relative error {agree['direct_relative_error']:.3f} and {agree['total_relative_error']:.3f}."
+        if agree
+        else ""
+    )
+    interventions = (
+        f"""<h2>Interventions</h2>
+<p>Each latent's write removed from its MLP output in the real model (attention, norms and later MLPs free): the change of the
+top logit (minus the mean logit) beside the graph's predictions, from its direct edge and through all its paths. {_e(agree_text)}</p>
+<table><tr><th>layer</th><th>position</th><th>latent</th><th>activation</th><th>predicted (direct)</th><th>predicted (all paths)</th>
+<th>measured</th></tr>{tests}</table>"""
+        if tests
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Attribution graph: {_e(traced.text)}</title><style>{_STYLE}</style></head>
@@ -160,6 +181,7 @@ Pruned to the nodes and edges that carry the stated share of the influence on th
 {_svg(payload, traced.graph.n_layers, dict(zip(traced.graph.logit_ids, traced.logit_tokens, strict=True)))}
 <h2>Most influential latents</h2>
 <table><tr><th>layer</th><th>position</th><th>latent</th><th>activation</th><th>cumulative influence</th></tr>{latents}</table>
+{interventions}
 <p>The graph JSON beside this page opens in circuit-tracer's graph viewer and Neuronpedia.</p>
 </body></html>
 """

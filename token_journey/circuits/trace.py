@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import nn
 from token_journey.circuits import verify as checks
 from token_journey.circuits.graph import Graph, Pruned, build_graph, prune, scores
 from token_journey.circuits.interop import graph_json, write_graph_json
+from token_journey.circuits.intervene import Intervention, agreement, intervene
 from token_journey.circuits.page import render_page
 from token_journey.config.circuits import CircuitsConfig
 from token_journey.errors import TokenJourneyError
@@ -60,6 +61,7 @@ class Traced:
     seconds: float
     node_threshold: float
     edge_threshold: float
+    interventions: list[Intervention]
 
     def summary(self) -> dict[str, Any]:
         """The figures of the graph, as the stage's metrics file and the page show them."""
@@ -80,6 +82,8 @@ class Traced:
             "completeness_score": self.scores["completeness"],
             "logits_max_abs_diff": self.verification.logits_max_abs_diff,
             "completeness_error": self.verification.completeness_error,
+            "interventions": [asdict(x) for x in self.interventions],
+            **({"intervention_agreement": agreement(self.interventions)} if len(self.interventions) > 1 else {}),
         }
 
 
@@ -101,6 +105,7 @@ def trace(model: nn.Module, tokenizer: Any, transcoders: Sequence[SAE], cfg: Cir
     checks.require(verification)
     pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold)
     seconds = time.perf_counter() - start
+    interventions = intervene(model, graph, pruned, transcoders, cfg.interventions) if cfg.interventions else []
     return Traced(
         text=cfg.text,
         model_name=model_name,
@@ -113,6 +118,7 @@ def trace(model: nn.Module, tokenizer: Any, transcoders: Sequence[SAE], cfg: Cir
         seconds=seconds,
         node_threshold=cfg.node_threshold,
         edge_threshold=cfg.edge_threshold,
+        interventions=interventions,
     )
 
 

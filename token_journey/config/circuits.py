@@ -27,6 +27,8 @@ class CircuitsConfig:
     """Pruning keeps the nodes carrying this fraction of the influence on the logits."""
     edge_threshold: float
     """Then the edges carrying this fraction of the edge influence."""
+    interventions: int
+    """Most influential latents ablated in the real model to test the graph (0 = none)."""
     batch_size: int
     """Targets per batched backward pass."""
     layers: tuple[int, ...]
@@ -43,6 +45,8 @@ class CircuitsConfig:
     def __post_init__(self) -> None:
         if not self.text or not self.text.strip():
             raise TokenJourneyError("circuits.text is empty; set circuits.text='The capital of France is'")
+        if self.interventions < 0:
+            raise TokenJourneyError(f"circuits.interventions={self.interventions} must be >= 0 (0 = none)")
         for name in ("max_prompt_tokens", "max_n_logits", "batch_size", "train_tokens", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise TokenJourneyError(f"circuits.{name}={getattr(self, name)} must be at least 1")
