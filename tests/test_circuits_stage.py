@@ -104,3 +104,17 @@ def test_transcoders_load_for_every_layer_or_say_which_is_missing(tmp_path):
     with pytest.raises(TokenJourneyError, match="no transcoder 'tc' for layer 2"):
         load_transcoders(tmp_path, "tc", 3)
     assert len(load_transcoders(tmp_path, "tc", 2)) == 2
+
+
+@pytest.mark.parametrize("width,height", [(1366, 900), (1920, 1080)])
+def test_page_in_headless_chromium(written, tmp_path, width, height):
+    """Laid out at both widths: no script error, no sideways scroll, no overlapping or overflowing boxes."""
+    from support.browser import measure, require_browser
+
+    _, paths = written
+    found = measure(require_browser(), paths["page"], width, height, tmp_path / "profile")
+    assert not found["console"], found["console"]
+    assert found["viewport"] == width and found["boxes"] > 50
+    assert found["scroll_width"] <= width, "the page scrolls sideways"
+    assert found["overlaps"] == [], found["overlaps"]
+    assert found["overflows"] == [], found["overflows"]
