@@ -155,7 +155,8 @@ def build_graph(
     layer_of = features[:, 0]
     # Each latent's write a · W_dec[k], and the error nodes' writes (zero at the constant positions).
     rows_dec = [dec[L][k] for L, _, k in features.tolist()]
-    feature_writes = activations[:, None] * torch.stack(rows_dec) if rows_dec else torch.zeros(0, spec.d_model)
+    dev = clean.embeds.device  # the model's: the graph's own tensors (adjacency, values) live on the CPU
+    feature_writes = activations[:, None] * torch.stack(rows_dec) if rows_dec else torch.zeros(0, spec.d_model, device=dev)
     node_errors = [e.clone() for e in clean.errors]
     for e in node_errors:
         e[:constant_positions] = 0
@@ -176,7 +177,7 @@ def build_graph(
     replacement_logits = replacement.softcapped(spec, ops.linear(rep.final, head_w, head_b))
 
     unembed_dirs = head_w[logit_ids] - head_w.mean(0)  # [K, d]
-    head_bias = torch.zeros(len(logit_ids)) if head_b is None else head_b[logit_ids] - head_b.mean()
+    head_bias = torch.zeros(len(logit_ids), device=dev) if head_b is None else head_b[logit_ids] - head_b.mean()
     n_feat, n_err, K = len(features), spec.n_layers * T, len(logit_ids)
     N = n_feat + n_err + T + K
     adjacency = torch.zeros(N, N)
@@ -186,11 +187,13 @@ def build_graph(
     with torch.no_grad():
         pre_clean = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, clean.mlp_in, strict=True)]
         pre_zero = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, zero.mlp_in, strict=True)]
-    for i, (L, p, k) in enumerate(features.tolist()):
-        values[i], bias[i] = pre_clean[L][p, k], pre_zero[L][p, k]
+    for layer in range(spec.n_layers):
+        idx = (layer_of == layer).nonzero(as_tuple=True)[0]
+        values[idx.cpu()] = pre_clean[layer][features[idx, 1], features[idx, 2]].cpu()
+        bias[idx.cpu()] = pre_zero[layer][features[idx, 1], features[idx, 2]].cpu()
     logit_rows = torch.arange(N - K, N)
-    values[logit_rows] = clean.logits[-1][logit_ids] - clean.logits[-1].mean()
-    bias[logit_rows] = zero.final[-1] @ unembed_dirs.T + head_bias
+    values[logit_rows] = (clean.logits[-1][logit_ids] - clean.logits[-1].mean()).cpu()
+    bias[logit_rows] = (zero.final[-1] @ unembed_dirs.T + head_bias).cpu()
     targets = [(int(L), int(p), enc[L][:, k]) for L, p, k in features.tolist()] + [(spec.n_layers, T - 1, u) for u in unembed_dirs]
     rows = list(range(n_feat)) + logit_rows.tolist()
 
@@ -201,12 +204,12 @@ def build_graph(
         batches = range(0, len(targets), batch_size)
         for start in tqdm(batches, desc="attribution backward passes", disable=not progress):
             batch = targets[start : start + batch_size]
-            seeds = torch.zeros(spec.n_layers + 1, len(batch), T, spec.d_model)
+            seeds = torch.zeros(spec.n_layers + 1, len(batch), T, spec.d_model, device=dev)
             for b, (L, p, vec) in enumerate(batch):
                 seeds[L, b, p] = vec
             grads = _batched_grads(outputs, [x0, *leaves], seeds)
             g_tok, g_write = grads[0], grads[1:]
-            block = torch.zeros(len(batch), N)
+            block = torch.zeros(len(batch), N, device=dev)
             for layer in range(spec.n_layers):
                 mask = layer_of == layer
                 if mask.any():
@@ -214,19 +217,19 @@ def build_graph(
                     block[:, idx] = torch.einsum("bfd,fd->bf", g_write[layer][:, features[idx, 1]], feature_writes[idx])
                 block[:, n_feat + layer * T : n_feat + (layer + 1) * T] = torch.einsum("btd,td->bt", g_write[layer], node_errors[layer])
             block[:, n_feat + n_err : n_feat + n_err + T] = torch.einsum("btd,td->bt", g_tok, clean.embeds)
-            adjacency[rows[start : start + len(batch)]] = block.detach()
+            adjacency[rows[start : start + len(batch)]] = block.detach().cpu()
 
     return Graph(
         token_ids=list(token_ids),
-        features=features,
-        activations=activations,
+        features=features.cpu(),
+        activations=activations.cpu(),
         n_layers=spec.n_layers,
         logit_ids=logit_ids,
-        logit_probs=logit_probs,
+        logit_probs=logit_probs.cpu(),
         adjacency=adjacency,
         bias=bias,
         values=values,
-        replacement_logits=replacement_logits,
+        replacement_logits=replacement_logits.cpu(),
         constant_positions=constant_positions,
     )
 
