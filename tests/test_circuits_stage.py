@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from support.configs import make
 from support.tiny import tiny_model, tiny_tokenizer
@@ -118,3 +119,33 @@ def test_page_in_headless_chromium(written, tmp_path, width, height):
     assert found["scroll_width"] <= width, "the page scrolls sideways"
     assert found["overlaps"] == [], found["overlaps"]
     assert found["overflows"] == [], found["overflows"]
+
+
+def test_export_refuses_what_circuit_tracer_cannot_load(tmp_path):
+    from safetensors.torch import load_file
+
+    from token_journey.circuits.interop import export_transcoders
+
+    with pytest.raises(TokenJourneyError, match="'topk_transcoder' cannot be exported"):
+        export_transcoders(random_transcoders(2, architecture="topk_transcoder"), tmp_path / "x", "m", "s")
+    files = export_transcoders(random_transcoders(2), tmp_path / "tc", "m", "s")
+    weights = load_file(files[1])
+    tc = random_transcoders(2)[1]
+    assert set(weights) == {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold"}
+    assert torch.equal(weights["W_enc"], tc.W_enc.detach().t()) and weights["W_enc"].shape == (64, 32)  # [d_sae, d]
+    assert json.loads((tmp_path / "tc/config.yaml").read_text())["transcoders"] == ["layer_0.safetensors", "layer_1.safetensors"]
+
+
+def test_corpus_slice_keeps_whole_sequences_within_the_budget(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from token_journey.circuits.branch import slice_corpus
+
+    ids = pa.array([[i] * 8 for i in range(10)], type=pa.list_(pa.int32(), 8))
+    for split in ("train", "eval"):
+        pq.write_table(pa.table({"sequence_id": list(range(10)), "input_ids": ids}), tmp_path / f"{split}.parquet")
+    assert slice_corpus(tmp_path, tmp_path / "out", {"train": 20, "eval": 1000}) == {"train": 24, "eval": 80}
+    assert pq.read_table(tmp_path / "out/train.parquet").column("sequence_id").to_pylist() == [0, 1, 2]
+    with pytest.raises(TokenJourneyError, match="no corpus split"):
+        slice_corpus(tmp_path / "nowhere", tmp_path / "out2", {"train": 8})
