@@ -221,6 +221,9 @@ def artifacts(tmp_path_factory):
         metrics=root / "metrics",
         html=root / "html",
         journey=root / "journey",
+        circuits_data=root / "circuits_data",
+        circuits=root / "circuits",
+        graphs=root / "graphs",
         summary=root / "summary.md",
         timings=root / "timings",
     )

@@ -40,6 +40,9 @@ def _layout(**changes: str) -> Layout:
         "metrics": "reports/metrics/m",
         "html": "reports/html",
         "journey": "reports/journey",
+        "circuits_data": "data/circuits/m",
+        "circuits": "models/circuits/m",
+        "graphs": "reports/circuits",
         "summary": "reports/summary.md",
         "timings": "reports/timings/m",
         **changes,
@@ -126,6 +129,9 @@ def test_hashes_match_hashlib(tmp_path):
 
 
 def test_only_the_layout_module_spells_the_layer_folder_name():
-    """`layer_<L>` is built in token_journey/layout.py and nowhere else in the package."""
+    """`layer_<L>` is built in token_journey/layout.py and nowhere else in the package.
+
+    Except circuit-tracer's own file names (`layer_{i}.safetensors`), which follow its format, not our layout.
+    """
     spelled = [str(p.relative_to(REPO)) for p in (REPO / "token_journey").rglob("*.py") if re.search(r"layer_\{", p.read_text())]
-    assert spelled == ["token_journey/layout.py"]
+    assert sorted(spelled) == ["token_journey/circuits/interop.py", "token_journey/layout.py"]

@@ -291,6 +291,9 @@ def test_pipeline_trains_evaluates_and_reports_a_skip_transcoder(harvested, tmp_
         metrics=tmp_path / "metrics",
         html=tmp_path / "html",
         journey=tmp_path / "journey",
+        circuits_data=tmp_path / "circuits_data",
+        circuits=tmp_path / "circuits",
+        graphs=tmp_path / "graphs",
         summary=tmp_path / "summary.md",
         timings=tmp_path / "timings",
     )

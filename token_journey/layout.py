@@ -185,6 +185,12 @@ class Layout:
     """Root of the HTML report."""
     journey: Path
     """Folder of the journey pages."""
+    circuits_data: Path
+    """The circuits branch's corpus slice (`corpus/`) and its mlp_in/mlp_out activations (`activations/`)."""
+    circuits: Path
+    """The circuits branch's transcoders, one folder per layer as under `saes`."""
+    graphs: Path
+    """Folder of the attribution graphs (viewer JSON, HTML page, metrics)."""
     summary: Path
     """The Markdown summary of the report (its headline table)."""
     timings: Path

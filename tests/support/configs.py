@@ -27,6 +27,7 @@ def make(cls: type[T], **overrides: Any) -> T:
     (conf/sae/<architecture>.yaml).
     """
     from token_journey.config import CONF_DIR, build
+    from token_journey.config.circuits import CircuitsConfig
     from token_journey.config.corpus import CorpusConfig
     from token_journey.config.eval import EvalConfig
     from token_journey.config.harvest import HarvestConfig
@@ -45,6 +46,7 @@ def make(cls: type[T], **overrides: Any) -> T:
         ReportConfig: "report",
         TrackingConfig: "tracking",
         JourneyConfig: "journey",
+        CircuitsConfig: "circuits",
     }
     if cls is GenerationConfig:
         section = composed()["journey"]["generation"]

@@ -1,6 +1,6 @@
 """Derive each DVC stage's code `deps` from its script's imports, and rewrite them in dvc.yaml.
 
-    python tests/support/stage_deps.py      # after changing what a stage imports
+    python tests/support/stage_deps.py      # after changing what a stage imports (every file of PIPELINES)
 
 A subpackage is listed as a folder when the stage needs all of its modules or it holds templates;
 otherwise its modules are listed one by one. Data deps (`${...}`) are kept as they are.
@@ -70,7 +70,11 @@ def rewrite(text: str) -> str:
     return "\n".join(out)
 
 
+PIPELINES = ("dvc.yaml", "circuits/dvc.yaml")
+"""Every pipeline file: the default one and the circuits branch (its stages run from the repository root)."""
+
 if __name__ == "__main__":
-    path = REPO / "dvc.yaml"
-    path.write_text(rewrite(path.read_text()))
-    print(f"rewrote the code deps of every stage in {path}")
+    for name in PIPELINES:
+        path = REPO / name
+        path.write_text(rewrite(path.read_text()))
+        print(f"rewrote the code deps of every stage in {path}")

@@ -1,0 +1,336 @@
+"""The attribution graph of one prediction: nodes, direct-effect edges, influence pruning and scores.
+
+Nodes, in circuit-tracer's order (so its adjacency and ours line up row for row): the active transcoder
+latents (layer, position, index) sorted by layer, position and index; one error node per (layer,
+position), layer-major; one embedding node per position; the top logits of the last position. Rows of
+`adjacency` are targets, columns sources: `adjacency[t, s]` is the direct effect of s on t in the
+local replacement model (`replacement.py`), i.e. s's write dotted with the gradient of t's value with
+respect to that write, where t's value is a latent's pre-activation (x · W_enc[:, k] + b_enc[k]) or a
+logit minus the mean logit (the demeaned unembedding direction, as circuit-tracer attributes it).
+Every edge of a whole batch of targets comes from one batched backward pass through the frozen model.
+
+The first `constant_positions` positions (default 1: the BOS token circuit-tracer prepends, whose
+huge norm makes its latents meaningless) have no latent or error nodes: their MLP writes are constant
+terms, like the biases. `bias[t]` is the sum of all constant terms' effects on t (the replacement model
+run with every node zeroed), so `bias + adjacency.sum(1)` equals each target's value exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from token_journey.circuits import replacement
+from token_journey.circuits.replacement import CleanPass
+from token_journey.errors import TokenJourneyError
+from token_journey.journey import ops
+from token_journey.sae.base import SAE
+
+NODE_THRESHOLD = 0.8
+"""Keep the nodes that carry this fraction of the total influence on the logits (circuit-tracer's default)."""
+EDGE_THRESHOLD = 0.98
+"""Keep the edges that carry this fraction of the total edge influence (circuit-tracer's default)."""
+
+
+@dataclass
+class Graph:
+    """An unpruned attribution graph (see the module docstring for the node order)."""
+
+    token_ids: list[int]
+    features: torch.Tensor
+    """`[F, 3]` long: (layer, position, latent index) of each latent node."""
+    activations: torch.Tensor
+    """`[F]` each latent's activation."""
+    n_layers: int
+    logit_ids: list[int]
+    logit_probs: torch.Tensor
+    """`[K]` the model's probability of each target token (the logits' weights in influence)."""
+    adjacency: torch.Tensor
+    """`[N, N]` direct effects, rows = targets, columns = sources; rows of errors and tokens are zero."""
+    bias: torch.Tensor
+    """`[N]` the constant terms' effect on each latent and logit node (0 for errors and tokens)."""
+    values: torch.Tensor
+    """`[N]` each latent's pre-activation and each logit minus the mean logit, from the real model (0 for errors and tokens)."""
+    replacement_logits: torch.Tensor
+    """`[T, vocab]` the replacement model's logits with error nodes (soft-capped where the model is)."""
+    constant_positions: int
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def error_slice(self) -> slice:
+        return slice(self.n_features, self.n_features + self.n_layers * self.n_pos)
+
+    @property
+    def token_slice(self) -> slice:
+        start = self.error_slice.stop
+        return slice(start, start + self.n_pos)
+
+    @property
+    def logit_slice(self) -> slice:
+        start = self.token_slice.stop
+        return slice(start, start + len(self.logit_ids))
+
+    @property
+    def target_rows(self) -> torch.Tensor:
+        """Indices of the rows that are targets: the latents and the logits."""
+        return torch.cat([torch.arange(self.n_features), torch.arange(self.logit_slice.start, self.logit_slice.stop)])
+
+    def completeness_error(self) -> float:
+        """max over targets of |bias + Σ incoming edges − value|, relative to max(1, max |value|)."""
+        rows = self.target_rows
+        residual = self.bias[rows] + self.adjacency[rows].sum(1, dtype=torch.float64).float() - self.values[rows]
+        return float(residual.abs().max()) / max(1.0, float(self.values[rows].abs().max()))
+
+
+def select_logits(logits: torch.Tensor, max_n_logits: int = 10, desired_logit_prob: float = 0.95) -> tuple[list[int], torch.Tensor]:
+    """The most probable tokens until their cumulative probability reaches `desired_logit_prob`, at most `max_n_logits`."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_p, top_idx = probs.topk(min(max_n_logits, probs.shape[-1]))
+    cutoff = min(int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob))) + 1, len(top_idx))
+    return top_idx[:cutoff].tolist(), top_p[:cutoff]
+
+
+def _active(clean: CleanPass, constant_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer, position, index) `[F, 3]` and activations `[F]` of the nonzero latents after the constant positions."""
+    coords, values = [], []
+    for layer, f in enumerate(clean.latents):
+        f = f.clone()
+        f[:constant_positions] = 0
+        pos, idx = f.nonzero(as_tuple=True)
+        coords.append(torch.stack([torch.full_like(pos, layer), pos, idx], dim=1))
+        values.append(f[pos, idx])
+    return torch.cat(coords), torch.cat(values)
+
+
+def _batched_grads(outputs: replacement.Outputs, leaves: list[torch.Tensor], seeds: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients `[B, T, d]` of Σ⟨seed, output⟩ with respect to each leaf, for B seeds at once.
+
+    `seeds` `[n_layers + 1, B, T, d]` holds one cotangent per output (every mlp_in, then the final
+    hidden state); outputs whose seeds are all zero are left out, so the backward pass starts at the
+    deepest layer the batch reads (targets come sorted by layer) and leaves above it get no work.
+    """
+    reads = [*outputs.mlp_in, outputs.final]
+    used = [i for i in range(len(reads)) if seeds[i].any()]
+    grads = torch.autograd.grad([reads[i] for i in used], leaves, [seeds[i] for i in used], retain_graph=True, is_grads_batched=True, allow_unused=True)
+    return [torch.zeros_like(seeds[0]) if g is None else g for g in grads]
+
+
+def build_graph(
+    model: nn.Module,
+    token_ids: Sequence[int],
+    transcoders: Sequence[SAE],
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    batch_size: int = 64,
+    constant_positions: int = 1,
+    progress: bool = True,
+) -> Graph:
+    """The unpruned attribution graph of the next token after `token_ids` (see the module docstring)."""
+    T = len(token_ids)
+    if not 0 <= constant_positions < T:
+        raise TokenJourneyError(f"constant_positions={constant_positions} must leave at least one of the prompt's {T} positions as nodes")
+    if batch_size < 1:
+        raise TokenJourneyError(f"batch_size={batch_size} must be >= 1")
+    clean = replacement.clean_pass(model, token_ids, transcoders)
+    spec, tape = clean.spec, clean.tape
+    skips = replacement.skip_weights(transcoders)
+    features, activations = _active(clean, constant_positions)
+    head_w, head_b = replacement.unembed(model)
+    logit_ids, logit_probs = select_logits(replacement.softcapped(spec, clean.logits[-1]), max_n_logits, desired_logit_prob)
+
+    dec = [tc.W_dec.detach().float() for tc in transcoders]
+    enc = [tc.W_enc.detach().float() for tc in transcoders]
+    b_dec = [tc.b_dec.detach().float() for tc in transcoders]
+    layer_of = features[:, 0]
+    # Each latent's write a · W_dec[k], and the error nodes' writes (zero at the constant positions).
+    rows_dec = [dec[L][k] for L, _, k in features.tolist()]
+    dev = clean.embeds.device  # the model's: the graph's own tensors (adjacency, values) live on the CPU
+    feature_writes = activations[:, None] * torch.stack(rows_dec) if rows_dec else torch.zeros(0, spec.d_model, device=dev)
+    node_errors = [e.clone() for e in clean.errors]
+    for e in node_errors:
+        e[:constant_positions] = 0
+
+    # Full writes (what the replacement model with error nodes computes) and the constant part of each.
+    full_writes, constant_writes = [], []
+    for layer in range(spec.n_layers):
+        skip = 0 if skips[layer] is None else clean.mlp_in[layer] @ skips[layer].T
+        full = clean.mlp_out[layer] - skip  # = decoded latents + b_dec + error
+        constant = b_dec[layer].expand(T, -1).clone()
+        constant[:constant_positions] = full[:constant_positions]
+        full_writes.append(full)
+        constant_writes.append(constant)
+
+    with torch.no_grad():
+        zero = replacement.run(model, spec, tape, torch.zeros_like(clean.embeds), constant_writes, skips)
+        rep = replacement.run(model, spec, tape, clean.embeds, full_writes, skips)
+    replacement_logits = replacement.softcapped(spec, ops.linear(rep.final, head_w, head_b))
+
+    unembed_dirs = head_w[logit_ids] - head_w.mean(0)  # [K, d]
+    head_bias = torch.zeros(len(logit_ids), device=dev) if head_b is None else head_b[logit_ids] - head_b.mean()
+    n_feat, n_err, K = len(features), spec.n_layers * T, len(logit_ids)
+    N = n_feat + n_err + T + K
+    adjacency = torch.zeros(N, N)
+    bias, values = torch.zeros(N), torch.zeros(N)
+
+    # Targets: the value each reads, its bias, and the seed its backward pass starts from.
+    with torch.no_grad():
+        pre_clean = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, clean.mlp_in, strict=True)]
+        pre_zero = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, zero.mlp_in, strict=True)]
+    for layer in range(spec.n_layers):
+        idx = (layer_of == layer).nonzero(as_tuple=True)[0]
+        values[idx.cpu()] = pre_clean[layer][features[idx, 1], features[idx, 2]].cpu()
+        bias[idx.cpu()] = pre_zero[layer][features[idx, 1], features[idx, 2]].cpu()
+    logit_rows = torch.arange(N - K, N)
+    values[logit_rows] = (clean.logits[-1][logit_ids] - clean.logits[-1].mean()).cpu()
+    bias[logit_rows] = (zero.final[-1] @ unembed_dirs.T + head_bias).cpu()
+    targets = [(int(L), int(p), enc[L][:, k]) for L, p, k in features.tolist()] + [(spec.n_layers, T - 1, u) for u in unembed_dirs]
+    rows = list(range(n_feat)) + logit_rows.tolist()
+
+    x0 = clean.embeds.clone().requires_grad_(True)
+    leaves = [w.clone().requires_grad_(True) for w in full_writes]
+    with torch.enable_grad():
+        outputs = replacement.run(model, spec, tape, x0, leaves, skips)
+        batches = range(0, len(targets), batch_size)
+        for start in tqdm(batches, desc="attribution backward passes", disable=not progress):
+            batch = targets[start : start + batch_size]
+            seeds = torch.zeros(spec.n_layers + 1, len(batch), T, spec.d_model, device=dev)
+            for b, (L, p, vec) in enumerate(batch):
+                seeds[L, b, p] = vec
+            grads = _batched_grads(outputs, [x0, *leaves], seeds)
+            g_tok, g_write = grads[0], grads[1:]
+            block = torch.zeros(len(batch), N, device=dev)
+            for layer in range(spec.n_layers):
+                mask = layer_of == layer
+                if mask.any():
+                    idx = mask.nonzero(as_tuple=True)[0]
+                    block[:, idx] = torch.einsum("bfd,fd->bf", g_write[layer][:, features[idx, 1]], feature_writes[idx])
+                block[:, n_feat + layer * T : n_feat + (layer + 1) * T] = torch.einsum("btd,td->bt", g_write[layer], node_errors[layer])
+            block[:, n_feat + n_err : n_feat + n_err + T] = torch.einsum("btd,td->bt", g_tok, clean.embeds)
+            adjacency[rows[start : start + len(batch)]] = block.detach().cpu()
+
+    return Graph(
+        token_ids=list(token_ids),
+        features=features.cpu(),
+        activations=activations.cpu(),
+        n_layers=spec.n_layers,
+        logit_ids=logit_ids,
+        logit_probs=logit_probs.cpu(),
+        adjacency=adjacency,
+        bias=bias,
+        values=values,
+        replacement_logits=replacement_logits.cpu(),
+        constant_positions=constant_positions,
+    )
+
+
+# ---- influence, pruning, scores ---------------------------------------------------------------
+
+
+def _normalized(adjacency: torch.Tensor) -> torch.Tensor:
+    """|A| with each row divided by its sum (rows of zeros stay zero): each target's share from each source."""
+    a = adjacency.abs()
+    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+
+
+def _influence(normalized: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weights · (A + A² + …): the total (all-path) influence of each node on the weighted targets.
+
+    The graph is acyclic, so the series ends after at most as many terms as its longest path.
+    """
+    total = torch.zeros_like(weights)
+    current = weights @ normalized
+    for _ in range(normalized.shape[0] + 1):
+        if not current.any():
+            return total
+        total += current
+        current = current @ normalized
+    raise TokenJourneyError("influence did not converge: the adjacency matrix has a cycle")
+
+
+def _logit_weights(graph: Graph) -> torch.Tensor:
+    weights = torch.zeros(graph.adjacency.shape[0])
+    weights[graph.logit_slice] = graph.logit_probs
+    return weights
+
+
+def _cutoff(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The score above which the largest scores sum to `fraction` of the total (the smallest such set)."""
+    ordered = scores.sort(descending=True).values
+    cumulative = ordered.cumsum(0) / ordered.sum()
+    index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1)
+    return ordered[index]
+
+
+@dataclass
+class Pruned:
+    """Which nodes and edges survive pruning, and each node's influence on the logits."""
+
+    node_mask: torch.Tensor
+    edge_mask: torch.Tensor
+    influence: torch.Tensor
+    """`[N]` each node's total influence on the probability-weighted logits."""
+    cumulative: torch.Tensor
+    """`[N]` the share of the total influence held by the nodes at least as influential as this one."""
+
+
+def prune(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> Pruned:
+    """Keep the most influential nodes, then edges, as circuit-tracer's `prune_graph` does.
+
+    Nodes: those carrying `node_threshold` of the total influence (tokens and logits always kept).
+    Edges among the kept nodes: those carrying `edge_threshold` of the total edge influence (an
+    edge's share of its target times the target's influence plus weight). Then latents and errors
+    without a kept outgoing edge, and latents without a kept incoming one, are dropped until stable.
+    """
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise TokenJourneyError(f"{name}={value} must be between 0 and 1")
+    weights = _logit_weights(graph)
+    influence = _influence(_normalized(graph.adjacency), weights)
+    keep = influence >= _cutoff(influence, node_threshold)
+    always = graph.token_slice.start
+    keep[always:] = True
+    pruned = graph.adjacency.clone()
+    pruned[~keep] = 0
+    pruned[:, ~keep] = 0
+    normalized = _normalized(pruned)
+    edge_scores = normalized * (_influence(normalized, weights) + weights)[:, None]
+    edges = edge_scores >= _cutoff(edge_scores.flatten(), edge_threshold)
+    while True:
+        before = keep.clone()
+        edges[~keep] = False
+        edges[:, ~keep] = False
+        keep[:always] &= edges[:, :always].any(0)
+        keep[: graph.n_features] &= edges[: graph.n_features].any(1)
+        if torch.equal(keep, before):
+            break
+    ordered, order = influence.sort(descending=True)
+    cumulative = torch.zeros_like(influence)
+    cumulative[order] = ordered.cumsum(0) / ordered.sum()
+    return Pruned(keep, edges, influence, cumulative)
+
+
+def scores(graph: Graph) -> dict[str, float]:
+    """circuit-tracer's graph scores of the unpruned graph.
+
+    replacement: the share of the tokens' and errors' total influence on the logits that is the tokens'
+    (1 = every path from the input to the logits runs through latents). completeness: the influence-
+    weighted mean over nodes of the share of each node's input that does not come straight from errors.
+    """
+    weights = _logit_weights(graph)
+    normalized = _normalized(graph.adjacency)
+    influence = _influence(normalized, weights)
+    tokens, errors = influence[graph.token_slice].sum(), influence[graph.error_slice].sum()
+    non_error = 1 - normalized[:, graph.error_slice].sum(1)
+    out = influence + weights
+    return {"replacement": float(tokens / (tokens + errors)), "completeness": float((non_error * out).sum() / out.sum())}
