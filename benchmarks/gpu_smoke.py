@@ -216,7 +216,7 @@ def run_pipeline(args: argparse.Namespace, device: torch.device, scratch: Path, 
     from token_journey.config.corpus import CorpusConfig
     from token_journey.config.eval import EvalConfig
     from token_journey.config.harvest import HarvestConfig
-    from token_journey.config.journey import journey_config
+    from token_journey.config.journey import journey_config, shown_saes
     from token_journey.config.model import ModelConfig
     from token_journey.config.report import ReportConfig
     from token_journey.config.sae import SAEConfig
@@ -296,15 +296,17 @@ def run_pipeline(args: argparse.Namespace, device: torch.device, scratch: Path, 
 
         loaded = load_prepared(layout.base_model, dtype="float32", device=dev)
         meter.record("model", loaded.device)
+        jcfg = journey_config(cfg["journey"])
         journey = run_journey(
             loaded.model,
             loaded.tokenizer,
-            journey_config(cfg["journey"]),
+            jcfg,
             seed,
             loaded.name,
             layout.saes,
             progress=False,
             report_root=layout.journey_to_report(),
+            sae_names=shown_saes(jcfg.saes, cfg["sae"], cfg.get("family")),  # as the stage: the run's `sae` and journey.saes
         )
         page = write_journey(journey, layout.journey)
         info["tokens"] = len(journey.run.token_ids) + len(journey.generated.token_ids)

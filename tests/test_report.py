@@ -20,7 +20,7 @@ from token_journey.config.report import ReportConfig
 from token_journey.report import plots
 from token_journey.report.build import build_report
 from token_journey.report.dashboards import ContextBuilder, indexed_features
-from token_journey.report.feature_stats import FeatureStats, RowIndex, feature_stats, merge_topk, select_features
+from token_journey.report.feature_stats import FeatureStats, RowIndex, feature_stats, merge_topk, select_features, selected_activations
 from token_journey.report.labels import feature_label, frequent_tokens
 from token_journey.report.search import TokenFeatureIndex
 from token_journey.report.tokens import TokenStrings, logit_effects, visible
@@ -42,6 +42,16 @@ def test_streaming_stats_match_a_full_pass(report_inputs):
     torch.testing.assert_close(stats.maxima, f.max(0).values)
     bounded = feature_stats(sae, lambda: tables, "float32", batch_size=16, max_tokens=50, top_k=5)
     assert bounded.rows == 50 and len(bounded.index) == 50
+    # A stream whose latents fit keep_bytes is encoded once: pass 2 reads pass 1's latents and gets the same columns.
+    d_sae = f.shape[1]
+    kept = feature_stats(sae, lambda: tables, "float32", batch_size=16, max_tokens=10_000, top_k=5, keep_bytes=len(x) * d_sae * 4)
+    assert kept.latents is not None
+    torch.testing.assert_close(torch.cat(kept.latents), f.detach())
+    assert feature_stats(sae, lambda: tables, "float32", batch_size=16, max_tokens=10_000, top_k=5, keep_bytes=len(x) * d_sae * 4 - 1).latents is None
+    columns = [0, 3, 5]
+    again = selected_activations(sae, lambda: tables, "float32", columns, 16, 10_000)
+    assert torch.equal(selected_activations(sae, lambda: tables, "float32", columns, 16, 10_000, latents=kept.latents), again)
+    torch.testing.assert_close(again, f.detach()[:, columns])
 
 
 def test_merge_topk_keeps_the_best_rows():

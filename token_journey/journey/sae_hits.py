@@ -7,7 +7,7 @@ time (a transcoder at mlp_out: the recomputed MLP input), its encoder mapped onl
 keeps the strongest latents per token, each with the link to its dashboard in the report
 (`layout.report_page`, relative to the journey page's folder). Steering and attribution read the same
 SAEs' encoders and only the decoder rows of the latents they use, so the journey's memory is the
-model plus one encoder, whatever the family's size or the SAEs' width.
+model plus one encoder (while steering, the edited layers'), whatever the family's size or the SAEs' width.
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ from token_journey.report.tokens import TokenStrings
 
 log = logging.getLogger(__name__)
 
+KEEP_LATENT_BYTES = 1 << 26
+"""A page's stream whose latents fit in 64 MiB is encoded once, not twice (`FeatureStats.latents`)."""
+
 
 @dataclass
 class ReportResult:
@@ -165,11 +168,12 @@ def sae_page(
         log.warning("no feature browser for %s: %s", entry.page, exc)
         charts = {"error": position_chart([entry])} if entry.metrics.get("error_by_position") else {}
         return render_sae(env, entry, [], [], charts, 0, cfg.dense_threshold, note=f"No feature browser: {exc}"), None
-    stats = feature_stats(sae, acts.iter_tables, acts.dtype, cfg.batch_size, cfg.max_tokens, cfg.top_k, device)
+    stats = feature_stats(sae, acts.iter_tables, acts.dtype, cfg.batch_size, cfg.max_tokens, cfg.top_k, device, keep_bytes=KEEP_LATENT_BYTES)
     features = select_features(stats, cfg.n_index, cfg.n_random, cfg.n_strongest, cfg.n_dense, cfg.dense_threshold, seed)
     dense = torch.nonzero(stats.density > cfg.dense_threshold).flatten().tolist()
     search = TokenFeatureIndex(int(stats.counts.shape[0]), cfg.search_features, excluded=dense)
-    chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size, cfg.max_tokens, device, search)
+    chosen = selected_activations(sae, acts.iter_tables, acts.dtype, [f for f, _ in features], cfg.batch_size, cfg.max_tokens, device, search, stats.latents)
+    stats.latents = None
     strings = TokenStrings(loaded.tokenizer)
     contexts = ContextBuilder(stats.index, read_eval_tokens(paths.corpus, stats.index.sequence_id), strings, cfg.window)
     dashboards = build_dashboards(stats, features, chosen, contexts, loaded.model, lazy.decoder_rows([f for f, _ in features]), cfg, seed)

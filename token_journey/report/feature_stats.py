@@ -56,6 +56,9 @@ class FeatureStats:
     top_values: torch.Tensor
     top_rows: torch.Tensor
     index: RowIndex
+    latents: list[torch.Tensor] | None = None
+    """Pass 1's latents per batch, kept when the whole stream fits `keep_bytes`: pass 2 then reads them
+    instead of encoding every row again (the report's short streams); None otherwise."""
 
     @property
     def density(self) -> torch.Tensor:
@@ -97,11 +100,13 @@ def feature_stats(
     max_tokens: int,
     top_k: int,
     device: torch.device | str = "cpu",
+    keep_bytes: int = 0,
 ) -> FeatureStats:
     """Pass 1: counts, sums, maxima and top-k rows of every feature (see the module docstring).
 
     `open_tables()` yields the eval shards as Arrow tables (e.g. `Activations.iter_tables`);
-    `dtype` is their storage dtype.
+    `dtype` is their storage dtype. While the latents seen so far take at most `keep_bytes`, they are
+    kept for pass 2 (`FeatureStats.latents`); a longer stream keeps none.
     """
     d_sae = int(sae.W_dec.shape[0])
     counts = torch.zeros(d_sae, dtype=torch.long)
@@ -110,8 +115,11 @@ def feature_stats(
     top_rows = torch.empty(0, d_sae, dtype=torch.long)
     meta_parts: dict[str, list[np.ndarray]] = {name: [] for name in META_COLUMNS}
     offset = 0
+    kept: list[torch.Tensor] | None = []
     for x, meta in tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="feature stats", unit="batch"):
         f = sae.encode(x.to(device)).float().cpu()  # [B, d_sae]
+        if kept is not None:
+            kept = kept + [f] if (offset + f.shape[0]) * d_sae * 4 <= keep_bytes else None
         counts += torch.count_nonzero(f, dim=0)  # the evaluate stage's firing rule (f != 0)
         sums += f.sum(0).double()  # float32 within a batch, float64 across batches
         batch_top = f.topk(min(top_k, f.shape[0]), dim=0)
@@ -123,7 +131,7 @@ def feature_stats(
         raise TokenJourneyError("no eval activation rows to compute feature statistics from; run the harvest stage")
     index = RowIndex(**{name: np.concatenate(parts) for name, parts in meta_parts.items()})
     maxima = top_values[0].clamp_min(0.0)  # the best of the top-k is the maximum
-    return FeatureStats(offset, counts, sums.float(), maxima, top_values, top_rows, index)
+    return FeatureStats(offset, counts, sums.float(), maxima, top_values, top_rows, index, kept)
 
 
 def select_features(
@@ -162,16 +170,18 @@ def selected_activations(
     max_tokens: int,
     device: torch.device | str = "cpu",
     search: TokenFeatureIndex | None = None,
+    latents: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pass 2: the activations of `features` on every streamed row, `[rows, len(features)]`.
 
     Every row's full activations also go to `search`, the page's token index, which needs the
-    features' densities from pass 1 to leave the dense ones out.
+    features' densities from pass 1 to leave the dense ones out. `latents` (pass 1's, batch by
+    batch, when it kept them) stand in for encoding the same rows again.
     """
     columns = torch.tensor(features, dtype=torch.long)
     parts = []
-    for x, meta in tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="selected features", unit="batch"):
-        f = sae.encode(x.to(device)).float().cpu()
+    for i, (x, meta) in enumerate(tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="selected features", unit="batch")):
+        f = latents[i] if latents is not None else sae.encode(x.to(device)).float().cpu()
         parts.append(f[:, columns])
         if search is not None:
             search.add(meta["token_id"], f)
