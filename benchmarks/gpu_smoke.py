@@ -330,7 +330,7 @@ def _sync(device: torch.device) -> None:
 def step_fn(sae: Any, cfg: Any, device: torch.device, lr: float) -> Callable[[torch.Tensor], Any]:
     """One training step exactly as token_journey.sae.train.train takes it (after warmups), on `x`."""
     from token_journey.sae.base import StepContext
-    from token_journey.sae.train import _after_step, _constrain_grad, match_grad_layout
+    from token_journey.sae.member import _after_step, _constrain_grad, match_grad_layout
 
     fused = device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused, foreach=not fused)

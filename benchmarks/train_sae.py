@@ -38,7 +38,8 @@ from token_journey.config.sae import SAEConfig
 from token_journey.data.corpus import drop_norm_outliers
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.jumprelu import heaviside, jumprelu
-from token_journey.sae.train import DataStats, lr_at, new_sae, sparsity_at, train
+from token_journey.sae.schedules import lr_at, sparsity_at
+from token_journey.sae.train import DataStats, new_sae, train
 
 try:
     from peers import PEERS, importable, run_sparsify  # run as a script: benchmarks/ is on sys.path
@@ -199,7 +200,7 @@ def applies(override: str, arch: str) -> bool:
     key = override.split("=", 1)[0]
     if key == "sae.k":
         return arch in USES_K
-    if key == "sae.sparsity_coefficient":
+    if key in ("sae.sparsity_coefficient", "sae.target_l0", "sae.pre_act_coefficient"):
         return arch not in USES_K
     return True
 
@@ -254,6 +255,58 @@ def compare(peer: str, ours: dict, cfg: SAEConfig, x_train: torch.Tensor, x_eval
     return {**theirs, "batch_size": best, "bar": PEER_BAR, "bar_met": met, "runs": runs}
 
 
+def family_pass(root: Path, site: str, layer: int, targets: list[str], tokens: int, overrides: list[str]) -> dict:
+    """The JumpReLU family at `targets` trained by the train_sae stage's code from one pass over the layer's shards,
+    then each member on its own: bytes read (`storage.BYTES_READ`, from the read timings) and wall time of each way."""
+    import tempfile
+
+    from token_journey.config.tracking import TrackingConfig
+    from token_journey.layout import train_read_file
+    from token_journey.sae.train_layer import train_family
+
+    tracking = build(TrackingConfig, compose(["tracking=disabled"])["tracking"], "tracking")
+    members = []
+    for target in targets:
+        section = compose(["sae=jumprelu-l0", f"sae.target_l0={target}", f"sae.train_tokens={tokens}", *overrides])["sae"]
+        cfg = build(SAEConfig, section, "sae")
+        members.append((cfg.name, cfg))
+    where = dict(activations=root, site=site, layer=layer, model="bench", seed=0, tracking=tracking, device="cpu")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, group in [("family", members)] + [(name, [(name, cfg)]) for name, cfg in members]:
+            out = Path(tmp) / label
+            t0 = time.perf_counter()
+            train_family(group, saes=out / "saes", timings=out / "timings", **where)
+            reads = json.loads(train_read_file(out / "timings", site, layer).read_text())
+            runs[label] = {"seconds": round(time.perf_counter() - t0, 1), "bytes_read": reads["bytes_read"], "passes": reads["passes"]}
+    alone = [runs[name] for name, _ in members]
+    result = {
+        "members": [name for name, _ in members],
+        "shard_bytes": reads["shard_bytes"],
+        "family": runs["family"],
+        "one_by_one": {"seconds": round(sum(r["seconds"] for r in alone), 1), "bytes_read": sum(r["bytes_read"] for r in alone)},
+        "bytes_ratio_to_one_member": round(runs["family"]["bytes_read"] / max(r["bytes_read"] for r in alone), 3),
+    }
+    print(
+        f"family of {len(members)} ({', '.join(result['members'])}), {tokens:,} tokens each: one pass {runs['family']['seconds']} s, "
+        f"{runs['family']['bytes_read'] / 1e6:.1f} MB read (x{result['bytes_ratio_to_one_member']} one member's); one by one "
+        f"{result['one_by_one']['seconds']} s, {result['one_by_one']['bytes_read'] / 1e6:.1f} MB",
+        flush=True,
+    )
+    return result
+
+
+def table(results: dict) -> str:
+    """The side-by-side table (markdown) of every trainer run: ours by architecture, then each peer batch."""
+    rows = ["| trainer | batch | tokens/s | FVU | L0 | dead |", "|---|---|---|---|---|---|"]
+    for arch, r in results.items():
+        for peer, p in r.get("peers", {}).items():
+            for batch, run in p.get("runs", {}).items():
+                rows.append(f"| {peer} TopK | {batch} | {run['tokens_per_s']:,.0f} | {run['fvu']:.4f} | {run['l0']:.1f} | {run['dead_fraction']:.1%} |")
+        rows.append(f"| ours, {arch} | {r['batch_size']} | {r['tokens_per_s']:,} | {r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.1%} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(ap)
@@ -270,6 +323,13 @@ def main() -> None:
     ap.add_argument(
         "--peer-set", action="append", default=[], help="a sparsify TrainConfig setting (JSON value, else a string), e.g. --peer-set optimizer=adam"
     )
+    ap.add_argument(
+        "--family",
+        default="",
+        help="comma-separated target L0s, e.g. 16,40,120: also train that JumpReLU family from one pass over the harvested "
+        "shards (ACTS must be a harvest root) and then member by member, and print bytes read and wall time of each way",
+    )
+    ap.add_argument("--family-tokens", type=int, default=250_000, help="training tokens per family member")
     args = ap.parse_args()
     peers = [p for p in args.peers.split(",") if p]
     unknown = sorted(set(peers) - set(PEERS))
@@ -314,6 +374,7 @@ def main() -> None:
             "sparsity_coefficient": cfg.sparsity_coefficient,
             "k": cfg.k,
             "target_l0": cfg.target_l0,
+            "batch_size": cfg.batch_size,
         }
         r = results[arch]
         print(
@@ -336,6 +397,10 @@ def main() -> None:
             f"jumprelu-l0 (target {versus['target_l0']:g}) FVU {versus['fvu']} against topk (k {versus['topk_k']}) "
             f"{versus['topk_fvu']}: x{versus['fvu_ratio']} (bar <= x1: {verdict})"
         )
+    print(table(results))
+    family = None
+    if args.family:
+        family = family_pass(args.acts, args.site, args.layer, args.family.split(","), args.family_tokens, [s for s in args.set if applies(s, "jumprelu")])
     print(
         json.dumps(
             {
@@ -345,6 +410,7 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "results": results,
                 "jumprelu_l0_vs_topk": versus,
+                "family": family,
             }
         )
     )

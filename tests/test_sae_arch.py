@@ -91,6 +91,28 @@ def test_training_step_equals_dense_loss_and_gradients(arch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{arch} grad {name}")
 
 
+@pytest.mark.parametrize("arch", sorted(a for a in ARCHITECTURES if encoder_of(a) == "jumprelu"))
+def test_the_pre_activation_loss_has_the_loss_and_gradients_of_its_dense_form(arch):
+    """sum over every (token, latent) of relu(theta - z), computed without the dense backward, against the dense sum."""
+    sae = _sae(arch)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(0.0, 1.5, D_SAE))  # some latents fire on most tokens, some on none
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3))
+    y = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(4)) if is_transcoder(arch) else None
+    for weight in (0.0, 0.3):
+        ctx = StepContext(sparsity_coefficient=0.05, bandwidth=0.05, extra={"pre_act_coefficient": weight})
+        out = sae.training_step(x, ctx) if y is None else sae.training_step(x, ctx, y)
+        ref = _dense_loss(sae, x, ctx, y)
+        torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(out.loss, list(sae.parameters()), allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, list(sae.parameters()), allow_unused=True)
+        for name, got, want in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
+            if want is not None:
+                got = torch.zeros_like(want) if got is None else got
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{arch} grad {name}, weight {weight}")
+    assert float(ref) > float(_dense_loss(sae, x, StepContext(sparsity_coefficient=0.05, bandwidth=0.05), y)), "the term adds nothing"
+
+
 def _dense_loss(sae, x, ctx, y=None):
     """Hand-written dense losses of each architecture (independent of the sparse kernels).
 
@@ -103,7 +125,9 @@ def _dense_loss(sae, x, ctx, y=None):
     if arch == "jumprelu":
         f = jumprelu(pre, sae.threshold.expand_as(pre), ctx.bandwidth)
         l0 = heaviside(pre, sae.threshold.expand_as(pre), ctx.bandwidth).sum() / x.shape[0]
-        return (f @ sae.W_dec + sae.b_dec + skip - y).pow(2).sum(-1).mean() + ctx.sparsity_coefficient * l0
+        below = (sae.threshold - pre).relu().sum() / x.shape[0]  # the pre-activation loss, over every (token, latent)
+        mse = (f @ sae.W_dec + sae.b_dec + skip - y).pow(2).sum(-1).mean()
+        return mse + ctx.sparsity_coefficient * l0 + ctx.extra.get("pre_act_coefficient", 0.0) * below
     if arch == "relu":
         f = pre.relu()
         l1 = (f * sae.W_dec.norm(dim=1)).sum() / x.shape[0]

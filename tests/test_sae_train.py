@@ -15,8 +15,10 @@ from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.eval.metrics import sae_reconstruction
 from token_journey.sae.base import StepContext
+from token_journey.sae.member import match_grad_layout
+from token_journey.sae.schedules import lr_at, sparsity_at, threshold_weight_at
 from token_journey.sae.target_l0 import calibrate_thresholds, next_coefficient
-from token_journey.sae.train import DataStats, lr_at, match_grad_layout, new_sae, sparsity_at, threshold_weight_at, train
+from token_journey.sae.train import DataStats, new_sae, train
 
 D_IN, N_FEAT = 8, 24
 

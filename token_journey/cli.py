@@ -2,6 +2,7 @@
 
     token-journey journey --text "The capital of France is" --layer 3 --html
     token-journey journey --text "The capital of France is" --steer 15:1234=8 --ablate 5:77 --target " Paris"
+    token-journey --version
 
 loads a prepared model folder, follows the text through it (every step recomputed and checked),
 prints the rich terminal rendering and, with --html, writes <paths.journey>/<slug>.html.
@@ -27,7 +28,10 @@ def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
     from token_journey.layout import Layout
 
     journey, layout = journey_config(conf["journey"]), Layout.from_config(conf["paths"])
+    from token_journey import __version__
+
     parser = argparse.ArgumentParser(prog="token-journey", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     j = sub.add_parser("journey", help="follow a text through a model, number by number")
     j.add_argument("--text", default=journey.text, help="the text (default: %(default)r)")

@@ -141,6 +141,11 @@ def train_timing_file(timings_root: Path | str, site: str, layer: int, name: str
     return layer_folder(timings_root, site, layer) / f"{name}.train.json"
 
 
+def train_read_file(timings_root: Path | str, site: str, layer: int) -> Path:
+    """What training one layer's SAEs read and took (bytes, passes over the shards, seconds): `<timings>/<site>/layer_<L>.train.json`."""
+    return Path(timings_root) / site / f"{layer_name(layer)}.train.json"
+
+
 def eval_timing_file(timings_root: Path | str, site: str, layer: int) -> Path:
     """Evaluation speed of one layer: `<timings>/<site>/layer_<L>.evaluate.json`."""
     return Path(timings_root) / site / f"{layer_name(layer)}.evaluate.json"

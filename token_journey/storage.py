@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -325,6 +326,26 @@ def _deleter(fs: pafs.FileSystem, path: str) -> Callable[[], None]:
     return delete_once
 
 
+class ReadCounter:
+    """Bytes this process has read from storage (whole files, checksums, Parquet column chunks and footers).
+
+    The training stage writes what one layer's SAEs cost in reads to its timings, so a family trained
+    from one pass over the shards can be told from one that reads them once per member. Thread-safe:
+    the loader reads in a background thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.total += count
+
+
+BYTES_READ = ReadCounter()
+
+
 def read_bytes(where: Location) -> bytes:
     fs, path = filesystem(where)
 
@@ -332,7 +353,9 @@ def read_bytes(where: Location) -> bytes:
         with fs.open_input_stream(path) as stream:
             return stream.read()
 
-    return _remote_call(where, "read", read)
+    data = _remote_call(where, "read", read)
+    BYTES_READ.add(len(data))
+    return data
 
 
 def write_bytes(where: Location, data: bytes) -> int:
@@ -384,6 +407,7 @@ def sha256(where: Location) -> str:
         with fs.open_input_stream(path) as stream:
             while block := stream.read(1 << 20):
                 digest.update(block)
+                BYTES_READ.add(len(block))
         return digest.hexdigest()
 
     return _remote_call(where, "read", digest_once)

@@ -88,7 +88,7 @@ def start_run(cfg_dict: dict[str, Any], tracking_cfg: TrackingConfig, job_type: 
         job_type=job_type,
         group=tracking_cfg.group or group or dvc_group or None,
         name=run_name,
-        reinit="finish_previous",
+        reinit="create_new",  # a family trains its SAEs side by side, one run each
     )
     log.info("wandb run %s (%s) in %s", run.name, mode, tracking_cfg.dir)
     return run

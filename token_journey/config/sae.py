@@ -56,6 +56,9 @@ class SAEConfig:
     """JumpReLU straight-through window eps (inputs scaled so E||x||^2 = 1)."""
     threshold_init: float
     """JumpReLU initial threshold."""
+    pre_act_coefficient: float
+    """JumpReLU only: weight of the pre-activation loss, the mean over tokens of sum_i relu(theta_i - z_i), which pulls
+    every latent that does not fire towards its threshold so that none stays dead (`JumpReLUSAE._below_threshold`); 0 = off."""
     auxk_alpha: float
     """Weight of the AuxK dead-latent loss (topk/batchtopk/matryoshka)."""
     k_aux: int
@@ -101,6 +104,8 @@ class SAEConfig:
                 f"{self.sparsity_coefficient} (where the controller starts) must be > 0 when "
                 "sae.target_l0 is set; use sae=jumprelu-l0"
             )
+        if self.pre_act_coefficient < 0 or (self.pre_act_coefficient and encoder_of(self.architecture) != "jumprelu"):
+            raise TokenJourneyError(f"sae.pre_act_coefficient={self.pre_act_coefficient} must be >= 0, and 0 for {self.architecture} (JumpReLU only)")
         if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
             raise TokenJourneyError(f"sae.checkpoint_every={self.checkpoint_every} and sae.checkpoint_minutes={self.checkpoint_minutes} must be >= 0 (0 = off)")
         self._check_sparsity_keys_apply()

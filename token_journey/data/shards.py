@@ -151,12 +151,28 @@ def read_shard(path: Location, columns: list[str] | None = None, row_group: int 
 
     def read(source: pa.NativeFile) -> pa.Table:
         parquet = pq.ParquetFile(source, page_checksum_verification=True)
-        return parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns=columns)
+        table = parquet.read(columns=columns) if row_group is None else parquet.read_row_group(row_group, columns=columns)
+        storage.BYTES_READ.add(_bytes_read(parquet.metadata, columns, row_group))
+        return table
 
     try:
         return storage.read_with(path, read)
     except (pa.ArrowException, OSError) as exc:
         raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
+
+
+def _bytes_read(meta: pq.FileMetaData, columns: list[str] | None, row_group: int | None) -> int:
+    """The bytes a read of `columns` (all: None) of `row_group` (all: None) takes from the file: its footer
+    and the column chunks read (a list column's chunk is named `<column>.list.element`)."""
+    groups = range(meta.num_row_groups) if row_group is None else [row_group]
+    total = meta.serialized_size
+    for g in groups:
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if columns is None or chunk.path_in_schema.split(".")[0] in columns:
+                total += chunk.total_compressed_size
+    return total
 
 
 def _footer(path: Location) -> pq.FileMetaData:
@@ -265,6 +281,10 @@ class Activations:
             if max_rows is not None and have >= max_rows:
                 break
         return torch.cat(parts)[:max_rows]
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest (what `open_activations(verify=True)` does on opening)."""
+        _check_sha256(self.folder, self.manifest["shards"], self.folder / MANIFEST)
 
     def row_groups(self) -> list[tuple[int, int, int]]:
         """(shard index, row group index, rows) of every row group, from the footers only."""

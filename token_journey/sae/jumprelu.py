@@ -98,7 +98,27 @@ class JumpReLUSAE(SAE):
         mse = (x_hat - y).pow(2).sum(-1).mean()
         l0 = heaviside(z, theta, ctx.bandwidth).sum() / x.shape[0]
         loss = mse + ctx.sparsity_coefficient * l0
+        pre_act = ctx.extra.get("pre_act_coefficient", 0.0)
+        if pre_act:
+            loss = loss + pre_act * self._below_threshold(x, z, theta)
         return StepOutput(loss, mse.detach(), l0.detach(), float(l0.detach()), self._fired(f.detach(), active))
+
+    def _below_threshold(self, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The pre-activation loss (Anthropic, "Circuits Updates", January 2025): the mean over tokens of
+        sum_i relu(theta_i - z_i) over every latent, decoder rows being unit norm.
+
+        Every latent that does not fire is pulled up towards its threshold (and its threshold down) with
+        the same force however far below it is, so a latent that a threshold shut off keeps being pulled
+        back instead of dying. Computed without the dense [N, d_sae] backward: summed over all (token,
+        latent) pairs, theta - z is linear in the weights, sum_i (N theta_i - (sum_n x_n) W_enc[:, i] - N b_enc_i),
+        a matrix-vector product; the pairs at or above their threshold (among the sparse `z`, whose
+        thresholds are `theta`) are then taken back out.
+        """
+        n = x.shape[0]
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        every_pair = n * (self.threshold.sum() - self.b_enc.sum()) - (x_in.sum(0) @ self.W_enc).sum()
+        firing = z >= theta
+        return (every_pair - (theta[firing] - z[firing]).sum()) / n
 
     def _topk_warmup_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None) -> StepOutput:
         """One step of the TopK warm start: each token's round(k) largest pre-activations are active.
