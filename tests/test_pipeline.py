@@ -29,9 +29,9 @@ model: {{name: tiny, id: {model}}}
 corpus: {{path: '{texts}/*.txt', context_size: 32, max_tokens: 6144, eval_tokens: 1024, eval_fraction: 0.2}}
 harvest: {{layers: [0, 2], batch_size: 8, shard_rows: 1024, row_group_rows: 256}}
 layer: 0
-sae: {{width: 64, batch_size: 256, train_tokens: 4096, checkpoint_every: 8, eval_tokens: 1024, buffer_rows: 2048,
+sae: {{width: 64, target_l0: 8, batch_size: 256, train_tokens: 4096, checkpoint_every: 8, eval_tokens: 1024, buffer_rows: 2048,
        lr_warmup_steps: 2, sparsity_warmup_steps: 4, log_every: 4}}
-family: {{topk-k128: {{k: 32}}}}
+family: {{small: {{target_l0: 4}}, big: {{target_l0: 16}}}}
 eval: {{max_tokens: 512, batch_size: 8}}
 report: {{n_index: 1, n_random: 2, n_strongest: 2, n_dense: 1, max_tokens: 2000, top_k: 5}}
 journey: {{generation: {{max_new_tokens: 3}}}}

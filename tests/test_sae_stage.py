@@ -91,7 +91,7 @@ def test_stage_writes_a_loadable_sae_folder_and_sweeps_do_not_collide(tmp_path, 
 
 
 def test_the_stage_trains_the_family_and_only_what_is_not_trained_yet(tmp_path, acts_root):
-    done = _run(tmp_path, acts_root, "family.topk-k16.k=1", "family.topk-k128.k=4", family="default")
+    done = _run(tmp_path, acts_root, "family.topk-k16.k=1", "family.topk-k128.k=4", family="topk")
     assert done.returncode == 0, done.stderr[-2000:]
     folders = {p.name: p for p in find_saes(tmp_path / "saes", "resid_post", 0)}
     assert set(folders) == {"topk-w16-k2", "topk-w16-k1", "topk-w16-k4"}
@@ -100,7 +100,7 @@ def test_the_stage_trains_the_family_and_only_what_is_not_trained_yet(tmp_path, 
         assert (config["width"], config["train_tokens"], config["batch_size"]) == (16, 640, 64)
         assert config["k"] == int(folder.name.rsplit("k", 1)[1])
     before = {name: (p / "sae.safetensors").stat().st_mtime_ns for name, p in folders.items()}
-    again = _run(tmp_path, acts_root, "family.topk-k16.k=1", "family.topk-k128.k=3", family="default")
+    again = _run(tmp_path, acts_root, "family.topk-k16.k=1", "family.topk-k128.k=3", family="topk")
     assert again.returncode == 0, again.stderr[-2000:]
     after = {p.name: (p / "sae.safetensors").stat().st_mtime_ns for p in find_saes(tmp_path / "saes", "resid_post", 0)}
     assert set(after) == set(before) | {"topk-w16-k3"}

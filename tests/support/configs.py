@@ -24,7 +24,7 @@ def make(cls: type[T], **overrides: Any) -> T:
     """`cls` built from its default config section, with `overrides` applied.
 
     For an SAEConfig with `architecture=...`, the default section is that architecture's preset
-    (conf/sae/<architecture>.yaml).
+    (conf/sae/<architecture>.yaml), else the plain JumpReLU preset (conf/sae/jumprelu.yaml).
     """
     from token_journey.config import CONF_DIR, build
     from token_journey.config.circuits import CircuitsConfig
@@ -53,6 +53,8 @@ def make(cls: type[T], **overrides: Any) -> T:
     elif cls is SAEConfig and (CONF_DIR / "sae" / f"{overrides.get('architecture')}.yaml").is_file():
         # Start from the architecture's own preset: keys it ignores hold 0 there, as SAEConfig requires.
         section = dict(composed(f"sae={overrides['architecture']}")["sae"])
+    elif cls is SAEConfig:  # an architecture without a preset of its own (a transcoder): the plain JumpReLU recipe's keys
+        section = dict(composed("sae=jumprelu")["sae"])
     else:
         section = dict(composed()[sections[cls]])
         if cls is JourneyConfig:
