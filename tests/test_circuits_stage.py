@@ -11,6 +11,7 @@ import torch
 from support.configs import make
 from support.tiny import tiny_model, tiny_tokenizer
 from support.transcoders import random_transcoders
+from token_journey.circuits.page import MAX_DRAWN_EDGES
 from token_journey.circuits.trace import load_transcoders, prompt_ids, trace, write_outputs
 from token_journey.config.circuits import CircuitsConfig
 from token_journey.config.sae import SAEConfig
@@ -77,7 +78,8 @@ def test_page_is_self_contained_and_hostile_text_is_inert(written):
     assert "&lt;script&gt;" in page and "&lt;img" in page
     assert "http://" not in page and "https://" not in page and not re.search(r"<[^>]*\s(src|href)=", lowered)  # nothing to fetch
     assert "<h2>Interventions</h2>" in page
-    assert page.count("<svg") == 1 and page.count("<line") == len(json.loads(paths["graph"].read_text())["links"])
+    links = json.loads(paths["graph"].read_text())["links"]
+    assert page.count("<svg") == 1 and page.count("<line") == min(len(links), MAX_DRAWN_EDGES)
 
 
 def test_prompt_ids_prepend_bos_and_refuse_long_prompts():
@@ -149,3 +151,16 @@ def test_corpus_slice_keeps_whole_sequences_within_the_budget(tmp_path):
     assert pq.read_table(tmp_path / "out/train.parquet").column("sequence_id").to_pylist() == [0, 1, 2]
     with pytest.raises(TokenJourneyError, match="no corpus split"):
         slice_corpus(tmp_path / "nowhere", tmp_path / "out2", {"train": 8})
+
+
+def test_page_draws_only_the_strongest_edges(written, monkeypatch):
+    from token_journey.circuits import page
+
+    traced, paths = written
+    payload = json.loads(paths["graph"].read_text())
+    monkeypatch.setattr(page, "MAX_DRAWN_EDGES", 5)
+    html = page.render_page(traced, payload)
+    strongest = sorted(abs(link["weight"]) for link in payload["links"])[-5:]
+    drawn = sorted(abs(float(w)) for w in re.findall(r"<line [^>]*><title>[^<]*: ([-+0-9.e]+)</title>", html))
+    assert len(drawn) == 5 and drawn == pytest.approx(strongest, rel=1e-3)
+    assert f"the strongest 5\nof its {len(payload['links'])} edges are drawn" in html

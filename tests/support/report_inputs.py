@@ -148,6 +148,9 @@ def write_inputs(root: Path) -> Layout:
         metrics=root / "metrics",
         html=root / "html",
         journey=root / "journey",
+        circuits_data=root / "circuits_data",
+        circuits=root / "circuits",
+        graphs=root / "graphs",
         summary=root / "summary.md",
         timings=root / "timings",
     )

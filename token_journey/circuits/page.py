@@ -19,6 +19,9 @@ ROW = 64
 """Height of one layer's row."""
 LABEL_CHARS = 14
 """Token labels longer than this are shortened (the full text is in the hover)."""
+MAX_DRAWN_EDGES = 4000
+"""The page draws at most this many edges, the strongest: circuit-tracer's default edge threshold keeps
+190k edges for SmolLM2's 6-token default sentence (a 26 MB page); the JSON keeps them all."""
 
 
 def _e(value: Any) -> str:
@@ -76,7 +79,8 @@ def _svg(payload: dict[str, Any], n_layers: int, logit_text: dict[int, str]) -> 
         y = (n_layers + 1 - r) * ROW
         label = "emb" if r == 0 else ("logits" if r == n_layers + 1 else f"L{r - 1}")
         parts.append(f'<rect class="band{r % 2}" x="0" y="{y}" width="{width}" height="{ROW}"/><text class="row" x="3" y="{y + 12}">{label}</text>')
-    for link in sorted(links, key=lambda link: abs(link["weight"])):
+    drawn = sorted(links, key=lambda link: abs(link["weight"]))[-MAX_DRAWN_EDGES:]
+    for link in drawn:
         (x1, y1), (x2, y2) = where[link["source"]], where[link["target"]]
         w = link["weight"]
         stroke = 0.4 + 3.6 * abs(w) / biggest
@@ -176,7 +180,8 @@ top logit (minus the mean logit) beside the graph's predictions, from its direct
 <h1>Attribution graph of {_e(traced.model_name)}'s next token after “{_e(traced.text)}”</h1>
 <p>Each MLP is replaced by its transcoder plus an error node; attention patterns and norm scales are frozen at the
 clean pass, so every edge is a direct effect and a node's incoming edges plus constants equal its value (checked below).
-Pruned to the nodes and edges that carry the stated share of the influence on the logits. Hover a node or an edge for its values.</p>
+Pruned to the nodes and edges that carry the stated share of the influence on the logits; the strongest {min(len(payload["links"]), MAX_DRAWN_EDGES)}
+of its {len(payload["links"])} edges are drawn. Hover a node or an edge for its values.</p>
 <div class="figures"><table>{rows}</table><table><tr><th>logit target</th><th>probability</th></tr>{logits}</table></div>
 {_svg(payload, traced.graph.n_layers, dict(zip(traced.graph.logit_ids, traced.logit_tokens, strict=True)))}
 <h2>Most influential latents</h2>
