@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ TARGETS = {"sae": 8, "small": 4, "big": 16}  # the family's members and their ta
 NAMES = [f"jumprelu-w64-target{t}" for t in TARGETS.values()]
 
 
-def _cmd(acts: Path, out: Path, *overrides: str, launcher: tuple[str, ...] = ("python",)) -> list[str]:
+def _cmd(acts: Path, out: Path, *overrides: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
     return [
         *launcher,
         str(REPO / "stages/train_sae.py"),
@@ -56,7 +57,7 @@ def _cmd(acts: Path, out: Path, *overrides: str, launcher: tuple[str, ...] = ("p
     ]
 
 
-def _family(acts: Path, out: Path, launcher: tuple[str, ...] = ("python",)) -> list[str]:
+def _family(acts: Path, out: Path, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
     targets = [f"sae.target_l0={TARGETS['sae']}", f"family.small.target_l0={TARGETS['small']}", f"family.big.target_l0={TARGETS['big']}"]
     return _cmd(acts, out, *targets, launcher=launcher)
 
