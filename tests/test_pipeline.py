@@ -89,11 +89,13 @@ def test_dag_end_to_end_then_noop_then_experiment(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     for layer in (0, 2):
         metrics = json.loads((project / f"reports/metrics/tiny/resid_post/layer_{layer}.json").read_text())
-        # `sae` and the two family members (conf/family/default.yaml, k 16 and 32 here), each evaluated.
-        assert set(metrics["saes"]) == {params["sae"]["name"], "topk-w64-k16", "topk-w64-k32"}
+        # `sae` and the two family members (conf/family/default.yaml: JumpReLU at target L0 4, 8 and 16 here), each evaluated.
+        names = ["jumprelu-w64-target4", params["sae"]["name"], "jumprelu-w64-target16"]
+        assert names[1] == "jumprelu-w64-target8" and set(metrics["saes"]) == set(names)
         for entry in metrics["saes"].values():
             assert 0 < entry["l0"] <= 64 and entry["fvu"] >= 0
-        assert metrics["saes"]["topk-w64-k16"]["l0"] <= 16 and metrics["saes"]["topk-w64-k32"]["l0"] <= 32
+        l0s = [metrics["saes"][name]["l0"] for name in names]
+        assert l0s == sorted(l0s), l0s  # the held-out L0 follows the targets
     assert (project / "reports/html/index.html").is_file()
     assert (project / "reports/summary.md").is_file()
     assert list((project / "reports/journey").glob("*.html"))
