@@ -83,7 +83,9 @@ class Member:
         self.end = cfg.steps if stop_after is None else min(cfg.steps, self.start + stop_after)
         self.finishes = stop_after is None
         calibrates = self.finishes and bool(cfg.target_l0)
-        self.calibration_batches = -(-CALIBRATION_ROWS // cfg.batch_size) if calibrates else 0
+        # No more calibration rows than the run trains on: at a tiny budget at the true shapes (the rehearsal's 1,024
+        # tokens at width 16k) 65,536 rows cost more than the training itself.
+        self.calibration_batches = -(-min(CALIBRATION_ROWS, cfg.train_tokens) // cfg.batch_size) if calibrates else 0
         self.calibration_rows: list[torch.Tensor] = []
         self.saves = Checkpoints(checkpoint_dir, cfg, rank, resumed_from)
         self.extra = {"auxk_alpha": cfg.auxk_alpha, "k_aux": float(cfg.k_aux), "pre_act_coefficient": cfg.pre_act_coefficient}

@@ -31,7 +31,7 @@ from token_journey.sae.base import SAE
 log = logging.getLogger(__name__)
 
 CALIBRATION_ROWS = 65536
-"""Training rows the final threshold scale is fit on (all processes together)."""
+"""Training rows the final threshold scale is fit on (all processes together), or the run's training tokens if fewer."""
 
 
 def next_coefficient(coefficient: float, l0: float, target: float, gain: float) -> float:
