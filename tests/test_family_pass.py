@@ -20,6 +20,7 @@ from test_sae_resume import _checkpoint_step, _env, _kill_after, _same_sae, acts
 from test_sae_train import STATS, _batches, _cfg
 
 from support import torchrun
+from token_journey.errors import TokenJourneyError
 from token_journey.preemption import stop_requests
 from token_journey.sae.member import Member
 from token_journey.sae.train import new_sae, train, train_members
@@ -168,5 +169,5 @@ def test_members_resuming_from_different_steps_each_end_as_trained_alone(tmp_pat
 def test_members_that_cannot_share_a_stream_of_batches_get_passes_of_their_own():
     a, b, c = _cfg("topk", name="a"), _cfg("topk", name="b", batch_size=32), _cfg("jumprelu", name="c")
     assert _passes([("a", a), ("b", b), ("c", c)]) == [[("a", a), ("c", c)], [("b", b)]]
-    with stop_requests() as stop, pytest.raises(Exception, match=r"need one batch size, got \[32, 64\]"):
+    with stop_requests() as stop, pytest.raises(TokenJourneyError, match=r"need one batch size, got \[32, 64\]"):
         train_members([Member(new_sae(cfg, 8, STATS, seed=0), STATS, cfg) for cfg in (a, b)], _batches(64), stop)

@@ -189,7 +189,7 @@ def train_members(members: list[Member], batches: Batches, stop: StopRequest) ->
         x = next(data).float()
         training = [m for m in members if m.trains_at(step)]
         outs = [m.step(x, step) for m in training]
-        fired, stopping = _agree([out.fired for out in outs], stop.requested, world)
+        fired, stopping = _agree([out.fired for out in outs], stop.requested, world, members[0].device)
         stop.at(step + 1)  # a signal from here on is seen after the next step
         for m, out, latents in zip(training, outs, fired):
             m.count(step, latents, _mean_over(out.l0, world, m.device) if m.cfg.target_l0 else out.l0)
@@ -209,14 +209,15 @@ def train_members(members: list[Member], batches: Batches, stop: StopRequest) ->
     return [m.finish() for m in members]
 
 
-def _agree(fired: list[torch.Tensor], stop: bool, world: int) -> tuple[list[torch.Tensor], bool]:
+def _agree(fired: list[torch.Tensor], stop: bool, world: int, device: torch.device) -> tuple[list[torch.Tensor], bool]:
     """Which latents fired on any process (per member), and whether any process was asked to stop, in one all-reduce.
 
-    Every process must stop after the same step, or the others would wait in the next step's collectives.
+    Every process must stop after the same step, or the others would wait in the next step's collectives. On the
+    steps where no member trains (calibration rows only) `fired` is empty and the flag alone travels, on `device`
+    (the members' device: NCCL reduces only CUDA tensors).
     """
     if world == 1:
         return fired, stop
-    device = fired[0].device if fired else torch.device("cpu")
     both = torch.cat([f.to(torch.uint8) for f in fired] + [torch.tensor([stop], dtype=torch.uint8, device=device)])
     torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     return list(both[:-1].split([f.numel() for f in fired])), bool(both[-1])

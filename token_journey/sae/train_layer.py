@@ -201,7 +201,7 @@ class LayerData:
             self.held_in = open_activations(activations, TRANSCODER_INPUT_SITE, layer, "eval", verify=False)
             self.in_stats = data_stats(self.train_in.manifest, self.train_in.d_model)
         splits = [self.train] + ([self.train_in] if paired else [])
-        self.shard_bytes = sum(shard["bytes"] for split in splits for shard in _sized(split))
+        self.shard_bytes = sum(storage.file_size(path) for split in splits for path in split.paths)
         self._held: dict[bool, tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self.verified = False
 
@@ -236,10 +236,6 @@ class LayerData:
             self._held[paired] = (rows, held)
         x, y = held
         return x[:rows], None if y is None else y[:rows]
-
-
-def _sized(acts: Any) -> list[dict[str, int]]:
-    return [{"bytes": storage.file_size(path)} for path in acts.paths]
 
 
 def _passes(saes: list[tuple[str, SAEConfig]]) -> list[list[tuple[str, SAEConfig]]]:
@@ -292,10 +288,10 @@ def _train_pass(
             first = next(loader.batches())
             first = first[:, data.train.d_model :] if paired else first  # b_dec lives in the target's space
         members, runs = [], []
+        processes = current_processes()
         for name, cfg in todo:
             sae = new_sae(cfg, data.train.d_model, data.stats, seed, first, device=target, name=name, model=place.model, site=place.site, layer=place.layer)
             run = start_run({**(config or {}), "sae": asdict(cfg)}, tracking, "train_sae", group, name) if rank == 0 else None
-            processes = current_processes()
             member = Member(
                 sae,
                 data.stats,
@@ -322,7 +318,7 @@ def _train_pass(
 def _save(sae: Any, cfg: SAEConfig, name: str, info: dict[str, Any], run: Any, data: LayerData, place: Placement, key: str, paired: bool) -> None:
     """Evaluate a trained SAE on the held-out rows, write its folder and timing, and end its wandb run."""
     x, y = data.held_out_rows(cfg.eval_tokens, paired)
-    metrics = sae_reconstruction(sae, x, target=y) if paired else sae_reconstruction(sae, x)
+    metrics = sae_reconstruction(sae, x, target=y)  # y is None but for a transcoder
     speed = {"tokens_per_s": info.pop("tokens_per_s"), "processes": info["processes"]}
     write_json(train_timing_file(place.timings, place.site, place.layer, name), speed)
     train_info = {
