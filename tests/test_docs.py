@@ -34,7 +34,7 @@ from reference import _default_options, group_meanings, stale  # noqa: E402
 DOCS = REPO / "docs"
 MARKERS = ("<!-- runnable -->", "<!-- checked -->")
 # Programs a checked block may call that nothing here can check further (a login, a clone, a browser).
-UNCHECKED = {".", "source", "cd", "git", "huggingface-cli", "scontrol", "xdg-open", "pip"}
+UNCHECKED = {".", "source", "cd", "git", "huggingface-cli", "scontrol", "xdg-open", "pip", "rm"}
 DVC_SUBCOMMANDS = {"repro", "exp", "metrics", "plots", "queue", "push", "pull", "status", "remote", "checkout"}
 # Hydra groups and their config dataclasses, to validate composed values the way the stages do.
 GROUPS = {
