@@ -28,6 +28,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _num(value: Any, spec: str) -> str:
+    """`value` formatted with `spec`, or a dash where it was not measured."""
+    return "-" if value is None else format(value, spec)
+
+
 def _short(text: str) -> str:
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
@@ -173,6 +178,20 @@ top logit (minus the mean logit) beside the graph's predictions, from its direct
         if tests
         else ""
     )
+    quality = "".join(
+        f"<tr><td>{r['layer']}</td><td>{_num(r.get('fvu'), '.3f')}</td><td>{_num(r.get('delta_loss'), '+.4f')}</td><td>{_num(r.get('l0'), '.1f')}</td>"
+        f"<td>{_num(r.get('dead_fraction'), '.1%')}</td><td>{_num(r.get('eval_tokens'), ',')}</td></tr>"
+        for r in s.get("transcoders", [])
+    )
+    transcoders = (
+        f"""<h2>Transcoders</h2>
+<p>How well each layer's transcoder stands in for its MLP: FVU of mlp_out, L0 and the latents that never fire on the branch's
+held-out rows (from its training), and the spliced delta loss: next-token cross-entropy with that MLP's output replaced by the
+transcoder's, minus the clean model's, on the first tokens of the branch's eval slice.</p>
+<table><tr><th>layer</th><th>FVU (mlp_out)</th><th>delta loss (spliced)</th><th>L0</th><th>dead</th><th>held-out rows</th></tr>{quality}</table>"""
+        if quality
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Attribution graph: {_e(traced.text)}</title><style>{_STYLE}</style></head>
@@ -187,6 +206,7 @@ of its {len(payload["links"])} edges are drawn. Hover a node or an edge for its 
 <h2>Most influential latents</h2>
 <table><tr><th>layer</th><th>position</th><th>latent</th><th>activation</th><th>cumulative influence</th></tr>{latents}</table>
 {interventions}
+{transcoders}
 <p>The graph JSON beside this page opens in circuit-tracer's graph viewer and Neuronpedia.</p>
 </body></html>
 """

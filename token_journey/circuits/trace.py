@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class Traced:
     node_threshold: float
     edge_threshold: float
     interventions: list[Intervention]
+    transcoders: list[dict[str, Any]] = field(default_factory=list)
+    """Per layer, how good its transcoder is (`token_journey.circuits.quality.layer_table`); empty if not measured."""
 
     def summary(self) -> dict[str, Any]:
         """The figures of the graph, as the stage's metrics file and the page show them."""
@@ -84,6 +86,7 @@ class Traced:
             "completeness_error": self.verification.completeness_error,
             "interventions": [asdict(x) for x in self.interventions],
             **({"intervention_agreement": agreement(self.interventions)} if len(self.interventions) > 1 else {}),
+            **({"transcoders": self.transcoders} if self.transcoders else {}),
         }
 
 
