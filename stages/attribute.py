@@ -33,7 +33,7 @@ def main(cfg) -> None:
         )
     folders = [sae_folder(layout.circuits, "mlp_out", layer, circuits.transcoder.name) for layer in range(n_layers)]
     traced.transcoders = layer_table(folders, losses)
-    paths = write_outputs(traced, layout.graphs, scan=f"{loaded.name}/{circuits.transcoder.name}")
+    paths = write_outputs(traced, layout.graphs, scan=f"{loaded.name}/{circuits.transcoder.name}", journey=layout.journey)
     write_json(layout.timings / "circuits" / f"{paths['graph'].stem}.json", {"seconds": traced.seconds})
     s = traced.summary()
     print(

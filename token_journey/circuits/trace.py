@@ -7,6 +7,7 @@ the same graph in both tools; the BOS position is then a constant term, not node
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,14 +126,19 @@ def trace(model: nn.Module, tokenizer: Any, transcoders: Sequence[SAE], cfg: Cir
     )
 
 
-def write_outputs(traced: Traced, folder: Path, scan: str) -> dict[str, Path]:
-    """`<slug>.json` (circuit-tracer's viewer schema), `<slug>.html` (our page) and `<slug>.metrics.json` under `folder`."""
+def write_outputs(traced: Traced, folder: Path, scan: str, journey: Path | None = None) -> dict[str, Path]:
+    """`<slug>.json` (circuit-tracer's viewer schema), `<slug>.html` (our page) and `<slug>.metrics.json` under `folder`.
+
+    `journey`: the folder of the journey pages; when it holds the page of the same prompt (the same
+    `<slug>.html`), the graph's latents link to their layers' steps there."""
     folder = Path(folder)
     stem = slug(traced.model_name, traced.text)
     paths = {"graph": folder / f"{stem}.json", "page": folder / f"{stem}.html", "metrics": folder / f"{stem}.metrics.json"}
     payload = graph_json(traced.graph, traced.pruned, traced.tokens, traced.logit_tokens, stem, scan, traced.text, traced.node_threshold)
     write_graph_json(paths["graph"], payload)
-    atomic_write_text(paths["page"], render_page(traced, payload))
+    journey_page = Path(journey) / f"{stem}.html" if journey is not None else None
+    href = os.path.relpath(journey_page, folder) if journey_page is not None and journey_page.is_file() else None
+    atomic_write_text(paths["page"], render_page(traced, payload, href))
     write_json(paths["metrics"], traced.summary())
     return paths
 
