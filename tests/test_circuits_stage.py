@@ -16,6 +16,7 @@ from token_journey.circuits.trace import load_transcoders, prompt_ids, trace, wr
 from token_journey.config.circuits import CircuitsConfig
 from token_journey.config.sae import SAEConfig
 from token_journey.errors import TokenJourneyError
+from token_journey.journey.follow import slug
 from token_journey.layout import sae_folder
 from token_journey.sae.io import save_sae
 
@@ -30,9 +31,11 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("graphs")
+    root = tmp_path_factory.mktemp("reports")
     traced = trace(tiny_model("llama"), tiny_tokenizer(), random_transcoders(3), _config(text=HOSTILE), "tiny-llama", progress=False)
-    return traced, write_outputs(traced, folder, scan="tiny/random")
+    (root / "journey").mkdir()
+    (root / "journey" / f"{slug('tiny-llama', HOSTILE)}.html").write_text("<html></html>")  # the journey page of the same prompt
+    return traced, write_outputs(traced, root / "circuits", scan="tiny/random", journey=root / "journey")
 
 
 def test_graph_json_follows_the_viewer_schema(written):
@@ -76,10 +79,25 @@ def test_page_is_self_contained_and_hostile_text_is_inert(written):
     lowered = page.lower()
     assert "<script" not in lowered and "<img" not in lowered  # the text's tags arrive as text
     assert "&lt;script&gt;" in page and "&lt;img" in page
-    assert "http://" not in page and "https://" not in page and not re.search(r"<[^>]*\s(src|href)=", lowered)  # nothing to fetch
+    assert "http://" not in page and "https://" not in page and not re.search(r"<[^>]*\ssrc=", lowered)  # nothing to fetch
+    stem = slug("tiny-llama", HOSTILE)
+    hrefs = re.findall(r'href="([^"]*)"', page)
+    assert hrefs and all(re.fullmatch(rf"\.\./journey/{re.escape(stem)}\.html#layer-\d+", h) for h in hrefs)  # only the journey's steps
     assert "<h2>Interventions</h2>" in page
     links = json.loads(paths["graph"].read_text())["links"]
     assert page.count("<svg") == 1 and page.count("<line") == min(len(links), MAX_DRAWN_EDGES)
+
+
+def test_each_latent_links_to_its_layers_step_in_the_journey(written, tmp_path):
+    traced, paths = written
+    page = paths["page"].read_text()
+    stem = slug("tiny-llama", HOSTILE)
+    nodes = [n for n in json.loads(paths["graph"].read_text())["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    drawn = re.findall(r'<a href="\.\./journey/[^"#]*#layer-(\d+)"><circle class="feature"', page)
+    assert sorted(map(int, drawn)) == sorted(int(n["layer"]) for n in nodes)  # every latent node, to its own layer
+    assert f'<td><a href="../journey/{stem}.html#layer-' in page  # the table of latents too
+    alone = write_outputs(traced, tmp_path / "circuits", scan="tiny/random", journey=tmp_path / "no-journey")
+    assert "href=" not in alone["page"].read_text()  # no journey page of this prompt: no dead links
 
 
 def test_prompt_ids_prepend_bos_and_refuse_long_prompts():

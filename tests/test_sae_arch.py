@@ -99,8 +99,8 @@ def test_the_pre_activation_loss_has_the_loss_and_gradients_of_its_dense_form(ar
         sae.threshold.copy_(torch.linspace(0.0, 1.5, D_SAE))  # some latents fire on most tokens, some on none
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3))
     y = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(4)) if is_transcoder(arch) else None
-    for weight in (0.0, 0.3):
-        ctx = StepContext(sparsity_coefficient=0.05, bandwidth=0.05, extra={"pre_act_coefficient": weight})
+    for weight, encoder in ((0.0, 1.0), (0.3, 1.0), (0.3, 0.0)):
+        ctx = StepContext(sparsity_coefficient=0.05, bandwidth=0.05, extra={"pre_act_coefficient": weight, "pre_act_moves_encoder": encoder})
         out = sae.training_step(x, ctx) if y is None else sae.training_step(x, ctx, y)
         ref = _dense_loss(sae, x, ctx, y)
         torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
@@ -109,7 +109,14 @@ def test_the_pre_activation_loss_has_the_loss_and_gradients_of_its_dense_form(ar
         for name, got, want in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
             if want is not None:
                 got = torch.zeros_like(want) if got is None else got
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{arch} grad {name}, weight {weight}")
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{arch} grad {name}, weight {weight}, encoder {encoder}")
+    # The bias-only form leaves the encoder weights the gradient of the loss without the term.
+    plain = StepContext(sparsity_coefficient=0.05, bandwidth=0.05)
+    biased = StepContext(sparsity_coefficient=0.05, bandwidth=0.05, extra={"pre_act_coefficient": 0.3, "pre_act_moves_encoder": 0.0})
+    w_plain, b_plain = torch.autograd.grad(_dense_loss(sae, x, plain, y), [sae.W_enc, sae.b_enc])
+    w_biased, b_biased = torch.autograd.grad(_dense_loss(sae, x, biased, y), [sae.W_enc, sae.b_enc])
+    torch.testing.assert_close(w_biased, w_plain)
+    assert not torch.allclose(b_biased, b_plain)
     assert float(ref) > float(_dense_loss(sae, x, StepContext(sparsity_coefficient=0.05, bandwidth=0.05), y)), "the term adds nothing"
 
 
@@ -125,7 +132,9 @@ def _dense_loss(sae, x, ctx, y=None):
     if arch == "jumprelu":
         f = jumprelu(pre, sae.threshold.expand_as(pre), ctx.bandwidth)
         l0 = heaviside(pre, sae.threshold.expand_as(pre), ctx.bandwidth).sum() / x.shape[0]
-        below = (sae.threshold - pre).relu().sum() / x.shape[0]  # the pre-activation loss, over every (token, latent)
+        # the pre-activation loss, over every (token, latent); without the encoder, its gradient reaches b_enc and theta only
+        moved = pre if ctx.extra.get("pre_act_moves_encoder", 1.0) else (pre - sae.b_enc).detach() + sae.b_enc
+        below = (sae.threshold - moved).relu().sum() / x.shape[0]
         mse = (f @ sae.W_dec + sae.b_dec + skip - y).pow(2).sum(-1).mean()
         return mse + ctx.sparsity_coefficient * l0 + ctx.extra.get("pre_act_coefficient", 0.0) * below
     if arch == "relu":

@@ -79,6 +79,35 @@ def test_loader_is_a_deterministic_resumable_shuffle(tmp_path):
     assert not torch.equal(other, first[0])
 
 
+def test_a_loader_whose_epoch_is_one_window_reads_the_shards_once(tmp_path):
+    """Every epoch then reads the same rows: they are decoded once, and the batches stay those of a fresh reader."""
+    from token_journey import storage
+
+    _write(tmp_path, 4)  # 256 rows in 16 row groups
+    acts = open_activations(tmp_path, "resid_post", 3)
+    before = storage.BYTES_READ.total
+    loader = ShuffledLoader(acts, batch_size=48, seed=7, buffer_rows=256)
+    stream = loader.batches()
+    batches = [next(stream) for _ in range(22)]  # 1056 rows: four epochs and a bit
+    first_epoch = storage.BYTES_READ.total - before
+    assert first_epoch > 0
+    rows = torch.cat(batches)[:, 0].long()
+    for epoch in range(4):  # each epoch all rows, each in a new order
+        assert sorted(rows[epoch * 256 : (epoch + 1) * 256].tolist()) == list(range(256))
+    assert rows[:256].tolist() != rows[256:512].tolist()
+    for start in (6, 17):  # a fresh loader started there reads its rows from the shards: the same batches
+        fresh = ShuffledLoader(acts, batch_size=48, seed=7, buffer_rows=256).batches(start)
+        assert all(torch.equal(next(fresh), batches[i]) for i in range(start, 22))
+    reads = storage.BYTES_READ.total
+    more = [next(stream) for _ in range(11)]  # two more epochs from the kept rows: nothing read
+    assert storage.BYTES_READ.total == reads and len(more) == 11
+    small = ShuffledLoader(acts, batch_size=48, seed=7, buffer_rows=64)  # four windows an epoch: read as they come
+    before = storage.BYTES_READ.total
+    for _, _b in zip(range(11), small.batches()):
+        pass
+    assert storage.BYTES_READ.total - before > first_epoch
+
+
 def test_prefetched_batches_are_the_loaders_batches(tmp_path):
     """The background thread hands over exactly the loader's batches, in order, from any start."""
     _write(tmp_path, 4)

@@ -28,6 +28,16 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _linked(text: Any, url: str | None) -> str:
+    """`text` escaped, inside a link to `url` when there is one."""
+    return f'<a href="{_e(url)}">{_e(text)}</a>' if url else _e(text)
+
+
+def _num(value: Any, spec: str) -> str:
+    """`value` formatted with `spec`, or a dash where it was not measured."""
+    return "-" if value is None else format(value, spec)
+
+
 def _short(text: str) -> str:
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
@@ -67,7 +77,12 @@ def _node_title(node: dict[str, Any], tokens: list[str]) -> str:
     return f"latent {index} of layer {node['layer']}'s transcoder, {where}; activation {node['activation']:.4g}; {influence}"
 
 
-def _svg(payload: dict[str, Any], n_layers: int, logit_text: dict[int, str]) -> str:
+def _step(journey_href: str | None, layer: Any) -> str | None:
+    """The link to `layer`'s step (its section) in the journey page of the same prompt, if there is one."""
+    return f"{journey_href}#layer-{layer}" if journey_href else None
+
+
+def _svg(payload: dict[str, Any], n_layers: int, logit_text: dict[int, str], journey_href: str | None = None) -> str:
     tokens = payload["metadata"]["prompt_tokens"]
     nodes, links = payload["nodes"], payload["links"]
     n_pos = len(tokens)
@@ -102,8 +117,9 @@ def _svg(payload: dict[str, Any], n_layers: int, logit_text: dict[int, str]) -> 
                 shape += f'<text class="tok" x="{x:.1f}" y="{y - 8:.1f}">{_e(text)}<title>{_e(node["clerp"])}</title></text>'
         else:
             shape = f'<circle class="feature" cx="{x:.1f}" cy="{y:.1f}" r="4.5">{title}</circle>'
-            if node.get("url"):
-                shape = f'<a href="{_e(node["url"])}">{shape}</a>'
+            url = node.get("url") or _step(journey_href, node["layer"])  # its feature page, else its layer's step in the journey
+            if url:
+                shape = f'<a href="{_e(url)}">{shape}</a>'
         parts.append(shape)
     for pos, token in enumerate(tokens):
         x = pos * COLUMN + COLUMN / 2
@@ -128,8 +144,11 @@ table{border-collapse:collapse;margin:8px 0;font-size:.9em}td,th{border:1px soli
 """
 
 
-def render_page(traced: Any, payload: dict[str, Any]) -> str:
-    """The page of one traced prompt (`trace.Traced`; typed loosely, as trace imports this module) from its viewer JSON `payload`."""
+def render_page(traced: Any, payload: dict[str, Any], journey_href: str | None = None) -> str:
+    """The page of one traced prompt (`trace.Traced`; typed loosely, as trace imports this module) from its viewer JSON `payload`.
+
+    `journey_href`: the journey page of the same prompt, relative to this page; each latent then links to
+    its layer's step there (a node with its own feature page, `"url"`, links to that instead)."""
     s = traced.summary()
     figures = [
         ("target", f"{s['target']!r} (p = {s['target_probability']:.3f})"),
@@ -148,7 +167,8 @@ def render_page(traced: Any, payload: dict[str, Any]) -> str:
     top = sorted((n for n in payload["nodes"] if n["feature_type"] == "cross layer transcoder"), key=lambda n: n["influence"])[:30]
     tokens = payload["metadata"]["prompt_tokens"]
     latents = "".join(
-        f"<tr><td>{_e(n['layer'])}</td><td>{n['ctx_idx']} ({_e(repr(tokens[n['ctx_idx']]))})</td><td>{_e(n['node_id'].split('_')[1])}</td>"
+        f"<tr><td>{_linked(n['layer'], _step(journey_href, n['layer']))}</td><td>{n['ctx_idx']} ({_e(repr(tokens[n['ctx_idx']]))})</td>"
+        f"<td>{_e(n['node_id'].split('_')[1])}</td>"
         f"<td>{n['activation']:.4g}</td><td>{n['influence']:.3f}</td></tr>"
         for n in top
     )
@@ -173,6 +193,20 @@ top logit (minus the mean logit) beside the graph's predictions, from its direct
         if tests
         else ""
     )
+    quality = "".join(
+        f"<tr><td>{r['layer']}</td><td>{_num(r.get('fvu'), '.3f')}</td><td>{_num(r.get('delta_loss'), '+.4f')}</td><td>{_num(r.get('l0'), '.1f')}</td>"
+        f"<td>{_num(r.get('dead_fraction'), '.1%')}</td><td>{_num(r.get('eval_tokens'), ',')}</td></tr>"
+        for r in s.get("transcoders", [])
+    )
+    transcoders = (
+        f"""<h2>Transcoders</h2>
+<p>How well each layer's transcoder stands in for its MLP: FVU of mlp_out, L0 and the latents that never fire on the branch's
+held-out rows (from its training), and the spliced delta loss: next-token cross-entropy with that MLP's output replaced by the
+transcoder's, minus the clean model's, on the first tokens of the branch's eval slice.</p>
+<table><tr><th>layer</th><th>FVU (mlp_out)</th><th>delta loss (spliced)</th><th>L0</th><th>dead</th><th>held-out rows</th></tr>{quality}</table>"""
+        if quality
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Attribution graph: {_e(traced.text)}</title><style>{_STYLE}</style></head>
@@ -183,10 +217,11 @@ clean pass, so every edge is a direct effect and a node's incoming edges plus co
 Pruned to the nodes and edges that carry the stated share of the influence on the logits; the strongest {min(len(payload["links"]), MAX_DRAWN_EDGES)}
 of its {len(payload["links"])} edges are drawn. Hover a node or an edge for its values.</p>
 <div class="figures"><table>{rows}</table><table><tr><th>logit target</th><th>probability</th></tr>{logits}</table></div>
-{_svg(payload, traced.graph.n_layers, dict(zip(traced.graph.logit_ids, traced.logit_tokens, strict=True)))}
+{_svg(payload, traced.graph.n_layers, dict(zip(traced.graph.logit_ids, traced.logit_tokens, strict=True)), journey_href)}
 <h2>Most influential latents</h2>
 <table><tr><th>layer</th><th>position</th><th>latent</th><th>activation</th><th>cumulative influence</th></tr>{latents}</table>
 {interventions}
+{transcoders}
 <p>The graph JSON beside this page opens in circuit-tracer's graph viewer and Neuronpedia.</p>
 </body></html>
 """

@@ -7,9 +7,10 @@ the same graph in both tools; the BOS position is then a constant term, not node
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ class Traced:
     node_threshold: float
     edge_threshold: float
     interventions: list[Intervention]
+    transcoders: list[dict[str, Any]] = field(default_factory=list)
+    """Per layer, how good its transcoder is (`token_journey.circuits.quality.layer_table`); empty if not measured."""
 
     def summary(self) -> dict[str, Any]:
         """The figures of the graph, as the stage's metrics file and the page show them."""
@@ -84,6 +87,7 @@ class Traced:
             "completeness_error": self.verification.completeness_error,
             "interventions": [asdict(x) for x in self.interventions],
             **({"intervention_agreement": agreement(self.interventions)} if len(self.interventions) > 1 else {}),
+            **({"transcoders": self.transcoders} if self.transcoders else {}),
         }
 
 
@@ -122,14 +126,19 @@ def trace(model: nn.Module, tokenizer: Any, transcoders: Sequence[SAE], cfg: Cir
     )
 
 
-def write_outputs(traced: Traced, folder: Path, scan: str) -> dict[str, Path]:
-    """`<slug>.json` (circuit-tracer's viewer schema), `<slug>.html` (our page) and `<slug>.metrics.json` under `folder`."""
+def write_outputs(traced: Traced, folder: Path, scan: str, journey: Path | None = None) -> dict[str, Path]:
+    """`<slug>.json` (circuit-tracer's viewer schema), `<slug>.html` (our page) and `<slug>.metrics.json` under `folder`.
+
+    `journey`: the folder of the journey pages; when it holds the page of the same prompt (the same
+    `<slug>.html`), the graph's latents link to their layers' steps there."""
     folder = Path(folder)
     stem = slug(traced.model_name, traced.text)
     paths = {"graph": folder / f"{stem}.json", "page": folder / f"{stem}.html", "metrics": folder / f"{stem}.metrics.json"}
     payload = graph_json(traced.graph, traced.pruned, traced.tokens, traced.logit_tokens, stem, scan, traced.text, traced.node_threshold)
     write_graph_json(paths["graph"], payload)
-    atomic_write_text(paths["page"], render_page(traced, payload))
+    journey_page = Path(journey) / f"{stem}.html" if journey is not None else None
+    href = os.path.relpath(journey_page, folder) if journey_page is not None and journey_page.is_file() else None
+    atomic_write_text(paths["page"], render_page(traced, payload, href))
     write_json(paths["metrics"], traced.summary())
     return paths
 

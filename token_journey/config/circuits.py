@@ -31,6 +31,8 @@ class CircuitsConfig:
     """Most influential latents ablated in the real model to test the graph (0 = none)."""
     batch_size: int
     """Targets per batched backward pass."""
+    loss_tokens: int
+    """Tokens of the branch's eval slice on which each layer's spliced delta loss is measured (0 = not measured)."""
     layers: tuple[int, ...]
     """Decoder layers that get a transcoder (every layer, for a graph)."""
     train_tokens: int
@@ -45,6 +47,8 @@ class CircuitsConfig:
     def __post_init__(self) -> None:
         if not self.text or not self.text.strip():
             raise TokenJourneyError("circuits.text is empty; set circuits.text='The capital of France is'")
+        if self.loss_tokens < 0:
+            raise TokenJourneyError(f"circuits.loss_tokens={self.loss_tokens} must be >= 0 (0 = no spliced delta loss)")
         if self.interventions < 0:
             raise TokenJourneyError(f"circuits.interventions={self.interventions} must be >= 0 (0 = none)")
         for name in ("max_prompt_tokens", "max_n_logits", "batch_size", "train_tokens", "eval_tokens"):

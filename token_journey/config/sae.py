@@ -59,6 +59,10 @@ class SAEConfig:
     pre_act_coefficient: float
     """JumpReLU only: weight of the pre-activation loss, the mean over tokens of sum_i relu(theta_i - z_i), which pulls
     every latent that does not fire towards its threshold so that none stays dead (`JumpReLUSAE._below_threshold`); 0 = off."""
+    pre_act_moves_encoder: bool
+    """JumpReLU with pre_act_coefficient only: true (Anthropic's form) lets the pre-activation loss move the encoder
+    weights too; false moves only b_enc and the thresholds (`JumpReLUSAE._below_threshold`: under Adam the full form
+    turns every silent latent's encoder towards minus the mean input, whatever the coefficient)."""
     auxk_alpha: float
     """Weight of the AuxK dead-latent loss (topk/batchtopk/matryoshka)."""
     k_aux: int

@@ -100,10 +100,10 @@ class JumpReLUSAE(SAE):
         loss = mse + ctx.sparsity_coefficient * l0
         pre_act = ctx.extra.get("pre_act_coefficient", 0.0)
         if pre_act:
-            loss = loss + pre_act * self._below_threshold(x, z, theta)
+            loss = loss + pre_act * self._below_threshold(x, z, theta, active.cols, bool(ctx.extra.get("pre_act_moves_encoder", 1.0)))
         return StepOutput(loss, mse.detach(), l0.detach(), float(l0.detach()), self._fired(f.detach(), active))
 
-    def _below_threshold(self, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    def _below_threshold(self, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor, cols: torch.Tensor, encoder: bool = True) -> torch.Tensor:
         """The pre-activation loss (Anthropic, "Circuits Updates", January 2025): the mean over tokens of
         sum_i relu(theta_i - z_i) over every latent, decoder rows being unit norm.
 
@@ -113,10 +113,20 @@ class JumpReLUSAE(SAE):
         latent) pairs, theta - z is linear in the weights, sum_i (N theta_i - (sum_n x_n) W_enc[:, i] - N b_enc_i),
         a matrix-vector product; the pairs at or above their threshold (among the sparse `z`, whose
         thresholds are `theta`) are then taken back out.
+
+        With `encoder` false only b_enc and the thresholds take its gradient (`z`'s latents are `cols`): under
+        Adam's per-weight normalisation the encoder column of a latent that never fires, whose only gradient is
+        this term's, otherwise takes full-size steps towards minus the mean input however small the coefficient;
+        the latents then fire on everything or nothing. On SmolLM2's transcoders (docs/how-to/circuits.md)
+        this form revived the latents without the FVU cost of the full one.
         """
         n = x.shape[0]
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        every_pair = n * (self.threshold.sum() - self.b_enc.sum()) - (x_in.sum(0) @ self.W_enc).sum()
+        if not encoder:
+            x_in = x_in.detach()
+            bias = self.b_enc.index_select(0, cols)
+            z = z.detach() - bias.detach() + bias
+        every_pair = n * (self.threshold.sum() - self.b_enc.sum()) - (x_in.sum(0) @ (self.W_enc if encoder else self.W_enc.detach())).sum()
         firing = z >= theta
         return (every_pair - (theta[firing] - z[firing]).sum()) / n
 

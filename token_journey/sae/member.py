@@ -88,7 +88,12 @@ class Member:
         self.calibration_batches = -(-min(CALIBRATION_ROWS, cfg.train_tokens) // cfg.batch_size) if calibrates else 0
         self.calibration_rows: list[torch.Tensor] = []
         self.saves = Checkpoints(checkpoint_dir, cfg, rank, resumed_from)
-        self.extra = {"auxk_alpha": cfg.auxk_alpha, "k_aux": float(cfg.k_aux), "pre_act_coefficient": cfg.pre_act_coefficient}
+        self.extra = {
+            "auxk_alpha": cfg.auxk_alpha,
+            "k_aux": float(cfg.k_aux),
+            "pre_act_coefficient": cfg.pre_act_coefficient,
+            "pre_act_moves_encoder": float(cfg.pre_act_moves_encoder),
+        }
         self.last: dict[str, float] = {}
         self.seconds, self.tokens = 0.0, 0
 
