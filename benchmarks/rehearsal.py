@@ -130,6 +130,7 @@ def rehearse(shape: str, only: list[str], scratch: Path) -> dict:
     log = scratch / "rehearsal.log"
     print(f"rehearsal of {shape} in {clone} (log: {log})")
     print(f"  python -m token_journey.config {' '.join(overrides(shape))} > params.yaml")
+    print("  rm dvc.lock")
     figures: dict[str, dict] = {}
     for group in only:
         if group == "journey" and "train_sae" not in only:

@@ -22,23 +22,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     return out
 
 
+def _journey(model_dir: Path, out: Path, sae_root: Path) -> list[str]:
+    """`token-journey journey` on the tiny model, focused on layer 1, writing its page to `out`."""
+    return ["journey", "--model-dir", str(model_dir), "--layer", "1", "--html", "--out", str(out), "--max-new-tokens", "2", "--sae-root", str(sae_root)]
+
+
 def test_cli_writes_page_and_focuses_layer(tiny_dir, tmp_path, capsys):
-    rc = main(
-        [
-            "journey",
-            "--model-dir",
-            str(tiny_dir),
-            "--layer",
-            "1",
-            "--html",
-            "--out",
-            str(tmp_path),
-            "--max-new-tokens",
-            "2",
-            "--sae-root",
-            str(tmp_path / "none"),
-        ]
-    )
+    rc = main(_journey(tiny_dir, tmp_path, tmp_path / "none"))
     out = capsys.readouterr().out
     assert rc == 0
     assert "─ layer 1 ─" in out and "─ layer 0 ─" not in out
@@ -84,22 +74,7 @@ def test_cli_steers_ablates_and_attributes(tiny_dir, tmp_path, capsys):
     sae = build_sae(SAESpec(architecture="relu", d_in=32, d_sae=16, name="tiny-relu", site="resid_post", layer=1))
     sae.init_weights(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "saes" / "resid_post" / "layer_1" / "tiny-relu")
-    args = [
-        "journey",
-        "--model-dir",
-        str(tiny_dir),
-        "--layer",
-        "1",
-        "--html",
-        "--out",
-        str(tmp_path / "out"),
-        "--max-new-tokens",
-        "2",
-        "--sae-root",
-        str(tmp_path / "saes"),
-        "--target",
-        " of",
-    ]
+    args = _journey(tiny_dir, tmp_path / "out", tmp_path / "saes") + ["--target", " of"]
     assert main(args + ["--steer", "1:3=4"]) == 2  # by default only the run's `sae` is shown, and this folder is another
     assert "error: edit '1:3=4': layer 1 has no SAE" in capsys.readouterr().err
     args += ["--saes", "tiny-relu"]

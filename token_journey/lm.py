@@ -267,13 +267,16 @@ def convert_from_files(model: Any, files: list[Path], dtype: torch.dtype) -> Non
         for name in names:
             param = params[name]
             out = torch.empty(param.shape, dtype=dtype)
-            row_bytes = max(1, param[0].numel() * param.element_size()) if param.dim() else 1
-            step = max(1, CONVERT_CHUNK_BYTES // row_bytes)
-            for start in range(0, max(1, param.shape[0] if param.dim() else 1), step):
+            if param.dim() == 0:
                 with safe_open(str(file), framework="pt") as handle:
-                    piece = handle.get_slice(name)[start : start + step] if param.dim() else handle.get_tensor(name)
-                out[start : start + step].copy_(piece) if param.dim() else out.copy_(piece)
-                del piece
+                    out.copy_(handle.get_tensor(name))
+            else:
+                step = max(1, CONVERT_CHUNK_BYTES // max(1, param[0].numel() * param.element_size()))
+                for start in range(0, param.shape[0], step):
+                    with safe_open(str(file), framework="pt") as handle:
+                        piece = handle.get_slice(name)[start : start + step]
+                    out[start : start + step].copy_(piece)
+                    del piece
             param.data = out
             done.add(name)
     for name, param in params.items():

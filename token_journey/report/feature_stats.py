@@ -119,7 +119,10 @@ def feature_stats(
     for x, meta in tqdm(batches(open_tables(), batch_size, max_tokens, dtype), desc="feature stats", unit="batch"):
         f = sae.encode(x.to(device)).float().cpu()  # [B, d_sae]
         if kept is not None:
-            kept = kept + [f] if (offset + f.shape[0]) * d_sae * 4 <= keep_bytes else None
+            if (offset + f.shape[0]) * d_sae * 4 <= keep_bytes:
+                kept.append(f)
+            else:
+                kept = None
         counts += torch.count_nonzero(f, dim=0)  # the evaluate stage's firing rule (f != 0)
         sums += f.sum(0).double()  # float32 within a batch, float64 across batches
         batch_top = f.topk(min(top_k, f.shape[0]), dim=0)

@@ -122,11 +122,12 @@ class JumpReLUSAE(SAE):
         """
         n = x.shape[0]
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        w_enc = self.W_enc
         if not encoder:
-            x_in = x_in.detach()
+            x_in, w_enc = x_in.detach(), w_enc.detach()
             bias = self.b_enc.index_select(0, cols)
             z = z.detach() - bias.detach() + bias
-        every_pair = n * (self.threshold.sum() - self.b_enc.sum()) - (x_in.sum(0) @ (self.W_enc if encoder else self.W_enc.detach())).sum()
+        every_pair = n * (self.threshold.sum() - self.b_enc.sum()) - (x_in.sum(0) @ w_enc).sum()
         firing = z >= theta
         return (every_pair - (theta[firing] - z[firing]).sum()) / n
 
