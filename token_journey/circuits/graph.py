@@ -7,7 +7,8 @@ position), layer-major; one embedding node per position; the top logits of the l
 local replacement model (`replacement.py`), i.e. s's write dotted with the gradient of t's value with
 respect to that write, where t's value is a latent's pre-activation (x · W_enc[:, k] + b_enc[k]) or a
 logit minus the mean logit (the demeaned unembedding direction, as circuit-tracer attributes it).
-Every edge of a whole batch of targets comes from one batched backward pass through the frozen model.
+Every edge into a batch of targets read at one position comes from one pass of the frozen model's
+transpose (`adjoint.py`), which each target joins at its own layer.
 
 The first `constant_positions` positions (default 1: the BOS token circuit-tracer prepends, whose
 huge norm makes its latents meaningless) have no latent or error nodes: their MLP writes are constant
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from token_journey.circuits import replacement
+from token_journey.circuits.adjoint import Adjoint
 from token_journey.circuits.replacement import CleanPass
 from token_journey.errors import TokenJourneyError
 from token_journey.journey import ops
@@ -113,17 +115,34 @@ def _active(clean: CleanPass, constant_positions: int) -> tuple[torch.Tensor, to
     return torch.cat(coords), torch.cat(values)
 
 
-def _batched_grads(outputs: replacement.Outputs, leaves: list[torch.Tensor], seeds: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients `[B, T, d]` of Σ⟨seed, output⟩ with respect to each leaf, for B seeds at once.
+@dataclass
+class _Sources:
+    """Each layer's latent writes padded per position, so one batched matmul dots a gradient with all of them.
 
-    `seeds` `[n_layers + 1, B, T, d]` holds one cotangent per output (every mlp_in, then the final
-    hidden state); outputs whose seeds are all zero are left out, so the backward pass starts at the
-    deepest layer the batch reads (targets come sorted by layer) and leaves above it get no work.
+    `writes[L]` `[T, d, M]` holds the writes a·W_dec[k] of the latents active at (L, position), padded with
+    zero columns to the most at any position (M); `columns[L]` `[T, M]` their node numbers, the padding
+    pointing at a spare column past the last node, which is dropped.
     """
-    reads = [*outputs.mlp_in, outputs.final]
-    used = [i for i in range(len(reads)) if seeds[i].any()]
-    grads = torch.autograd.grad([reads[i] for i in used], leaves, [seeds[i] for i in used], retain_graph=True, is_grads_batched=True, allow_unused=True)
-    return [torch.zeros_like(seeds[0]) if g is None else g for g in grads]
+
+    writes: list[torch.Tensor]
+    columns: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, features: torch.Tensor, feature_writes: torch.Tensor, n_layers: int, T: int, spare: int) -> _Sources:
+        writes, columns = [], []
+        for layer in range(n_layers):
+            at_layer = (features[:, 0] == layer).nonzero(as_tuple=True)[0]
+            counts = torch.bincount(features[at_layer, 1], minlength=T)
+            width = int(counts.max()) if len(at_layer) else 0
+            w = feature_writes.new_zeros(T, feature_writes.shape[-1], width)
+            cols = torch.full((T, width), spare, dtype=torch.long, device=features.device)
+            slot = torch.arange(len(at_layer), device=features.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # rank at its position
+            pos = features[at_layer, 1]
+            w[pos, :, slot] = feature_writes[at_layer]
+            cols[pos, slot] = at_layer
+            writes.append(w)
+            columns.append(cols)
+        return cls(writes, columns)
 
 
 def build_graph(
@@ -132,7 +151,7 @@ def build_graph(
     transcoders: Sequence[SAE],
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
-    batch_size: int = 64,
+    batch_size: int = 256,
     constant_positions: int = 1,
     progress: bool = True,
 ) -> Graph:
@@ -194,30 +213,32 @@ def build_graph(
     logit_rows = torch.arange(N - K, N)
     values[logit_rows] = (clean.logits[-1][logit_ids] - clean.logits[-1].mean()).cpu()
     bias[logit_rows] = (zero.final[-1] @ unembed_dirs.T + head_bias).cpu()
-    targets = [(int(L), int(p), enc[L][:, k]) for L, p, k in features.tolist()] + [(spec.n_layers, T - 1, u) for u in unembed_dirs]
-    rows = list(range(n_feat)) + logit_rows.tolist()
 
-    x0 = clean.embeds.clone().requires_grad_(True)
-    leaves = [w.clone().requires_grad_(True) for w in full_writes]
-    with torch.enable_grad():
-        outputs = replacement.run(model, spec, tape, x0, leaves, skips)
-        batches = range(0, len(targets), batch_size)
-        for start in tqdm(batches, desc="attribution backward passes", disable=not progress):
-            batch = targets[start : start + batch_size]
-            seeds = torch.zeros(spec.n_layers + 1, len(batch), T, spec.d_model, device=dev)
-            for b, (L, p, vec) in enumerate(batch):
-                seeds[L, b, p] = vec
-            grads = _batched_grads(outputs, [x0, *leaves], seeds)
-            g_tok, g_write = grads[0], grads[1:]
-            block = torch.zeros(len(batch), N, device=dev)
-            for layer in range(spec.n_layers):
-                mask = layer_of == layer
-                if mask.any():
-                    idx = mask.nonzero(as_tuple=True)[0]
-                    block[:, idx] = torch.einsum("bfd,fd->bf", g_write[layer][:, features[idx, 1]], feature_writes[idx])
-                block[:, n_feat + layer * T : n_feat + (layer + 1) * T] = torch.einsum("btd,td->bt", g_write[layer], node_errors[layer])
-            block[:, n_feat + n_err : n_feat + n_err + T] = torch.einsum("btd,td->bt", g_tok, clean.embeds)
-            adjacency[rows[start : start + len(batch)]] = block.detach().cpu()
+    # Targets grouped by the position they read; each group's transpose pass carries positions 0..p only.
+    targets = [(int(L), int(p), enc[L][:, k], row) for row, (L, p, k) in enumerate(features.tolist())]
+    targets += [(spec.n_layers, T - 1, u, int(row)) for u, row in zip(unembed_dirs, logit_rows, strict=True)]
+    targets.sort(key=lambda x: -x[0])  # deepest first: the order in which they join the pass
+    chunks = []
+    for p in range(T):
+        at = [x for x in targets if x[1] == p]
+        chunks += [at[i : i + batch_size] for i in range(0, len(at), batch_size)]
+    sources = _Sources.of(features, feature_writes, spec.n_layers, T, spare=N)
+    adjoint = Adjoint(model, spec, tape, skips)
+    err_start, tok_start = n_feat, n_feat + n_err
+    for chunk in tqdm(chunks, desc="attribution passes", disable=not progress):
+        t = chunk[0][1] + 1
+        joins = {L: torch.stack([vec for L2, _, vec, _ in chunk if L2 == L]) for L in dict.fromkeys(x[0] for x in chunk)}
+        block = torch.zeros(len(chunk), N + 1, device=dev)
+
+        def on_write(layer: int, g: torch.Tensor, block: torch.Tensor = block, t: int = t) -> None:
+            R, cols = len(g), sources.columns[layer][:t].flatten()
+            if cols.numel():
+                block[:R, cols] = torch.bmm(g.transpose(0, 1), sources.writes[layer][:t]).transpose(0, 1).reshape(R, -1)
+            block[:R, err_start + layer * T : err_start + layer * T + t] = torch.einsum("rtd,td->rt", g, node_errors[layer][:t])
+
+        g_tok = adjoint.descend(t, joins, on_write)
+        block[:, tok_start : tok_start + t] = torch.einsum("rtd,td->rt", g_tok, clean.embeds[:t])
+        adjacency[[x[3] for x in chunk]] = block[:, :N].cpu()
 
     return Graph(
         token_ids=list(token_ids),
