@@ -1,7 +1,8 @@
 """Stage journey: follow `journey.text` through the prepared model, every step recomputed and checked.
 
 Output: <paths.journey>/<model>-<text slug>.html and .json; the terminal rendering goes to stdout.
-Reads the SAEs under <paths.saes> when the pipeline has trained them (features with report links).
+Reads the SAEs under <paths.saes> when the pipeline has trained them (features with report links), and the
+circuits branch's transcoders under <paths.circuits> when an edit names one (`tc:`).
 """
 
 from token_journey.config.journey import journey_config, shown_saes
@@ -29,6 +30,7 @@ def main(cfg) -> None:
             layout.saes,
             report_root=layout.journey_to_report(),
             sae_names=shown_saes(journey_cfg.saes, cfg.sae, cfg.get("family")),
+            transcoders=(layout.circuits, cfg.circuits.transcoder.name),
         )
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured)

@@ -11,6 +11,7 @@ from token_journey.circuits import replacement
 from token_journey.circuits.graph import build_graph, prune
 from token_journey.circuits.intervene import Intervention, agreement, intervene, target_value, total_derivatives
 from token_journey.journey import ops
+from token_journey.sites import splice
 
 TEXT = "The capital of France is Paris, and"
 
@@ -67,17 +68,31 @@ def test_interventions_measure_the_real_model(setup):
     found = intervene(model, graph, prune(graph), tcs, top=5)
     assert len(found) == 5
     token = graph.logit_ids[0]
+    clean = target_value(model, ids, token)
     for x in found:
-        # Removing nothing changes nothing (the splice itself is exact).
-        assert target_value(model, ids, token, (x.layer, x.position, torch.zeros(32))) == pytest.approx(target_value(model, ids, token))
         i = ((graph.features == torch.tensor([x.layer, x.position, x.latent])).all(1)).nonzero()[0, 0]
         assert x.direct == pytest.approx(-float(graph.adjacency[graph.logit_slice.start, i]))
+        assert x.spec == f"tc:{x.layer}:{x.latent}@{x.position}"
+        # Independently of the journey's edit: the real model with ∓a·W_dec[k] added to mlp_out at (layer, position) by a hook.
+        for change, measured in ((-x.activation, x.measured), (x.activation, x.doubled)):
+            with splice(model, "mlp_out", x.layer, _add_at(x.position, change * tcs[x.layer].W_dec[x.latent].detach())):
+                assert target_value(model, ids, token) - clean == pytest.approx(measured, abs=1e-4)
     summary = agreement(found)
-    assert set(summary) == {"direct_correlation", "direct_relative_error", "total_correlation", "total_relative_error"}
+    assert set(summary) == {f"{n}_{m}" for n in ("direct", "total", "doubled") for m in ("correlation", "relative_error")}
+
+
+def _add_at(position, vector):
+    def add(out):
+        out = out.clone()
+        out[:, position] += vector
+        return out
+
+    return add
 
 
 def test_agreement_of_perfect_and_of_opposite_predictions():
-    same = [Intervention(0, 1, 2, 1.0, d, d, d) for d in (1.0, -2.0, 0.5)]
+    same = [Intervention(0, 1, 2, 1.0, d, d, d, -d, "tc:0:2@1") for d in (1.0, -2.0, 0.5)]
     assert agreement(same)["total_correlation"] == pytest.approx(1.0) and agreement(same)["total_relative_error"] == pytest.approx(0.0)
-    opposite = [Intervention(0, 1, 2, 1.0, -d, -d, d) for d in (1.0, -2.0, 0.5)]
-    assert agreement(opposite)["direct_correlation"] == pytest.approx(-1.0)
+    assert agreement(same)["doubled_correlation"] == pytest.approx(1.0) and agreement(same)["doubled_relative_error"] == pytest.approx(0.0)
+    opposite = [Intervention(0, 1, 2, 1.0, -d, -d, d, -d, "tc:0:2@1") for d in (1.0, -2.0, 0.5)]
+    assert agreement(opposite)["direct_correlation"] == pytest.approx(-1.0) and agreement(opposite)["doubled_correlation"] == pytest.approx(-1.0)

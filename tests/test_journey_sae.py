@@ -103,7 +103,7 @@ def test_no_edit_is_the_clean_pass_bit_for_bit(journeys, saes_root):
     saes = [LayerSAE("resid_post", layer, "tiny-relu", LazySAE.holding(_sae(layer))) for layer in SAE_LAYERS]
     clean_logits, clean_resid = last_position(model, ids)
     for edits in ([], [Edit(1, DEAD, 0.0, f"1:{DEAD}")]):  # nothing, and an ablated latent that never fires
-        with edited(model, plan_edits(edits, saes, 3)):
+        with edited(model, plan_edits(edits, saes, 3, ids.shape[1])):
             logits, resid = last_position(model, ids)
         assert torch.equal(logits, clean_logits) and torch.equal(resid, clean_resid)
     quiet = run_steering(model, ids, [Edit(1, DEAD, 0.0, "x")], saes, 5, GEN, 0, None, None)
@@ -121,9 +121,9 @@ def test_steering_moves_the_stream_by_the_decoder_direction(journeys):
     saes = [LayerSAE("resid_post", 0, "tiny-relu", LazySAE.holding(sae0)), LayerSAE("resid_post", 1, "tiny-relu", LazySAE.holding(sae1))]
     from token_journey.sites import capture
 
-    with edited(model, plan_edits([Edit(0, 2, 0.0, "0:2")], saes, 3)):
+    with edited(model, plan_edits([Edit(0, 2, 0.0, "0:2")], saes, 3, ids.shape[1])):
         x = capture(model, ids, [("resid_post", 1)])[("resid_post", 1)][0, -1]
-    with edited(model, plan_edits([Edit(0, 2, 0.0, "0:2"), Edit(1, 3, 6.0, "1:3=6")], saes, 3)):
+    with edited(model, plan_edits([Edit(0, 2, 0.0, "0:2"), Edit(1, 3, 6.0, "1:3=6")], saes, 3, ids.shape[1])):
         _, resid = last_position(model, ids)
     f3 = float(sae1.encode(x[None]).detach()[0, 3])
     assert torch.allclose(resid[1], x + (6.0 - f3) * sae1.W_dec[3], atol=1e-5)
@@ -269,7 +269,7 @@ def test_ablating_the_top_attributed_latent_lowers_the_prediction(smollm2):
     assert abs(a.layers[0].total - a.logit) <= TOL * max(1.0, abs(a.logit))
     top = a.layers[0].top[0]
     assert top.value > 0
-    with edited(model, plan_edits([Edit(layer, top.latent, 0.0, f"{layer}:{top.latent}")], saes, spec.n_layers)):
+    with edited(model, plan_edits([Edit(layer, top.latent, 0.0, f"{layer}:{top.latent}")], saes, spec.n_layers, ids.shape[1])):
         ablated, _ = last_position(model, ids)
     before, after = torch.softmax(clean, -1)[predicted], torch.softmax(ablated, -1)[predicted]
     assert after < before - 0.01, (float(before), float(after))

@@ -2,6 +2,7 @@
 
     token-journey journey --text "The capital of France is" --layer 3 --html
     token-journey journey --text "The capital of France is" --steer 15:1234=8 --ablate 5:77 --target " Paris"
+    token-journey journey --ablate tc:15:1234@7          # a transcoder latent of the circuits branch, at position 7
     token-journey --version
     token-journey journey --saes jumprelu-w4608-target16 --saes jumprelu-w4608-target120     # the family's other members beside `sae`
 
@@ -47,6 +48,9 @@ def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"also show this SAE beside {conf['sae']['name']} (a family member id or an SAE folder name; `all`: every SAE; repeatable; default: journey.saes)",
     )
+    j.add_argument(
+        "--transcoder-root", default=str(layout.circuits), help="folder of the circuits branch's transcoders, for `tc:` edits (default: %(default)s)"
+    )
     j.add_argument("--report", default=str(layout.html), help="report folder the feature links point to (default: %(default)s)")
     j.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: %(default)s)")
     j.add_argument("--dtype", default="float32", help="compute dtype (default: %(default)s; checks assume float32)")
@@ -59,11 +63,14 @@ def _parser(conf: dict[str, Any]) -> argparse.ArgumentParser:
     j.add_argument(
         "--steer",
         action="append",
-        metavar="LAYER:LATENT=VALUE",
-        help="set an SAE latent on every position and re-run the pass (repeatable; default: journey.steer)",
+        metavar="[tc:]LAYER:LATENT[@POS]=VALUE",
+        help="set an SAE (tc: transcoder) latent on every position, or at POS, and re-run the pass (repeatable; default: journey.steer)",
     )
     j.add_argument(
-        "--ablate", action="append", metavar="LAYER:LATENT", help="set an SAE latent to zero on every position (repeatable; default: journey.ablate)"
+        "--ablate",
+        action="append",
+        metavar="[tc:]LAYER:LATENT[@POS]",
+        help="set an SAE (tc: transcoder) latent to zero on every position, or at POS (repeatable; default: journey.ablate)",
     )
     j.add_argument("--target", default=journey.target, help="token whose logit is attributed (default: the prediction)")
     j.add_argument("--versus", default=journey.versus, help="attribute the logit difference target - versus")
@@ -96,7 +103,10 @@ def journey_command(args: argparse.Namespace, conf: dict[str, Any]) -> int:
     report_root = Path(os.path.relpath(args.report, args.out)).as_posix()
     try:
         names = shown_saes(cfg.saes, conf["sae"], conf.get("family"))
-        journey = run_journey(loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.sae_root), report_root=report_root, sae_names=names)
+        transcoders = (Path(args.transcoder_root), str(conf["circuits"]["transcoder"]["name"]))
+        journey = run_journey(
+            loaded.model, loaded.tokenizer, cfg, args.seed, loaded.name, Path(args.sae_root), report_root=report_root, sae_names=names, transcoders=transcoders
+        )
     except UnsupportedArchitecture as exc:
         render_captured(exc.captured, console)
         raise

@@ -174,22 +174,26 @@ def render_page(traced: Any, payload: dict[str, Any], journey_href: str | None =
     )
     tests = "".join(
         f"<tr><td>{x['layer']}</td><td>{x['position']} ({_e(repr(tokens[x['position']]))})</td><td>{x['latent']}</td><td>{x['activation']:.4g}</td>"
-        f"<td>{x['direct']:+.4g}</td><td>{x['total']:+.4g}</td><td>{x['measured']:+.4g}</td></tr>"
+        f"<td>{x['direct']:+.4g}</td><td>{x['total']:+.4g}</td><td>{x['measured']:+.4g}</td><td>{-x['total']:+.4g}</td><td>{x['doubled']:+.4g}</td>"
+        f"<td><code>{_e(x['spec'])}</code></td></tr>"
         for x in s["interventions"]
     )
     agree = s.get("intervention_agreement")
     agree_text = (
-        f"Correlation with the measured changes: direct edge {agree['direct_correlation']:.3f}, all paths {agree['total_correlation']:.3f}; "
-        f"relative error {agree['direct_relative_error']:.3f} and {agree['total_relative_error']:.3f}."
+        f"Correlation with the measured changes: direct edge {agree['direct_correlation']:.3f}, all paths {agree['total_correlation']:.3f} "
+        f"(relative error {agree['direct_relative_error']:.3f} and {agree['total_relative_error']:.3f}); doubled, all paths "
+        f"{agree['doubled_correlation']:.3f} (relative error {agree['doubled_relative_error']:.3f})."
         if agree
         else ""
     )
     interventions = (
         f"""<h2>Interventions</h2>
-<p>Each latent's write removed from its MLP output in the real model (attention, norms and later MLPs free): the change of the
-top logit (minus the mean logit) beside the graph's predictions, from its direct edge and through all its paths. {_e(agree_text)}</p>
-<table><tr><th>layer</th><th>position</th><th>latent</th><th>activation</th><th>predicted (direct)</th><th>predicted (all paths)</th>
-<th>measured</th></tr>{tests}</table>"""
+<p>Each latent set to 0 (ablated), then to twice its activation, in the real model by the journey's transcoder edit (its change
+times its decoder row added to the MLP output at its position; attention, norms and later MLPs free): the change of the top logit
+(minus the mean logit) beside the graph's predictions, from its direct edge and through all its paths. The last column is the
+journey's <code>--ablate</code> that shows the whole edited pass. {_e(agree_text)}</p>
+<table><tr><th>layer</th><th>position</th><th>latent</th><th>activation</th><th>ablated: predicted (direct)</th><th>predicted (all paths)</th>
+<th>measured</th><th>doubled: predicted (all paths)</th><th>measured</th><th>journey edit</th></tr>{tests}</table>"""
         if tests
         else ""
     )

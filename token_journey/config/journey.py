@@ -32,33 +32,42 @@ class GenerationConfig:
             raise TokenJourneyError(f"journey.generation.max_new_tokens={self.max_new_tokens} must be >= 0")
 
 
-_EDIT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*)?$")
+_EDIT = re.compile(r"^\s*(tc\s*:\s*)?(\d+)\s*:\s*(\d+)\s*(?:@\s*(\d+)\s*)?(?:=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*)?$")
 
 
 @dataclass(frozen=True)
 class Edit:
-    """One SAE latent set to a value at one layer, on every position (an ablation sets it to 0)."""
+    """One latent set to a value at one layer, on every position or one (an ablation sets it to 0).
+
+    The latent is the layer's SAE's, or with `transcoder` its transcoder's: that one is computed from
+    the MLP's input and its change written into the MLP's output (how a graph's node is intervened on).
+    """
 
     layer: int
     latent: int
     value: float
     spec: str
     """The text it was parsed from, for messages and the page."""
+    position: int | None = None
+    """The one position edited (0 = the first token), or None for every position."""
+    transcoder: bool = False
 
 
 def parse_edit(spec: str, ablate: bool) -> Edit:
-    """`"15:1234=8"` (steer: latent 1234 of layer 15's SAE set to 8) or `"5:77"` (ablate: set to 0).
+    """`"15:1234=8"` (steer: latent 1234 of layer 15's SAE set to 8) or `"5:77"` (ablate: set to 0), on every
+    position; `"5:77@3"`: at position 3 only; `"tc:5:77@3"`: latent 77 of layer 5's transcoder.
 
     Only the syntax is checked here; whether layer 15 has an SAE with a latent 1234 is checked
     against the SAEs found when the journey runs.
     """
     match = _EDIT.match(str(spec))
     flag = "--ablate" if ablate else "--steer"
-    if match is None or (ablate and match.group(3) is not None) or (not ablate and match.group(3) is None):
-        form = "LAYER:LATENT, e.g. 5:77" if ablate else "LAYER:LATENT=VALUE, e.g. 15:1234=8"
+    if match is None or (ablate and match.group(5) is not None) or (not ablate and match.group(5) is None):
+        form = "[tc:]LAYER:LATENT[@POSITION], e.g. 5:77 or tc:5:77@3" if ablate else "[tc:]LAYER:LATENT[@POSITION]=VALUE, e.g. 15:1234=8"
         raise TokenJourneyError(f"{flag} {spec!r} is malformed; write {form}")
-    value = 0.0 if ablate else float(match.group(3))
-    return Edit(int(match.group(1)), int(match.group(2)), value, str(spec).strip())
+    value = 0.0 if ablate else float(match.group(5))
+    position = None if match.group(4) is None else int(match.group(4))
+    return Edit(int(match.group(2)), int(match.group(3)), value, str(spec).strip(), position, match.group(1) is not None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -125,12 +125,14 @@ def run_journey(
     progress: bool = True,
     report_root: str = "",
     sae_names: Sequence[str] | None = None,
+    transcoders: tuple[Path, str] | None = None,
 ) -> Journey:
     """Follow `cfg.text` through `model`: every step recomputed and checked, then lens, features, sampling.
 
     `report_root`: the report folder relative to where the journey page is written, for feature
     links (`Layout.journey_to_report`). `sae_names`: the SAE folders shown (`shown_saes`: the run's `sae`
-    and `journey.saes`); None shows every SAE under `saes_root`.
+    and `journey.saes`); None shows every SAE under `saes_root`. `transcoders`: (root, name) of the
+    circuits branch's transcoders, read only when an edit asks for one (`tc:`).
     """
     _check_supported(model, tokenizer, cfg.text)
     run = recompute(model, tokenizer, cfg.text, progress=progress)
@@ -150,7 +152,10 @@ def run_journey(
     generated = generate(model, ids, cfg.generation, seed, eos, run.spec.max_positions)
     steering = None
     if cfg.edits:
-        steering = run_steering(model, ids, cfg.edits, saes, cfg.top_next, cfg.generation, seed, eos, run.spec.max_positions)
+        editable = saes
+        if transcoders is not None and any(edit.transcoder for edit in cfg.edits):
+            editable = saes + load_saes(transcoders[0], run.sites, [transcoders[1]])[0]
+        steering = run_steering(model, ids, cfg.edits, editable, cfg.top_next, cfg.generation, seed, eos, run.spec.max_positions)
     mentioned = {i for i, _ in next_tokens} | set(generated.token_ids) | set(run.token_ids)
     mentioned |= {i for row in lens for pos in row.top for i, _ in pos}
     if steering:

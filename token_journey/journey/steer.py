@@ -8,7 +8,12 @@ model continues from
 
 so the SAE's reconstruction error `x - decode(f)` is kept: only the edited latents' decoder
 directions move. When `f' = f` (an ablated latent that never fired, or no edit at all) the tensor
-is handed on untouched, so that pass is the clean pass bit for bit.
+is handed on untouched, so that pass is the clean pass bit for bit. An edit may hold one position
+only (`@POSITION`), the others keep their latents.
+
+A transcoder edit (`tc:`) reads its latents from the MLP's input of the same pass and moves the
+MLP's output: `mlp_out' = mlp_out + (f' - f) · W_dec` with `f = encode(mlp_in)`, so every later
+layer, attention and norm responds freely. This is how the circuits stage tests a graph's nodes.
 """
 
 from __future__ import annotations
@@ -27,54 +32,71 @@ from token_journey.journey.sae_hits import LayerSAE
 from token_journey.sites import SITES, decoder_layers, splice
 
 
-def layer_sae(saes: list[LayerSAE], layer: int) -> LayerSAE | None:
+def layer_sae(saes: list[LayerSAE], layer: int, transcoder: bool = False) -> LayerSAE | None:
     """The SAE that steering and attribution use at `layer`: its resid_post SAE first, then the
-    other sites in `SITES` order, several SAEs of one site by name. Never a transcoder: both edit
-    the activation an SAE reads and writes, and a transcoder reads one activation and writes another."""
-    here = [s for s in saes if s.layer == layer and s.reads == s.site]
+    other sites in `SITES` order, several SAEs of one site by name; never a transcoder, which reads one
+    activation and writes another. With `transcoder`: the layer's transcoder (the first by name)."""
+    here = [s for s in saes if s.layer == layer and (s.reads != s.site) == transcoder]
     return min(here, key=lambda s: (SITES.index(s.site) if s.site in SITES else len(SITES), s.name), default=None)
 
 
-def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int) -> list[tuple[LayerSAE, list[Edit]]]:
-    """Group the edits by layer with the SAE each uses, or stop with one line on a bad spec."""
-    plan: dict[int, tuple[LayerSAE, list[Edit]]] = {}
-    with_saes = sorted({s.layer for s in saes if s.reads == s.site})
+def plan_edits(edits: list[Edit], saes: list[LayerSAE], n_layers: int, n_positions: int) -> list[tuple[LayerSAE, list[Edit]]]:
+    """Group the edits by the SAE (or transcoder) each uses, or stop with one line on a bad spec."""
+    plan: dict[tuple[int, bool], tuple[LayerSAE, list[Edit]]] = {}
     for edit in edits:
+        kind = "transcoder" if edit.transcoder else "SAE"
         if not 0 <= edit.layer < n_layers:
             raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} is out of range; this model has layers 0..{n_layers - 1}")
-        sae = layer_sae(saes, edit.layer)
+        if edit.position is not None and not 0 <= edit.position < n_positions:
+            raise TokenJourneyError(f"edit {edit.spec!r}: position {edit.position} is out of range; the text has positions 0..{n_positions - 1}")
+        sae = layer_sae(saes, edit.layer, edit.transcoder)
         if sae is None:
-            have = ", ".join(map(str, with_saes)) or "none (train SAEs first: dvc repro)"
-            raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} has no SAE; layers with SAEs: {have}")
+            layers = sorted({s.layer for s in saes if (s.reads != s.site) == edit.transcoder})
+            how = "dvc repro circuits/dvc.yaml" if edit.transcoder else "dvc repro"
+            have = ", ".join(map(str, layers)) or f"none (train them first: {how})"
+            raise TokenJourneyError(f"edit {edit.spec!r}: layer {edit.layer} has no {kind}; layers with {kind}s: {have}")
         d_sae = sae.sae.spec.d_sae
         if not 0 <= edit.latent < d_sae:
             raise TokenJourneyError(
-                f"edit {edit.spec!r}: latent {edit.latent} is out of range; SAE {sae.name} at layer {edit.layer} has latents 0..{d_sae - 1}"
+                f"edit {edit.spec!r}: latent {edit.latent} is out of range; {kind} {sae.name} at layer {edit.layer} has latents 0..{d_sae - 1}"
             )
-        plan.setdefault(edit.layer, (sae, []))[1].append(edit)
-    return [plan[layer] for layer in sorted(plan)]
+        plan.setdefault((edit.layer, edit.transcoder), (sae, []))[1].append(edit)
+    return [plan[key] for key in sorted(plan)]
 
 
-def _replacement(sae: LayerSAE, edits: list[Edit], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [B, T, d] -> x + (f' - f) · W_dec, or x itself (the same tensor) when no latent changes.
+def _replacement(sae: LayerSAE, edits: list[Edit], device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(read, x) `[B, T, d]` -> x + (f' - f) · W_dec with f = encode(read), or x itself (the same tensor) when no latent changes.
 
-    `f' - f` is zero outside the edited latents, so only their decoder rows are read; the encoder is
-    held for as long as the edit is spliced in."""
+    `f' - f` is zero outside the edited latents (and positions), so only their decoder rows are read;
+    the encoder is held for as long as the edit is spliced in."""
     encoder = sae.sae.encoder(device)
-    values = {edit.latent: edit.value for edit in edits}  # a latent edited twice takes its last value
-    latents = list(values)
+    latents = list(dict.fromkeys(edit.latent for edit in edits))
+    column = {latent: j for j, latent in enumerate(latents)}
     rows = sae.sae.decoder_rows(latents, device)  # (n, d)
-    target = torch.tensor([values[j] for j in latents], device=device)
 
     @torch.inference_mode()
-    def replace(x: torch.Tensor) -> torch.Tensor:
-        f = encoder.encode(x.reshape(-1, x.shape[-1]).float())  # (B·T, d_sae)
-        change = target - f[:, latents]  # (B·T, n)
+    def replace(read: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        f = encoder.encode(read.reshape(-1, read.shape[-1]).float())[:, latents].reshape(*read.shape[:-1], len(latents))
+        target = f.clone()
+        for edit in edits:  # in order: a later edit of the same latent and position wins
+            where = slice(None) if edit.position is None else edit.position
+            target[:, where, column[edit.latent]] = edit.value
+        change = target - f
         if not change.any():
             return x
-        return x + (change @ rows).reshape(x.shape).to(x.dtype)
+        return x + (change @ rows).to(x.dtype)
 
     return replace
+
+
+def _keep(store: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A splice that changes nothing and keeps what passed (the MLP's input, for a transcoder edit)."""
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        store["x"] = x
+        return x
+
+    return keep
 
 
 @contextlib.contextmanager
@@ -83,7 +105,13 @@ def edited(model: nn.Module, plan: list[tuple[LayerSAE, list[Edit]]]) -> Iterato
     device = next(model.parameters()).device
     with contextlib.ExitStack() as stack:
         for sae, edits in plan:
-            stack.enter_context(splice(model, sae.site, sae.layer, _replacement(sae, edits, device)))
+            replace = _replacement(sae, edits, device)
+            if sae.reads == sae.site:
+                stack.enter_context(splice(model, sae.site, sae.layer, lambda x, replace=replace: replace(x, x)))
+            else:
+                read: dict[str, torch.Tensor] = {}
+                stack.enter_context(splice(model, sae.reads, sae.layer, _keep(read)))
+                stack.enter_context(splice(model, sae.site, sae.layer, lambda x, replace=replace, read=read: replace(read["x"], x)))
         yield
 
 
@@ -151,7 +179,7 @@ def run_steering(
     max_len: int | None,
 ) -> Steering:
     """Re-run `input_ids [1, T]` with `edits` and compare with the clean pass; sample the steered continuation."""
-    plan = plan_edits(edits, saes, len(decoder_layers(model)))
+    plan = plan_edits(edits, saes, len(decoder_layers(model)), input_ids.shape[1])
     clean_logits, clean_resid = last_position(model, input_ids)
     with edited(model, plan):
         logits, resid = last_position(model, input_ids)
