@@ -8,6 +8,7 @@ is driven by the number of active latents (tokens x layers x L0), which this fix
     python benchmarks/attribution.py [--model models/base/smollm2-135m] [--tokens 16] [--l0 32]
     python benchmarks/attribution.py --rehearsal llama-3.2-1b --width 8192     # Llama 3.2 1B shapes
     python benchmarks/attribution.py --circuit-tracer /path/to/venv/bin/python  # also circuit-tracer's graph
+    python benchmarks/attribution.py --transcoders models/circuits/smollm2-135m   # the circuits branch's trained ones
 
 Prints figures, then ONE JSON object on the last line.
 """
@@ -69,7 +70,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="prompt length, BOS included")
     parser.add_argument("--width", type=int, default=2304)
     parser.add_argument("--l0", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-feature-nodes", type=int, default=8192, help="circuits.max_feature_nodes (0: every active latent)")
+    parser.add_argument("--batch-size", type=int, default=256, help="targets per transpose pass (circuits.batch_size)")
+    parser.add_argument("--transcoders", default="", help="the circuits branch's folder (paths.circuits): its trained transcoders instead of random ones")
+    parser.add_argument("--name", default="", help="with --transcoders: their name (default: circuits.transcoder.name of the composed config)")
     parser.add_argument("--circuit-tracer", default="", help="python of a venv with circuit-tracer 0.5.0: also build its graph and compare")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -88,10 +92,18 @@ def main() -> None:
         model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id, *ids][: args.tokens]
-    transcoders = fitted_random_transcoders(model, ids, args.width, args.l0)
+    if args.transcoders:
+        from token_journey.circuits.trace import load_transcoders
+        from token_journey.config import compose
+
+        transcoder_name = args.name or compose()["circuits"]["transcoder"]["name"]
+        transcoders = load_transcoders(Path(args.transcoders), transcoder_name, model.config.num_hidden_layers)
+        args.width, args.l0 = transcoders[0].cfg.d_sae, 0
+    else:
+        transcoders = fitted_random_transcoders(model, ids, args.width, args.l0)
     rss_before = peak_rss_gb()
     start = time.perf_counter()
-    graph = build_graph(model, ids, transcoders, batch_size=args.batch_size)
+    graph = build_graph(model, ids, transcoders, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes or None)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     pruned = prune(graph)
@@ -102,7 +114,9 @@ def main() -> None:
         "layers": graph.n_layers,
         "tokens": graph.n_pos,
         "width": args.width,
-        "active_latents": graph.n_features,
+        "transcoders": args.transcoders or "random",
+        "active_latents": graph.n_features + graph.folded_latents,
+        "latent_nodes": graph.n_features,
         "logit_targets": len(graph.logit_ids),
         "graph_seconds": round(seconds, 2),
         "prune_seconds": round(prune_seconds, 2),
@@ -115,7 +129,9 @@ def main() -> None:
         **{f"{k}_score": v for k, v in scores(graph).items()},
         "torch_threads": torch.get_num_threads(),
     }
-    print(f"{name}: {graph.n_layers} layers, {graph.n_pos} tokens, {graph.n_features} active latents (width {args.width}, L0 ~{args.l0})")
+    kind = f"trained, {args.transcoders}" if args.transcoders else f"random, L0 ~{args.l0}"
+    active = graph.n_features + graph.folded_latents
+    print(f"{name}: {graph.n_layers} layers, {graph.n_pos} tokens, {active} active latents, {graph.n_features} as nodes (width {args.width}, {kind})")
     print(f"graph {seconds:.1f} s, pruning {prune_seconds:.1f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
     print(f"checks: logits {check.logits_max_abs_diff:.2e}, completeness {check.completeness_error:.2e}")
     if args.circuit_tracer and not args.rehearsal:

@@ -37,7 +37,8 @@ def main(cfg) -> None:
     write_json(layout.timings / "circuits" / f"{paths['graph'].stem}.json", {"seconds": traced.seconds})
     s = traced.summary()
     print(
-        f"graph of {s['target']!r} after {s['text']!r}: {s['active_features']} active latents, {s['kept_nodes']} nodes and {s['kept_edges']} edges kept; "
+        f"graph of {s['target']!r} after {s['text']!r}: {s['active_features']} active latents ({s['latent_nodes']} as nodes), "
+        f"{s['kept_nodes']} nodes and {s['kept_edges']} edges kept; "
         f"replacement {s['replacement_score']:.3f}, completeness {s['completeness_score']:.3f}; {traced.seconds:.1f} s -> {paths['page']}"
     )
 

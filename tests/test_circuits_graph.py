@@ -183,3 +183,33 @@ def test_select_logits_takes_the_smallest_set_reaching_the_probability():
     assert select_logits(logits, 10, 0.81)[0] == [0, 1, 2]
     assert select_logits(logits, 10, 0.79)[0] == [0, 1]
     assert select_logits(logits, 2, 0.99)[0] == [0, 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_max_feature_nodes_folds_the_other_latents_into_the_error_nodes(ids, family):
+    """With a cap, the kept latents' edges are the full graph's, each error column gains its folded latents' columns, and the checks still hold."""
+    model, tcs, full = _graph(family, ids)
+    cap = full.n_features // 3
+    capped = build_graph(model, ids, tcs, batch_size=7, progress=False, max_feature_nodes=cap)
+    assert capped.n_features == cap and capped.folded_latents == full.n_features - cap
+    assert torch.equal(build_graph(model, ids, tcs, batch_size=50, progress=False, max_feature_nodes=10**6).adjacency, full.adjacency)
+    check = verify(capped, model)
+    assert check.logits_max_abs_diff <= TOLERANCE and check.completeness_error <= TOLERANCE, check
+    index = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    kept = torch.tensor([index[tuple(f)] for f in capped.features.tolist()])
+    rows = torch.cat([kept, torch.arange(full.logit_slice.start, full.logit_slice.stop)])
+    capped_rows = capped.target_rows
+    torch.testing.assert_close(capped.adjacency[capped_rows][:, :cap], full.adjacency[rows][:, kept], atol=1e-6, rtol=1e-5)
+    dropped = torch.tensor(sorted(set(range(full.n_features)) - set(kept.tolist())))
+    folded = full.adjacency[rows][:, full.error_slice].clone()
+    T = full.n_pos
+    for i in dropped.tolist():
+        L, p, _ = full.features[i].tolist()
+        folded[:, L * T + p] += full.adjacency[rows, i]
+    torch.testing.assert_close(capped.adjacency[capped_rows][:, capped.error_slice], folded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(capped.values[capped_rows], full.values[rows])
+    # The latent with the largest direct effect on the top logit is among the kept ones (rows go by influence).
+    top = int(full.adjacency[full.logit_slice.start, : full.n_features].abs().argmax())
+    assert top in kept.tolist()
+    with pytest.raises(TokenJourneyError, match="max_feature_nodes=0 must be >= 1"):
+        build_graph(model, ids, tcs, progress=False, max_feature_nodes=0)

@@ -60,6 +60,8 @@ class Graph:
     replacement_logits: torch.Tensor
     """`[T, vocab]` the replacement model's logits with error nodes (soft-capped where the model is)."""
     constant_positions: int
+    folded_latents: int = 0
+    """Active latents beyond `max_feature_nodes`, whose writes are in the error nodes of their (layer, position)."""
 
     @property
     def n_pos(self) -> int:
@@ -145,6 +147,56 @@ class _Sources:
         return cls(writes, columns)
 
 
+ROUND_BATCHES = 4
+"""With max_feature_nodes, the influence ranking is updated after this many batches of rows (circuit-tracer's update_interval)."""
+
+
+def _partial_influence(normalized: torch.Tensor, row_node: torch.Tensor, logit_rows: torch.Tensor, logit_probs: torch.Tensor) -> torch.Tensor:
+    """Each node's influence on the probability-weighted logits through the rows computed so far `[N]`.
+
+    `normalized[i]` is the row of node `row_node[i]` as shares of its total; nodes without a row yet
+    pass nothing on (circuit-tracer's partial influence)."""
+    weights = torch.zeros(normalized.shape[1])
+    weights[logit_rows] = logit_probs
+    total = torch.zeros_like(weights)
+    for _ in range(normalized.shape[1] + 1):
+        weights = weights[row_node] @ normalized
+        if not weights.any():
+            return total
+        total += weights
+    raise TokenJourneyError("influence did not converge: the adjacency matrix has a cycle")
+
+
+def _fold(
+    matrix: torch.Tensor,
+    row_node: torch.Tensor,
+    visited: torch.Tensor,
+    features: torch.Tensor,
+    activations: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    err_start: int,
+    T: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The graph over the visited latents: each other latent's column added to its (layer, position) error node's.
+
+    An edge is linear in its source's write, so folding a latent's write into the error node of its
+    (layer, position) adds its column to the error's: every target's edges still sum to its value.
+    Returns the kept features, activations, values, biases and the square adjacency in node order."""
+    F = len(features)
+    dropped = (~visited).nonzero(as_tuple=True)[0]
+    error_of = err_start + features[:, 0].cpu() * T + features[:, 1].cpu()
+    for part in dropped.split(4096):  # a slice of columns at a time: the copy stays small
+        matrix.index_add_(1, error_of[part], matrix[:, part])
+    kept = visited.nonzero(as_tuple=True)[0]
+    columns = torch.cat([kept, torch.arange(F, matrix.shape[1])])
+    new_index = torch.full((matrix.shape[1],), -1, dtype=torch.long)
+    new_index[columns] = torch.arange(len(columns))
+    adjacency = torch.zeros(len(columns), len(columns))
+    adjacency[new_index[row_node]] = matrix[:, columns]
+    return features[kept.to(features.device)], activations[kept.to(activations.device)], values[columns], bias[columns], adjacency
+
+
 def build_graph(
     model: nn.Module,
     token_ids: Sequence[int],
@@ -154,13 +206,20 @@ def build_graph(
     batch_size: int = 256,
     constant_positions: int = 1,
     progress: bool = True,
+    max_feature_nodes: int | None = None,
 ) -> Graph:
-    """The unpruned attribution graph of the next token after `token_ids` (see the module docstring)."""
+    """The unpruned attribution graph of the next token after `token_ids` (see the module docstring).
+
+    `max_feature_nodes`: at most this many latents become nodes, the most influential on the logits
+    (ranked as circuit-tracer ranks them); the writes of the others are folded into the error node of
+    their (layer, position), so every check still holds exactly. None: every active latent."""
     T = len(token_ids)
     if not 0 <= constant_positions < T:
         raise TokenJourneyError(f"constant_positions={constant_positions} must leave at least one of the prompt's {T} positions as nodes")
     if batch_size < 1:
         raise TokenJourneyError(f"batch_size={batch_size} must be >= 1")
+    if max_feature_nodes is not None and max_feature_nodes < 1:
+        raise TokenJourneyError(f"max_feature_nodes={max_feature_nodes} must be >= 1 (or null for every active latent)")
     clean = replacement.clean_pass(model, token_ids, transcoders)
     spec, tape = clean.spec, clean.tape
     skips = replacement.skip_weights(transcoders)
@@ -199,7 +258,6 @@ def build_graph(
     head_bias = torch.zeros(len(logit_ids), device=dev) if head_b is None else head_b[logit_ids] - head_b.mean()
     n_feat, n_err, K = len(features), spec.n_layers * T, len(logit_ids)
     N = n_feat + n_err + T + K
-    adjacency = torch.zeros(N, N)
     bias, values = torch.zeros(N), torch.zeros(N)
 
     # Targets: the value each reads, its bias, and the seed its backward pass starts from.
@@ -214,31 +272,61 @@ def build_graph(
     values[logit_rows] = (clean.logits[-1][logit_ids] - clean.logits[-1].mean()).cpu()
     bias[logit_rows] = (zero.final[-1] @ unembed_dirs.T + head_bias).cpu()
 
-    # Targets grouped by the position they read; each group's transpose pass carries positions 0..p only.
+    # Targets: every latent's encoder column and every logit's direction; rows are computed for the logits
+    # and then for latents in order of influence (all of them unless max_feature_nodes caps it).
     targets = [(int(L), int(p), enc[L][:, k], row) for row, (L, p, k) in enumerate(features.tolist())]
     targets += [(spec.n_layers, T - 1, u, int(row)) for u, row in zip(unembed_dirs, logit_rows, strict=True)]
-    targets.sort(key=lambda x: -x[0])  # deepest first: the order in which they join the pass
-    chunks = []
-    for p in range(T):
-        at = [x for x in targets if x[1] == p]
-        chunks += [at[i : i + batch_size] for i in range(0, len(at), batch_size)]
     sources = _Sources.of(features, feature_writes, spec.n_layers, T, spare=N)
     adjoint = Adjoint(model, spec, tape, skips)
     err_start, tok_start = n_feat, n_feat + n_err
-    for chunk in tqdm(chunks, desc="attribution passes", disable=not progress):
-        t = chunk[0][1] + 1
-        joins = {L: torch.stack([vec for L2, _, vec, _ in chunk if L2 == L]) for L in dict.fromkeys(x[0] for x in chunk)}
-        block = torch.zeros(len(chunk), N + 1, device=dev)
+    n_rows = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
+    matrix = torch.zeros(K + n_rows, N)  # rows in the order computed, every node a column
+    ranking = [torch.zeros_like(matrix)] if n_rows < n_feat else []  # the same rows as shares of their |total|, to rank by influence
+    row_node = torch.empty(K + n_rows, dtype=torch.long)
+    progress_bar = tqdm(total=K + n_rows, desc="attribution rows", disable=not progress)
 
-        def on_write(layer: int, g: torch.Tensor, block: torch.Tensor = block, t: int = t) -> None:
-            R, cols = len(g), sources.columns[layer][:t].flatten()
-            if cols.numel():
-                block[:R, cols] = torch.bmm(g.transpose(0, 1), sources.writes[layer][:t]).transpose(0, 1).reshape(R, -1)
-            block[:R, err_start + layer * T : err_start + layer * T + t] = torch.einsum("rtd,td->rt", g, node_errors[layer][:t])
+    def compute(chosen: list[int], first: int) -> None:
+        """Rows `first...` of `matrix` for the targets `chosen`, grouped by position (see `adjoint.py`)."""
+        slot = {node: first + i for i, node in enumerate(chosen)}
+        row_node[first : first + len(chosen)] = torch.tensor(chosen)
+        group = sorted((targets[n if n < n_feat else n - N + K + n_feat] for n in chosen), key=lambda x: -x[0])  # deepest first
+        for p in range(T):
+            at = [x for x in group if x[1] == p]
+            for chunk in (at[i : i + batch_size] for i in range(0, len(at), batch_size)):
+                t = p + 1
+                joins = {L: torch.stack([vec for L2, _, vec, _ in chunk if L2 == L]) for L in dict.fromkeys(x[0] for x in chunk)}
+                block = torch.zeros(len(chunk), N + 1, device=dev)
 
-        g_tok = adjoint.descend(t, joins, on_write)
-        block[:, tok_start : tok_start + t] = torch.einsum("rtd,td->rt", g_tok, clean.embeds[:t])
-        adjacency[[x[3] for x in chunk]] = block[:, :N].cpu()
+                def on_write(layer: int, g: torch.Tensor, block: torch.Tensor = block, t: int = t) -> None:
+                    R, cols = len(g), sources.columns[layer][:t].flatten()
+                    if cols.numel():
+                        block[:R, cols] = torch.bmm(g.transpose(0, 1), sources.writes[layer][:t]).transpose(0, 1).reshape(R, -1)
+                    block[:R, err_start + layer * T : err_start + layer * T + t] = torch.einsum("rtd,td->rt", g, node_errors[layer][:t])
+
+                g_tok = adjoint.descend(t, joins, on_write)
+                block[:, tok_start : tok_start + t] = torch.einsum("rtd,td->rt", g_tok, clean.embeds[:t])
+                slots = [slot[x[3]] for x in chunk]
+                matrix[slots] = block[:, :N].cpu()
+                if ranking:
+                    ranking[0][slots] = _normalized(matrix[slots])
+                progress_bar.update(len(chunk))
+
+    compute(logit_rows.tolist(), 0)
+    visited = torch.zeros(n_feat, dtype=torch.bool)
+    done = K
+    while done < K + n_rows:
+        if n_rows == n_feat:
+            pending = torch.arange(n_feat)
+        else:  # circuit-tracer's order: the unvisited latents most influential on the logits through the rows so far
+            influence = _partial_influence(ranking[0][:done], row_node[:done], logit_rows, logit_probs.cpu())
+            ranked = influence[:n_feat].argsort(descending=True)
+            pending = ranked[~visited[ranked]][: min(ROUND_BATCHES * batch_size, K + n_rows - done)]
+        compute(pending.tolist(), done)
+        visited[pending] = True
+        done += len(pending)
+    progress_bar.close()
+    ranking.clear()
+    features, activations, values, bias, adjacency = _fold(matrix, row_node, visited, features, activations, values, bias, err_start, T)
 
     return Graph(
         token_ids=list(token_ids),
@@ -252,6 +340,7 @@ def build_graph(
         values=values,
         replacement_logits=replacement_logits.cpu(),
         constant_positions=constant_positions,
+        folded_latents=n_feat - n_rows,
     )
 
 

@@ -152,7 +152,8 @@ def render_page(traced: Any, payload: dict[str, Any], journey_href: str | None =
     s = traced.summary()
     figures = [
         ("target", f"{s['target']!r} (p = {s['target_probability']:.3f})"),
-        ("latent nodes (active)", s["active_features"]),
+        ("active latents", s["active_features"]),
+        ("latent nodes (the others folded into the error nodes: circuits.max_feature_nodes)", s["latent_nodes"]),
         ("kept nodes / edges", f"{s['kept_nodes']} / {s['kept_edges']}"),
         ("pruning thresholds (node, edge)", f"{s['node_threshold']}, {s['edge_threshold']}"),
         ("replacement score", f"{s['replacement_score']:.3f}"),

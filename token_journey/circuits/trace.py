@@ -73,7 +73,9 @@ class Traced:
             "model": self.model_name,
             "text": self.text,
             "tokens": len(self.tokens),
-            "active_features": g.n_features,
+            "active_features": g.n_features + g.folded_latents,
+            "latent_nodes": g.n_features,
+            "folded_latents": g.folded_latents,
             "target": self.logit_tokens[0],
             "target_probability": float(g.logit_probs[0]),
             "logit_targets": len(g.logit_ids),
@@ -102,6 +104,7 @@ def trace(model: nn.Module, tokenizer: Any, transcoders: Sequence[SAE], cfg: Cir
         max_n_logits=cfg.max_n_logits,
         desired_logit_prob=cfg.desired_logit_prob,
         batch_size=cfg.batch_size,
+        max_feature_nodes=cfg.max_feature_nodes,
         constant_positions=1 if cfg.prepend_bos else 0,
         progress=progress,
     )

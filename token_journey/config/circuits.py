@@ -30,7 +30,9 @@ class CircuitsConfig:
     interventions: int
     """Most influential latents ablated in the real model to test the graph (0 = none)."""
     batch_size: int
-    """Targets per batched backward pass."""
+    """At most this many targets per pass of the replacement model's transpose."""
+    max_feature_nodes: int | None
+    """At most this many latents become nodes (the most influential); the others fold into the error nodes. None: all."""
     loss_tokens: int
     """Tokens of the branch's eval slice on which each layer's spliced delta loss is measured (0 = not measured)."""
     layers: tuple[int, ...]
@@ -49,6 +51,8 @@ class CircuitsConfig:
             raise TokenJourneyError("circuits.text is empty; set circuits.text='The capital of France is'")
         if self.loss_tokens < 0:
             raise TokenJourneyError(f"circuits.loss_tokens={self.loss_tokens} must be >= 0 (0 = no spliced delta loss)")
+        if self.max_feature_nodes is not None and self.max_feature_nodes < 1:
+            raise TokenJourneyError(f"circuits.max_feature_nodes={self.max_feature_nodes} must be >= 1, or null for every active latent")
         if self.interventions < 0:
             raise TokenJourneyError(f"circuits.interventions={self.interventions} must be >= 0 (0 = none)")
         for name in ("max_prompt_tokens", "max_n_logits", "batch_size", "train_tokens", "eval_tokens"):
