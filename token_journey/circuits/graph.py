@@ -147,8 +147,9 @@ class _Sources:
         return cls(writes, columns)
 
 
-ROUND_BATCHES = 4
-"""With max_feature_nodes, the influence ranking is updated after this many batches of rows (circuit-tracer's update_interval)."""
+ROUND_ROWS = 2048
+"""With max_feature_nodes, the influence ranking is updated after this many latent rows (circuit-tracer: its update_interval 4
+times its batch_size 512). Each update runs the power series over every row so far, so fewer, larger rounds cost less."""
 
 
 def _partial_influence(normalized: torch.Tensor, row_node: torch.Tensor, logit_rows: torch.Tensor, logit_probs: torch.Tensor) -> torch.Tensor:
@@ -320,7 +321,7 @@ def build_graph(
         else:  # circuit-tracer's order: the unvisited latents most influential on the logits through the rows so far
             influence = _partial_influence(ranking[0][:done], row_node[:done], logit_rows, logit_probs.cpu())
             ranked = influence[:n_feat].argsort(descending=True)
-            pending = ranked[~visited[ranked]][: min(ROUND_BATCHES * batch_size, K + n_rows - done)]
+            pending = ranked[~visited[ranked]][: min(ROUND_ROWS, K + n_rows - done)]
         compute(pending.tolist(), done)
         visited[pending] = True
         done += len(pending)
