@@ -455,3 +455,23 @@ def test_pages_are_the_same_from_one_process_or_several(report_inputs, tmp_path)
         result = build_report(make(ReportConfig, workers=workers), paths, seed=0)
         built[workers] = {p.relative_to(paths.html).as_posix(): p.read_bytes() for p in result.files if p.suffix == ".html"}
     assert len(built[1]) == 3 and built[1] == built[2]
+
+
+def _worker_signal_state(_entry):
+    """What a page worker makes of SIGTERM and SIGUSR1 (module level, so the pool can name it)."""
+    import signal
+
+    return [signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGUSR1)]
+
+
+def test_page_workers_die_of_sigterm_while_the_stage_catches_it():
+    """Forked page workers drop the stage's stop handlers (else the pool's terminate can wait on a worker forever)."""
+    import signal
+
+    from token_journey.preemption import stop_requests
+    from token_journey.report.build import _pages
+
+    with stop_requests(listen=False):
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        states = list(_pages(_worker_signal_state, list(range(4)), workers=2))
+    assert states == [[True, True]] * 4

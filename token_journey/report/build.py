@@ -14,6 +14,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from token_journey.config.report import ReportConfig
 from token_journey.errors import TokenJourneyError
 from token_journey.layout import Layout, atomic_write_text
+from token_journey.preemption import SIGNALS
 from token_journey.report import plots
 from token_journey.report.dashboards import ContextBuilder, Dashboard, build_dashboards, feature_index, read_eval_tokens
 from token_journey.report.explain import Explainer, sae_identity
@@ -120,6 +122,18 @@ _JOB: _PageJob | None = None
 """The job a forked page worker runs (set before the fork, so nothing is pickled but the entries)."""
 
 
+def _worker_start(threads: int) -> None:
+    """A forked page worker: its share of the cores, and the default, C-level effect of SIGTERM and SIGUSR1.
+
+    The fork copies the stage's Python handlers (`preemption`), which turn the SIGTERM of the pool's
+    terminate into Python code that a worker blocked in a lock does not run: the report stage was seen
+    hanging in the suite with a worker in a futex wait and the stage waiting for it in the terminate.
+    The parent handles a stop request; the workers die of it, as `Pool.terminate` expects."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    torch.set_num_threads(threads)
+
+
 def _run_page(entry: SaeEntry) -> tuple[Path, int, np.ndarray | None]:
     assert _JOB is not None
     return _JOB(entry)
@@ -140,7 +154,7 @@ def _pages(job: _PageJob, entries: list[SaeEntry], workers: int) -> Iterator[tup
     _JOB = job
     threads = max(1, torch.get_num_threads() // workers)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start, initargs=(threads,)) as pool:
             yield from tqdm(pool.imap(_run_page, entries), total=len(entries), desc=f"report pages ({workers} processes)", unit="page")
     finally:
         _JOB = None
