@@ -200,7 +200,8 @@ def applies(override: str, arch: str) -> bool:
     key = override.split("=", 1)[0]
     if key == "sae.k":
         return arch in USES_K
-    if key in ("sae.sparsity_coefficient", "sae.target_l0", "sae.pre_act_coefficient", "sae.topk_warmup_fraction", "sae.warmup_architecture"):
+    jumprelu_only = ("sae.sparsity_coefficient", "sae.target_l0", "sae.pre_act_coefficient", "sae.topk_warmup_fraction", "sae.warmup_architecture")
+    if key in jumprelu_only or key == "sae.center_encoder_input":
         return arch not in USES_K
     return True
 

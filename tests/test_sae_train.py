@@ -393,9 +393,33 @@ def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference(warmu
         assert torch.allclose(grad, getattr(sae, name).grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_a_centred_jumprelu_trains_on_x_minus_b_dec_and_is_saved_reading_x():
+    """With center_encoder_input the encoder reads x - b_dec while training (checked by hand on a fresh SAE);
+    the trained SAE reads x and encodes exactly what the centred one would (b_dec's part is in b_enc)."""
+    cfg = _cfg("jumprelu", target_l0=4.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, center_encoder_input=True)
+    x = _data(7, 256)
+    fresh = new_sae(cfg, D_IN, STATS, seed=0)
+    assert not torch.allclose(fresh.b_dec, torch.zeros(D_IN))
+    assert torch.allclose(fresh.pre_acts(x), (x - fresh.b_dec) @ fresh.W_enc + fresh.b_enc)
+    plain = new_sae(dataclasses.replace(cfg, center_encoder_input=False), D_IN, STATS, seed=0)
+    assert not torch.allclose(fresh.pre_acts(x), plain.pre_acts(x))
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    train(sae, _batches(64), STATS, cfg, stop_after=20)  # stopped early: still centred, scale not folded
+    centred = {k: v.clone() for k, v in sae.tensors().items()}
+    z = (x * STATS.scale - centred["b_dec"]) @ centred["W_enc"] + centred["b_enc"]
+    expected = z * (z > centred["threshold"])
+    sae.stop_centering_input()
+    assert not sae.apply_b_dec_to_input and not torch.allclose(sae.b_enc, centred["b_enc"])
+    assert torch.allclose(sae.encode(x * STATS.scale), expected, atol=1e-5)
+    finished = new_sae(cfg, D_IN, STATS, seed=0)
+    train(finished, _batches(64), STATS, cfg)
+    assert not finished.apply_b_dec_to_input
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
+        (dict(architecture="topk", center_encoder_input=True), "applies to jumprelu only"),
         (dict(architecture="jumprelu", topk_warmup_fraction=0.5), "applies only with sae.target_l0"),
         (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=1.0), r"must be in \[0, 1\)"),
         (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, warmup_architecture="relu"), "is not one of topk"),

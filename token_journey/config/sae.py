@@ -61,6 +61,9 @@ class SAEConfig:
     """JumpReLU straight-through window eps (inputs scaled so E||x||^2 = 1)."""
     threshold_init: float
     """JumpReLU initial threshold."""
+    center_encoder_input: bool
+    """jumprelu only: while training, the encoder reads x - b_dec, as TopK's and BatchTopK's do, and not x; at the end
+    b_dec's part is folded into b_enc (b_enc - b_dec W_enc), so the saved SAE reads x as a Gemma Scope JumpReLU does."""
     pre_act_coefficient: float
     """JumpReLU only: weight of the pre-activation loss, the mean over tokens of sum_i relu(theta_i - z_i), which pulls
     every latent that does not fire towards its threshold so that none stays dead (`JumpReLUSAE._below_threshold`); 0 = off."""
@@ -115,6 +118,8 @@ class SAEConfig:
             )
         if self.pre_act_coefficient < 0 or (self.pre_act_coefficient and encoder_of(self.architecture) != "jumprelu"):
             raise TokenJourneyError(f"sae.pre_act_coefficient={self.pre_act_coefficient} must be >= 0, and 0 for {self.architecture} (JumpReLU only)")
+        if self.center_encoder_input and self.architecture != "jumprelu":
+            raise TokenJourneyError(f"sae.center_encoder_input=true applies to jumprelu only, not {self.architecture}; leave it false")
         if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
             raise TokenJourneyError(f"sae.checkpoint_every={self.checkpoint_every} and sae.checkpoint_minutes={self.checkpoint_minutes} must be >= 0 (0 = off)")
         self._check_sparsity_keys_apply()

@@ -203,6 +203,13 @@ class SAE(nn.Module):
         if self.has_threshold:
             self.threshold /= scale
 
+    @torch.no_grad()
+    def stop_centering_input(self) -> None:
+        """Read x instead of x - b_dec from now on, encoding the same: b_enc - b_dec W_enc takes b_dec's part."""
+        if self.apply_b_dec_to_input:
+            self.b_enc -= self.b_dec @ self.W_enc
+            self.apply_b_dec_to_input = False
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The saved tensors: on the CPU, contiguous, SAELens names and orientation."""
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}

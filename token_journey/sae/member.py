@@ -182,6 +182,8 @@ class Member:
             log.info("%s: thresholds x%.4f so that L0 = %g on %d training rows", self.name, scale, self.cfg.target_l0, rows)
             self.calibration_rows = []
         if self.finishes:
+            if self.cfg.center_encoder_input:
+                self.sae.stop_centering_input()
             if self.paired:
                 self.sae.fold_scale(self.scale, self.in_scale)
             else:
