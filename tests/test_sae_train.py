@@ -387,7 +387,10 @@ def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference(warmu
     ours = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     sae.zero_grad(set_to_none=True)
     z = x @ sae.W_enc + sae.b_enc
-    ((((z * kept).relu()) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()).backward()
+    mse = (((z * kept).relu()) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    if warmup_architecture == "batchtopk":  # BatchTopK's loss, the FVU: the error over the batch's variance
+        mse = mse / (x - x.mean(0)).pow(2).sum(-1).mean()
+    mse.backward()
     assert set(ours) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name, grad in ours.items():
         assert torch.allclose(grad, getattr(sae, name).grad, rtol=1e-4, atol=1e-6), name
