@@ -37,8 +37,8 @@ class SAEConfig:
     start: every threshold then starts at the last batch's cut for that L0 and trains on its own; 0 = off)."""
     warmup_architecture: str
     """What the warm start trains as: topk (each token's k = target_l0 largest pre-activations) or batchtopk (the
-    k x batch largest of the whole batch, so a token's L0 varies as a JumpReLU's does, and the thresholds' handover
-    cut is the very rule the warm start trained with). Only with topk_warmup_fraction > 0."""
+    k x batch largest of the whole batch, with BatchTopK's loss, its FVU, so a token's L0 varies as a JumpReLU's does,
+    and the thresholds' handover cut is the very rule the warm start trained with). Only with topk_warmup_fraction > 0."""
     sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
     lr: float
