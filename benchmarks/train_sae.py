@@ -48,6 +48,15 @@ except ImportError:
 
 BARS = {"topk": 3.5, "jumprelu": 2.0, "batchtopk": 2.0, "matryoshka": 2.0, "relu": 0.0}
 PEER_BAR = {"tokens_per_s_ratio_min": 1.5, "fvu_ratio_max": 0.9, "dead_max": 0.05}
+NOT_K_KEYS = (
+    "sae.sparsity_coefficient",
+    "sae.target_l0",
+    "sae.pre_act_coefficient",
+    "sae.topk_warmup_fraction",
+    "sae.warmup_architecture",
+    "sae.center_encoder_input",
+)
+"""`--set` keys of the architectures whose L0 is not k (the JumpReLU's): left out of the TopK-like ones, which refuse them."""
 QUALITY_BARS = {"topk": {"fvu_max": 0.16, "dead_max": 0.10}, "jumprelu": {"fvu_max": 0.20, "l0_min": 24, "l0_max": 48}}
 
 
@@ -200,7 +209,7 @@ def applies(override: str, arch: str) -> bool:
     key = override.split("=", 1)[0]
     if key == "sae.k":
         return arch in USES_K
-    if key in ("sae.sparsity_coefficient", "sae.target_l0", "sae.pre_act_coefficient"):
+    if key in NOT_K_KEYS:
         return arch not in USES_K
     return True
 

@@ -294,11 +294,19 @@ def test_training_is_bit_identical_run_to_run_on_two_threads(arch):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("topk_warmup_fraction", [0.0, 0.5])
+@pytest.mark.parametrize("topk_warmup_fraction,warmup_architecture", [(0.0, "topk"), (0.5, "topk"), (0.5, "batchtopk")])
 @pytest.mark.parametrize("target", [3.0, 6.0])
-def test_jumprelu_trains_to_the_requested_l0(target, topk_warmup_fraction):
-    """The same data and recipe end at either target on held-out rows, with no coefficient to tune."""
-    cfg = _cfg("jumprelu", target_l0=target, target_l0_gain=0.1, train_tokens=64 * 120, sparsity_warmup_steps=0, topk_warmup_fraction=topk_warmup_fraction)
+def test_jumprelu_trains_to_the_requested_l0(target, topk_warmup_fraction, warmup_architecture):
+    """The same data and recipe end at either target on held-out rows, with no coefficient to tune, whatever the warm start."""
+    cfg = _cfg(
+        "jumprelu",
+        target_l0=target,
+        target_l0_gain=0.1,
+        train_tokens=64 * 120,
+        sparsity_warmup_steps=0,
+        topk_warmup_fraction=topk_warmup_fraction,
+        warmup_architecture=warmup_architecture,
+    )
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     info = train(sae, _batches(64), STATS, cfg)
     held_out = sae_reconstruction(sae, _data(99, 4096))["l0"]
@@ -329,8 +337,8 @@ def test_threshold_calibration_hits_the_target_exactly_on_its_rows():
     assert int((pre > sae.threshold.detach()).sum()) == 5 * 300
 
 
-@pytest.mark.parametrize("topk_warmup_fraction", [0.0, 0.4])
-def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_warmup_fraction):
+@pytest.mark.parametrize("topk_warmup_fraction,warmup_architecture", [(0.0, "topk"), (0.4, "topk"), (0.4, "batchtopk")])
+def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_warmup_fraction, warmup_architecture):
     """Killed and resumed, a target_l0 run ends bit-identical to one run straight through.
 
     With a warm start of 8 steps, the resumed part (from the checkpoint at step 7) crosses into the JumpReLU steps.
@@ -343,6 +351,7 @@ def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_
         sparsity_warmup_steps=0,
         checkpoint_every=7,
         topk_warmup_fraction=topk_warmup_fraction,
+        warmup_architecture=warmup_architecture,
     )
     straight = new_sae(cfg, D_IN, STATS, seed=0)
     train(straight, _batches(64), STATS, cfg)
@@ -353,34 +362,71 @@ def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_
     assert all(torch.equal(straight.tensors()[k], resumed.tensors()[k]) for k in straight.tensors())
 
 
-def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference():
-    """A warm-start step keeps each token's k largest pre-activations, sets every threshold to the batch's
-    cut for a mean L0 of k, and gives the gradients of the dense reconstruction loss of exactly those
-    latents (hand-written)."""
-    cfg = _cfg("jumprelu", target_l0=4.0, target_l0_gain=0.1, topk_warmup_fraction=0.5)
+@pytest.mark.parametrize("warmup_architecture", ["topk", "batchtopk"])
+def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference(warmup_architecture):
+    """A warm-start step keeps each token's k largest pre-activations (TopK) or the k x batch largest of the
+    whole batch (BatchTopK), sets every threshold to the batch's cut for a mean L0 of k, and gives the
+    gradients of the dense reconstruction loss of exactly those latents (hand-written)."""
+    cfg = _cfg("jumprelu", target_l0=4.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, warmup_architecture=warmup_architecture)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     x = torch.randn(100, D_IN, generator=torch.Generator().manual_seed(5)) * 0.3  # no repeated rows, so no ties
     pre = sae.pre_acts(x).detach()
-    kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(4, dim=1).indices, True) & (pre > 0)
-    out = sae.training_step(x, StepContext(warmup_k=4.0, extra={"auxk_alpha": 0.0}))
+    cut = pre.flatten().topk(4 * 100).values.min()
+    if warmup_architecture == "topk":
+        kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.topk(4, dim=1).indices, True) & (pre > 0)
+    else:
+        kept = (pre >= cut) & (pre > 0)
+        assert kept.sum(1).min() < 4 < kept.sum(1).max()  # a token's L0 varies around k: not TopK's set
+    out = sae.training_step(x, StepContext(warmup_k=4.0, extra={"auxk_alpha": 0.0}, warmup_batch=warmup_architecture == "batchtopk"))
     assert out.l0 == float(kept.sum()) / 100
-    assert torch.all(sae.threshold.detach() == pre.flatten().topk(4 * 100).values.min())
+    assert torch.all(sae.threshold.detach() == cut)
+    if warmup_architecture == "batchtopk":  # the handover's thresholds give exactly the warm start's active set
+        assert torch.equal(sae.encode(x).detach() != 0, kept & (pre > cut))
     out.loss.backward()
     assert sae.threshold.grad is None  # the thresholds are set, not trained, during the warm start
     ours = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     sae.zero_grad(set_to_none=True)
     z = x @ sae.W_enc + sae.b_enc
-    ((((z * kept).relu()) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()).backward()
+    mse = (((z * kept).relu()) @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean()
+    if warmup_architecture == "batchtopk":  # BatchTopK's loss, the FVU: the error over the batch's variance
+        mse = mse / (x - x.mean(0)).pow(2).sum(-1).mean()
+    mse.backward()
     assert set(ours) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name, grad in ours.items():
         assert torch.allclose(grad, getattr(sae, name).grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_a_centred_jumprelu_trains_on_x_minus_b_dec_and_is_saved_reading_x():
+    """With center_encoder_input the encoder reads x - b_dec while training (checked by hand on a fresh SAE);
+    the trained SAE reads x and encodes exactly what the centred one would (b_dec's part is in b_enc)."""
+    cfg = _cfg("jumprelu", target_l0=4.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, center_encoder_input=True)
+    x = _data(7, 256)
+    fresh = new_sae(cfg, D_IN, STATS, seed=0)
+    assert not torch.allclose(fresh.b_dec, torch.zeros(D_IN))
+    assert torch.allclose(fresh.pre_acts(x), (x - fresh.b_dec) @ fresh.W_enc + fresh.b_enc)
+    plain = new_sae(dataclasses.replace(cfg, center_encoder_input=False), D_IN, STATS, seed=0)
+    assert not torch.allclose(fresh.pre_acts(x), plain.pre_acts(x))
+    sae = new_sae(cfg, D_IN, STATS, seed=0)
+    train(sae, _batches(64), STATS, cfg, stop_after=20)  # stopped early: still centred, scale not folded
+    centred = {k: v.clone() for k, v in sae.tensors().items()}
+    z = (x * STATS.scale - centred["b_dec"]) @ centred["W_enc"] + centred["b_enc"]
+    expected = z * (z > centred["threshold"])
+    sae.stop_centering_input()
+    assert not sae.apply_b_dec_to_input and not torch.allclose(sae.b_enc, centred["b_enc"])
+    assert torch.allclose(sae.encode(x * STATS.scale), expected, atol=1e-5)
+    finished = new_sae(cfg, D_IN, STATS, seed=0)
+    train(finished, _batches(64), STATS, cfg)
+    assert not finished.apply_b_dec_to_input
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
+        (dict(architecture="topk", center_encoder_input=True), "applies to jumprelu only"),
         (dict(architecture="jumprelu", topk_warmup_fraction=0.5), "applies only with sae.target_l0"),
         (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=1.0), r"must be in \[0, 1\)"),
+        (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, warmup_architecture="relu"), "is not one of topk"),
+        (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, warmup_architecture="batchtopk"), "applies only with a warm start"),
         (dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
         (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
         (dict(architecture="jumprelu", target_l0=99.0), "between 0"),

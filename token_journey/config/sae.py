@@ -8,6 +8,7 @@ from token_journey.errors import TokenJourneyError
 from token_journey.sae.registry import USES_K, USES_PREFIXES, check_architecture, check_k, encoder_of, prefix_sizes
 
 B_DEC_INITS = ("mean", "geometric_median", "zeros")
+WARMUP_ARCHITECTURES = ("topk", "batchtopk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,10 @@ class SAEConfig:
     topk_warmup_fraction: float
     """jumprelu with target_l0 only: the first fraction of the steps trains as TopK with k = target_l0 (a warm
     start: every threshold then starts at the last batch's cut for that L0 and trains on its own; 0 = off)."""
+    warmup_architecture: str
+    """What the warm start trains as: topk (each token's k = target_l0 largest pre-activations) or batchtopk (the
+    k x batch largest of the whole batch, with BatchTopK's loss, its FVU, so a token's L0 varies as a JumpReLU's does,
+    and the thresholds' handover cut is the very rule the warm start trained with). Only with topk_warmup_fraction > 0."""
     sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
     lr: float
@@ -56,6 +61,9 @@ class SAEConfig:
     """JumpReLU straight-through window eps (inputs scaled so E||x||^2 = 1)."""
     threshold_init: float
     """JumpReLU initial threshold."""
+    center_encoder_input: bool
+    """jumprelu only: while training, the encoder reads x - b_dec, as TopK's and BatchTopK's do, and not x; at the end
+    b_dec's part is folded into b_enc (b_enc - b_dec W_enc), so the saved SAE reads x as a Gemma Scope JumpReLU does."""
     pre_act_coefficient: float
     """JumpReLU only: weight of the pre-activation loss, the mean over tokens of sum_i relu(theta_i - z_i), which pulls
     every latent that does not fire towards its threshold so that none stays dead (`JumpReLUSAE._below_threshold`); 0 = off."""
@@ -110,6 +118,8 @@ class SAEConfig:
             )
         if self.pre_act_coefficient < 0 or (self.pre_act_coefficient and encoder_of(self.architecture) != "jumprelu"):
             raise TokenJourneyError(f"sae.pre_act_coefficient={self.pre_act_coefficient} must be >= 0, and 0 for {self.architecture} (JumpReLU only)")
+        if self.center_encoder_input and self.architecture != "jumprelu":
+            raise TokenJourneyError(f"sae.center_encoder_input=true applies to jumprelu only, not {self.architecture}; leave it false")
         if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
             raise TokenJourneyError(f"sae.checkpoint_every={self.checkpoint_every} and sae.checkpoint_minutes={self.checkpoint_minutes} must be >= 0 (0 = off)")
         self._check_sparsity_keys_apply()
@@ -136,6 +146,13 @@ class SAEConfig:
             raise TokenJourneyError(
                 f"sae.topk_warmup_fraction={self.topk_warmup_fraction} applies only with "
                 "sae.target_l0 set (it is the warm start's k); use sae=jumprelu-l0 or leave it 0"
+            )
+        if self.warmup_architecture not in WARMUP_ARCHITECTURES:
+            raise TokenJourneyError(f"sae.warmup_architecture={self.warmup_architecture!r} is not one of {', '.join(WARMUP_ARCHITECTURES)}")
+        if self.warmup_architecture != "topk" and not self.topk_warmup_fraction:
+            raise TokenJourneyError(
+                f"sae.warmup_architecture={self.warmup_architecture} applies only with a warm start (sae.topk_warmup_fraction > 0); "
+                "leave it topk or set the fraction"
             )
         if not self.target_l0 and self.target_l0_gain:
             raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} applies only with sae.target_l0 set; use sae=jumprelu-l0 or leave it 0")

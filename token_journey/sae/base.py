@@ -71,6 +71,7 @@ class StepContext:
 
     `threshold_weight`: weight of this batch in BatchTopK's running inference-threshold estimate.
     `warmup_k`: > 0 while a JumpReLU trains as TopK with this k (its warm start), 0 after.
+    `warmup_batch`: that warm start keeps the k x batch largest pre-activations of the whole batch (BatchTopK), not k per token.
     """
 
     sparsity_coefficient: float = 0.0
@@ -79,6 +80,7 @@ class StepContext:
     threshold_weight: float = 0.01
     extra: dict[str, float] = field(default_factory=dict)
     warmup_k: float = 0.0
+    warmup_batch: bool = False
 
 
 class SAE(nn.Module):
@@ -200,6 +202,13 @@ class SAE(nn.Module):
         self.b_dec /= scale
         if self.has_threshold:
             self.threshold /= scale
+
+    @torch.no_grad()
+    def stop_centering_input(self) -> None:
+        """Read x instead of x - b_dec from now on, encoding the same: b_enc - b_dec W_enc takes b_dec's part."""
+        if self.apply_b_dec_to_input:
+            self.b_enc -= self.b_dec @ self.W_enc
+            self.apply_b_dec_to_input = False
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The saved tensors: on the CPU, contiguous, SAELens names and orientation."""

@@ -12,6 +12,9 @@ gradient, so the step works on those alone (`Active`), exactly as the dense form
 With a target L0 and `topk_warmup_fraction`, the first steps train the same weights as a TopK SAE with
 k = target (no L0 term), the thresholds following the batch's cut for that L0; the steps above then start
 from weights that already reconstruct well at that L0, which a short budget cannot reach from scratch.
+With `warmup_architecture=batchtopk` the warm start is a BatchTopK SAE instead (the k x batch largest
+pre-activations of the whole batch), whose active set is the one that cut gives: at the handover the
+thresholds keep the latents the warm start trained with, as Bussmann et al. turn a BatchTopK into a JumpReLU.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class JumpReLUSAE(SAE):
 
     def training_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None = None) -> StepOutput:
         if ctx.warmup_k:
-            return self._topk_warmup_step(x, ctx, target)
+            return self._warmup_step(x, ctx, target)
         y = x if target is None else target
         x_in, pre = self._sparse_pre(x)
         with torch.no_grad():
@@ -131,27 +134,39 @@ class JumpReLUSAE(SAE):
         firing = z >= theta
         return (every_pair - (theta[firing] - z[firing]).sum()) / n
 
-    def _topk_warmup_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None) -> StepOutput:
-        """One step of the TopK warm start: each token's round(k) largest pre-activations are active.
+    def _warmup_step(self, x: torch.Tensor, ctx: StepContext, target: torch.Tensor | None) -> StepOutput:
+        """One step of the warm start: each token's round(k) largest pre-activations are active (TopK), or with
+        `ctx.warmup_batch` the positive ones at or above the batch's cut for a mean L0 of k (BatchTopK).
 
         The loss is the reconstruction error plus AuxK (scaled like TopK's, relative to the batch's
-        variance); no L0 term, since k fixes L0. The thresholds take no gradient here: each step sets them
-        all to the batch's cut for a mean L0 of k, so that when the JumpReLU steps take over, every latent
-        starts from the one threshold that gave L0 = k on the last batch, and then moves on its own. Setting
-        them every step, not only at the handover, keeps a checkpoint taken during the warm start usable as
-        a JumpReLU; the cut costs a sampled top-k, small beside the encoder matmul (19k tok/s either way).
+        variance); no L0 term, since k fixes L0. The BatchTopK warm start divides it by the batch's variance,
+        as the BatchTopK SAE's loss is (its FVU): under gradient clipping and with Adam's moments carried into
+        the JumpReLU steps that scale is not neutral, and on SmolLM2 layer 15 at target 32 it took the FVU
+        from 0.1521 to 0.1497 (drafts/issue-29.md). The TopK warm start keeps the raw error, as measured before.
+
+        The thresholds take no gradient here: each step sets them all to the batch's cut for a mean L0 of k, so that
+        when the JumpReLU steps take over, every latent starts from the one threshold that gave L0 = k on the last
+        batch, and then moves on its own. Setting them every step, not only at the handover, keeps a checkpoint taken
+        during the warm start usable as a JumpReLU; the cut costs a sampled top-k, small beside the encoder matmul
+        (19k tok/s either way).
         """
         y = x if target is None else target
         x_in, pre = self._sparse_pre(x)
         with torch.no_grad():
-            values, indices = pre.topk(max(1, round(ctx.warmup_k)), dim=-1, sorted=False)
-            active = Active.from_topk(indices, self.cfg.d_sae)
-            self.threshold.fill_(batch_cut(pre, ctx.warmup_k).clamp_min(torch.finfo(pre.dtype).tiny))  # 0-d: no host sync
+            cut = batch_cut(pre, ctx.warmup_k).clamp_min(torch.finfo(pre.dtype).tiny)
+            if ctx.warmup_batch:
+                active = Active.from_mask(pre >= cut)
+                values = pre[active.rows, active.cols]
+            else:
+                values, indices = pre.topk(max(1, round(ctx.warmup_k)), dim=-1, sorted=False)
+                active = Active.from_topk(indices, self.cfg.d_sae)
+            self.threshold.fill_(cut)  # 0-d: no host sync
         f = self._attach(x_in, values.reshape(-1), active).relu()
         err = self._reconstruct(f, active, x) - y
         mse = err.pow(2).sum(-1).mean()
         aux = TopKSAE._auxk(self, x_in, pre, err.detach(), ctx)  # type: ignore[arg-type]
         total_var = (y - y.mean(0)).pow(2).sum(-1).mean().detach()
-        loss = mse + ctx.extra.get("auxk_alpha", 1 / 32) * aux * total_var
+        alpha = ctx.extra.get("auxk_alpha", 1 / 32)
+        loss = mse / total_var + alpha * aux if ctx.warmup_batch else mse + alpha * aux * total_var
         l0 = float((f > 0).sum()) / x.shape[0]
         return StepOutput(loss, mse.detach(), aux.detach(), l0, self._fired(f.detach(), active))

@@ -118,6 +118,7 @@ class Member:
             threshold_weight_at(cfg, step),
             self.extra,
             cfg.target_l0 if step < cfg.topk_warmup_steps else 0.0,
+            cfg.warmup_architecture == "batchtopk",
         )
         if self.paired:  # [input | target]
             out = sae.training_step(x[:, : self.d_in] * self.in_scale, ctx, x[:, self.d_in :] * self.scale)
@@ -181,6 +182,8 @@ class Member:
             log.info("%s: thresholds x%.4f so that L0 = %g on %d training rows", self.name, scale, self.cfg.target_l0, rows)
             self.calibration_rows = []
         if self.finishes:
+            if self.cfg.center_encoder_input:
+                self.sae.stop_centering_input()
             if self.paired:
                 self.sae.fold_scale(self.scale, self.in_scale)
             else:

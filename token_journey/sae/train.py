@@ -105,6 +105,8 @@ def new_sae(
     if encoder_of(sae.architecture) == "jumprelu":
         with torch.no_grad():
             sae.threshold.fill_(cfg.threshold_init)
+    if cfg.center_encoder_input:
+        sae.apply_b_dec_to_input = True  # until Member.finish folds it into b_enc
     return sae
 
 
