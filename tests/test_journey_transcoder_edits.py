@@ -79,7 +79,7 @@ def test_an_edit_on_every_position_and_the_last_of_two_wins(setup):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_the_journey_reads_transcoders_only_for_tc_edits(setup, tmp_path):
+def test_the_journey_takes_tc_edits_from_the_transcoder_root(setup, tmp_path):
     model, ids, tc, _, f = setup
     latent = int(f[3].argmax())
     save_sae(tc, sae_folder(tmp_path, "mlp_out", LAYER, "tc-test"))

@@ -152,22 +152,6 @@ ROUND_ROWS = 2048
 times its batch_size 512). Each update runs the power series over every row so far, so fewer, larger rounds cost less."""
 
 
-def _partial_influence(normalized: torch.Tensor, row_node: torch.Tensor, logit_rows: torch.Tensor, logit_probs: torch.Tensor) -> torch.Tensor:
-    """Each node's influence on the probability-weighted logits through the rows computed so far `[N]`.
-
-    `normalized[i]` is the row of node `row_node[i]` as shares of its total; nodes without a row yet
-    pass nothing on (circuit-tracer's partial influence)."""
-    weights = torch.zeros(normalized.shape[1])
-    weights[logit_rows] = logit_probs
-    total = torch.zeros_like(weights)
-    for _ in range(normalized.shape[1] + 1):
-        weights = weights[row_node] @ normalized
-        if not weights.any():
-            return total
-        total += weights
-    raise TokenJourneyError("influence did not converge: the adjacency matrix has a cycle")
-
-
 def _fold(
     matrix: torch.Tensor,
     row_node: torch.Tensor,
@@ -261,7 +245,7 @@ def build_graph(
     N = n_feat + n_err + T + K
     bias, values = torch.zeros(N), torch.zeros(N)
 
-    # Targets: the value each reads, its bias, and the seed its backward pass starts from.
+    # Each target's value in the real model and its bias (the replacement model with every node zeroed).
     with torch.no_grad():
         pre_clean = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, clean.mlp_in, strict=True)]
         pre_zero = [tc.pre_acts(m.to(tc.W_enc.dtype)).float() for tc, m in zip(transcoders, zero.mlp_in, strict=True)]
@@ -275,14 +259,14 @@ def build_graph(
 
     # Targets: every latent's encoder column and every logit's direction; rows are computed for the logits
     # and then for latents in order of influence (all of them unless max_feature_nodes caps it).
-    targets = [(int(L), int(p), enc[L][:, k], row) for row, (L, p, k) in enumerate(features.tolist())]
-    targets += [(spec.n_layers, T - 1, u, int(row)) for u, row in zip(unembed_dirs, logit_rows, strict=True)]
+    targets = {node: (int(L), int(p), enc[L][:, k], node) for node, (L, p, k) in enumerate(features.tolist())}
+    targets |= {int(node): (spec.n_layers, T - 1, u, int(node)) for u, node in zip(unembed_dirs, logit_rows, strict=True)}
     sources = _Sources.of(features, feature_writes, spec.n_layers, T, spare=N)
     adjoint = Adjoint(model, spec, tape, skips)
     err_start, tok_start = n_feat, n_feat + n_err
     n_rows = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
     matrix = torch.zeros(K + n_rows, N)  # rows in the order computed, every node a column
-    ranking = [torch.zeros_like(matrix)] if n_rows < n_feat else []  # the same rows as shares of their |total|, to rank by influence
+    ranking = torch.zeros_like(matrix) if n_rows < n_feat else None  # the same rows as shares of their |total|, to rank by influence
     row_node = torch.empty(K + n_rows, dtype=torch.long)
     progress_bar = tqdm(total=K + n_rows, desc="attribution rows", disable=not progress)
 
@@ -290,7 +274,7 @@ def build_graph(
         """Rows `first...` of `matrix` for the targets `chosen`, grouped by position (see `adjoint.py`)."""
         slot = {node: first + i for i, node in enumerate(chosen)}
         row_node[first : first + len(chosen)] = torch.tensor(chosen)
-        group = sorted((targets[n if n < n_feat else n - N + K + n_feat] for n in chosen), key=lambda x: -x[0])  # deepest first
+        group = sorted((targets[n] for n in chosen), key=lambda x: -x[0])  # deepest first
         for p in range(T):
             at = [x for x in group if x[1] == p]
             for chunk in (at[i : i + batch_size] for i in range(0, len(at), batch_size)):
@@ -308,8 +292,8 @@ def build_graph(
                 block[:, tok_start : tok_start + t] = torch.einsum("rtd,td->rt", g_tok, clean.embeds[:t])
                 slots = [slot[x[3]] for x in chunk]
                 matrix[slots] = block[:, :N].cpu()
-                if ranking:
-                    ranking[0][slots] = _normalized(matrix[slots])
+                if ranking is not None:
+                    ranking[slots] = _normalized(matrix[slots])
                 progress_bar.update(len(chunk))
 
     compute(logit_rows.tolist(), 0)
@@ -319,14 +303,16 @@ def build_graph(
         if n_rows == n_feat:
             pending = torch.arange(n_feat)
         else:  # circuit-tracer's order: the unvisited latents most influential on the logits through the rows so far
-            influence = _partial_influence(ranking[0][:done], row_node[:done], logit_rows, logit_probs.cpu())
+            weights = torch.zeros(N)
+            weights[logit_rows] = logit_probs.cpu()
+            influence = _influence(ranking[:done], weights, row_node[:done])
             ranked = influence[:n_feat].argsort(descending=True)
             pending = ranked[~visited[ranked]][: min(ROUND_ROWS, K + n_rows - done)]
         compute(pending.tolist(), done)
         visited[pending] = True
         done += len(pending)
     progress_bar.close()
-    ranking.clear()
+    ranking = None  # freed before the square adjacency is built
     features, activations, values, bias, adjacency = _fold(matrix, row_node, visited, features, activations, values, bias, err_start, T)
 
     return Graph(
@@ -354,18 +340,20 @@ def _normalized(adjacency: torch.Tensor) -> torch.Tensor:
     return a / a.sum(1, keepdim=True).clamp(min=1e-10)
 
 
-def _influence(normalized: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _influence(normalized: torch.Tensor, weights: torch.Tensor, row_node: torch.Tensor | None = None) -> torch.Tensor:
     """weights · (A + A² + …): the total (all-path) influence of each node on the weighted targets.
 
+    `row_node`: the node whose row each row of `normalized` is, when only some rows are computed yet
+    (nodes without a row pass nothing on: circuit-tracer's partial influence); None: row i is node i.
     The graph is acyclic, so the series ends after at most as many terms as its longest path.
     """
     total = torch.zeros_like(weights)
-    current = weights @ normalized
-    for _ in range(normalized.shape[0] + 1):
+    current = weights
+    for _ in range(normalized.shape[1] + 1):
+        current = (current if row_node is None else current[row_node]) @ normalized
         if not current.any():
             return total
         total += current
-        current = current @ normalized
     raise TokenJourneyError("influence did not converge: the adjacency matrix has a cycle")
 
 

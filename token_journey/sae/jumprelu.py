@@ -142,7 +142,7 @@ class JumpReLUSAE(SAE):
         variance); no L0 term, since k fixes L0. The BatchTopK warm start divides it by the batch's variance,
         as the BatchTopK SAE's loss is (its FVU): under gradient clipping and with Adam's moments carried into
         the JumpReLU steps that scale is not neutral, and on SmolLM2 layer 15 at target 32 it took the FVU
-        from 0.1521 to 0.1497 (drafts/issue-29.md). The TopK warm start keeps the raw error, as measured before.
+        from 0.1521 to 0.1497 (docs/benchmarks/sae-training.md). The TopK warm start keeps the raw error, as measured before.
 
         The thresholds take no gradient here: each step sets them all to the batch's cut for a mean L0 of k, so that
         when the JumpReLU steps take over, every latent starts from the one threshold that gave L0 = k on the last
