@@ -426,7 +426,6 @@ def test_a_centred_jumprelu_trains_on_x_minus_b_dec_and_is_saved_reading_x():
         (dict(architecture="jumprelu", topk_warmup_fraction=0.5), "applies only with sae.target_l0"),
         (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=1.0), r"must be in \[0, 1\)"),
         (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, warmup_architecture="relu"), "is not one of topk"),
-        (dict(architecture="jumprelu", target_l0=8.0, target_l0_gain=0.1, warmup_architecture="batchtopk"), "applies only with a warm start"),
         (dict(architecture="topk", target_l0=8.0), "set sae.k instead"),
         (dict(architecture="relu", target_l0=8.0), "applies to jumprelu only"),
         (dict(architecture="jumprelu", target_l0=99.0), "between 0"),

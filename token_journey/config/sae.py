@@ -38,7 +38,8 @@ class SAEConfig:
     warmup_architecture: str
     """What the warm start trains as: topk (each token's k = target_l0 largest pre-activations) or batchtopk (the
     k x batch largest of the whole batch, with BatchTopK's loss, its FVU, so a token's L0 varies as a JumpReLU's does,
-    and the thresholds' handover cut is the very rule the warm start trained with). Only with topk_warmup_fraction > 0."""
+    and the thresholds' handover cut is the very rule the warm start trained with). Without a warm start
+    (topk_warmup_fraction 0) it has no effect, so `sae=jumprelu-l0 sae.topk_warmup_fraction=0` turns the warm start off alone."""
     sparsity_warmup_steps: int
     """Steps over which lambda rises linearly from 0."""
     lr: float
@@ -149,11 +150,6 @@ class SAEConfig:
             )
         if self.warmup_architecture not in WARMUP_ARCHITECTURES:
             raise TokenJourneyError(f"sae.warmup_architecture={self.warmup_architecture!r} is not one of {', '.join(WARMUP_ARCHITECTURES)}")
-        if self.warmup_architecture != "topk" and not self.topk_warmup_fraction:
-            raise TokenJourneyError(
-                f"sae.warmup_architecture={self.warmup_architecture} applies only with a warm start (sae.topk_warmup_fraction > 0); "
-                "leave it topk or set the fraction"
-            )
         if not self.target_l0 and self.target_l0_gain:
             raise TokenJourneyError(f"sae.target_l0_gain={self.target_l0_gain} applies only with sae.target_l0 set; use sae=jumprelu-l0 or leave it 0")
         if arch not in USES_PREFIXES and self.prefixes:
