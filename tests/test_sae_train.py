@@ -322,19 +322,25 @@ def test_the_controller_raises_the_coefficient_above_the_target_and_lowers_it_be
     assert next_coefficient(1e-3, 20.0, 20.0, 0.1) == 1e-3
 
 
-def test_threshold_calibration_hits_the_target_exactly_on_its_rows():
-    """Against a count by hand: after scaling, exactly target x rows (row, latent) pairs have pre > theta."""
+@pytest.mark.parametrize("chunks,target", [(1, 5.0), (3, 5.0), (30, 5.0), (30, 1.0)])
+def test_threshold_calibration_hits_the_target_exactly_on_its_rows(chunks, target):
+    """Against a count by hand: after scaling, exactly target x rows (row, latent) pairs have pre > theta, and the
+    scale is the midpoint of the M-th and (M+1)-th largest ratio of one sort of them all, however the rows are
+    chunked (30 chunks at target 1: the kept set is pruned and the floor cuts chunks many times)."""
     cfg = _cfg("jumprelu", width=32)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     with torch.no_grad():
         sae.threshold.copy_(torch.rand(32, generator=torch.Generator().manual_seed(1)) * 0.5)
         sae.threshold[3] = 0.0  # a latent with threshold 0 fires whenever pre > 0, whatever the scale
-    rows = [_data(50 + i, 100) * STATS.scale for i in range(3)]
+    x = torch.cat([_data(50 + i, 100) * STATS.scale for i in range(3)])
     before = sae.threshold.detach().clone()
-    scale = calibrate_thresholds(sae, rows, target=5.0)
+    pre = sae.pre_acts(x).detach()
+    ratios = (pre / before)[pre > 0].sort(descending=True).values
+    m = int(target * 300)
+    scale = calibrate_thresholds(sae, list(x.chunk(chunks)), target=target)
+    assert scale == pytest.approx(float((ratios[m - 1] + ratios[m]) / 2), rel=1e-6)
     assert torch.allclose(sae.threshold.detach(), before * scale)
-    pre = torch.cat([sae.pre_acts(x) for x in rows]).detach()
-    assert int((pre > sae.threshold.detach()).sum()) == 5 * 300
+    assert int((pre > sae.threshold.detach()).sum()) == m
 
 
 @pytest.mark.parametrize("topk_warmup_fraction,warmup_architecture", [(0.0, "topk"), (0.4, "topk"), (0.4, "batchtopk")])

@@ -54,14 +54,25 @@ def calibrate_thresholds(sae: SAE, rows: Iterable[torch.Tensor], target: float, 
     A latent fires on a row when pre > s * theta, that is when pre / theta > s, so with M = target x rows
     (over all processes), s is set between the M-th and (M+1)-th largest ratio pre / theta. `rows` are
     this process's normalised inputs; with `world` > 1 every process gets the same s.
+
+    The M + 1 largest ratios are kept as the chunks stream by. A ratio at or below the smallest of a full set
+    of M + 1 cannot change their values, so each chunk is first cut at that floor, and the set is pruned back
+    to M + 1 only when it has doubled: a handful of top-k calls instead of one per chunk over M + 1 values
+    (at target 120, 65,536 rows: 7.9M values, 128 chunks; 23 s of a 150 s training stage before).
     """
     chunks = list(rows)
     n = sum(c.shape[0] for c in chunks) * world
     m = int(round(target * n))
     kept = torch.empty(0, device=sae.threshold.device)
+    floor = None
     for x in chunks:
-        r = torch.cat([kept, _ratios(sae, x)])
-        kept = r.topk(min(m + 1, r.numel()), sorted=False).values
+        r = _ratios(sae, x)
+        kept = torch.cat([kept, r if floor is None else r[r > floor]])
+        if kept.numel() > 2 * (m + 1):
+            kept = kept.topk(m + 1, sorted=False).values
+            floor = kept.min()
+    if kept.numel() > m + 1:
+        kept = kept.topk(m + 1, sorted=False).values
     if world > 1:
         sizes = [torch.zeros((), dtype=torch.long, device=kept.device) for _ in range(world)]
         torch.distributed.all_gather(sizes, torch.tensor(kept.numel(), device=kept.device))
