@@ -371,8 +371,9 @@ def test_the_controllers_coefficient_resumes_from_the_checkpoint(tmp_path, topk_
 @pytest.mark.parametrize("warmup_architecture", ["topk", "batchtopk"])
 def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference(warmup_architecture):
     """A warm-start step keeps each token's k largest pre-activations (TopK) or the k x batch largest of the
-    whole batch (BatchTopK), sets every threshold to the batch's cut for a mean L0 of k, and gives the
-    gradients of the dense reconstruction loss of exactly those latents (hand-written)."""
+    whole batch (BatchTopK), sets every threshold to the batch's cut for a mean L0 of k (the TopK warm start on
+    its last step only), and gives the gradients of the dense reconstruction loss of exactly those latents
+    (hand-written)."""
     cfg = _cfg("jumprelu", target_l0=4.0, target_l0_gain=0.1, topk_warmup_fraction=0.5, warmup_architecture=warmup_architecture)
     sae = new_sae(cfg, D_IN, STATS, seed=0)
     x = torch.randn(100, D_IN, generator=torch.Generator().manual_seed(5)) * 0.3  # no repeated rows, so no ties
@@ -383,7 +384,15 @@ def test_a_warm_start_step_is_topk_at_the_target_against_a_dense_reference(warmu
     else:
         kept = (pre >= cut) & (pre > 0)
         assert kept.sum(1).min() < 4 < kept.sum(1).max()  # a token's L0 varies around k: not TopK's set
-    out = sae.training_step(x, StepContext(warmup_k=4.0, extra={"auxk_alpha": 0.0}, warmup_batch=warmup_architecture == "batchtopk"))
+    ctx = StepContext(warmup_k=4.0, extra={"auxk_alpha": 0.0}, warmup_batch=warmup_architecture == "batchtopk")
+    initial = sae.threshold.detach().clone()
+    before_last = sae.training_step(x, ctx)
+    assert before_last.l0 == float(kept.sum()) / 100
+    if warmup_architecture == "batchtopk":  # its steps need the cut anyway
+        assert torch.all(sae.threshold.detach() == cut)
+    else:  # the TopK steps never read the thresholds: the cut waits for the last one
+        assert torch.equal(sae.threshold.detach(), initial) and not torch.any(initial == cut)
+    out = sae.training_step(x, dataclasses.replace(ctx, warmup_last=True))
     assert out.l0 == float(kept.sum()) / 100
     assert torch.all(sae.threshold.detach() == cut)
     if warmup_architecture == "batchtopk":  # the handover's thresholds give exactly the warm start's active set

@@ -72,6 +72,7 @@ class StepContext:
     `threshold_weight`: weight of this batch in BatchTopK's running inference-threshold estimate.
     `warmup_k`: > 0 while a JumpReLU trains as TopK with this k (its warm start), 0 after.
     `warmup_batch`: that warm start keeps the k x batch largest pre-activations of the whole batch (BatchTopK), not k per token.
+    `warmup_last`: this is the warm start's last step, whose batch cut becomes every threshold at the handover.
     """
 
     sparsity_coefficient: float = 0.0
@@ -81,6 +82,7 @@ class StepContext:
     extra: dict[str, float] = field(default_factory=dict)
     warmup_k: float = 0.0
     warmup_batch: bool = False
+    warmup_last: bool = False
 
 
 class SAE(nn.Module):

@@ -144,23 +144,25 @@ class JumpReLUSAE(SAE):
         the JumpReLU steps that scale is not neutral, and on SmolLM2 layer 15 at target 32 it took the FVU
         from 0.1521 to 0.1497 (docs/benchmarks/sae-training.md). The TopK warm start keeps the raw error, as measured before.
 
-        The thresholds take no gradient here: each step sets them all to the batch's cut for a mean L0 of k, so that
-        when the JumpReLU steps take over, every latent starts from the one threshold that gave L0 = k on the last
-        batch, and then moves on its own. Setting them every step, not only at the handover, keeps a checkpoint taken
-        during the warm start usable as a JumpReLU; the cut costs a sampled top-k, small beside the encoder matmul
-        (19k tok/s either way).
+        The thresholds take no gradient here: they are set to the batch's cut for a mean L0 of k, so that when the
+        JumpReLU steps take over, every latent starts from the one threshold that gave L0 = k on the last batch, and
+        then moves on its own. The BatchTopK warm start needs that cut every step and sets the thresholds every step;
+        the TopK warm start computes it on its last step only, since the cut (a sampled top-k over the whole batch)
+        costs ~6 ms of a ~45 ms step at batch 512, width 4608 on 2 cores, and the TopK steps never read the thresholds.
+        A checkpoint taken before that step holds the initial thresholds: it is for resuming, not for encoding.
         """
         y = x if target is None else target
         x_in, pre = self._sparse_pre(x)
         with torch.no_grad():
-            cut = batch_cut(pre, ctx.warmup_k).clamp_min(torch.finfo(pre.dtype).tiny)
+            cut = batch_cut(pre, ctx.warmup_k).clamp_min(torch.finfo(pre.dtype).tiny) if ctx.warmup_batch or ctx.warmup_last else None
             if ctx.warmup_batch:
                 active = Active.from_mask(pre >= cut)
                 values = pre[active.rows, active.cols]
             else:
                 values, indices = pre.topk(max(1, round(ctx.warmup_k)), dim=-1, sorted=False)
                 active = Active.from_topk(indices, self.cfg.d_sae)
-            self.threshold.fill_(cut)  # 0-d: no host sync
+            if cut is not None:
+                self.threshold.fill_(cut)  # 0-d: no host sync
         f = self._attach(x_in, values.reshape(-1), active).relu()
         err = self._reconstruct(f, active, x) - y
         mse = err.pow(2).sum(-1).mean()

@@ -119,6 +119,7 @@ class Member:
             self.extra,
             cfg.target_l0 if step < cfg.topk_warmup_steps else 0.0,
             cfg.warmup_architecture == "batchtopk",
+            step == cfg.topk_warmup_steps - 1,
         )
         if self.paired:  # [input | target]
             out = sae.training_step(x[:, : self.d_in] * self.in_scale, ctx, x[:, self.d_in :] * self.scale)
